@@ -1,0 +1,125 @@
+//! Training callbacks.
+//!
+//! A [`Callback`] is told about the trainer's progress through hooks with no-op defaults, so an
+//! implementation writes only the hooks it needs. Any hook can ask the trainer to stop through
+//! [`Control::request_stop`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::CausalLm;
+
+/// Metrics of one optimizer step.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer steps done so far (1 after the first step).
+    pub step: u64,
+    pub epoch: usize,
+    /// Mean loss over the label tokens of the step (all micro-batches).
+    pub loss: f64,
+    /// Learning rate of each group, by group name.
+    pub lr: BTreeMap<String, f64>,
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+    /// Label tokens in this step.
+    pub tokens: u64,
+    /// Input tokens per second over this step.
+    pub tokens_per_sec: f64,
+}
+
+/// Metrics of one evaluation.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct EvalMetrics {
+    pub step: u64,
+    pub epoch: usize,
+    /// Mean loss over all label tokens of the eval set.
+    pub eval_loss: f64,
+    /// Label tokens evaluated.
+    pub tokens: u64,
+}
+
+/// Writes what a training run saves (adapter in PEFT format or full weights, tokenizer files,
+/// chat template, config) into a directory.
+pub trait ModelSaver {
+    /// Writes everything into `dir` (which exists and is empty).
+    fn save_to(&self, model: &dyn CausalLm, dir: &Path) -> Result<()>;
+}
+
+/// What the trainer shows a callback, and the stop switch.
+pub struct Control<'a> {
+    pub step: u64,
+    pub epoch: usize,
+    pub model: &'a dyn CausalLm,
+    pub saver: &'a dyn ModelSaver,
+    pub output_dir: &'a Path,
+    /// True on the process that saves and logs (rank 0, or the only process).
+    pub is_main: bool,
+    stop: &'a mut Option<String>,
+}
+
+impl<'a> Control<'a> {
+    /// Made by the trainer for each hook call.
+    pub fn new(
+        step: u64,
+        epoch: usize,
+        model: &'a dyn CausalLm,
+        saver: &'a dyn ModelSaver,
+        output_dir: &'a Path,
+        is_main: bool,
+        stop: &'a mut Option<String>,
+    ) -> Self {
+        Control {
+            step,
+            epoch,
+            model,
+            saver,
+            output_dir,
+            is_main,
+            stop,
+        }
+    }
+
+    /// Asks the trainer to stop after the current step, with a reason it logs.
+    pub fn request_stop(&mut self, reason: impl Into<String>) {
+        *self.stop = Some(reason.into());
+    }
+
+    /// The stop reason, if one was requested.
+    pub fn stop_requested(&self) -> Option<&str> {
+        self.stop.as_deref()
+    }
+}
+
+/// Hooks into the training loop. Every hook has a no-op default.
+#[allow(unused_variables)]
+pub trait Callback: Send {
+    /// Name used in logs and errors.
+    fn name(&self) -> &str {
+        "callback"
+    }
+    fn on_fit_start(&mut self, ctl: &mut Control<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn on_fit_end(&mut self, ctl: &mut Control<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn on_epoch_start(&mut self, ctl: &mut Control<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn on_epoch_end(&mut self, ctl: &mut Control<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn on_step_end(&mut self, ctl: &mut Control<'_>, metrics: &StepMetrics) -> Result<()> {
+        Ok(())
+    }
+    fn on_eval_end(&mut self, ctl: &mut Control<'_>, metrics: &EvalMetrics) -> Result<()> {
+        Ok(())
+    }
+    /// After the trainer (or a callback) saved into `dir`.
+    fn on_save(&mut self, ctl: &mut Control<'_>, dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// The run failed with `error`; the last chance to flush logs.
+    fn on_error(&mut self, error: &Error) {}
+}

@@ -1,0 +1,192 @@
+//! One error type for the whole crate.
+//!
+//! Every variant carries what a user needs to fix the problem: the file, the line, the config key,
+//! the tensor names, the expected and found versions. Nothing reachable from user input, a data
+//! file, a checkpoint or a plugin panics; it returns one of these.
+
+use std::path::PathBuf;
+
+/// Crate-wide result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in VoltTrain.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A configuration value is missing, unknown or invalid. `key` is the dotted path
+    /// (`training.lr`, `lora.target_modules[2]`).
+    #[error("config {}: `{key}`: {msg}", file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<in memory>".into()))]
+    Config {
+        file: Option<PathBuf>,
+        key: String,
+        msg: String,
+    },
+
+    /// A data file has a bad record. `line` is 1-based (a row number for Parquet).
+    #[error("{}:{line}: {msg}", path.display())]
+    Data {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+
+    /// A model directory or checkpoint is unusable (architecture, tensor names, shapes, dtypes).
+    #[error("{}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+
+    /// Tokenizer or chat-template problem.
+    #[error("tokenizer {}: {msg}", path.display())]
+    Tokenizer { path: PathBuf, msg: String },
+
+    /// A plugin could not be loaded or registered, or its versions do not match the host.
+    #[error("plugin {}: {msg}", path.display())]
+    Plugin { path: PathBuf, msg: String },
+
+    /// Two registered components share a name.
+    #[error("duplicate {kind} `{name}`: registered by {first} and by {second}")]
+    DuplicateComponent {
+        kind: &'static str,
+        name: String,
+        first: String,
+        second: String,
+    },
+
+    /// A component name was not found in a registry.
+    #[error("unknown {kind} `{name}`; known: {known}")]
+    UnknownComponent {
+        kind: &'static str,
+        name: String,
+        known: String,
+    },
+
+    /// An argument to an API call is invalid (shape, value, combination).
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// Training produced a non-finite value.
+    #[error("non-finite {what} at step {step}")]
+    NonFinite { step: u64, what: String },
+
+    /// Training was interrupted (Ctrl-C) after a resume checkpoint was written.
+    #[error("interrupted at step {step}; resume checkpoint written to {}", dir.display())]
+    Interrupted { step: u64, dir: PathBuf },
+
+    /// Distributed (c10d) failure, with the C++ message.
+    #[error("distributed: {0}")]
+    Dist(String),
+
+    /// A libtorch call failed; `context` says which operation.
+    #[error("{context}: {source}")]
+    Torch {
+        context: String,
+        #[source]
+        source: tch::TchError,
+    },
+
+    /// A JSON document could not be parsed.
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+
+    /// Shorthand for an [`Error::Io`] with the path that failed.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Shorthand for an [`Error::Config`] without a file.
+    pub fn config(key: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            file: None,
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Checkpoint`].
+    pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Adds an operation name to a libtorch error: `t.f_matmul(&w).ctx("q_proj forward")?`.
+pub trait TchResultExt<T> {
+    /// Wraps a [`tch::TchError`] into [`Error::Torch`] with `context`.
+    fn ctx(self, context: impl Into<String>) -> Result<T>;
+}
+
+impl<T> TchResultExt<T> for std::result::Result<T, tch::TchError> {
+    fn ctx(self, context: impl Into<String>) -> Result<T> {
+        self.map_err(|source| Error::Torch {
+            context: context.into(),
+            source,
+        })
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// A crash leaves either the old file or the new one, never a half-written file.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_error_names_file_and_key() {
+        let e = Error::Config {
+            file: Some("config/sft.yaml".into()),
+            key: "training.lr".into(),
+            msg: "must be > 0, got -1".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "config config/sft.yaml: `training.lr`: must be > 0, got -1"
+        );
+    }
+
+    #[test]
+    fn write_atomic_replaces_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.json");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        // no temporary files left behind
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

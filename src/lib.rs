@@ -1,0 +1,38 @@
+//! # VoltTrain
+//!
+//! An embeddable LLM-training SDK on libtorch (through [`tch`]).
+//!
+//! The core defines the extension traits and their built-ins:
+//!
+//! | trait | module | built-ins |
+//! |---|---|---|
+//! | [`optim::Optimizer`] | [`optim`] | AdamW, Muon, composite |
+//! | [`optim::ParamGrouper`] | [`optim`] | the reference grouping (Muon for matrices, AdamW for the rest) |
+//! | [`sched::Scheduler`] | [`sched`] | warmup + cosine, constant, linear, WSD |
+//! | [`quant::Quantizer`] | [`quant`] | NF4, FP4, int8, FP8 |
+//! | [`adapter::AdapterInjector`] | [`adapter`] | LoRA (PEFT format) |
+//!
+//! Models implement [`model::CausalLm`]; their linear layers are [`nn::Linear`], which can hold a
+//! dense or quantized frozen weight plus an optional trainable adapter.
+
+pub mod adapter;
+pub mod callback;
+pub mod error;
+pub mod model;
+pub mod nn;
+pub mod optim;
+pub mod perf;
+pub mod quant;
+pub mod sched;
+
+pub use error::{Error, Result};
+
+/// The libtorch version this build of VoltTrain is made for (tch 0.24).
+pub const LIBTORCH_VERSION: &str = "2.11.0";
+
+/// The most used items in one import.
+pub mod prelude {
+    pub use crate::error::{Error, Result, TchResultExt};
+    pub use crate::model::CausalLm;
+    pub use crate::nn::Linear;
+}

@@ -1,0 +1,79 @@
+//! Causal language models loaded from Hugging Face checkpoints.
+//!
+//! [`CausalLm`] is what the trainer drives. Besides a plain [`CausalLm::forward`], it exposes the
+//! model in three stages (embedding, one decoder layer at a time, head) so the trainer can
+//! recompute each layer during backward (gradient checkpointing) and compute logits only where
+//! they are needed.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::nn::Linear;
+
+/// The inputs of a forward pass. Shapes are `[batch, seq]`.
+pub struct ForwardInput<'a> {
+    /// Token ids, `Kind::Int64`.
+    pub input_ids: &'a Tensor,
+    /// 1 for real tokens, 0 for padding (left or right). `None` means all ones.
+    pub attention_mask: Option<&'a Tensor>,
+    /// Position ids. `None` derives them as transformers does: `cumsum(mask) - 1`, clamped at 0
+    /// (so left padding works), or `0..seq` without a mask.
+    pub position_ids: Option<&'a Tensor>,
+}
+
+/// Per-batch values every decoder layer needs, computed once by [`CausalLm::prepare`].
+pub struct LayerCtx {
+    /// RoPE cosines, `[batch, seq, head_dim]`.
+    pub cos: Tensor,
+    /// RoPE sines, `[batch, seq, head_dim]`.
+    pub sin: Tensor,
+    /// Additive or boolean attention mask `[batch, 1, seq, seq]`, or `None` for plain causal.
+    pub mask: Option<Tensor>,
+}
+
+/// A decoder-only language model.
+pub trait CausalLm: Send {
+    /// The Hugging Face architecture name (`LlamaForCausalLM`, ...).
+    fn architecture(&self) -> &str;
+    /// The `config.json` the model was loaded from, to be saved back with it.
+    fn hf_config(&self) -> &serde_json::Value;
+    /// Number of decoder layers.
+    fn num_layers(&self) -> usize;
+    /// Vocabulary size (the logits' last dimension).
+    fn vocab_size(&self) -> i64;
+    /// Device the parameters live on.
+    fn device(&self) -> Device;
+    /// Kind of the (dense) parameters.
+    fn kind(&self) -> Kind;
+
+    /// Token embeddings `[batch, seq, hidden]`.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor>;
+    /// RoPE tables and attention mask for a batch.
+    fn prepare(&self, input: &ForwardInput<'_>) -> Result<LayerCtx>;
+    /// Decoder layer `i` on `hidden` `[batch, seq, hidden]`.
+    fn layer(&self, i: usize, hidden: &Tensor, ctx: &LayerCtx, train: bool) -> Result<Tensor>;
+    /// Final norm and LM head: hidden states of any leading shape to logits.
+    fn head(&self, hidden: &Tensor) -> Result<Tensor>;
+
+    /// Logits `[batch, seq, vocab]`.
+    fn forward(&self, input: &ForwardInput<'_>, train: bool) -> Result<Tensor> {
+        let ctx = self.prepare(input)?;
+        let mut h = self.embed(input.input_ids)?;
+        for i in 0..self.num_layers() {
+            h = self.layer(i, &h, &ctx, train)?;
+        }
+        self.head(&h)
+    }
+
+    /// Every parameter with its Hugging Face name (`model.layers.0.self_attn.q_proj.weight`),
+    /// adapters included (`...q_proj.lora_A.weight`). A tied LM head appears once, under the
+    /// embedding's name. Trainable means `requires_grad()`.
+    fn named_parameters(&self) -> Vec<(String, Tensor)>;
+    /// Every linear module by its Hugging Face module name (`model.layers.0.mlp.up_proj`,
+    /// `lm_head` when not tied), for quantizers and adapter injectors.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    /// Name of the parameter the LM head multiplies by (its own or the tied embedding).
+    fn lm_head_param(&self) -> &str;
+    /// Name of the token embedding parameter.
+    fn embed_param(&self) -> &str;
+}

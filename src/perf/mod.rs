@@ -1,0 +1,192 @@
+//! Side-by-side performance measurement against the Python references.
+//!
+//! Each workload module measures VoltTrain and runs its Python reference (in `reference/`, with
+//! the provisioned torch venv) on the same inputs and thread count, in the same run, and returns
+//! [`Measurement`]s. The `volttrain-bench` binary drives them and prints the table.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+
+/// Options shared by all workloads.
+#[derive(Debug, Clone)]
+pub struct PerfOpts {
+    /// Quick mode: smaller inputs and fewer runs (a few minutes on 2 cores).
+    pub quick: bool,
+    /// Intra-op threads for libtorch on both sides.
+    pub threads: usize,
+    pub device: tch::Device,
+    /// Warm-up runs (excluded) and measured runs.
+    pub warmup: usize,
+    pub runs: usize,
+    /// Python of the reference venv.
+    pub python: PathBuf,
+    /// Repository root (where `reference/` is).
+    pub root: PathBuf,
+}
+
+/// Summary of repeated timings or rates.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stats {
+    /// Median, min and max of `samples` (empty gives an error).
+    pub fn from_samples(samples: &[f64]) -> Result<Stats> {
+        if samples.is_empty() {
+            return Err(Error::invalid("no samples to summarise"));
+        }
+        let mut v = samples.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            0.5 * (v[n / 2 - 1] + v[n / 2])
+        };
+        Ok(Stats {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    }
+
+    /// The same statistics of `scale / x` (seconds to rate).
+    pub fn inverse(&self, scale: f64) -> Stats {
+        Stats {
+            median: scale / self.median,
+            min: scale / self.max,
+            max: scale / self.min,
+            n: self.n,
+        }
+    }
+}
+
+/// One row of the results table.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Measurement {
+    /// Workload name (`muon_step`, `lora_sft_step`, ...).
+    pub workload: String,
+    /// What is measured and its unit (`s/step`, `tokens/s`, `GB/s`, `bytes/param`).
+    pub metric: String,
+    pub volttrain: Stats,
+    /// The reference figure in the same unit, when there is one.
+    pub reference: Option<Stats>,
+    /// Name of the reference (`torch.optim.AdamW (foreach)`).
+    pub reference_name: String,
+    /// Whether larger is better (rates) or smaller (times).
+    pub higher_is_better: bool,
+    /// Free-form detail (shapes, sizes).
+    pub note: String,
+}
+
+impl Measurement {
+    /// Speed-up of VoltTrain over the reference (> 1 means VoltTrain is better), by medians.
+    pub fn speedup(&self) -> Option<f64> {
+        self.reference.map(|r| {
+            if self.higher_is_better {
+                self.volttrain.median / r.median
+            } else {
+                r.median / self.volttrain.median
+            }
+        })
+    }
+}
+
+/// Wall-clock seconds of `runs` calls of `f` after `warmup` calls. Synchronizes CUDA before
+/// reading the clock when `device` is CUDA.
+pub fn time_runs<F: FnMut() -> Result<()>>(
+    device: tch::Device,
+    warmup: usize,
+    runs: usize,
+    mut f: F,
+) -> Result<Vec<f64>> {
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    for _ in 0..warmup {
+        f()?;
+    }
+    sync();
+    let mut out = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        sync();
+        out.push(t.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
+/// Runs `reference/<script>` with `args` under the reference python and parses the last line of
+/// its standard output as JSON.
+pub fn run_reference(opts: &PerfOpts, script: &str, args: &[String]) -> Result<serde_json::Value> {
+    let path = opts.root.join("reference").join(script);
+    let out = Command::new(&opts.python)
+        .arg(&path)
+        .args(args)
+        .env("OMP_NUM_THREADS", opts.threads.to_string())
+        .env("MKL_NUM_THREADS", opts.threads.to_string())
+        .output()
+        .map_err(|e| Error::io(&opts.python, e))?;
+    if !out.status.success() {
+        return Err(Error::invalid(format!(
+            "reference {} failed ({}): {}",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .ok_or_else(|| Error::invalid(format!("reference {} printed nothing", path.display())))?;
+    serde_json::from_str(last).map_err(|e| Error::Json { path, source: e })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_median_odd_and_even() {
+        let s = Stats::from_samples(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        let s = Stats::from_samples(&[4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(s.median, 2.5);
+        assert!(Stats::from_samples(&[]).is_err());
+    }
+
+    #[test]
+    fn speedup_direction() {
+        let st = |m| Stats {
+            median: m,
+            min: m,
+            max: m,
+            n: 1,
+        };
+        let mut m = Measurement {
+            workload: "w".into(),
+            metric: "s/step".into(),
+            volttrain: st(1.0),
+            reference: Some(st(2.0)),
+            reference_name: "ref".into(),
+            higher_is_better: false,
+            note: String::new(),
+        };
+        assert_eq!(m.speedup(), Some(2.0));
+        m.higher_is_better = true;
+        assert_eq!(m.speedup(), Some(0.5));
+    }
+}

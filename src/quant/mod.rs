@@ -1,0 +1,39 @@
+//! Quantized storage of frozen weights.
+//!
+//! A [`Quantizer`] turns a dense 2-D weight into a [`QuantizedTensor`]: a packed representation
+//! that knows its own dequantization. [`crate::nn::Linear`] holds such a tensor in place of its
+//! dense weight and calls [`QuantizedTensor::linear`] in its forward pass.
+
+use std::fmt;
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Result, TchResultExt};
+
+/// A frozen weight in a packed format (NF4, FP4, int8, FP8, ...).
+pub trait QuantizedTensor: Send + fmt::Debug {
+    /// Short format name (`nf4`, `int8`, `fp8_e4m3`, ...).
+    fn format(&self) -> &str;
+    /// The logical `(rows, cols)` of the dense weight.
+    fn shape(&self) -> (i64, i64);
+    /// The dense weight in `kind`.
+    fn dequantize(&self, kind: Kind) -> Result<Tensor>;
+    /// Bytes held by the packed representation (codes plus all scales/statistics).
+    fn storage_bytes(&self) -> usize;
+    /// `x W^T` for `x: [..., cols]`. The default dequantizes to `x`'s kind and multiplies;
+    /// formats with a faster kernel on the device override it.
+    fn linear(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.dequantize(x.kind())?;
+        x.f_linear::<&Tensor>(&w, None).ctx("quantized linear")
+    }
+    /// The tensors to save, by name (relative to the weight), for serialization.
+    fn named_tensors(&self) -> Vec<(String, Tensor)>;
+}
+
+/// Turns dense 2-D weights into quantized ones.
+pub trait Quantizer: Send + Sync + fmt::Debug {
+    /// Short name of the format this quantizer produces.
+    fn name(&self) -> &str;
+    /// Quantizes a 2-D weight `[out, in]`. Errors on other ranks or unsupported shapes.
+    fn quantize(&self, weight: &Tensor) -> Result<Box<dyn QuantizedTensor>>;
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Provision libtorch for VoltTrain: a Python virtual environment outside the clone holding the
+# PyPI wheel torch==2.11.0 (the version tch 0.24 is built against), plus, with --reference, the
+# Python reference stack (transformers, peft, bitsandbytes, ...) that parity tests and
+# benchmarks compare against.
+#
+# Idempotent: a venv whose marker file names the wanted versions is trusted and nothing is done.
+# A venv without its marker (an interrupted install) is deleted and built again, so a half-built
+# venv is never used. The marker is written last.
+#
+# Usage: tools/provision.sh [--reference] [--print-env]
+#   VOLTTRAIN_CACHE   cache root            (default: $HOME/.cache/volttrain)
+#   VOLTTRAIN_VENV    the venv itself       (default: $VOLTTRAIN_CACHE/venv-torch-2.11.0)
+#   VOLTTRAIN_PYTHON  interpreter to use    (default: python3)
+set -euo pipefail
+
+TORCH_VERSION="2.11.0"
+# Reference stack, pinned so parity results are reproducible.
+REFERENCE_PKGS=(
+  "transformers==5.23.0"
+  "peft==0.21.2"
+  "bitsandbytes==0.50.2"
+  "safetensors==0.8.0"
+  "datasets==5.2.0"
+  "tensorboard==2.21.0"
+  "pyarrow==26.0.1"
+  "tokenizers==0.23.3"
+)
+
+want_reference=0
+print_env=0
+for arg in "$@"; do
+  case "$arg" in
+    --reference) want_reference=1 ;;
+    --print-env) print_env=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "provision: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+CACHE="${VOLTTRAIN_CACHE:-$HOME/.cache/volttrain}"
+VENV="${VOLTTRAIN_VENV:-$CACHE/venv-torch-$TORCH_VERSION}"
+PY="${VOLTTRAIN_PYTHON:-python3}"
+MARK_TORCH="$VENV/.volttrain-torch-ok"
+MARK_REF="$VENV/.volttrain-reference-ok"
+REF_STAMP="$(printf '%s\n' "${REFERENCE_PKGS[@]}" | sha256sum | cut -c1-16)"
+
+log() { echo "provision: $*" >&2; }
+die() { echo "provision: error: $*" >&2; exit 1; }
+
+if ! command -v "$PY" >/dev/null 2>&1; then
+  die "'$PY' not found. Install Python 3.9+ with venv and pip (Debian/Ubuntu: apt-get install python3 python3-venv python3-pip), or point VOLTTRAIN_PYTHON at one."
+fi
+
+torch_ok() {
+  [ -f "$MARK_TORCH" ] && [ "$(cat "$MARK_TORCH")" = "$TORCH_VERSION" ] \
+    && [ -d "$(cat "$VENV/.volttrain-libtorch" 2>/dev/null)/lib" ]
+}
+
+if ! torch_ok; then
+  if [ -e "$VENV" ]; then
+    log "removing incomplete environment $VENV (no completion marker)"
+    rm -rf "$VENV"
+  fi
+  mkdir -p "$(dirname "$VENV")"
+  log "creating $VENV with torch==$TORCH_VERSION (about 4.6 GB, 1-3 minutes)"
+  if ! "$PY" -m venv "$VENV"; then
+    rm -rf "$VENV"
+    die "'$PY -m venv' failed. Install the venv module (Debian/Ubuntu: apt-get install python3-venv)."
+  fi
+  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    die "pip is missing in the new venv. Install pip for $PY (Debian/Ubuntu: apt-get install python3-pip python3-venv)."
+  fi
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION" numpy; then
+    rm -rf "$VENV"
+    die "pip could not install torch==$TORCH_VERSION. Check that PyPI is reachable and there is ~6 GB free under $(dirname "$VENV"), then run again."
+  fi
+  libtorch="$("$VENV/bin/python" - <<'PY'
+import os, torch
+assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
+print(os.path.dirname(torch.__file__))
+PY
+)" || { rm -rf "$VENV"; die "torch installed but does not import as 2.11.0"; }
+  [ -f "$libtorch/lib/libtorch_cpu.so" ] || { rm -rf "$VENV"; die "torch wheel has no lib/libtorch_cpu.so under $libtorch"; }
+  echo "$libtorch" > "$VENV/.volttrain-libtorch"
+  echo "$TORCH_VERSION" > "$MARK_TORCH"
+  log "torch $TORCH_VERSION ready in $VENV"
+fi
+
+if [ "$want_reference" = 1 ] && { [ ! -f "$MARK_REF" ] || [ "$(cat "$MARK_REF")" != "$REF_STAMP" ]; }; then
+  rm -f "$MARK_REF"
+  log "installing the Python reference stack: ${REFERENCE_PKGS[*]}"
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION" "${REFERENCE_PKGS[@]}"; then
+    die "pip could not install the reference stack into $VENV; check network access to PyPI and run again."
+  fi
+  "$VENV/bin/python" -c "import torch, transformers, peft, bitsandbytes, safetensors; assert torch.__version__.startswith('$TORCH_VERSION')" \
+    || die "reference stack installed but does not import (or replaced torch $TORCH_VERSION)"
+  echo "$REF_STAMP" > "$MARK_REF"
+  log "reference stack ready"
+fi
+
+if [ "$print_env" = 1 ]; then
+  libtorch="$(cat "$VENV/.volttrain-libtorch")"
+  echo "export LIBTORCH='$libtorch'"
+  echo "export VOLTTRAIN_VENV='$VENV'"
+  echo "export VOLTTRAIN_PYTHON_REF='$VENV/bin/python'"
+fi
