@@ -17,6 +17,7 @@
 
 pub mod adapter;
 pub mod callback;
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod nn;
@@ -24,6 +25,7 @@ pub mod optim;
 pub mod perf;
 pub mod quant;
 pub mod sched;
+pub mod trainer;
 
 pub use error::{Error, Result};
 

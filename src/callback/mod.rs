@@ -123,3 +123,13 @@ pub trait Callback: Send {
     /// The run failed with `error`; the last chance to flush logs.
     fn on_error(&mut self, error: &Error) {}
 }
+
+mod metrics;
+mod progress;
+mod saver;
+mod tensorboard;
+
+pub use metrics::MetricsJsonl;
+pub use progress::Progress;
+pub use saver::{EpochSaver, epoch_dirs};
+pub use tensorboard::{TensorBoard, TensorBoardWriter};

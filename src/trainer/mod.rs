@@ -1,0 +1,892 @@
+//! The training loop.
+//!
+//! ```text
+//! let summary = Trainer::builder()
+//!     .model(model)                 // Box<dyn CausalLm>, adapters already injected
+//!     .train_data(train)            // Box<dyn BatchSource>
+//!     .eval_data(eval)
+//!     .optimizer(opt)               // Box<dyn DynOptimizer>
+//!     .scheduler(sched)
+//!     .base_lr(2e-3)
+//!     .epochs(3)
+//!     .build()?
+//!     .fit()?;
+//! ```
+//!
+//! Per optimizer step: `grad_accum` micro-batches, the loss summed over label tokens and divided
+//! by the label tokens of the whole step (all micro-batches, all ranks); gradient all-reduce in
+//! data parallel; clipping by global norm; a non-finite check; the optimizer step; the schedule.
+
+mod checkpoint;
+mod step;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use tch::{Device, Tensor};
+
+pub use checkpoint::{TrainState, last_dir};
+pub use step::{IGNORE_INDEX, Precision};
+
+use crate::callback::{Callback, Control, EvalMetrics, ModelSaver, StepMetrics};
+use crate::data::Batch;
+use crate::error::{Error, Result, TchResultExt};
+use crate::model::CausalLm;
+use crate::optim::DynOptimizer;
+use crate::sched::Scheduler;
+
+/// A source of micro-batches with random access, so a run can resume at any position and data
+/// parallel ranks can read disjoint shards.
+pub trait BatchSource: Send {
+    /// Micro-batches in `epoch` (for this rank).
+    fn num_batches(&self, epoch: usize) -> usize;
+    /// Micro-batch `index` of `epoch`; the order within an epoch is a function of the seed and
+    /// the epoch only.
+    fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch>;
+}
+
+/// Collective operations for data-parallel training (implemented over c10d by `dist`).
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Sums `values` over all ranks.
+    fn all_reduce_f64(&mut self, values: &[f64]) -> Result<Vec<f64>>;
+    /// Sums the gradients of `params` over all ranks, in place.
+    fn all_reduce_grads(&mut self, params: &[Tensor]) -> Result<()>;
+    /// Copies rank 0's values of `params` to every rank.
+    fn broadcast_params(&mut self, params: &[Tensor]) -> Result<()>;
+}
+
+/// What to do when the loss or gradient norm is not finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Stop with an error naming the step; nothing is updated or saved.
+    #[default]
+    Stop,
+    /// Drop the step's gradients, count it, and go on.
+    Skip,
+}
+
+/// Result of [`Trainer::fit`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FitSummary {
+    pub steps: u64,
+    /// Label tokens trained on.
+    pub tokens: u64,
+    /// Input tokens processed.
+    pub input_tokens: u64,
+    pub final_train_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    /// Input tokens per second over the run.
+    pub tokens_per_sec: f64,
+    pub skipped_steps: u64,
+    pub elapsed_secs: f64,
+    /// Why the run stopped early, if a callback asked.
+    pub stopped_by: Option<String>,
+}
+
+type SchedulerFactory = Box<dyn FnOnce(u64) -> Result<Box<dyn Scheduler>>>;
+
+/// Builds a [`Trainer`]; [`TrainerBuilder::build`] checks the combination.
+pub struct TrainerBuilder {
+    model: Option<Box<dyn CausalLm>>,
+    train: Option<Box<dyn BatchSource>>,
+    eval: Option<Box<dyn BatchSource>>,
+    optimizer: Option<Box<dyn DynOptimizer>>,
+    scheduler: Option<SchedulerFactory>,
+    base_lr: Option<f64>,
+    callbacks: Vec<Box<dyn Callback>>,
+    saver: Option<Box<dyn ModelSaver>>,
+    device: Device,
+    precision: Precision,
+    grad_accum: usize,
+    epochs: usize,
+    max_steps: Option<u64>,
+    clip_norm: Option<f64>,
+    gradient_checkpointing: bool,
+    seed: u64,
+    eval_every: Option<u64>,
+    output_dir: PathBuf,
+    on_nonfinite: NonFinitePolicy,
+    resume: bool,
+    collective: Option<Box<dyn Collective>>,
+    interrupt: Option<Arc<AtomicBool>>,
+    checkpoint_every: Option<u64>,
+}
+
+impl Default for TrainerBuilder {
+    fn default() -> Self {
+        TrainerBuilder {
+            model: None,
+            train: None,
+            eval: None,
+            optimizer: None,
+            scheduler: None,
+            base_lr: None,
+            callbacks: Vec::new(),
+            saver: None,
+            device: Device::Cpu,
+            precision: Precision::Auto,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: None,
+            clip_norm: None,
+            gradient_checkpointing: false,
+            seed: 42,
+            eval_every: None,
+            output_dir: PathBuf::from("runs/default"),
+            on_nonfinite: NonFinitePolicy::Stop,
+            resume: false,
+            collective: None,
+            interrupt: None,
+            checkpoint_every: None,
+        }
+    }
+}
+
+impl TrainerBuilder {
+    pub fn model(mut self, m: Box<dyn CausalLm>) -> Self {
+        self.model = Some(m);
+        self
+    }
+    pub fn train_data(mut self, d: Box<dyn BatchSource>) -> Self {
+        self.train = Some(d);
+        self
+    }
+    pub fn eval_data(mut self, d: Box<dyn BatchSource>) -> Self {
+        self.eval = Some(d);
+        self
+    }
+    /// The optimizer over the model's trainable parameters (see `optim::build_optimizer` to
+    /// make one from a `ParamGrouper`).
+    pub fn optimizer(mut self, o: Box<dyn DynOptimizer>) -> Self {
+        self.optimizer = Some(o);
+        self
+    }
+    /// A fixed schedule.
+    pub fn scheduler(mut self, s: Box<dyn Scheduler>) -> Self {
+        self.scheduler = Some(Box::new(move |_| Ok(s)));
+        self
+    }
+    /// A schedule made once the total number of optimizer steps is known.
+    pub fn scheduler_with(
+        mut self,
+        f: impl FnOnce(u64) -> Result<Box<dyn Scheduler>> + 'static,
+    ) -> Self {
+        self.scheduler = Some(Box::new(f));
+        self
+    }
+    /// Base learning rate; each group gets `base_lr * lr_mult * schedule(step)`.
+    pub fn base_lr(mut self, lr: f64) -> Self {
+        self.base_lr = Some(lr);
+        self
+    }
+    pub fn callback(mut self, c: Box<dyn Callback>) -> Self {
+        self.callbacks.push(c);
+        self
+    }
+    /// What callbacks (the epoch saver) write.
+    pub fn saver(mut self, s: Box<dyn ModelSaver>) -> Self {
+        self.saver = Some(s);
+        self
+    }
+    pub fn device(mut self, d: Device) -> Self {
+        self.device = d;
+        self
+    }
+    pub fn precision(mut self, p: Precision) -> Self {
+        self.precision = p;
+        self
+    }
+    pub fn grad_accum(mut self, n: usize) -> Self {
+        self.grad_accum = n;
+        self
+    }
+    pub fn epochs(mut self, n: usize) -> Self {
+        self.epochs = n;
+        self
+    }
+    pub fn max_steps(mut self, n: Option<u64>) -> Self {
+        self.max_steps = n;
+        self
+    }
+    pub fn clip_norm(mut self, c: Option<f64>) -> Self {
+        self.clip_norm = c;
+        self
+    }
+    pub fn gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
+        self
+    }
+    pub fn seed(mut self, s: u64) -> Self {
+        self.seed = s;
+        self
+    }
+    /// Evaluate every `n` optimizer steps (always at each epoch end when eval data is given).
+    pub fn eval_every(mut self, n: Option<u64>) -> Self {
+        self.eval_every = n;
+        self
+    }
+    pub fn output_dir(mut self, d: impl Into<PathBuf>) -> Self {
+        self.output_dir = d.into();
+        self
+    }
+    pub fn on_nonfinite(mut self, p: NonFinitePolicy) -> Self {
+        self.on_nonfinite = p;
+        self
+    }
+    /// Continue from `<output_dir>/last/`.
+    pub fn resume(mut self, r: bool) -> Self {
+        self.resume = r;
+        self
+    }
+    /// Data-parallel collectives (rank, world size, gradient all-reduce).
+    pub fn collective(mut self, c: Box<dyn Collective>) -> Self {
+        self.collective = Some(c);
+        self
+    }
+    /// A flag (set from a Ctrl-C handler) that ends the run after the current step with a resume
+    /// checkpoint.
+    pub fn interrupt_flag(mut self, f: Arc<AtomicBool>) -> Self {
+        self.interrupt = Some(f);
+        self
+    }
+    /// Also write the resume checkpoint every `n` steps (it is always written at epoch ends and
+    /// on interrupt).
+    pub fn checkpoint_every(mut self, n: Option<u64>) -> Self {
+        self.checkpoint_every = n;
+        self
+    }
+
+    /// Checks the combination and makes the trainer.
+    pub fn build(self) -> Result<Trainer> {
+        let model = self
+            .model
+            .ok_or_else(|| Error::invalid("Trainer: no model given (TrainerBuilder::model)"))?;
+        let train = self
+            .train
+            .ok_or_else(|| Error::invalid("Trainer: no training data (train_data)"))?;
+        let optimizer = self
+            .optimizer
+            .ok_or_else(|| Error::invalid("Trainer: no optimizer given (optimizer)"))?;
+        let base_lr = self
+            .base_lr
+            .ok_or_else(|| Error::invalid("Trainer: no base learning rate (base_lr)"))?;
+        if !(base_lr.is_finite() && base_lr > 0.0) {
+            return Err(Error::invalid(format!(
+                "Trainer: base_lr must be > 0, got {base_lr}"
+            )));
+        }
+        if self.grad_accum == 0 {
+            return Err(Error::invalid("Trainer: grad_accum must be >= 1"));
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return Err(Error::invalid("Trainer: give epochs >= 1 or max_steps"));
+        }
+        if self.eval_every.is_some() && self.eval.is_none() {
+            return Err(Error::invalid(
+                "Trainer: eval_every is set but no eval data was given (eval_data)",
+            ));
+        }
+        if let Some(c) = self.clip_norm {
+            if !(c > 0.0) {
+                return Err(Error::invalid(format!(
+                    "Trainer: clip_norm must be > 0, got {c}"
+                )));
+            }
+        }
+        check_device(self.device)?;
+        if self.precision == Precision::Bf16 && !self.device.is_cuda() {
+            return Err(Error::invalid(
+                "Trainer: precision bf16 needs a CUDA device; on CPU use fp32 (bf16 matmul is ~200x slower here)",
+            ));
+        }
+        if model.device() != self.device {
+            return Err(Error::invalid(format!(
+                "Trainer: the model is on {:?} but the trainer device is {:?}",
+                model.device(),
+                self.device
+            )));
+        }
+        // Every trainable parameter must be stepped by the optimizer, exactly once.
+        let mut in_opt: BTreeMap<String, usize> = BTreeMap::new();
+        for g in optimizer.groups() {
+            for p in &g.params {
+                *in_opt.entry(p.name.clone()).or_default() += 1;
+            }
+        }
+        let trainable: Vec<String> = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(n, _)| n)
+            .collect();
+        if trainable.is_empty() {
+            return Err(Error::invalid(
+                "Trainer: the model has no trainable parameter (requires_grad)",
+            ));
+        }
+        let missing: Vec<&String> = trainable
+            .iter()
+            .filter(|n| !in_opt.contains_key(*n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::invalid(format!(
+                "Trainer: trainable parameters not in any optimizer group: {}",
+                join_names(&missing)
+            )));
+        }
+        let twice: Vec<&String> = in_opt
+            .iter()
+            .filter(|(_, c)| **c > 1)
+            .map(|(n, _)| n)
+            .collect();
+        if !twice.is_empty() {
+            return Err(Error::invalid(format!(
+                "Trainer: parameters in more than one optimizer group: {}",
+                join_names(&twice)
+            )));
+        }
+        let world = self.collective.as_ref().map_or(1, |c| c.world_size());
+        let per_epoch = train.num_batches(0).div_ceil(self.grad_accum) as u64;
+        if per_epoch == 0 {
+            return Err(Error::invalid("Trainer: the training data yields no batch"));
+        }
+        let total_steps = self
+            .max_steps
+            .unwrap_or(per_epoch * self.epochs as u64)
+            .max(1);
+        let epochs = if self.max_steps.is_some() {
+            usize::MAX
+        } else {
+            self.epochs
+        };
+        let scheduler = match self.scheduler {
+            Some(f) => f(total_steps)?,
+            None => Box::new(ConstantSchedule),
+        };
+        Ok(Trainer {
+            model,
+            train,
+            eval: self.eval,
+            optimizer,
+            scheduler,
+            base_lr,
+            callbacks: self.callbacks,
+            saver: self.saver.unwrap_or_else(|| Box::new(NoSaver)),
+            device: self.device,
+            precision: self.precision,
+            grad_accum: self.grad_accum,
+            epochs,
+            total_steps,
+            clip_norm: self.clip_norm,
+            gradient_checkpointing: self.gradient_checkpointing,
+            eval_every: self.eval_every,
+            output_dir: self.output_dir,
+            on_nonfinite: self.on_nonfinite,
+            resume: self.resume,
+            collective: self.collective,
+            interrupt: self.interrupt,
+            checkpoint_every: self.checkpoint_every,
+            state: TrainState {
+                seed: self.seed,
+                world_size: world,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+fn join_names<S: AsRef<str>>(names: &[S]) -> String {
+    let shown: Vec<&str> = names.iter().take(8).map(|s| s.as_ref()).collect();
+    let more = names.len().saturating_sub(8);
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+fn check_device(d: Device) -> Result<()> {
+    match d {
+        Device::Cpu => Ok(()),
+        Device::Cuda(i) => {
+            let n = tch::Cuda::device_count() as usize;
+            if i < n {
+                Ok(())
+            } else {
+                Err(Error::invalid(format!(
+                    "Trainer: device cuda:{i} is not there ({n} CUDA device(s) visible)"
+                )))
+            }
+        }
+        other => Err(Error::invalid(format!(
+            "Trainer: unsupported device {other:?}"
+        ))),
+    }
+}
+
+#[derive(Debug)]
+struct ConstantSchedule;
+impl Scheduler for ConstantSchedule {
+    fn name(&self) -> &str {
+        "constant"
+    }
+    fn factor(&self, _: u64) -> f64 {
+        1.0
+    }
+}
+
+struct NoSaver;
+impl ModelSaver for NoSaver {
+    fn save_to(&self, _: &dyn CausalLm, dir: &std::path::Path) -> Result<()> {
+        Err(Error::invalid(format!(
+            "nothing to save into {}: the trainer was built without a saver",
+            dir.display()
+        )))
+    }
+}
+
+/// The training loop. Made by [`Trainer::builder`].
+pub struct Trainer {
+    model: Box<dyn CausalLm>,
+    train: Box<dyn BatchSource>,
+    eval: Option<Box<dyn BatchSource>>,
+    optimizer: Box<dyn DynOptimizer>,
+    scheduler: Box<dyn Scheduler>,
+    base_lr: f64,
+    callbacks: Vec<Box<dyn Callback>>,
+    saver: Box<dyn ModelSaver>,
+    device: Device,
+    precision: Precision,
+    grad_accum: usize,
+    epochs: usize,
+    total_steps: u64,
+    clip_norm: Option<f64>,
+    gradient_checkpointing: bool,
+    eval_every: Option<u64>,
+    output_dir: PathBuf,
+    on_nonfinite: NonFinitePolicy,
+    resume: bool,
+    collective: Option<Box<dyn Collective>>,
+    interrupt: Option<Arc<AtomicBool>>,
+    checkpoint_every: Option<u64>,
+    state: TrainState,
+}
+
+/// Which hook to call.
+enum Hook<'m> {
+    FitStart,
+    FitEnd,
+    EpochStart,
+    EpochEnd,
+    Step(&'m StepMetrics),
+    Eval(&'m EvalMetrics),
+    Save(&'m std::path::Path),
+}
+
+impl Trainer {
+    /// A new builder.
+    pub fn builder() -> TrainerBuilder {
+        TrainerBuilder::default()
+    }
+
+    /// The model (e.g. to save it after `fit`).
+    pub fn model(&self) -> &dyn CausalLm {
+        self.model.as_ref()
+    }
+
+    /// Takes the model out of the trainer.
+    pub fn into_model(self) -> Box<dyn CausalLm> {
+        self.model
+    }
+
+    /// Optimizer steps the run will take.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// Current position.
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    fn is_main(&self) -> bool {
+        self.collective.as_ref().is_none_or(|c| c.rank() == 0)
+    }
+
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        self.model
+            .named_parameters()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
+    }
+
+    fn call(&mut self, hook: Hook<'_>, stop: &mut Option<String>) -> Result<()> {
+        let is_main = self.is_main();
+        for cb in self.callbacks.iter_mut() {
+            let mut ctl = Control::new(
+                self.state.step,
+                self.state.epoch,
+                self.model.as_ref(),
+                self.saver.as_ref(),
+                &self.output_dir,
+                is_main,
+                stop,
+            );
+            let r = match &hook {
+                Hook::FitStart => cb.on_fit_start(&mut ctl),
+                Hook::FitEnd => cb.on_fit_end(&mut ctl),
+                Hook::EpochStart => cb.on_epoch_start(&mut ctl),
+                Hook::EpochEnd => cb.on_epoch_end(&mut ctl),
+                Hook::Step(m) => cb.on_step_end(&mut ctl, m),
+                Hook::Eval(m) => cb.on_eval_end(&mut ctl, m),
+                Hook::Save(d) => cb.on_save(&mut ctl, d),
+            };
+            r.map_err(|e| Error::invalid(format!("callback `{}`: {e}", cb.name())))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the training. On error every callback's `on_error` is called first.
+    pub fn fit(&mut self) -> Result<FitSummary> {
+        match self.fit_inner() {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                for cb in self.callbacks.iter_mut() {
+                    cb.on_error(&e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn restore(&mut self) -> Result<()> {
+        let loaded = checkpoint::load(&self.output_dir)?;
+        let world = self.state.world_size;
+        if loaded.state.world_size != world {
+            return Err(Error::checkpoint(
+                last_dir(&self.output_dir),
+                format!(
+                    "written with world size {} but this run has {world}; resume with the same number of processes",
+                    loaded.state.world_size
+                ),
+            ));
+        }
+        let mut saved: BTreeMap<String, Tensor> = loaded.trainable.into_iter().collect();
+        let _g = tch::no_grad_guard();
+        for (name, mut p) in self.trainable() {
+            let src = saved.remove(&name).ok_or_else(|| {
+                Error::checkpoint(
+                    last_dir(&self.output_dir),
+                    format!("trainable parameter `{name}` is not in the checkpoint"),
+                )
+            })?;
+            if src.size() != p.size() {
+                return Err(Error::checkpoint(
+                    last_dir(&self.output_dir),
+                    format!(
+                        "`{name}`: checkpoint shape {:?}, model {:?}",
+                        src.size(),
+                        p.size()
+                    ),
+                ));
+            }
+            p.f_copy_(&src).ctx(format!("restore {name}"))?;
+        }
+        if !saved.is_empty() {
+            let names: Vec<String> = saved.into_keys().collect();
+            return Err(Error::checkpoint(
+                last_dir(&self.output_dir),
+                format!(
+                    "checkpoint has tensors the model does not train: {}",
+                    join_names(&names)
+                ),
+            ));
+        }
+        self.optimizer.load_state_dict(&loaded.optim)?;
+        let seed = self.state.seed;
+        self.state = loaded.state;
+        self.state.seed = seed;
+        tracing::info!(
+            step = self.state.step,
+            epoch = self.state.epoch,
+            "resumed from {}",
+            last_dir(&self.output_dir).display()
+        );
+        Ok(())
+    }
+
+    fn save_resume(&self) -> Result<PathBuf> {
+        let sd = self.optimizer.state_dict()?;
+        checkpoint::save(&self.output_dir, &self.state, &self.trainable(), &sd)
+    }
+
+    fn fit_inner(&mut self) -> Result<FitSummary> {
+        let start = Instant::now();
+        if self.resume {
+            self.restore()?;
+        }
+        if let Some(c) = self.collective.as_mut() {
+            let params: Vec<Tensor> = self
+                .model
+                .named_parameters()
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect();
+            c.broadcast_params(&params)?;
+        }
+        let mut stop: Option<String> = None;
+        let mut last_loss = None;
+        let mut last_eval = None;
+        let input_tokens_at_start = self.state.input_tokens;
+        self.call(Hook::FitStart, &mut stop)?;
+
+        'epochs: while self.state.epoch < self.epochs && self.state.step < self.total_steps {
+            let epoch = self.state.epoch;
+            let n_batches = self.train.num_batches(epoch);
+            if self.state.batch_in_epoch == 0 {
+                self.call(Hook::EpochStart, &mut stop)?;
+            }
+            while self.state.batch_in_epoch < n_batches && self.state.step < self.total_steps {
+                let t0 = Instant::now();
+                let first = self.state.batch_in_epoch;
+                let last = (first + self.grad_accum).min(n_batches);
+                let mut prepared = Vec::with_capacity(last - first);
+                for i in first..last {
+                    let b = self.train.batch(epoch, i)?;
+                    prepared.push(step::prepare(&b, self.device)?);
+                }
+                let mut counts = [
+                    prepared.iter().map(|p| p.n_labels as f64).sum::<f64>(),
+                    prepared.iter().map(|p| p.n_inputs as f64).sum::<f64>(),
+                ];
+                if let Some(c) = self.collective.as_mut() {
+                    let r = c.all_reduce_f64(&counts)?;
+                    counts = [r[0], r[1]];
+                }
+                let n_labels = counts[0];
+                let scale = if n_labels > 0.0 { 1.0 / n_labels } else { 0.0 };
+                let mut loss_sum = 0.0;
+                let use_autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
+                for (micro, p) in prepared.iter().enumerate() {
+                    let model = self.model.as_ref();
+                    let ckpt = self.gradient_checkpointing;
+                    let seed = (self.state.seed, self.state.step, micro);
+                    loss_sum += tch::autocast(use_autocast, || {
+                        step::forward_backward(model, p, scale, ckpt, seed)
+                    })?;
+                }
+                let mut params: Vec<Tensor> = Vec::new();
+                for g in self.optimizer.groups() {
+                    for p in &g.params {
+                        params.push(p.tensor.shallow_clone());
+                    }
+                }
+                if let Some(c) = self.collective.as_mut() {
+                    let r = c.all_reduce_f64(&[loss_sum])?;
+                    loss_sum = r[0];
+                    c.all_reduce_grads(&params)?;
+                }
+                let loss = loss_sum * scale;
+                let grad_norm = clip_grad_norm(&params, self.clip_norm)?;
+                let step_no = self.state.step + 1;
+                if !loss.is_finite() || !grad_norm.is_finite() {
+                    let what = if loss.is_finite() {
+                        format!("gradient norm ({grad_norm})")
+                    } else {
+                        format!("loss ({loss})")
+                    };
+                    match self.on_nonfinite {
+                        NonFinitePolicy::Stop => {
+                            self.optimizer.zero_grad();
+                            return Err(Error::NonFinite {
+                                step: step_no,
+                                what,
+                            });
+                        }
+                        NonFinitePolicy::Skip => {
+                            tracing::warn!("step {step_no}: non-finite {what}; step skipped");
+                            self.optimizer.zero_grad();
+                            self.state.skipped_steps += 1;
+                            self.state.batch_in_epoch = last;
+                            self.state.step += 1;
+                            continue;
+                        }
+                    }
+                }
+                crate::sched::apply(
+                    self.scheduler.as_ref(),
+                    self.optimizer.as_mut(),
+                    self.base_lr,
+                    self.state.step,
+                );
+                self.optimizer.step()?;
+                self.optimizer.zero_grad();
+                self.state.step = step_no;
+                self.state.batch_in_epoch = last;
+                self.state.label_tokens += n_labels as u64;
+                self.state.input_tokens += counts[1] as u64;
+                last_loss = Some(loss);
+                let dt = t0.elapsed().as_secs_f64();
+                let metrics = StepMetrics {
+                    step: step_no,
+                    epoch,
+                    loss,
+                    lr: self
+                        .optimizer
+                        .groups()
+                        .iter()
+                        .map(|g| (g.name.clone(), g.lr))
+                        .collect(),
+                    grad_norm,
+                    tokens: n_labels as u64,
+                    tokens_per_sec: counts[1] / dt.max(1e-9),
+                };
+                self.call(Hook::Step(&metrics), &mut stop)?;
+                if let Some(n) = self.eval_every {
+                    if n > 0 && step_no % n == 0 {
+                        last_eval = Some(self.run_eval(&mut stop)?);
+                    }
+                }
+                if let Some(n) = self.checkpoint_every {
+                    if n > 0 && step_no % n == 0 && self.is_main() {
+                        let d = self.save_resume()?;
+                        self.call(Hook::Save(&d), &mut stop)?;
+                    }
+                }
+                if self
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::SeqCst))
+                {
+                    let dir = if self.is_main() {
+                        self.save_resume()?
+                    } else {
+                        last_dir(&self.output_dir)
+                    };
+                    return Err(Error::Interrupted {
+                        step: self.state.step,
+                        dir,
+                    });
+                }
+                if stop.is_some() {
+                    break 'epochs;
+                }
+            }
+            if self.state.batch_in_epoch >= n_batches {
+                if self.eval.is_some() {
+                    last_eval = Some(self.run_eval(&mut stop)?);
+                }
+                self.call(Hook::EpochEnd, &mut stop)?;
+                self.state.epoch += 1;
+                self.state.batch_in_epoch = 0;
+                if self.is_main() {
+                    let d = self.save_resume()?;
+                    self.call(Hook::Save(&d), &mut stop)?;
+                }
+                if stop.is_some() {
+                    break;
+                }
+            }
+        }
+        self.call(Hook::FitEnd, &mut stop)?;
+        if let Some(reason) = &stop {
+            tracing::info!("stopped early: {reason}");
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        Ok(FitSummary {
+            steps: self.state.step,
+            tokens: self.state.label_tokens,
+            input_tokens: self.state.input_tokens,
+            final_train_loss: last_loss,
+            final_eval_loss: last_eval,
+            tokens_per_sec: (self.state.input_tokens - input_tokens_at_start) as f64
+                / elapsed.max(1e-9),
+            skipped_steps: self.state.skipped_steps,
+            elapsed_secs: elapsed,
+            stopped_by: stop,
+        })
+    }
+
+    /// Mean loss over all label tokens of the eval data (all ranks).
+    pub fn evaluate(&mut self) -> Result<EvalMetrics> {
+        let Some(eval) = self.eval.as_mut() else {
+            return Err(Error::invalid("evaluate: no eval data was given"));
+        };
+        let mut sums = [0.0, 0.0];
+        for i in 0..eval.num_batches(0) {
+            let b = eval.batch(0, i)?;
+            let p = step::prepare(&b, self.device)?;
+            let use_autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
+            let model = self.model.as_ref();
+            sums[0] += tch::autocast(use_autocast, || step::eval_loss(model, &p))?;
+            sums[1] += p.n_labels as f64;
+        }
+        if let Some(c) = self.collective.as_mut() {
+            let r = c.all_reduce_f64(&sums)?;
+            sums = [r[0], r[1]];
+        }
+        if sums[1] == 0.0 {
+            return Err(Error::invalid("evaluate: the eval data has no label token"));
+        }
+        Ok(EvalMetrics {
+            step: self.state.step,
+            epoch: self.state.epoch,
+            eval_loss: sums[0] / sums[1],
+            tokens: sums[1] as u64,
+        })
+    }
+
+    fn run_eval(&mut self, stop: &mut Option<String>) -> Result<f64> {
+        let m = self.evaluate()?;
+        tracing::info!(
+            step = m.step,
+            eval_loss = m.eval_loss,
+            tokens = m.tokens,
+            "eval"
+        );
+        self.call(Hook::Eval(&m), stop)?;
+        Ok(m.eval_loss)
+    }
+}
+
+/// Clips the gradients of `params` to a global L2 norm of `max_norm` (when given) and returns
+/// the norm before clipping, as `torch.nn.utils.clip_grad_norm_` (coefficient
+/// `max_norm / (norm + 1e-6)`, clamped to 1).
+pub fn clip_grad_norm(params: &[Tensor], max_norm: Option<f64>) -> Result<f64> {
+    let _g = tch::no_grad_guard();
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .collect();
+    if grads.is_empty() {
+        return Ok(0.0);
+    }
+    let mut total = 0.0f64;
+    for g in &grads {
+        let n = g
+            .f_norm()
+            .ctx("grad norm")?
+            .f_double_value(&[])
+            .ctx("grad norm value")?;
+        total += n * n;
+    }
+    let norm = total.sqrt();
+    if let Some(max) = max_norm {
+        let coef = max / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in &grads {
+                let mut g = g.shallow_clone();
+                let _ = g.f_mul_scalar_(coef).ctx("clip grad")?;
+            }
+        }
+    }
+    Ok(norm)
+}
