@@ -10,13 +10,29 @@ use tch::{Device, Kind, Tensor};
 use crate::error::Result;
 use crate::nn::Linear;
 
+mod config;
+pub mod llama;
+mod loader;
+pub mod mistral;
+pub mod qwen2;
+pub mod safetensors;
+
+pub use config::DecoderConfig;
+pub use llama::DecoderLm;
+pub use loader::{
+    LoadOptions, QuantizeFilter, SUPPORTED_ARCHITECTURES, decoder_config, default_quantize_filter,
+    load_decoder, load_model, read_config, save_model,
+};
+
 /// The inputs of a forward pass. Shapes are `[batch, seq]`.
 pub struct ForwardInput<'a> {
     /// Token ids, `Kind::Int64`.
     pub input_ids: &'a Tensor,
-    /// 1 for real tokens, 0 for padding (left or right). `None` means all ones.
+    /// Either a 2-D `[batch, seq]` padding mask (1 for real tokens, 0 for padding, left or
+    /// right), or a 4-D boolean `[batch, 1, seq, seq]` mask (true = may attend) for packed rows
+    /// (block-diagonal causal), which needs explicit `position_ids`. `None` means all ones.
     pub attention_mask: Option<&'a Tensor>,
-    /// Position ids. `None` derives them as transformers does: `cumsum(mask) - 1`, clamped at 0
+    /// Position ids. `None` derives them from a 2-D mask as `cumsum(mask) - 1`, clamped at 0
     /// (so left padding works), or `0..seq` without a mask.
     pub position_ids: Option<&'a Tensor>,
 }
@@ -27,8 +43,11 @@ pub struct LayerCtx {
     pub cos: Tensor,
     /// RoPE sines, `[batch, seq, head_dim]`.
     pub sin: Tensor,
-    /// Additive or boolean attention mask `[batch, 1, seq, seq]`, or `None` for plain causal.
+    /// Boolean attention mask `[batch, 1, seq, seq]` (true = may attend), or `None` for plain
+    /// causal.
     pub mask: Option<Tensor>,
+    /// The mask of sliding-window layers (Mistral, Qwen2), when the model has any.
+    pub sliding_mask: Option<Tensor>,
 }
 
 /// A decoder-only language model.
@@ -76,4 +95,10 @@ pub trait CausalLm: Send {
     fn lm_head_param(&self) -> &str;
     /// Name of the token embedding parameter.
     fn embed_param(&self) -> &str;
+
+    /// Sets `requires_grad(false)` on every current parameter (before adapters are injected).
+    fn freeze_base(&mut self);
+    /// The base model's tensors as a dense Hugging Face checkpoint holds them: quantized
+    /// weights dequantized to [`CausalLm::kind`], adapter parameters left out.
+    fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>>;
 }

@@ -1,5 +1,9 @@
 //! Building blocks shared by the model architectures.
 
 mod linear;
+mod norm;
+mod rope;
 
 pub use linear::{Linear, LinearAdapter, LinearWeight};
+pub use norm::rms_norm;
+pub use rope::{RopeConfig, RopeScaling, apply_rope, rope_tables};

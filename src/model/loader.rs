@@ -1,0 +1,344 @@
+//! Loading Hugging Face model directories (`config.json` + `model.safetensors` or a sharded
+//! `model.safetensors.index.json`) and saving them back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use super::CausalLm;
+use super::config::DecoderConfig;
+use super::llama::{DecoderLm, WeightSource, expected_tensors};
+use super::safetensors::{SafetensorsFile, save_safetensors};
+use crate::error::{Error, Result, write_atomic};
+use crate::nn::{Linear, LinearWeight};
+use crate::quant::Quantizer;
+
+/// Which linear modules (by Hugging Face module name) a load-time quantizer converts.
+pub type QuantizeFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The default [`QuantizeFilter`]: every decoder-layer linear (`model.layers.*`), never the
+/// embedding, the LM head or the norms.
+pub fn default_quantize_filter(module: &str) -> bool {
+    module.starts_with("model.layers.")
+}
+
+/// How to load a model.
+#[derive(Clone)]
+pub struct LoadOptions {
+    /// Kind of the dense parameters (whatever the checkpoint stores).
+    pub kind: Kind,
+    pub device: Device,
+    /// Quantizes matching linear weights while loading, one tensor at a time, so that peak
+    /// memory stays near the quantized size plus the largest single tensor.
+    pub quantizer: Option<Arc<dyn Quantizer>>,
+    /// Which linear modules the quantizer converts (default: [`default_quantize_filter`]).
+    pub quantize_filter: QuantizeFilter,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("kind", &self.kind)
+            .field("device", &self.device)
+            .field("quantizer", &self.quantizer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for LoadOptions {
+    /// fp32 on the CPU, no quantization.
+    fn default() -> Self {
+        LoadOptions {
+            kind: Kind::Float,
+            device: Device::Cpu,
+            quantizer: None,
+            quantize_filter: Arc::new(default_quantize_filter),
+        }
+    }
+}
+
+impl LoadOptions {
+    /// `kind` on `device`, no quantization.
+    pub fn new(kind: Kind, device: Device) -> Self {
+        LoadOptions {
+            kind,
+            device,
+            ..Default::default()
+        }
+    }
+
+    /// Quantizes the linear modules the filter accepts with `quantizer`.
+    pub fn with_quantizer(mut self, quantizer: Arc<dyn Quantizer>) -> Self {
+        self.quantizer = Some(quantizer);
+        self
+    }
+
+    /// Quantizes only the linear modules whose name matches the regular expression.
+    pub fn with_quantize_regex(mut self, pattern: &str) -> Result<Self> {
+        let re = regex::Regex::new(pattern).map_err(|e| {
+            Error::config("quantize_filter", format!("invalid regex `{pattern}`: {e}"))
+        })?;
+        self.quantize_filter = Arc::new(move |m| re.is_match(m));
+        Ok(self)
+    }
+}
+
+/// The architectures [`load_model`] knows, with their configuration rules.
+pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
+    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// The checkpoint's tensors: name to (file index), over one or more shard files.
+struct Checkpoint {
+    files: Vec<SafetensorsFile>,
+    location: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if single.is_file() {
+            vec!["model.safetensors".to_string()]
+        } else if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+                path: index.clone(),
+                source: e,
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::checkpoint(&index, "no `weight_map` object"))?;
+            let mut files = BTreeSet::new();
+            for (k, f) in map {
+                let f = f.as_str().ok_or_else(|| {
+                    Error::checkpoint(&index, format!("weight_map[`{k}`] is not a file name"))
+                })?;
+                if f.contains('/') || f.contains('\\') || f == ".." {
+                    return Err(Error::checkpoint(
+                        &index,
+                        format!("weight_map[`{k}`]: bad file name `{f}`"),
+                    ));
+                }
+                files.insert(f.to_string());
+            }
+            files.into_iter().collect()
+        } else {
+            return Err(Error::checkpoint(
+                dir,
+                "no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are supported)",
+            ));
+        };
+        let mut files = Vec::new();
+        let mut location = HashMap::new();
+        for (i, name) in shard_names.iter().enumerate() {
+            let f = SafetensorsFile::open(&dir.join(name))?;
+            for t in f.names() {
+                if let Some(prev) = location.insert(t.to_string(), i) {
+                    return Err(Error::checkpoint(
+                        dir,
+                        format!("tensor `{t}` is in both {} and {name}", shard_names[prev]),
+                    ));
+                }
+            }
+            files.push(f);
+        }
+        Ok(Checkpoint { files, location })
+    }
+
+    /// Where a tensor lives, for messages.
+    fn file_of(&self, name: &str) -> &Path {
+        self.location
+            .get(name)
+            .and_then(|&i| self.files.get(i))
+            .map(SafetensorsFile::path)
+            .unwrap_or(Path::new("?"))
+    }
+
+    /// Checks names and shapes against what the architecture expects; one error lists every
+    /// problem with the file of each tensor.
+    fn validate(&self, dir: &Path, cfg: &DecoderConfig) -> Result<()> {
+        let expected: BTreeMap<String, Vec<i64>> = expected_tensors(cfg).into_iter().collect();
+        let mut problems = Vec::new();
+        let missing: Vec<&str> = expected
+            .keys()
+            .filter(|k| !self.location.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            let searched: Vec<String> = self
+                .files
+                .iter()
+                .map(|f| f.path().display().to_string())
+                .collect();
+            problems.push(format!(
+                "missing tensors (not in {}): {}",
+                searched.join(", "),
+                missing.join(", ")
+            ));
+        }
+        let mut unexpected: Vec<String> = self
+            .location
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            // a tied head may still be stored; transformers ignores it too
+            .filter(|k| !(cfg.tie_word_embeddings && k.as_str() == "lm_head.weight"))
+            // old checkpoints carry the RoPE buffer
+            .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+            .map(|k| format!("{} (in {})", k, self.file_of(k).display()))
+            .collect();
+        unexpected.sort();
+        if !unexpected.is_empty() {
+            problems.push(format!("unexpected tensors: {}", unexpected.join(", ")));
+        }
+        for (name, shape) in &expected {
+            if let Some(&i) = self.location.get(name)
+                && let Some(found) = self.files[i].shape(name)
+                && &found != shape
+            {
+                problems.push(format!(
+                    "shape mismatch for `{name}` in {}: expected {shape:?}, found {found:?}",
+                    self.files[i].path().display()
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::checkpoint(
+                dir,
+                format!(
+                    "checkpoint does not match {}: {}",
+                    cfg.architecture,
+                    problems.join("; ")
+                ),
+            ))
+        }
+    }
+}
+
+struct Source<'a> {
+    ckpt: &'a Checkpoint,
+    opts: &'a LoadOptions,
+}
+
+impl Source<'_> {
+    fn read(&self, name: &str, kind: Kind) -> Result<Tensor> {
+        let i =
+            *self.ckpt.location.get(name).ok_or_else(|| {
+                Error::invalid(format!("tensor `{name}` missing after validation"))
+            })?;
+        self.ckpt.files[i].tensor(name, Some(kind), self.opts.device)
+    }
+}
+
+impl WeightSource for Source<'_> {
+    fn tensor(&mut self, name: &str) -> Result<Tensor> {
+        self.read(name, self.opts.kind)
+    }
+
+    fn linear(&mut self, module: &str, bias: bool) -> Result<Linear> {
+        let wname = format!("{module}.weight");
+        let bias = if bias {
+            Some(self.read(&format!("{module}.bias"), self.opts.kind)?)
+        } else {
+            None
+        };
+        match &self.opts.quantizer {
+            Some(q) if (self.opts.quantize_filter)(module) => {
+                let w = self.read(&wname, self.opts.kind)?;
+                let qt = q.quantize(&w).map_err(|e| {
+                    Error::checkpoint(
+                        self.ckpt.file_of(&wname),
+                        format!("quantizing `{wname}` with {}: {e}", q.name()),
+                    )
+                })?;
+                drop(w);
+                Ok(Linear {
+                    weight: LinearWeight::Quantized(qt),
+                    bias,
+                    adapter: None,
+                    merged: false,
+                })
+            }
+            _ => Ok(Linear::new(self.read(&wname, self.opts.kind)?, bias)),
+        }
+    }
+}
+
+/// Reads `dir/config.json`.
+pub fn read_config(dir: &Path) -> Result<(PathBuf, Value)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.clone(),
+        source: e,
+    })?;
+    Ok((path, v))
+}
+
+/// The architecture's parsed configuration, dispatching on `architectures[0]`.
+pub fn decoder_config(path: &Path, v: &Value) -> Result<DecoderConfig> {
+    let arch = v
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::Config {
+            file: Some(path.to_path_buf()),
+            key: "architectures".into(),
+            msg: format!("missing; supported: {}", SUPPORTED_ARCHITECTURES.join(", ")),
+        })?;
+    match arch {
+        "LlamaForCausalLM" => super::llama::config(path, v),
+        "MistralForCausalLM" => super::mistral::config(path, v),
+        "Qwen2ForCausalLM" => super::qwen2::config(path, v),
+        other => Err(Error::Config {
+            file: Some(path.to_path_buf()),
+            key: "architectures".into(),
+            msg: format!(
+                "unsupported architecture `{other}`; supported: {}",
+                SUPPORTED_ARCHITECTURES.join(", ")
+            ),
+        }),
+    }
+}
+
+/// Loads a Hugging Face model directory into `opts.kind` on `opts.device`.
+///
+/// Parameters keep their Hugging Face names and are trainable (`requires_grad`) until
+/// [`CausalLm::freeze_base`].
+pub fn load_model(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(load_decoder(dir.as_ref(), opts)?))
+}
+
+/// [`load_model`] with the concrete type.
+pub fn load_decoder(dir: &Path, opts: &LoadOptions) -> Result<DecoderLm> {
+    let (path, v) = read_config(dir)?;
+    let cfg = decoder_config(&path, &v)?;
+    let ckpt = Checkpoint::open(dir)?;
+    ckpt.validate(dir, &cfg)?;
+    let mut src = Source { ckpt: &ckpt, opts };
+    DecoderLm::build(cfg, v, &mut src, opts.kind, opts.device)
+}
+
+/// Writes `config.json` and `model.safetensors` (both atomically) with Hugging Face names, so
+/// transformers' `from_pretrained` and [`load_model`] read the directory. Quantized weights are
+/// written dequantized; adapters are not written (see the PEFT adapter format for those).
+pub fn save_model(model: &dyn CausalLm, dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors = model.checkpoint_tensors()?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    save_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+    let cfg_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(model.hf_config()).map_err(|e| Error::Json {
+        path: cfg_path.clone(),
+        source: e,
+    })?;
+    write_atomic(&cfg_path, text.as_bytes())
+}

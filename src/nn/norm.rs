@@ -1,0 +1,28 @@
+//! RMSNorm as in Llama (`LlamaRMSNorm`): computed in fp32, cast back, then scaled.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Result, TchResultExt};
+
+/// `weight * (x / sqrt(mean(x^2) + eps))`, the statistics in fp32 (transformers'
+/// `LlamaRMSNorm.forward`).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let kind = x.kind();
+    let xf = x.f_to_kind(Kind::Float).ctx("rms_norm to fp32")?;
+    let var = xf
+        .f_square()
+        .ctx("rms_norm square")?
+        .f_mean_dim(-1, true, Kind::Float)
+        .ctx("rms_norm mean")?;
+    let normed = xf
+        .f_mul(
+            &var.f_add_scalar(eps)
+                .ctx("rms_norm eps")?
+                .f_rsqrt()
+                .ctx("rms_norm rsqrt")?,
+        )
+        .ctx("rms_norm scale")?
+        .f_to_kind(kind)
+        .ctx("rms_norm cast back")?;
+    weight.f_mul(&normed).ctx("rms_norm weight")
+}
