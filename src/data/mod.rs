@@ -9,4 +9,8 @@ pub struct Batch {
     pub attention_mask: Tensor,
     pub position_ids: Option<Tensor>,
     pub labels: Tensor,
+    /// Non-padding tokens in the batch.
+    pub num_tokens: usize,
+    /// Tokens that carry a label (before the trainer's shift).
+    pub num_label_tokens: usize,
 }

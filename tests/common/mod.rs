@@ -69,6 +69,7 @@ impl CausalLm for ToyLm {
             cos: z.shallow_clone(),
             sin: z,
             mask: None,
+            sliding_mask: None,
         })
     }
     fn layer(&self, i: usize, h: &Tensor, _ctx: &LayerCtx, train: bool) -> Result<Tensor> {
@@ -108,6 +109,14 @@ impl CausalLm for ToyLm {
     }
     fn embed_param(&self) -> &str {
         "model.embed_tokens.weight"
+    }
+    fn freeze_base(&mut self) {
+        for (_, t) in self.named_parameters() {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+    fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.named_parameters())
     }
 }
 
@@ -186,11 +195,15 @@ impl VecSource {
                 .view([1, t]),
         );
         let _ = mask.masked_fill_(&pad, 0);
+        let num_tokens = mask.sum(Kind::Int64).int64_value(&[]) as usize;
+        let num_label_tokens = labels.ne(-100).sum(Kind::Int64).int64_value(&[]) as usize;
         Batch {
             input_ids,
             attention_mask: mask,
             position_ids: None,
             labels,
+            num_tokens,
+            num_label_tokens,
         }
     }
 }
