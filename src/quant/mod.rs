@@ -38,8 +38,16 @@ pub trait Quantizer: Send + Sync + fmt::Debug {
     fn quantize(&self, weight: &Tensor) -> Result<Box<dyn QuantizedTensor>>;
 }
 
+pub mod config;
+pub mod fp8;
+pub mod fp8_linear;
+pub mod int8;
 pub mod nf4;
 
+pub use config::{ComputeDtype, QuantConfig, QuantType};
+pub use fp8::{Fp8Format, Fp8Quantizer, Fp8Scaling, Fp8Tensor};
+pub use fp8_linear::{Fp8Backend, Fp8Linear};
+pub use int8::{Int8Quantizer, Int8Tensor};
 pub use nf4::{FourBitQuantizer, FourBitTensor, FourBitType};
 
 /// Checks that `weight` is a 2-D floating-point tensor and returns its `(rows, cols)`.
