@@ -37,3 +37,37 @@ pub trait Quantizer: Send + Sync + fmt::Debug {
     /// Quantizes a 2-D weight `[out, in]`. Errors on other ranks or unsupported shapes.
     fn quantize(&self, weight: &Tensor) -> Result<Box<dyn QuantizedTensor>>;
 }
+
+pub mod config;
+pub mod fp8;
+pub mod fp8_linear;
+pub mod int8;
+pub mod nf4;
+
+pub use config::{ComputeDtype, QuantConfig, QuantType};
+pub use fp8::{Fp8Format, Fp8Quantizer, Fp8Scaling, Fp8Tensor};
+pub use fp8_linear::{Fp8Backend, Fp8Linear};
+pub use int8::{Int8Quantizer, Int8Tensor};
+pub use nf4::{FourBitQuantizer, FourBitTensor, FourBitType};
+
+/// Checks that `weight` is a 2-D floating-point tensor and returns its `(rows, cols)`.
+pub(crate) fn check_weight(format: &str, weight: &Tensor) -> Result<(i64, i64)> {
+    let size = weight.size();
+    if size.len() != 2 {
+        return Err(crate::Error::invalid(format!(
+            "{format} quantization needs a 2-D weight [out, in], got shape {size:?}"
+        )));
+    }
+    if !weight.is_floating_point() {
+        return Err(crate::Error::invalid(format!(
+            "{format} quantization needs a floating-point weight, got {:?}",
+            weight.kind()
+        )));
+    }
+    Ok((size[0], size[1]))
+}
+
+/// Bytes held by `t` (numel times element size).
+pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
+}

@@ -1,0 +1,320 @@
+//! FP8 weights (`float8_e4m3fn`, `float8_e5m2`) with dynamic per-tensor or per-row scaling.
+//!
+//! The scaling rule is torchao's Float8Linear (`torchao.float8.float8_utils.amax_to_scale` and
+//! `hp_tensor_to_float8_dynamic`): `scale = finfo(fp8).max / max(amax, 1e-12)` computed in fp64
+//! and rounded to fp32, `bits = clamp(x * scale, -max, max)` cast to FP8 (round to nearest even),
+//! and `x ≈ bits / scale`. `amax` is the whole tensor's (`per_tensor`) or each row's (`per_row`).
+//!
+//! On CUDA devices with FP8 tensor cores (compute capability 8.9 or newer; detected once per
+//! device by running a tiny `_scaled_mm`), [`QuantizedTensor::linear`] multiplies in FP8 with
+//! `_scaled_mm` when no gradient is needed; everywhere else (CPU, or when autograd records) it
+//! dequantizes and multiplies in the input's dtype. The CUDA path is untested on this CPU-only
+//! build machine.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use tch::{Device, Kind, Tensor};
+
+use super::{QuantizedTensor, Quantizer, check_weight, tensor_bytes};
+use crate::error::{Error, Result, TchResultExt};
+
+/// torchao's `EPS` for `amax_to_scale`.
+const AMAX_EPS: f64 = 1e-12;
+
+/// The two FP8 formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Fp8Format {
+    /// 4 exponent bits, 3 mantissa bits, no infinities, max 448 (weights and activations).
+    #[serde(rename = "e4m3")]
+    E4m3,
+    /// 5 exponent bits, 2 mantissa bits, max 57344 (gradients).
+    #[serde(rename = "e5m2")]
+    E5m2,
+}
+
+impl Fp8Format {
+    /// The libtorch dtype.
+    pub fn kind(self) -> Kind {
+        match self {
+            Fp8Format::E4m3 => Kind::Float8e4m3fn,
+            Fp8Format::E5m2 => Kind::Float8e5m2,
+        }
+    }
+
+    /// `torch.finfo(dtype).max`.
+    pub fn max(self) -> f64 {
+        match self {
+            Fp8Format::E4m3 => 448.0,
+            Fp8Format::E5m2 => 57344.0,
+        }
+    }
+
+    /// `fp8_e4m3` or `fp8_e5m2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fp8Format::E4m3 => "fp8_e4m3",
+            Fp8Format::E5m2 => "fp8_e5m2",
+        }
+    }
+}
+
+/// Granularity of the dynamic FP8 scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fp8Scaling {
+    /// One scale for the whole tensor (torchao's default "tensorwise" recipe).
+    #[default]
+    PerTensor,
+    /// One scale per row (output channel for weights, token for activations).
+    PerRow,
+}
+
+/// Quantizes `x` (any rank; rows are the last dimension) to FP8. Returns the FP8 bits and the
+/// fp32 scale (`[]` per tensor, `[..., 1]` per row); `x ≈ bits / scale`.
+pub fn quantize_fp8(
+    x: &Tensor,
+    format: Fp8Format,
+    scaling: Fp8Scaling,
+) -> Result<(Tensor, Tensor)> {
+    let ctx = |what: &str| format!("{} quantize {:?}: {what}", format.name(), x.size());
+    let xf = if x.kind() == Kind::Float {
+        x.shallow_clone()
+    } else {
+        x.f_to_kind(Kind::Float).ctx(ctx("to fp32"))?
+    };
+    let abs = xf.f_abs().ctx(ctx("abs"))?;
+    let amax = match scaling {
+        Fp8Scaling::PerTensor => abs.f_amax(Vec::<i64>::new(), false).ctx(ctx("amax"))?,
+        Fp8Scaling::PerRow => abs.f_amax([-1], true).ctx(ctx("amax"))?,
+    };
+    // torchao: finfo.max / clamp(amax.to(float64), min=EPS), then .to(float32); Python's
+    // `scalar / tensor` is `reciprocal(tensor) * scalar`
+    let scale = amax
+        .f_to_kind(Kind::Double)
+        .ctx(ctx("scale"))?
+        .f_clamp_min(AMAX_EPS)
+        .ctx(ctx("scale"))?
+        .f_reciprocal()
+        .ctx(ctx("scale"))?
+        .f_mul_scalar(format.max())
+        .ctx(ctx("scale"))?
+        .f_to_kind(Kind::Float)
+        .ctx(ctx("scale"))?;
+    let bits = xf
+        .f_mul(&scale)
+        .ctx(ctx("scale"))?
+        .f_clamp(-format.max(), format.max())
+        .ctx(ctx("saturate"))?
+        .f_to_kind(format.kind())
+        .ctx(ctx("cast"))?;
+    Ok((bits, scale))
+}
+
+/// Quantize-dequantize (`bits / scale` in fp32, then back to `x`'s kind): the value an FP8
+/// kernel sees, for CPU emulation.
+pub fn fake_quantize_fp8(x: &Tensor, format: Fp8Format, scaling: Fp8Scaling) -> Result<Tensor> {
+    let (bits, scale) = quantize_fp8(x, format, scaling)?;
+    let ctx = || format!("{} dequantize {:?}", format.name(), x.size());
+    let out = bits
+        .f_to_kind(Kind::Float)
+        .ctx(ctx())?
+        .f_div(&scale)
+        .ctx(ctx())?;
+    if x.kind() == Kind::Float {
+        Ok(out)
+    } else {
+        out.f_to_kind(x.kind()).ctx(ctx())
+    }
+}
+
+/// Whether `device` runs libtorch's FP8 `_scaled_mm` (CUDA with compute capability >= 8.9).
+/// Probed once per device with a 16x16 product; CPU and other devices answer false.
+pub fn fp8_kernels_available(device: Device) -> bool {
+    let Device::Cuda(index) = device else {
+        return false;
+    };
+    static CACHE: OnceLock<Mutex<HashMap<usize, bool>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Ok(map) = cache.lock()
+        && let Some(v) = map.get(&index)
+    {
+        return *v;
+    }
+    let probe = || -> std::result::Result<Tensor, tch::TchError> {
+        let _g = tch::no_grad_guard();
+        let a = Tensor::f_ones([16, 16], (Kind::Float, device))?.f_to_kind(Kind::Float8e4m3fn)?;
+        let b = Tensor::f_ones([16, 16], (Kind::Float, device))?.f_to_kind(Kind::Float8e4m3fn)?;
+        let one = Tensor::f_ones([], (Kind::Float, device))?;
+        a.f_internal_scaled_mm::<&Tensor>(&b.f_tr()?, &one, &one, None, None, Kind::BFloat16, false)
+    };
+    let ok = probe().is_ok();
+    if let Ok(mut map) = cache.lock() {
+        map.insert(index, ok);
+    }
+    ok
+}
+
+/// `x W^T` with libtorch's `_scaled_mm` for an e4m3 weight; `x` is quantized to e4m3 with the
+/// same scaling granularity. Requires the CUDA FP8 path (see [`fp8_kernels_available`]).
+pub(crate) fn scaled_mm_linear(
+    x: &Tensor,
+    w_bits: &Tensor,
+    w_scale: &Tensor,
+    scaling: Fp8Scaling,
+) -> Result<Tensor> {
+    let ctx = |what: &str| {
+        format!(
+            "fp8 _scaled_mm {:?} x {:?}: {what}",
+            x.size(),
+            w_bits.size()
+        )
+    };
+    let size = x.size();
+    let k = *size
+        .last()
+        .ok_or_else(|| Error::invalid(ctx("input is 0-D")))?;
+    let x2 = x.f_reshape([-1, k]).ctx(ctx("reshape"))?;
+    let (xb, xs) = quantize_fp8(&x2, Fp8Format::E4m3, scaling)?;
+    // _scaled_mm takes the dequantization multipliers (inverse scales): [] or [M, 1] and [1, N]
+    let inv_x = xs.f_reciprocal().ctx(ctx("scale"))?;
+    let inv_w = w_scale.f_reciprocal().ctx(ctx("scale"))?;
+    let inv_w = match scaling {
+        Fp8Scaling::PerTensor => inv_w,
+        Fp8Scaling::PerRow => inv_w.f_view([1, -1]).ctx(ctx("scale"))?,
+    };
+    let out_kind = match x.kind() {
+        Kind::BFloat16 | Kind::Half | Kind::Float => x.kind(),
+        _ => Kind::BFloat16,
+    };
+    let y = xb
+        .f_internal_scaled_mm::<&Tensor>(
+            &w_bits.f_tr().ctx(ctx("transpose"))?,
+            &inv_x,
+            &inv_w,
+            None,
+            None,
+            out_kind,
+            false,
+        )
+        .ctx(ctx("matmul"))?;
+    let mut out_shape = size[..size.len() - 1].to_vec();
+    out_shape.push(w_bits.size()[0]);
+    y.f_reshape(out_shape).ctx(ctx("reshape"))
+}
+
+/// Produces [`Fp8Tensor`]s.
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8Quantizer {
+    pub format: Fp8Format,
+    pub scaling: Fp8Scaling,
+}
+
+impl Quantizer for Fp8Quantizer {
+    fn name(&self) -> &str {
+        self.format.name()
+    }
+
+    fn quantize(&self, weight: &Tensor) -> Result<Box<dyn QuantizedTensor>> {
+        Ok(Box::new(Fp8Tensor::quantize(
+            weight,
+            self.format,
+            self.scaling,
+        )?))
+    }
+}
+
+/// A weight stored in FP8 with its fp32 scale(s).
+#[derive(Debug)]
+pub struct Fp8Tensor {
+    format: Fp8Format,
+    scaling: Fp8Scaling,
+    bits: Tensor,
+    scale: Tensor,
+}
+
+impl Fp8Tensor {
+    /// Quantizes a 2-D weight.
+    pub fn quantize(weight: &Tensor, format: Fp8Format, scaling: Fp8Scaling) -> Result<Self> {
+        check_weight(format.name(), weight)?;
+        let _g = tch::no_grad_guard();
+        let (bits, scale) = quantize_fp8(weight, format, scaling)?;
+        Ok(Fp8Tensor {
+            format,
+            scaling,
+            bits,
+            scale,
+        })
+    }
+
+    pub fn fp8_format(&self) -> Fp8Format {
+        self.format
+    }
+
+    pub fn scaling(&self) -> Fp8Scaling {
+        self.scaling
+    }
+
+    /// The FP8 values `[rows, cols]`.
+    pub fn bits(&self) -> &Tensor {
+        &self.bits
+    }
+
+    /// The fp32 scale: `[]` per tensor, `[rows, 1]` per row (`W ≈ bits / scale`).
+    pub fn scale(&self) -> &Tensor {
+        &self.scale
+    }
+}
+
+impl QuantizedTensor for Fp8Tensor {
+    fn format(&self) -> &str {
+        self.format.name()
+    }
+
+    fn shape(&self) -> (i64, i64) {
+        let s = self.bits.size();
+        (s[0], s[1])
+    }
+
+    fn dequantize(&self, kind: Kind) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let ctx = || format!("{} dequantize {:?}", self.format.name(), self.shape());
+        let out = self
+            .bits
+            .f_to_kind(Kind::Float)
+            .ctx(ctx())?
+            .f_div(&self.scale)
+            .ctx(ctx())?;
+        if kind == Kind::Float {
+            Ok(out)
+        } else {
+            out.f_to_kind(kind).ctx(ctx())
+        }
+    }
+
+    fn storage_bytes(&self) -> usize {
+        tensor_bytes(&self.bits) + tensor_bytes(&self.scale)
+    }
+
+    fn linear(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = self.shape();
+        let fast = self.format == Fp8Format::E4m3
+            && !x.requires_grad()
+            && rows % 16 == 0
+            && cols % 16 == 0
+            && fp8_kernels_available(x.device());
+        if fast {
+            return scaled_mm_linear(x, &self.bits, &self.scale, self.scaling);
+        }
+        let w = self.dequantize(x.kind())?;
+        x.f_linear::<&Tensor>(&w, None).ctx("fp8 linear")
+    }
+
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("weight".to_string(), self.bits.shallow_clone()),
+            // the quantization multiplier: weight ≈ bits / scale
+            ("scale".to_string(), self.scale.shallow_clone()),
+        ]
+    }
+}
