@@ -22,6 +22,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod perf;
+pub mod plugin;
 pub mod quant;
 pub mod sched;
 
