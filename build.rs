@@ -15,6 +15,21 @@ fn main() {
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_RPATH");
     println!("cargo:rerun-if-changed=build.rs");
 
+    // The compiler version, checked when a dylib plugin is loaded (src/plugin/dylib.rs): Rust
+    // types cross the plugin boundary, which is sound only with the same rustc on both sides.
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    match std::process::Command::new(&rustc).arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            println!("cargo:rustc-env=VOLTTRAIN_RUSTC_VERSION={version}");
+        }
+        Ok(out) => panic!(
+            "`{rustc} --version` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!("cannot run `{rustc} --version`: {e}"),
+    }
+
     let rpath = match env::var("VOLTTRAIN_RPATH") {
         Ok(p) => Some(p),
         Err(_) => env::var("LIBTORCH")

@@ -24,6 +24,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod perf;
+pub mod plugin;
 pub mod quant;
 pub mod sched;
 pub mod trainer;
