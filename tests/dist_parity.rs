@@ -104,9 +104,20 @@ fn save(path: &PathBuf, params: &[(String, Tensor)]) {
 
 #[test]
 fn two_ranks_with_grad_sync_match_one_process() {
-    const NAME: &str = "two_ranks_with_grad_sync_match_one_process";
+    parity("two_ranks_with_grad_sync_match_one_process", false);
+}
+
+#[test]
+fn two_ranks_with_overlapped_grad_sync_match_one_process() {
+    parity(
+        "two_ranks_with_overlapped_grad_sync_match_one_process",
+        true,
+    );
+}
+
+fn parity(name: &'static str, overlap: bool) {
     tch::set_num_threads(1);
-    if std::env::var("VT_DIST_WORKER").ok().as_deref() == Some(NAME) {
+    if std::env::var("VT_DIST_WORKER").ok().as_deref() == Some(name) {
         let out = PathBuf::from(std::env::var("VT_DIST_OUT").unwrap());
         let env = DistEnv::from_env().unwrap().unwrap();
         let cfg = DistConfig {
@@ -118,25 +129,37 @@ fn two_ranks_with_grad_sync_match_one_process() {
         // Different init per rank: broadcast_params must make them rank 0's.
         let model = Mlp::new(100 + pg.rank() as i64);
         broadcast_params(&pg, &model.params, 0).unwrap();
-        let gs = GradSync::new(&model.params, cfg.bucket_mb).unwrap();
-        assert!(gs.bucket_sizes().len() >= 2, "{gs:?}");
+        let gs = if overlap {
+            GradSync::overlapped(&pg, &model.params, cfg.bucket_mb).unwrap()
+        } else {
+            GradSync::new(&model.params, cfg.bucket_mb).unwrap()
+        };
+        let n_buckets = gs.bucket_sizes().len();
+        assert!(n_buckets >= 2, "{gs:?}");
+        assert_eq!(gs.is_overlapped(), overlap);
         let rank = pg.rank();
         train(
             &model,
             |e, s| batch_rows(rank, e, s),
-            || gs.sync(&pg).unwrap(),
+            || {
+                // Overlapped: every bucket was launched by the hooks during backward.
+                let launched = gs.buckets_launched_in_backward();
+                assert_eq!(launched, if overlap { n_buckets } else { 0 });
+                gs.sync(&pg).unwrap();
+                assert_eq!(gs.buckets_launched_in_backward(), 0);
+            },
         );
         save(&out.join(format!("rank{rank}.ot")), &model.params);
         return;
     }
 
     let out = tempfile::tempdir().unwrap();
-    let args: Vec<OsString> = [NAME, "--exact", "--nocapture", "--test-threads=1"]
+    let args: Vec<OsString> = [name, "--exact", "--nocapture", "--test-threads=1"]
         .iter()
         .map(OsString::from)
         .collect();
     let env = vec![
-        ("VT_DIST_WORKER".to_string(), NAME.to_string()),
+        ("VT_DIST_WORKER".to_string(), name.to_string()),
         ("VT_DIST_OUT".to_string(), out.path().display().to_string()),
     ];
     let exe = std::env::current_exe().unwrap();

@@ -17,6 +17,12 @@ pub struct VtPg {
     _private: [u8; 0],
 }
 
+/// Opaque handle of the overlapped gradient reducer.
+#[repr(C)]
+pub struct VtOverlap {
+    _private: [u8; 0],
+}
+
 /// `at::Tensor*` as tch's `Tensor::as_ptr` gives it.
 pub type CTensor = *mut c_void;
 
@@ -52,6 +58,17 @@ unsafe extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     pub fn vt_dist_barrier(pg: *mut VtPg, err: *mut *mut c_char) -> c_int;
+    pub fn vt_dist_overlap_new(
+        pg: *mut VtPg,
+        params: *const CTensor,
+        bucket_of: *const c_int,
+        n: usize,
+        err: *mut *mut c_char,
+    ) -> *mut VtOverlap;
+    pub fn vt_dist_overlap_set_enabled(ov: *mut VtOverlap, enabled: c_int);
+    pub fn vt_dist_overlap_finish(ov: *mut VtOverlap, err: *mut *mut c_char) -> c_int;
+    pub fn vt_dist_overlap_launched(ov: *mut VtOverlap) -> c_int;
+    pub fn vt_dist_overlap_free(ov: *mut VtOverlap);
     pub fn vt_dist_set_grad(param: CTensor, grad: CTensor, err: *mut *mut c_char) -> c_int;
 }
 

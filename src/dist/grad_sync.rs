@@ -5,6 +5,12 @@
 //! different shapes are packed into flat buckets (one dtype and device per bucket, at most
 //! `bucket_mb` each, parameters in order), summed with one collective per bucket, divided by the
 //! world size (Gloo has no AVG) and copied back.
+//!
+//! [`GradSync::overlapped`] does the same work during `backward()`, as DDP's Reducer does: a post
+//! hook on each parameter's gradient accumulator (registered by the C++ shim; tch has no hook
+//! API) launches a bucket's all-reduce as soon as all its gradients exist, in a fixed bucket
+//! order on every rank (parameters in reverse, the order in which backward produces them), and
+//! [`GradSync::sync`] then only waits, divides and copies back.
 
 use tch::{Device, Kind, Tensor};
 
@@ -26,6 +32,22 @@ pub struct GradSync {
     params: Vec<Tensor>,
     names: Vec<String>,
     buckets: Vec<Bucket>,
+    overlap: Option<Overlap>,
+}
+
+/// The shim's hook-driven reducer; freed (hooks removed) on drop.
+struct Overlap {
+    raw: std::ptr::NonNull<ffi::VtOverlap>,
+}
+
+// SAFETY: the shim's reducer guards its state with a mutex; hooks may run on autograd threads.
+unsafe impl Send for Overlap {}
+
+impl Drop for Overlap {
+    fn drop(&mut self) {
+        // SAFETY: created by `vt_dist_overlap_new`, freed exactly once.
+        unsafe { ffi::vt_dist_overlap_free(self.raw.as_ptr()) };
+    }
 }
 
 impl std::fmt::Debug for GradSync {
@@ -33,6 +55,7 @@ impl std::fmt::Debug for GradSync {
         f.debug_struct("GradSync")
             .field("params", &self.params.len())
             .field("buckets", &self.bucket_sizes())
+            .field("overlapped", &self.overlap.is_some())
             .finish()
     }
 }
@@ -42,6 +65,90 @@ impl GradSync {
     /// into flat buckets of at most `bucket_mb` MB per dtype and device (a larger tensor gets a
     /// bucket of its own). Frozen parameters are skipped.
     pub fn new(params: &[(String, Tensor)], bucket_mb: f64) -> Result<Self> {
+        Self::bucketed(params.iter(), bucket_mb)
+    }
+
+    /// Like [`GradSync::new`], but the all-reduces run during `backward()`: buckets are filled
+    /// in reverse parameter order and each is launched as soon as backward has produced all
+    /// its gradients. [`GradSync::sync`] must then follow every `backward()` (before any other
+    /// collective on `pg`); with gradient accumulation, turn the hooks off with
+    /// [`GradSync::set_overlap`]`(false)` for all micro-batches but the last (DDP's
+    /// `no_sync`). Hooks stay on the parameters until the `GradSync` is dropped. With one rank
+    /// no hook is registered.
+    pub fn overlapped(
+        pg: &ProcessGroup,
+        params: &[(String, Tensor)],
+        bucket_mb: f64,
+    ) -> Result<Self> {
+        let mut gs = Self::bucketed(params.iter().rev(), bucket_mb)?;
+        if pg.world_size() == 1 || gs.params.is_empty() {
+            return Ok(gs);
+        }
+        for (p, name) in gs.params.iter().zip(&gs.names) {
+            if !p.is_leaf() {
+                return Err(Error::invalid(format!(
+                    "GradSync::overlapped: parameter `{name}` is not a leaf tensor"
+                )));
+            }
+        }
+        let mut bucket_of = vec![0 as std::ffi::c_int; gs.params.len()];
+        for (b, bucket) in gs.buckets.iter().enumerate() {
+            for &i in &bucket.members {
+                bucket_of[i] = b as std::ffi::c_int;
+            }
+        }
+        let ptrs = ffi::tensor_ptrs(&gs.params);
+        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: the pointers are live for the call; the shim keeps its own references.
+        let raw = unsafe {
+            ffi::vt_dist_overlap_new(
+                pg.raw(),
+                ptrs.as_ptr(),
+                bucket_of.as_ptr(),
+                ptrs.len(),
+                &mut err,
+            )
+        };
+        match std::ptr::NonNull::new(raw) {
+            Some(raw) => {
+                gs.overlap = Some(Overlap { raw });
+                Ok(gs)
+            }
+            // SAFETY: on null the shim set `err` (or left it null).
+            None => Err(pg.tag(unsafe { ffi::take_err(err, "GradSync overlap set-up") })),
+        }
+    }
+
+    /// Turns the backward hooks of an overlapped `GradSync` on or off (no effect otherwise).
+    /// Off, gradients only accumulate locally and the next [`GradSync::sync`] reduces them all.
+    pub fn set_overlap(&self, enabled: bool) {
+        if let Some(ov) = &self.overlap {
+            // SAFETY: live handle.
+            unsafe {
+                ffi::vt_dist_overlap_set_enabled(ov.raw.as_ptr(), enabled as std::ffi::c_int)
+            };
+        }
+    }
+
+    /// Whether the all-reduces run during backward.
+    pub fn is_overlapped(&self) -> bool {
+        self.overlap.is_some()
+    }
+
+    /// Buckets already launched by backward hooks in the step in progress (0 when not
+    /// overlapped); [`GradSync::sync`] resets it.
+    pub fn buckets_launched_in_backward(&self) -> usize {
+        match &self.overlap {
+            // SAFETY: live handle.
+            Some(ov) => unsafe { ffi::vt_dist_overlap_launched(ov.raw.as_ptr()) }.max(0) as usize,
+            None => 0,
+        }
+    }
+
+    fn bucketed<'a>(
+        params: impl Iterator<Item = &'a (String, Tensor)>,
+        bucket_mb: f64,
+    ) -> Result<Self> {
         if !(bucket_mb.is_finite() && bucket_mb > 0.0) {
             return Err(Error::config(
                 "distributed.bucket_mb",
@@ -96,6 +203,7 @@ impl GradSync {
             params: kept,
             names,
             buckets,
+            overlap: None,
         })
     }
 
@@ -116,6 +224,13 @@ impl GradSync {
         let world = pg.world_size();
         if world == 1 {
             return Ok(());
+        }
+        if let Some(ov) = &self.overlap {
+            return ffi::check("GradSync", |err| {
+                // SAFETY: live handle; the parameters it holds are kept alive by the shim.
+                unsafe { ffi::vt_dist_overlap_finish(ov.raw.as_ptr(), err) }
+            })
+            .map_err(|e| pg.tag(e));
         }
         let _guard = tch::no_grad_guard();
         for bucket in &self.buckets {

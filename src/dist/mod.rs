@@ -458,7 +458,11 @@ impl ProcessGroup {
         Ok(v.into_iter().map(|x| x / self.world_size as f64).collect())
     }
 
-    fn tag(&self, e: Error) -> Error {
+    pub(crate) fn raw(&self) -> *mut ffi::VtPg {
+        self.raw.as_ptr()
+    }
+
+    pub(crate) fn tag(&self, e: Error) -> Error {
         match e {
             Error::Dist(m) => Error::Dist(format!("rank {}/{}: {m}", self.rank, self.world_size)),
             other => other,
