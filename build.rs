@@ -6,11 +6,16 @@
 //! RUNPATH (new dtags), `LD_LIBRARY_PATH` still overrides it: on a GPU machine the same binary
 //! runs against another torch 2.11.0 build by pointing `LD_LIBRARY_PATH` at its `lib/`.
 //! `VOLTTRAIN_RPATH` replaces the path written (empty to write none).
+//!
+//! It also compiles the C++ shim of the `dist` module (`csrc/dist_shim.cpp`, see
+//! [`build_dist_shim`]) against libtorch's headers and Debian's `libgloo-dev` headers.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn main() {
+    build_dist_shim();
+
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_RPATH");
     println!("cargo:rerun-if-changed=build.rs");
@@ -47,4 +52,129 @@ fn main() {
             println!("cargo:rustc-link-search=native={p}");
         }
     }
+}
+
+/// Compiles `csrc/dist_shim.cpp`, the C ABI over c10d's TCPStore and ProcessGroupGloo (and
+/// ProcessGroupNCCL when NCCL and CUDA host headers are found), into a static library.
+///
+/// Needs `LIBTORCH` (its `include/` and `include/torch/csrc/api/include`) and gloo's headers,
+/// which the torch wheel does not ship: `apt-get install libgloo-dev` (done by
+/// `tools/provision.sh`) or `VOLTTRAIN_GLOO_INCLUDE=<dir holding gloo/config.h>`. Only torch's
+/// libraries are linked, never Debian's `libgloo.so`.
+///
+/// NCCL: built only when `nccl.h` (the `nvidia-nccl` wheel torch pins, found next to torch in
+/// `site-packages/nvidia/nccl/include` or through `VOLTTRAIN_NCCL_INCLUDE`) and the CUDA host
+/// headers (`crt/host_config.h`, `nv/target`, `cuda_runtime_api.h` through
+/// `VOLTTRAIN_CUDA_INCLUDE`, several directories separated by `:`) are all present.
+fn build_dist_shim() {
+    println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
+    println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
+    println!("cargo:rerun-if-env-changed=VOLTTRAIN_NCCL_INCLUDE");
+    println!("cargo:rerun-if-env-changed=VOLTTRAIN_CUDA_INCLUDE");
+
+    let Ok(libtorch) = env::var("LIBTORCH") else {
+        fail(
+            "LIBTORCH is not set; the dist shim needs libtorch's headers. Run \
+             `eval \"$(tools/provision.sh --print-env)\"` (or use ./dev) and build again.",
+        );
+    };
+    let libtorch = PathBuf::from(libtorch);
+    let inc = libtorch.join("include");
+    let api_inc = inc.join("torch/csrc/api/include");
+    if !inc
+        .join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp")
+        .exists()
+    {
+        fail(&format!(
+            "{} has no torch/csrc/distributed/c10d/ProcessGroupGloo.hpp; LIBTORCH must point at \
+             the torch 2.11.0 wheel's torch/ directory (tools/provision.sh --print-env)",
+            inc.display()
+        ));
+    }
+
+    let gloo_inc = env::var("VOLTTRAIN_GLOO_INCLUDE")
+        .ok()
+        .map(PathBuf::from)
+        .or_else(|| {
+            ["/usr/include", "/usr/local/include"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|d| d.join("gloo/config.h").exists())
+        });
+    let Some(gloo_inc) = gloo_inc.filter(|d| d.join("gloo/config.h").exists()) else {
+        fail(
+            "gloo's headers (gloo/config.h) were not found; the torch wheel does not ship them. \
+             Install them with `apt-get install libgloo-dev` (tools/provision.sh does it), or set \
+             VOLTTRAIN_GLOO_INCLUDE to the directory holding gloo/.",
+        );
+    };
+
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("csrc/dist_shim.cpp")
+        .include(&inc)
+        .include(&api_inc)
+        .include(&gloo_inc)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None)
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false);
+
+    if let Some(dirs) = nccl_include_dirs(&libtorch) {
+        for d in dirs {
+            build.include(d);
+        }
+        build
+            .define("USE_C10D_NCCL", None)
+            .define("VOLTTRAIN_NCCL", None);
+        println!("cargo:rustc-cfg=volttrain_nccl");
+    }
+    println!("cargo:rustc-check-cfg=cfg(volttrain_nccl)");
+    build.compile("volttrain_dist_shim");
+
+    // The shim's symbols come from torch's libraries; name them after the static archive so the
+    // linker resolves them whatever order the upstream `-l` flags come in.
+    println!(
+        "cargo:rustc-link-search=native={}",
+        libtorch.join("lib").display()
+    );
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// The include directories for NCCL support, or `None` when any header is missing.
+fn nccl_include_dirs(libtorch: &Path) -> Option<Vec<PathBuf>> {
+    let nccl = env::var("VOLTTRAIN_NCCL_INCLUDE")
+        .ok()
+        .map(PathBuf::from)
+        .or_else(|| libtorch.parent().map(|sp| sp.join("nvidia/nccl/include")))?;
+    if !nccl.join("nccl.h").exists() || !libtorch.join("lib/libtorch_cuda.so").exists() {
+        return None;
+    }
+    let cuda: Vec<PathBuf> = env::var("VOLTTRAIN_CUDA_INCLUDE")
+        .ok()?
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    let has = |rel: &str| cuda.iter().any(|d| d.join(rel).exists());
+    if !(has("crt/host_config.h") && has("nv/target") && has("cuda_runtime_api.h")) {
+        println!(
+            "cargo:warning=nccl.h found but the CUDA host headers are not (set \
+             VOLTTRAIN_CUDA_INCLUDE); building the dist shim without NCCL"
+        );
+        return None;
+    }
+    let mut dirs = vec![nccl];
+    dirs.extend(cuda);
+    Some(dirs)
+}
+
+/// Stops the build with `msg` (build scripts report errors through stderr and the exit code).
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(1);
 }

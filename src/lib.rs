@@ -19,6 +19,7 @@ pub mod adapter;
 pub mod callback;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod model;
 pub mod nn;

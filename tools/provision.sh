@@ -57,6 +57,27 @@ torch_ok() {
     && [ -d "$(cat "$VENV/.volttrain-libtorch" 2>/dev/null)/lib" ]
 }
 
+# gloo's C++ headers: the torch wheel does not ship them, and ProcessGroupGloo.hpp (compiled into
+# the dist shim by build.rs) includes them. Headers only: nothing links Debian's libgloo.
+gloo_ok() { [ -f /usr/include/gloo/config.h ] || [ -f "${VOLTTRAIN_GLOO_INCLUDE:-/nonexistent}/gloo/config.h" ]; }
+if ! gloo_ok; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    die "gloo headers (gloo/config.h) are missing and apt-get is not available. Install your distribution's gloo development headers, or set VOLTTRAIN_GLOO_INCLUDE to a directory holding gloo/ (e.g. from a gloo source checkout), then run again."
+  fi
+  log "installing libgloo-dev (gloo headers for the dist shim)"
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "gloo headers are missing; run 'apt-get install libgloo-dev' as root (sudo is not available here), then run again."
+    sudo_cmd="sudo"
+  fi
+  if ! $sudo_cmd apt-get install -y -q libgloo-dev >&2; then
+    $sudo_cmd apt-get update -q >&2 || true
+    $sudo_cmd apt-get install -y -q libgloo-dev >&2 \
+      || die "'apt-get install libgloo-dev' failed; install it by hand (it provides /usr/include/gloo), then run again."
+  fi
+  gloo_ok || die "libgloo-dev installed but /usr/include/gloo/config.h is missing"
+fi
+
 if ! torch_ok; then
   if [ -e "$VENV" ]; then
     log "removing incomplete environment $VENV (no completion marker)"

@@ -1,0 +1,121 @@
+//! Local launcher: one child process per rank, `torchrun --standalone`-style.
+//!
+//! Each child gets `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`
+//! (`127.0.0.1`) and `MASTER_PORT` (a free port), which [`super::DistEnv::from_env`] reads. The
+//! launcher waits for all of them; when one fails it kills the others and reports which rank
+//! failed and how, so no rank is left waiting on a dead peer.
+
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// A TCP port on `127.0.0.1` that was free a moment ago (the OS picks it).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::Dist(format!("cannot find a free port on 127.0.0.1: {e}")))?;
+    let port = l
+        .local_addr()
+        .map_err(|e| Error::Dist(format!("cannot read the bound port: {e}")))?
+        .port();
+    Ok(port)
+}
+
+/// Starts `nproc` copies of `exe args...` with the rendezvous environment (plus `env`), waits
+/// for all, and returns `Ok` when every rank exits with status 0. When a rank fails (non-zero
+/// exit or a signal) the remaining ranks are killed and the error names the rank and its exit
+/// status.
+pub fn spawn_workers(
+    nproc: usize,
+    exe: &Path,
+    args: &[OsString],
+    env: &[(String, String)],
+) -> Result<()> {
+    if nproc == 0 {
+        return Err(Error::invalid("--nproc must be at least 1"));
+    }
+    let port = free_port()?;
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(nproc);
+    for rank in 0..nproc {
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", nproc.to_string())
+            .env("LOCAL_WORLD_SIZE", nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+        match cmd.spawn() {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(Error::Dist(format!(
+                    "cannot start rank {rank} ({}): {e}",
+                    exe.display()
+                )));
+            }
+        }
+    }
+    wait_all(&mut children)
+}
+
+fn kill_all(children: &mut [Option<Child>]) {
+    for c in children.iter_mut().flatten() {
+        // Ignore errors: the child may have exited on its own in the meantime.
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return format!("killed by signal {sig}");
+        }
+    }
+    match status.code() {
+        Some(c) => format!("exit status {c}"),
+        None => status.to_string(),
+    }
+}
+
+fn wait_all(children: &mut [Option<Child>]) -> Result<()> {
+    let n = children.len();
+    let mut left = n;
+    while left > 0 {
+        let mut progressed = false;
+        for rank in 0..n {
+            let Some(child) = children[rank].as_mut() else {
+                continue;
+            };
+            let status = match child.try_wait() {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    kill_all(children);
+                    return Err(Error::Dist(format!("cannot wait for rank {rank}: {e}")));
+                }
+            };
+            children[rank] = None;
+            left -= 1;
+            progressed = true;
+            if !status.success() {
+                kill_all(children);
+                return Err(Error::Dist(format!(
+                    "rank {rank} of {n} failed ({}); stopped the other ranks",
+                    describe(status)
+                )));
+            }
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
