@@ -134,6 +134,10 @@ impl volttrain::model::CausalLm for NoModel {
     fn embed_param(&self) -> &str {
         "model.embed_tokens.weight"
     }
+    fn freeze_base(&mut self) {}
+    fn checkpoint_tensors(&self) -> volttrain::Result<Vec<(String, tch::Tensor)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// A saver that writes nothing.
