@@ -18,6 +18,7 @@
 //! data parallel; clipping by global norm; a non-finite check; the optimizer step; the schedule.
 
 mod checkpoint;
+mod dist;
 mod step;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,7 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 pub use checkpoint::{TrainState, last_dir};
+pub use dist::C10dCollective;
 pub use step::{IGNORE_INDEX, Precision};
 
 use crate::callback::{Callback, Control, EvalMetrics, ModelSaver, StepMetrics};
@@ -48,16 +50,24 @@ pub trait BatchSource: Send {
     fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch>;
 }
 
-/// Collective operations for data-parallel training (implemented over c10d by `dist`).
+/// Collective operations for data-parallel training ([`C10dCollective`] implements them over
+/// PyTorch's c10d).
 pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Sums `values` over all ranks.
     fn all_reduce_f64(&mut self, values: &[f64]) -> Result<Vec<f64>>;
-    /// Sums the gradients of `params` over all ranks, in place.
-    fn all_reduce_grads(&mut self, params: &[Tensor]) -> Result<()>;
+    /// Called once before training with the trainable parameters (same order on every rank).
+    fn prepare_grads(&mut self, params: &[(String, Tensor)]) -> Result<()>;
+    /// Whether gradient all-reduces may start during the coming backward (off for all but the
+    /// last micro-batch of an accumulation, as DDP's `no_sync`).
+    fn sync_in_backward(&mut self, on: bool) {
+        let _ = on;
+    }
+    /// Averages the gradients over all ranks, in place (after the step's last backward).
+    fn average_grads(&mut self) -> Result<()>;
     /// Copies rank 0's values of `params` to every rank.
-    fn broadcast_params(&mut self, params: &[Tensor]) -> Result<()>;
+    fn broadcast_params(&mut self, params: &[(String, Tensor)]) -> Result<()>;
 }
 
 /// What to do when the loss or gradient norm is not finite.
@@ -633,13 +643,14 @@ impl Trainer {
             self.restore()?;
         }
         if let Some(c) = self.collective.as_mut() {
-            let params: Vec<Tensor> = self
-                .model
-                .named_parameters()
-                .into_iter()
-                .map(|(_, t)| t)
+            c.broadcast_params(&self.model.named_parameters())?;
+            let trainable: Vec<(String, Tensor)> = self
+                .optimizer
+                .groups()
+                .iter()
+                .flat_map(|g| g.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())))
                 .collect();
-            c.broadcast_params(&params)?;
+            c.prepare_grads(&trainable)?;
         }
         let mut stop: Option<String> = None;
         let mut last_loss = None;
@@ -671,10 +682,19 @@ impl Trainer {
                     counts = [r[0], r[1]];
                 }
                 let n_labels = counts[0];
-                let scale = if n_labels > 0.0 { 1.0 / n_labels } else { 0.0 };
+                // Gradients are averaged over ranks afterwards, so each rank scales its summed
+                // loss by world / (label tokens of the step on all ranks).
+                let world = self.collective.as_ref().map_or(1, |c| c.world_size()) as f64;
+                let scale = if n_labels > 0.0 { world / n_labels } else { 0.0 };
                 let mut loss_sum = 0.0;
                 let use_autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
+                let n_micro = prepared.len();
                 for (micro, p) in prepared.iter().enumerate() {
+                    if let Some(c) = self.collective.as_mut() {
+                        // With checkpointing a parameter's gradient can arrive in several
+                        // backward calls (tied embeddings), so buckets are reduced after it.
+                        c.sync_in_backward(micro + 1 == n_micro && !self.gradient_checkpointing);
+                    }
                     let model = self.model.as_ref();
                     let ckpt = self.gradient_checkpointing;
                     let seed = (self.state.seed, self.state.step, micro);
@@ -689,11 +709,11 @@ impl Trainer {
                     }
                 }
                 if let Some(c) = self.collective.as_mut() {
+                    c.average_grads()?;
                     let r = c.all_reduce_f64(&[loss_sum])?;
                     loss_sum = r[0];
-                    c.all_reduce_grads(&params)?;
                 }
-                let loss = loss_sum * scale;
+                let loss = if n_labels > 0.0 { loss_sum / n_labels } else { 0.0 };
                 let grad_norm = clip_grad_norm(&params, self.clip_norm)?;
                 let step_no = self.state.step + 1;
                 if !loss.is_finite() || !grad_norm.is_finite() {
