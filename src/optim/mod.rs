@@ -4,12 +4,29 @@
 //! (with its own config type), [`DynOptimizer`] its object-safe twin that the trainer, the
 //! registry and plugins hold as `Box<dyn DynOptimizer>`; every `Optimizer` is a `DynOptimizer`
 //! through a blanket impl.
+//!
+//! Built-ins: [`AdamW`] (equal to `torch.optim.AdamW`), [`Muon`] (Newton-Schulz orthogonalized
+//! momentum for matrices), [`Composite`] (several optimizers stepped as one), the
+//! [`ReferenceGrouper`] (Muon for hidden matrices, AdamW for the rest) with [`build_optimizer`],
+//! and [`clip_grad_norm`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use tch::Tensor;
 
-use crate::error::Result;
+use crate::error::{Error, Result, TchResultExt};
+
+pub mod adamw;
+pub mod clip;
+pub mod composite;
+pub mod group;
+pub mod muon;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use clip::{clip_grad_norm, clip_grad_norm_tensors};
+pub use composite::{Composite, OptimizerConfigs, build_optimizer};
+pub use group::{ReferenceGrouper, ReferenceGrouperConfig, validate_groups};
+pub use muon::{Muon, MuonConfig, MuonScale, NsPrecision};
 
 /// A named parameter.
 #[derive(Debug)]
@@ -29,6 +46,50 @@ pub struct ParamGroup {
     /// Multiplier on the base lr kept by the scheduler (2.0 for embeddings, 0.1 for the head).
     pub lr_mult: f64,
     pub weight_decay: f64,
+}
+
+impl NamedParam {
+    /// A named parameter sharing `tensor`'s storage (and its `.grad()`).
+    pub fn new(name: impl Into<String>, tensor: &Tensor) -> Self {
+        NamedParam {
+            name: name.into(),
+            tensor: tensor.shallow_clone(),
+        }
+    }
+}
+
+impl ParamGroup {
+    /// A group with `lr = base_lr * lr_mult`.
+    pub fn new(
+        name: impl Into<String>,
+        params: Vec<NamedParam>,
+        base_lr: f64,
+        lr_mult: f64,
+        weight_decay: f64,
+    ) -> Self {
+        ParamGroup {
+            name: name.into(),
+            params,
+            lr: base_lr * lr_mult,
+            lr_mult,
+            weight_decay,
+        }
+    }
+
+    /// The same group over the same tensors (storage and grads are shared, not copied).
+    pub fn shallow_clone(&self) -> ParamGroup {
+        ParamGroup {
+            name: self.name.clone(),
+            params: self
+                .params
+                .iter()
+                .map(|p| NamedParam::new(p.name.clone(), &p.tensor))
+                .collect(),
+            lr: self.lr,
+            lr_mult: self.lr_mult,
+            weight_decay: self.weight_decay,
+        }
+    }
 }
 
 /// Full optimizer state, for exact resume: tensors by name plus scalars by name.
@@ -133,4 +194,103 @@ pub trait ParamGrouper: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &str;
     /// The groups for `params`. A parameter in no group or in two groups is an error naming it.
     fn group(&self, params: &[ParamInfo]) -> Result<Vec<GroupSpec>>;
+}
+
+/// Checks what every optimizer needs of its groups: finite non-negative lr and weight decay,
+/// floating-point parameters, and no parameter name twice.
+pub(crate) fn check_groups(who: &str, groups: &[ParamGroup]) -> Result<()> {
+    let mut seen = HashSet::new();
+    for g in groups {
+        if !(g.lr.is_finite() && g.lr >= 0.0) {
+            return Err(Error::invalid(format!(
+                "{who}: group `{}` has lr {}; it must be finite and >= 0",
+                g.name, g.lr
+            )));
+        }
+        if !(g.weight_decay.is_finite() && g.weight_decay >= 0.0) {
+            return Err(Error::invalid(format!(
+                "{who}: group `{}` has weight_decay {}; it must be finite and >= 0",
+                g.name, g.weight_decay
+            )));
+        }
+        for p in &g.params {
+            if !seen.insert(p.name.as_str()) {
+                return Err(Error::invalid(format!(
+                    "{who}: parameter `{}` appears twice (second time in group `{}`); every \
+                     parameter must be in exactly one group",
+                    p.name, g.name
+                )));
+            }
+            if !p.tensor.defined() {
+                return Err(Error::invalid(format!(
+                    "{who}: parameter `{}` is an undefined tensor",
+                    p.name
+                )));
+            }
+            let kind = p
+                .tensor
+                .f_kind()
+                .ctx(format!("{who}: kind of `{}`", p.name))?;
+            if !matches!(
+                kind,
+                tch::Kind::Half | tch::Kind::Float | tch::Kind::Double | tch::Kind::BFloat16
+            ) {
+                return Err(Error::invalid(format!(
+                    "{who}: parameter `{}` has kind {kind:?}; only floating-point parameters can \
+                     be optimized",
+                    p.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A copy of `t` that does not share storage (for state dicts).
+pub(crate) fn deep_copy(t: &Tensor) -> Result<Tensor> {
+    let mut out = t.f_empty_like().ctx("copying optimizer state")?;
+    out.f_copy_(t).ctx("copying optimizer state")?;
+    Ok(out)
+}
+
+/// Copies `state.tensors[key]` into `dst`, checking presence and shape.
+pub(crate) fn load_tensor(who: &str, state: &StateDict, key: &str, dst: &mut Tensor) -> Result<()> {
+    let src = state.tensors.get(key).ok_or_else(|| {
+        Error::invalid(format!(
+            "{who} state: missing tensor `{key}`; was the state saved by the same optimizer over \
+             the same parameters?"
+        ))
+    })?;
+    if src.size() != dst.size() {
+        return Err(Error::invalid(format!(
+            "{who} state: `{key}` has shape {:?}, the optimizer expects {:?}",
+            src.size(),
+            dst.size()
+        )));
+    }
+    dst.f_copy_(src)
+        .ctx(format!("{who} state: loading `{key}`"))
+}
+
+/// Errors on entries of `state` not in `expected` (state of another optimizer or model).
+pub(crate) fn check_no_extra(
+    who: &str,
+    state: &StateDict,
+    expected: &HashSet<String>,
+) -> Result<()> {
+    let extra: Vec<&String> = state
+        .tensors
+        .keys()
+        .chain(state.scalars.keys())
+        .filter(|k| !expected.contains(*k))
+        .collect();
+    if extra.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{who} state: {} entries that this optimizer does not hold: {:?}",
+            extra.len(),
+            extra
+        )))
+    }
 }

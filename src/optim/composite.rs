@@ -1,0 +1,257 @@
+//! Several optimizers stepped as one, and [`build_optimizer`] that makes one from group specs.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::{
+    AdamW, AdamWConfig, DynOptimizer, GroupSpec, Muon, MuonConfig, NamedParam, Optimizer,
+    ParamGroup, StateDict,
+};
+use crate::error::{Error, Result};
+
+/// Optimizers stepped as one (Muon for matrices, AdamW for the rest).
+///
+/// The composite holds its own view of every part's groups, in part order, so that
+/// [`DynOptimizer::groups_mut`] (what a scheduler writes) covers all of them; before each step it
+/// copies each group's `lr`, `lr_mult` and `weight_decay` to the part that owns the group.
+/// Parameter tensors are shared, not copied.
+pub struct Composite {
+    name: String,
+    parts: Vec<Box<dyn DynOptimizer>>,
+    /// Concatenation of the parts' groups (shallow clones).
+    groups: Vec<ParamGroup>,
+    /// For each part, its first group's index in `groups`.
+    offsets: Vec<usize>,
+    /// Parameter name to part index.
+    owner: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Composite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Composite")
+            .field("name", &self.name)
+            .field("groups", &self.groups)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Composite {
+    /// Steps `parts` as one. A parameter held by two parts is an error naming it.
+    pub fn new(parts: Vec<Box<dyn DynOptimizer>>) -> Result<Self> {
+        if parts.is_empty() {
+            return Err(Error::invalid("composite optimizer: no parts given"));
+        }
+        let mut groups = Vec::new();
+        let mut offsets = Vec::with_capacity(parts.len());
+        let mut owner = HashMap::new();
+        for (i, part) in parts.iter().enumerate() {
+            offsets.push(groups.len());
+            for g in part.groups() {
+                for p in &g.params {
+                    if let Some(prev) = owner.insert(p.name.clone(), i) {
+                        return Err(Error::invalid(format!(
+                            "composite optimizer: parameter `{}` is held by both `{}` and `{}`; \
+                             every parameter must be in exactly one group",
+                            p.name,
+                            parts[prev].name(),
+                            part.name()
+                        )));
+                    }
+                }
+                groups.push(g.shallow_clone());
+            }
+        }
+        let name = format!(
+            "composite({})",
+            parts.iter().map(|p| p.name()).collect::<Vec<_>>().join("+")
+        );
+        Ok(Composite {
+            name,
+            parts,
+            groups,
+            offsets,
+            owner,
+        })
+    }
+
+    /// The optimizers inside.
+    pub fn parts(&self) -> &[Box<dyn DynOptimizer>] {
+        &self.parts
+    }
+
+    fn sync_hyper(&mut self) {
+        for (i, part) in self.parts.iter_mut().enumerate() {
+            let off = self.offsets[i];
+            for (k, g) in part.groups_mut().iter_mut().enumerate() {
+                let src = &self.groups[off + k];
+                g.lr = src.lr;
+                g.lr_mult = src.lr_mult;
+                g.weight_decay = src.weight_decay;
+            }
+        }
+    }
+
+    /// Splits `state` by the part that owns each entry's parameter (`<param>.<what>`).
+    fn split_state(&self, state: &StateDict) -> Result<Vec<StateDict>> {
+        let mut out: Vec<StateDict> = (0..self.parts.len())
+            .map(|_| StateDict::default())
+            .collect();
+        let find = |key: &str| -> Result<usize> {
+            // the parameter name is everything before the last '.'
+            key.rsplit_once('.')
+                .and_then(|(p, _)| self.owner.get(p).copied())
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{} state: `{key}` belongs to no parameter of this optimizer",
+                        self.name
+                    ))
+                })
+        };
+        for (k, t) in &state.tensors {
+            out[find(k)?].tensors.insert(k.clone(), t.shallow_clone());
+        }
+        for (k, v) in &state.scalars {
+            out[find(k)?].scalars.insert(k.clone(), *v);
+        }
+        Ok(out)
+    }
+}
+
+impl DynOptimizer for Composite {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    fn groups_mut(&mut self) -> &mut [ParamGroup] {
+        &mut self.groups
+    }
+
+    fn step(&mut self) -> Result<()> {
+        self.sync_hyper();
+        for part in &mut self.parts {
+            part.step()?;
+        }
+        Ok(())
+    }
+
+    fn state_dict(&self) -> Result<StateDict> {
+        let mut out = StateDict::default();
+        for part in &self.parts {
+            let s = part.state_dict()?;
+            out.tensors.extend(s.tensors);
+            out.scalars.extend(s.scalars);
+        }
+        Ok(out)
+    }
+
+    fn load_state_dict(&mut self, state: &StateDict) -> Result<()> {
+        let split = self.split_state(state)?;
+        for (part, s) in self.parts.iter_mut().zip(&split) {
+            part.load_state_dict(s)?;
+        }
+        Ok(())
+    }
+}
+
+/// Configurations of the built-in optimizers, as the YAML `optimizer` section holds them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfigs {
+    pub adamw: AdamWConfig,
+    pub muon: MuonConfig,
+}
+
+/// Makes the optimizer the trainer holds from a grouper's `groups`: Muon over the `"muon"`
+/// groups and AdamW over the `"adamw"` groups, as one [`Composite`] when both are used.
+///
+/// `params` are the trainable parameters by name. Every one must be in exactly one group and
+/// every name in a group must be in `params` (see [`super::validate_groups`]); a group's `lr` is
+/// `base_lr * lr_mult` and its weight decay the spec's, or the optimizer config's when `None`.
+pub fn build_optimizer(
+    groups: Vec<GroupSpec>,
+    params: &[(String, Tensor)],
+    base_lr: f64,
+    configs: &OptimizerConfigs,
+) -> Result<Box<dyn DynOptimizer>> {
+    if !(base_lr.is_finite() && base_lr >= 0.0) {
+        return Err(Error::config(
+            "training.lr",
+            format!("must be finite and >= 0, got {base_lr}"),
+        ));
+    }
+    let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+    super::validate_groups(&names, &groups)?;
+    let by_name: HashMap<&str, &Tensor> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut muon_groups = Vec::new();
+    let mut adamw_groups = Vec::new();
+    let mut order = Vec::new();
+    for spec in groups {
+        let (list, default_wd) = match spec.optimizer.as_str() {
+            "muon" => (&mut muon_groups, configs.muon.weight_decay),
+            "adamw" => (&mut adamw_groups, configs.adamw.weight_decay),
+            other => {
+                return Err(Error::UnknownComponent {
+                    kind: "optimizer",
+                    name: format!("{other} (group `{}`)", spec.name),
+                    known: "adamw, muon".into(),
+                });
+            }
+        };
+        if !order.contains(&spec.optimizer) {
+            order.push(spec.optimizer.clone());
+        }
+        let members = spec
+            .params
+            .iter()
+            .map(|n| {
+                by_name
+                    .get(n.as_str())
+                    .map(|t| NamedParam::new(n.clone(), t))
+                    .ok_or_else(|| {
+                        Error::invalid(format!("group `{}`: unknown parameter `{n}`", spec.name))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        list.push(ParamGroup::new(
+            spec.name,
+            members,
+            base_lr,
+            spec.lr_mult,
+            spec.weight_decay.unwrap_or(default_wd),
+        ));
+    }
+    let mut parts: Vec<Box<dyn DynOptimizer>> = Vec::new();
+    for opt in order {
+        if opt == "muon" {
+            parts.push(Box::new(Muon::new(
+                std::mem::take(&mut muon_groups),
+                configs.muon.clone(),
+            )?));
+        } else {
+            parts.push(Box::new(AdamW::new(
+                std::mem::take(&mut adamw_groups),
+                configs.adamw.clone(),
+            )?));
+        }
+    }
+    if parts.len() == 1
+        && let Some(only) = parts.pop()
+    {
+        return Ok(only);
+    }
+    Ok(Box::new(Composite::new(parts)?))
+}
+
+/// Names of every parameter held by `opt`, for diagnostics.
+pub fn param_names(opt: &dyn DynOptimizer) -> Vec<String> {
+    opt.groups()
+        .iter()
+        .flat_map(|g| g.params.iter().map(|p| p.name.clone()))
+        .collect()
+}
