@@ -17,6 +17,7 @@
 
 pub mod adapter;
 pub mod callback;
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod nn;
