@@ -1,7 +1,8 @@
 //! Panic guards around registered components.
 //!
 //! Every component the registry builds is wrapped so that a panic inside a fallible method
-//! (`step`, a callback hook, `quantize`, `inject`, `group`) comes back as an error naming the
+//! (`step`, a callback hook, `quantize` and the quantized tensor's `dequantize`/`linear`,
+//! `inject`, `group`) comes back as an error naming the
 //! component, the method and where the component came from. The wrappers are made by the
 //! factory closures in [`super::registry::Builder::guarded`]; for a dylib plugin those closures
 //! were compiled in the plugin, so the `catch_unwind` below is the plugin's own and can catch the
@@ -161,10 +162,32 @@ impl Quantizer for GuardedQuantizer {
         self.inner.name()
     }
     fn quantize(&self, weight: &tch::Tensor) -> Result<Box<dyn QuantizedTensor>> {
-        catch(
+        let inner = catch(
             &format!("{} in `quantize`", self.what),
             &self.origin,
             || self.inner.quantize(weight),
-        )
+        )?;
+        Ok(Box::new(Guarded::new(&self.what, &self.origin, inner)))
+    }
+}
+
+impl QuantizedTensor for Guarded<dyn QuantizedTensor> {
+    fn format(&self) -> &str {
+        self.inner.format()
+    }
+    fn shape(&self) -> (i64, i64) {
+        self.inner.shape()
+    }
+    fn dequantize(&self, kind: tch::Kind) -> Result<tch::Tensor> {
+        self.call("dequantize", || self.inner.dequantize(kind))
+    }
+    fn storage_bytes(&self) -> usize {
+        self.inner.storage_bytes()
+    }
+    fn linear(&self, x: &tch::Tensor) -> Result<tch::Tensor> {
+        self.call("linear", || self.inner.linear(x))
+    }
+    fn named_tensors(&self) -> Vec<(String, tch::Tensor)> {
+        self.inner.named_tensors()
     }
 }
