@@ -188,7 +188,7 @@ fn panicking_register_is_an_error_and_registers_nothing() {
 }
 
 #[test]
-fn panicking_factory_is_an_error_not_a_crash() {
+fn panics_in_factories_and_methods_are_errors_not_crashes() {
     let lib = plugin_support::plugin_library("volttrain-test-panic");
     let copy = copy_as(&lib, "libfixture_factory.so");
     plugin::load_plugin(&copy).unwrap();
@@ -205,4 +205,54 @@ fn panicking_factory_is_an_error_not_a_crash() {
         );
         assert!(msg.contains("libfixture_factory.so"), "{msg}");
     }
+
+    // A panic inside a built component's method is an error too.
+    let mut opt = plugin::build_optimizer(
+        "fixture_panicking_step",
+        Vec::new(),
+        &serde_yaml::Value::Null,
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let e = opt.step().unwrap_err();
+        assert!(matches!(e, Error::Plugin { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("optimizer `fixture_panicking_step` in `step` panicked: fixture step panicked on purpose"),
+            "{msg}"
+        );
+    }
+    assert!(opt.state_dict().is_ok());
+
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = plugin::CallbackCtx {
+        output_dir: dir.path().into(),
+    };
+    let mut cb =
+        plugin::build_callback("fixture_panicking_hook", &serde_yaml::Value::Null, &ctx).unwrap();
+    let metrics = [volttrain::callback::StepMetrics {
+        step: 4,
+        ..Default::default()
+    }];
+    let e = plugin_support::drive_steps(cb.as_mut(), dir.path(), &metrics).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("callback `fixture_panicking_hook` in `on_step_end` panicked: fixture hook panicked on purpose at step 4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn plugins_list_paths_are_relative_to_the_config_directory() {
+    let lib = plugin_support::plugin_library("volttrain-lion");
+    let dir = lib.parent().unwrap();
+    let infos = plugin::load_plugins(&[PathBuf::from(lib.file_name().unwrap())], dir).unwrap();
+    assert_eq!(infos.len(), 1);
+    assert_eq!(infos[0].path, lib.canonicalize().unwrap());
+    let e = plugin::load_plugins(&[PathBuf::from("libabsent.so")], dir).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&dir.join("libabsent.so").display().to_string()),
+        "{e}"
+    );
 }

@@ -126,7 +126,7 @@ fn gradient_norm_and_non_finite_loss_stop_the_run() {
 
     let mut losses = smooth(20);
     losses[2] = f64::NAN;
-    let (stopped, _dir) = run("{}", &losses, &vec![1.0; 20]);
+    let (stopped, _dir) = run("{}", &losses, &[1.0; 20]);
     let (step, reason) = stopped.expect("a stop request");
     assert_eq!(step, 3);
     assert!(reason.contains("non-finite loss NaN"), "{reason}");

@@ -275,6 +275,45 @@ fn panicking(_: &Value, _: &CallbackCtx) -> volttrain::Result<Box<dyn Callback>>
 
 volttrain::register_callback!("test_panicking", panicking);
 
+#[derive(Debug)]
+struct PanickyTensor;
+
+impl QuantizedTensor for PanickyTensor {
+    fn format(&self) -> &str {
+        "panicky"
+    }
+    fn shape(&self) -> (i64, i64) {
+        (1, 1)
+    }
+    fn dequantize(&self, _: Kind) -> volttrain::Result<Tensor> {
+        panic!("dequantize panicked on purpose")
+    }
+    fn storage_bytes(&self) -> usize {
+        0
+    }
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+}
+
+#[derive(Debug)]
+struct PanickyQuantizer;
+
+impl Quantizer for PanickyQuantizer {
+    fn name(&self) -> &str {
+        "test_panicky_quant"
+    }
+    fn quantize(&self, _: &Tensor) -> volttrain::Result<Box<dyn QuantizedTensor>> {
+        Ok(Box::new(PanickyTensor))
+    }
+}
+
+fn panicky_quant(_: &Value) -> volttrain::Result<Arc<dyn Quantizer>> {
+    Ok(Arc::new(PanickyQuantizer))
+}
+
+volttrain::register_quantizer!("test_panicky_quant", panicky_quant);
+
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -298,6 +337,7 @@ fn every_kind_is_listed_sorted_with_the_host_origin() {
             (ComponentKind::Grouper, "test_one_group"),
             (ComponentKind::Optimizer, "test_sgd"),
             (ComponentKind::Quantizer, "test_int8"),
+            (ComponentKind::Quantizer, "test_panicky_quant"),
             (ComponentKind::Scheduler, "test_linear_decay"),
         ]
     );
@@ -465,4 +505,25 @@ fn panicking_factory_is_an_error_naming_component_and_origin() {
         "{e}"
     );
     assert!(e.contains("host (plugin_registry)"), "{e}");
+}
+
+#[test]
+fn panic_in_a_built_component_method_is_an_error() {
+    let q = plugin::build_quantizer("test_panicky_quant", &Value::Null).unwrap();
+    let w = Tensor::ones([1, 1], (Kind::Float, tch::Device::Cpu));
+    let qt = q.quantize(&w).unwrap();
+    assert_eq!(qt.format(), "panicky");
+    for e in [
+        qt.dequantize(Kind::Float).unwrap_err(),
+        // The default `linear` dequantizes: the same panic, reported from `linear`.
+        qt.linear(&w).unwrap_err(),
+    ] {
+        let msg = e.to_string();
+        assert!(
+            msg.contains("quantizer `test_panicky_quant` in `")
+                && msg.contains("` panicked: dequantize panicked on purpose")
+                && msg.contains("host (plugin_registry)"),
+            "{msg}"
+        );
+    }
 }

@@ -19,9 +19,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use super::guard::panic_message;
 use super::registry::{
     AdapterFactory, Builder, CallbackFactory, ComponentKind, Entry, Factory, GrouperFactory,
-    OptimizerFactory, Origin, QuantizerFactory, SchedulerFactory, insert_all, panic_message,
+    OptimizerFactory, Origin, QuantizerFactory, SchedulerFactory, insert_all,
 };
 use crate::error::{Error, Result};
 

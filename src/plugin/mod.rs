@@ -62,11 +62,17 @@
 //! plugin use the same rustc, the same VoltTrain (and so the same `tch`, `serde_yaml`,
 //! ...) and the same libtorch, with the default global allocator on both sides. The declaration
 //! check enforces the versions it can see; build plugins in the host's workspace (same
-//! `Cargo.lock`), and do not set a `#[global_allocator]` in a plugin. A panic inside a plugin's
-//! component *after* it was built (in `step`, a hook) would cross two copies of `std` and
-//! abort: plugin components return errors, they do not panic. Factories are guarded.
+//! `Cargo.lock`), and do not set a `#[global_allocator]` in a plugin.
+//!
+//! **Panics.** A panic may not unwind from a plugin's copy of `std` into the host's (it aborts).
+//! The register function, every factory and every fallible method of a built component
+//! (`step`, `state_dict`, callback hooks, `quantize`, `dequantize`, `inject`, `group`) run
+//! behind guards made on the plugin's side, so a panic there comes back as an
+//! [`Error::Plugin`](crate::Error) naming the component and the method. Methods that cannot
+//! return an error (`Scheduler::factor`, `name`, `shape`, ...) must not panic.
 
 mod dylib;
+mod guard;
 mod registry;
 
 pub use dylib::{

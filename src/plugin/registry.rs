@@ -8,12 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde_yaml::Value;
 
+use super::guard::{Guarded, GuardedQuantizer, catch};
 use crate::adapter::AdapterInjector;
 use crate::callback::Callback;
 use crate::error::{Error, Result};
@@ -213,62 +213,42 @@ pub(crate) enum Builder {
     Scheduler(Arc<SchedulerBuilder>),
 }
 
-/// The message of a caught panic.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(no message)".to_string()
-    }
-}
-
-/// Calls `f`, turning a panic into an error about component `what` from `origin`.
-fn guard<T>(what: &str, origin: &Origin, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(payload) => {
-            let msg = format!(
-                "the factory of {what} panicked: {}",
-                panic_message(payload.as_ref())
-            );
-            Err(match origin {
-                Origin::Library(path) => Error::Plugin {
-                    path: path.clone(),
-                    msg,
-                },
-                other => Error::invalid(format!("{msg} (registered by {other})")),
-            })
-        }
-    }
-}
-
 impl Builder {
-    /// Wraps `factory` with a panic guard. The wrapper is compiled where this function is
-    /// compiled: for a dylib plugin that is the plugin's own copy of VoltTrain and of `std`,
-    /// which is the copy that can catch the plugin's panics (a panic may not cross from one
-    /// copy of `std` into another).
+    /// Wraps `factory`, and the component it builds, with panic guards ([`super::guard`]). The
+    /// wrappers are compiled where this function is compiled: for a dylib plugin that is the
+    /// plugin's own copy of VoltTrain and of `std`, which is the copy that can catch the
+    /// plugin's panics (a panic may not cross from one copy of `std` into another).
     pub(crate) fn guarded(name: &str, origin: Origin, factory: Factory) -> Builder {
         let what = format!("{} `{name}`", factory.kind());
+        let context = format!("the factory of {what}");
         match factory {
-            Factory::Adapter(f) => {
-                Builder::Adapter(Arc::new(move |cfg| guard(&what, &origin, || f(cfg))))
-            }
+            Factory::Adapter(f) => Builder::Adapter(Arc::new(move |cfg| {
+                let inner = catch(&context, &origin, || f(cfg))?;
+                Ok(Box::new(Guarded::new(&what, &origin, inner)))
+            })),
             Factory::Callback(f) => Builder::Callback(Arc::new(move |cfg, ctx| {
-                guard(&what, &origin, || f(cfg, ctx))
+                let inner = catch(&context, &origin, || f(cfg, ctx))?;
+                Ok(Box::new(Guarded::new(&what, &origin, inner)))
             })),
-            Factory::Grouper(f) => {
-                Builder::Grouper(Arc::new(move |cfg| guard(&what, &origin, || f(cfg))))
-            }
+            Factory::Grouper(f) => Builder::Grouper(Arc::new(move |cfg| {
+                let inner = catch(&context, &origin, || f(cfg))?;
+                Ok(Box::new(Guarded::new(&what, &origin, inner)))
+            })),
             Factory::Optimizer(f) => Builder::Optimizer(Arc::new(move |groups, cfg| {
-                guard(&what, &origin, || f(groups, cfg))
+                let inner = catch(&context, &origin, || f(groups, cfg))?;
+                Ok(Box::new(Guarded::new(&what, &origin, inner)))
             })),
-            Factory::Quantizer(f) => {
-                Builder::Quantizer(Arc::new(move |cfg| guard(&what, &origin, || f(cfg))))
-            }
+            Factory::Quantizer(f) => Builder::Quantizer(Arc::new(move |cfg| {
+                let inner = catch(&context, &origin, || f(cfg))?;
+                Ok(Arc::new(GuardedQuantizer {
+                    what: what.clone(),
+                    origin: origin.clone(),
+                    inner,
+                }))
+            })),
+            // `Scheduler::factor` cannot report an error: only the factory is guarded.
             Factory::Scheduler(f) => Builder::Scheduler(Arc::new(move |cfg, ctx| {
-                guard(&what, &origin, || f(cfg, ctx))
+                catch(&context, &origin, || f(cfg, ctx))
             })),
         }
     }

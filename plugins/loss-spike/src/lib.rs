@@ -54,14 +54,14 @@ impl LossSpikeConfig {
         if self.window == 0 {
             return bad("window", "must be >= 1".into());
         }
-        if !(self.factor > 1.0) {
+        if self.factor.is_nan() || self.factor <= 1.0 {
             return bad("factor", format!("must be > 1, got {}", self.factor));
         }
         if self.patience == 0 {
             return bad("patience", "must be >= 1".into());
         }
         if let Some(m) = self.max_grad_norm
-            && !(m > 0.0)
+            && (m.is_nan() || m <= 0.0)
         {
             return bad("max_grad_norm", format!("must be > 0, got {m}"));
         }
