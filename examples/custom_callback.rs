@@ -132,6 +132,10 @@ impl CausalLm for NoModel {
     fn embed_param(&self) -> &str {
         ""
     }
+    fn freeze_base(&mut self) {}
+    fn checkpoint_tensors(&self) -> volttrain::Result<Vec<(String, tch::Tensor)>> {
+        Ok(Vec::new())
+    }
 }
 
 struct NoSaver;
