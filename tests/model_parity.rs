@@ -166,6 +166,14 @@ fn packed_rows_with_4d_mask_match_separate_sequences() {
             position_ids: None,
         };
         assert!(model.forward(&bad, false).is_err());
+        // an additive float mask is refused rather than misread
+        let additive = mask.to_kind(Kind::Float);
+        let bad = ForwardInput {
+            input_ids: &exp["packed_ids"],
+            attention_mask: Some(&additive),
+            position_ids: Some(&exp["packed_pos"]),
+        };
+        assert!(model.forward(&bad, false).is_err());
     }
 }
 
