@@ -262,6 +262,12 @@ fn save_model_round_trips_through_transformers_names() {
     let out = tempfile::tempdir().unwrap();
     save_model(model.as_ref(), out.path()).unwrap();
     let again = load_model(out.path(), &LoadOptions::default()).unwrap();
+    // the source was bf16 on disk; the saved config names the kind we wrote
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["dtype"], "float32");
+    assert_eq!(saved["rope_parameters"]["rope_type"], "llama3");
     let a = model.named_parameters();
     let b: HashMap<String, Tensor> = again.named_parameters().into_iter().collect();
     assert_eq!(a.len(), b.len());

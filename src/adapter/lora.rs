@@ -472,6 +472,28 @@ mod tests {
     }
 
     #[test]
+    fn dropout_only_while_training_and_delta_is_scaled_b_a() {
+        let cfg = LoraConfig {
+            r: 2,
+            alpha: 3.0,
+            dropout: 0.5,
+            init_lora_weights: false,
+            ..Default::default()
+        };
+        let lora = LoraAdapter::new(4, 6, &cfg, Kind::Float, tch::Device::Cpu).unwrap();
+        let x = Tensor::randn([5, 6], (Kind::Float, tch::Device::Cpu));
+        let base = Tensor::zeros([5, 4], (Kind::Float, tch::Device::Cpu));
+        let eval = lora.forward(&x, base.shallow_clone(), false).unwrap();
+        // eval: exactly x A^T B^T * alpha / r
+        let want = x.matmul(&lora.a.tr()).matmul(&lora.b.tr()) * 1.5;
+        assert!(f64::try_from((&eval - &want).abs().max()).unwrap() < 1e-6);
+        let delta = lora.delta_weight().unwrap();
+        assert!(f64::try_from((x.matmul(&delta.tr()) - &want).abs().max()).unwrap() < 1e-6);
+        let train = lora.forward(&x, base, true).unwrap();
+        assert!(f64::try_from((&train - &eval).abs().max()).unwrap() > 1e-4);
+    }
+
+    #[test]
     fn name_matching_is_by_whole_components() {
         assert!(name_matches("model.layers.0.self_attn.q_proj", "q_proj"));
         assert!(name_matches(
