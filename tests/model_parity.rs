@@ -166,6 +166,14 @@ fn packed_rows_with_4d_mask_match_separate_sequences() {
             position_ids: None,
         };
         assert!(model.forward(&bad, false).is_err());
+        // an additive float mask is refused rather than misread
+        let additive = mask.to_kind(Kind::Float);
+        let bad = ForwardInput {
+            input_ids: &exp["packed_ids"],
+            attention_mask: Some(&additive),
+            position_ids: Some(&exp["packed_pos"]),
+        };
+        assert!(model.forward(&bad, false).is_err());
     }
 }
 
@@ -254,6 +262,12 @@ fn save_model_round_trips_through_transformers_names() {
     let out = tempfile::tempdir().unwrap();
     save_model(model.as_ref(), out.path()).unwrap();
     let again = load_model(out.path(), &LoadOptions::default()).unwrap();
+    // the source was bf16 on disk; the saved config names the kind we wrote
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["dtype"], "float32");
+    assert_eq!(saved["rope_parameters"]["rope_type"], "llama3");
     let a = model.named_parameters();
     let b: HashMap<String, Tensor> = again.named_parameters().into_iter().collect();
     assert_eq!(a.len(), b.len());

@@ -1,7 +1,16 @@
-//! Trainable adapters on a frozen base model.
+//! Trainable adapters on a frozen base model: LoRA ([`lora`]), target presets ([`presets`]) and
+//! the PEFT file format ([`peft`]).
 
 use crate::error::Result;
 use crate::model::CausalLm;
+
+pub mod lora;
+pub mod peft;
+pub mod presets;
+
+pub use lora::{LoraAdapter, LoraConfig, LoraInjector, Targets, merge_adapters, unmerge_adapters};
+pub use peft::{load_peft_adapter, read_peft_config, save_peft_adapter};
+pub use presets::{PRESETS, get_targets};
 
 /// Wraps the matching linear modules of a model with adapters and returns the new trainable
 /// parameters (full names). The base weights are left frozen.

@@ -311,6 +311,11 @@ fn build_mask(
                     m.size()
                 )));
             }
+            if m.is_floating_point() {
+                return Err(Error::invalid(
+                    "a 4-D attention_mask must be boolean (true = may attend), not an additive float mask",
+                ));
+            }
             let keep = m
                 .f_ne(0)
                 .ctx("attention_mask to bool")?

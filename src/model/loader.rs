@@ -325,6 +325,17 @@ pub fn load_decoder(dir: &Path, opts: &LoadOptions) -> Result<DecoderLm> {
     DecoderLm::build(cfg, v, &mut src, opts.kind, opts.device)
 }
 
+/// The name transformers uses for a floating-point kind (`float32`, `bfloat16`, ...).
+fn torch_dtype_name(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Float => "float32",
+        Kind::Half => "float16",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Double => "float64",
+        _ => return None,
+    })
+}
+
 /// Writes `config.json` and `model.safetensors` (both atomically) with Hugging Face names, so
 /// transformers' `from_pretrained` and [`load_model`] read the directory. Quantized weights are
 /// written dequantized; adapters are not written (see the PEFT adapter format for those).
@@ -336,7 +347,16 @@ pub fn save_model(model: &dyn CausalLm, dir: impl AsRef<Path>) -> Result<()> {
     meta.insert("format".to_string(), "pt".to_string());
     save_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
     let cfg_path = dir.join("config.json");
-    let text = serde_json::to_string_pretty(model.hf_config()).map_err(|e| Error::Json {
+    // the weights are written in the model's kind; say so, or transformers' `dtype="auto"`
+    // would cast them back to what the source checkpoint held
+    let mut config = model.hf_config().clone();
+    if let (Some(obj), Some(name)) = (config.as_object_mut(), torch_dtype_name(model.kind())) {
+        obj.insert("dtype".to_string(), Value::from(name));
+        if obj.contains_key("torch_dtype") {
+            obj.insert("torch_dtype".to_string(), Value::from(name));
+        }
+    }
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Json {
         path: cfg_path.clone(),
         source: e,
     })?;

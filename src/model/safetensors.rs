@@ -73,7 +73,8 @@ impl SafetensorsFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a checkpoint changed on disk while loading is a user
         // error that can give wrong values but not unsafety in our code (we copy out of it).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mmap = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+            .map_err(|e| Error::io(path, e))?;
         let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
         let infos = meta

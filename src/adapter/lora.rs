@@ -1,0 +1,507 @@
+//! LoRA (Hu et al. 2021, <https://arxiv.org/abs/2106.09685>) as PEFT implements it
+//! (peft 0.21.2 `tuners/lora/layer.py`): `y = W x + b + scaling * B(A(dropout(x)))` with
+//! `A: [r, in]`, `B: [out, r]`, `scaling = alpha / r`, or `alpha / sqrt(r)` with rsLoRA
+//! (Kalajdzievski 2023, <https://arxiv.org/abs/2312.03732>). A starts Kaiming-uniform with
+//! `a = sqrt(5)` (bound `1 / sqrt(in)`), B at zero, so a fresh adapter leaves the model unchanged.
+
+use std::any::Any;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::AdapterInjector;
+use super::presets::get_targets;
+use crate::error::{Error, Result, TchResultExt};
+use crate::model::CausalLm;
+use crate::nn::{Linear, LinearAdapter};
+
+/// Which linear modules get an adapter.
+///
+/// In YAML/JSON: `all-linear` (or `all_linear`), a preset name (`llama`), a list of names
+/// (`[q_proj, v_proj]`), or one of `{preset: mlp_only}`, `{names: [...]}`, `{regex: "..."}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "TargetsRepr", into = "TargetsRepr")]
+pub enum Targets {
+    /// Module names or name suffixes, PEFT's list semantics: a module matches when its full name
+    /// equals an entry or ends with `.` + entry (`q_proj`, `self_attn.q_proj`,
+    /// `model.layers.0.mlp.up_proj`).
+    Names(Vec<String>),
+    /// A regular expression that must match the whole module name (PEFT's string form).
+    Regex(String),
+    /// Every linear layer except the LM head (PEFT's `all-linear`).
+    AllLinear,
+    /// A named preset, see [`super::presets::get_targets`].
+    Preset(String),
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Targets::Preset("llama".to_string())
+    }
+}
+
+/// The serialized forms of [`Targets`].
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum TargetsRepr {
+    Word(String),
+    List(Vec<String>),
+    Map(TargetsMap),
+}
+
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TargetsMap {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    preset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    names: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    regex: Option<String>,
+}
+
+impl TryFrom<TargetsRepr> for Targets {
+    type Error = String;
+    fn try_from(r: TargetsRepr) -> std::result::Result<Self, String> {
+        match r {
+            TargetsRepr::Word(w) if w == "all-linear" || w == "all_linear" => {
+                Ok(Targets::AllLinear)
+            }
+            TargetsRepr::Word(w) => match get_targets(&w) {
+                Ok(_) => Ok(Targets::Preset(w)),
+                Err(e) => Err(format!(
+                    "{e}; or use all-linear, a list of module names, {{names: [...]}} or {{regex: ...}}"
+                )),
+            },
+            TargetsRepr::List(l) => Ok(Targets::Names(l)),
+            TargetsRepr::Map(m) => match (m.preset, m.names, m.regex) {
+                (Some(p), None, None) => Ok(Targets::Preset(p)),
+                (None, Some(n), None) => Ok(Targets::Names(n)),
+                (None, None, Some(r)) => Ok(Targets::Regex(r)),
+                _ => Err("give exactly one of `preset`, `names`, `regex`".to_string()),
+            },
+        }
+    }
+}
+
+impl From<Targets> for TargetsRepr {
+    fn from(t: Targets) -> Self {
+        match t {
+            Targets::AllLinear => TargetsRepr::Word("all-linear".into()),
+            Targets::Names(n) => TargetsRepr::List(n),
+            Targets::Preset(p) => TargetsRepr::Map(TargetsMap {
+                preset: Some(p),
+                ..Default::default()
+            }),
+            Targets::Regex(r) => TargetsRepr::Map(TargetsMap {
+                regex: Some(r),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// A compiled [`Targets`].
+enum Matcher {
+    Names(Vec<String>),
+    Regex(regex::Regex),
+    AllLinear,
+}
+
+impl Matcher {
+    fn new(t: &Targets) -> Result<Self> {
+        Ok(match t {
+            Targets::Names(n) => {
+                if n.is_empty() {
+                    return Err(Error::config("lora.target.names", "is empty"));
+                }
+                Matcher::Names(n.clone())
+            }
+            Targets::Regex(r) => {
+                Matcher::Regex(regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| {
+                    Error::config("lora.target.regex", format!("invalid regex `{r}`: {e}"))
+                })?)
+            }
+            Targets::AllLinear => Matcher::AllLinear,
+            Targets::Preset(p) => {
+                Matcher::Names(get_targets(p)?.into_iter().map(String::from).collect())
+            }
+        })
+    }
+
+    fn matches(&self, module: &str) -> bool {
+        match self {
+            Matcher::Names(n) => n.iter().any(|t| name_matches(module, t)),
+            Matcher::Regex(r) => r.is_match(module),
+            Matcher::AllLinear => module != "lm_head" && !module.ends_with(".lm_head"),
+        }
+    }
+}
+
+/// `module == target` or `module` ends with `.target`.
+pub(crate) fn name_matches(module: &str, target: &str) -> bool {
+    module == target
+        || (module.len() > target.len()
+            && module.ends_with(target)
+            && module.as_bytes()[module.len() - target.len() - 1] == b'.')
+}
+
+/// LoRA hyper-parameters.
+///
+/// Defaults: `r = 8` (PEFT `LoraConfig.r`), `alpha = 16` and `dropout = 0.05` (the reference
+/// system's defaults; PEFT's own `LoraConfig` defaults are `lora_alpha = 8`, `lora_dropout = 0.0`),
+/// `use_rslora = false` and PEFT's initialisation (both as in PEFT), targets the `llama` preset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: i64,
+    /// Scale numerator (`lora_alpha`).
+    #[serde(alias = "lora_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training (`lora_dropout`).
+    #[serde(alias = "lora_dropout")]
+    pub dropout: f64,
+    /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// Which linear modules get an adapter.
+    pub target: Targets,
+    /// Modules (names or `.`-suffixes) trained in full next to the adapters and saved with them.
+    pub modules_to_save: Vec<String>,
+    /// PEFT's initialisation (A Kaiming-uniform, B zero). `false` draws B like A too, so a fresh
+    /// adapter already changes the outputs (PEFT's `init_lora_weights=False` is for tests too).
+    pub init_lora_weights: bool,
+    /// Written to `adapter_config.json` as `base_model_name_or_path`.
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            use_rslora: false,
+            target: Targets::default(),
+            modules_to_save: Vec::new(),
+            init_lora_weights: true,
+            base_model_name_or_path: None,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Checks the values; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.r <= 0 {
+            return Err(Error::config(
+                "lora.r",
+                format!("must be > 0, got {}", self.r),
+            ));
+        }
+        if !self.alpha.is_finite() {
+            return Err(Error::config("lora.alpha", "must be finite"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(
+                "lora.dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        Matcher::new(&self.target).map(|_| ())
+    }
+}
+
+/// The low-rank update of one linear layer.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter for a `[out, in]` layer in `kind` on `device`, trainable.
+    pub fn new(
+        out: i64,
+        inp: i64,
+        cfg: &LoraConfig,
+        kind: Kind,
+        device: tch::Device,
+    ) -> Result<Self> {
+        let _g = tch::no_grad_guard();
+        // kaiming_uniform_(a = sqrt(5)) on [r, in]: gain = sqrt(2 / (1 + 5)), bound =
+        // gain * sqrt(3 / fan_in) = 1 / sqrt(in).
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = Tensor::f_empty([cfg.r, inp], (kind, device))
+            .ctx("lora_A alloc")?
+            .f_uniform_(-bound, bound)
+            .ctx("lora_A init")?;
+        let b = if cfg.init_lora_weights {
+            Tensor::f_zeros([out, cfg.r], (kind, device)).ctx("lora_B init")?
+        } else {
+            let bound = 1.0 / (cfg.r as f64).sqrt();
+            Tensor::f_empty([out, cfg.r], (kind, device))
+                .ctx("lora_B alloc")?
+                .f_uniform_(-bound, bound)
+                .ctx("lora_B init")?
+        };
+        Ok(LoraAdapter {
+            a: a.set_requires_grad(true),
+            b: b.set_requires_grad(true),
+            scaling: cfg.scaling(),
+            dropout: cfg.dropout,
+        })
+    }
+}
+
+impl LinearAdapter for LoraAdapter {
+    fn forward(&self, x: &Tensor, base_out: Tensor, train: bool) -> Result<Tensor> {
+        let x = if train && self.dropout > 0.0 {
+            x.f_dropout(self.dropout, true).ctx("lora dropout")?
+        } else {
+            x.shallow_clone()
+        };
+        let x = x.f_to_kind(self.a.kind()).ctx("lora input kind")?;
+        let delta = x
+            .f_linear::<&Tensor>(&self.a, None)
+            .ctx("lora_A")?
+            .f_linear::<&Tensor>(&self.b, None)
+            .ctx("lora_B")?
+            .f_mul_scalar(self.scaling)
+            .ctx("lora scaling")?
+            .f_to_kind(base_out.kind())
+            .ctx("lora output kind")?;
+        base_out.f_add(&delta).ctx("lora add")
+    }
+
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("lora_A.weight".to_string(), self.a.shallow_clone()),
+            ("lora_B.weight".to_string(), self.b.shallow_clone()),
+        ]
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        self.b
+            .f_matmul(&self.a)
+            .ctx("lora B @ A")?
+            .f_mul_scalar(self.scaling)
+            .ctx("lora delta scaling")
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Adds LoRA adapters to the matching linear layers and returns the trainable parameters.
+#[derive(Debug, Clone, Default)]
+pub struct LoraInjector {
+    pub config: LoraConfig,
+}
+
+impl LoraInjector {
+    pub fn new(config: LoraConfig) -> Self {
+        LoraInjector { config }
+    }
+}
+
+/// Whether `module` is (inside) one of `modules_to_save`.
+fn in_modules_to_save(module: &str, modules_to_save: &[String]) -> bool {
+    modules_to_save.iter().any(|m| name_matches(module, m))
+}
+
+/// The module part of a parameter name (`lm_head.weight` -> `lm_head`).
+fn module_of(param: &str) -> &str {
+    param.rsplit_once('.').map(|(m, _)| m).unwrap_or(param)
+}
+
+impl AdapterInjector for LoraInjector {
+    fn name(&self) -> &str {
+        "lora"
+    }
+
+    /// Freezes the base, wraps the matching linears and keeps `modules_to_save` trainable.
+    /// Errors when the targets match no linear of the model, when a `modules_to_save` entry
+    /// matches no parameter, or when a layer already holds an adapter.
+    fn inject(&self, model: &mut dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
+        let cfg = &self.config;
+        cfg.validate()?;
+        let matcher = Matcher::new(&cfg.target)?;
+        let (kind, device) = (model.kind(), model.device());
+        model.freeze_base();
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        for (name, lin) in model.linears_mut() {
+            if !matcher.matches(&name) || in_modules_to_save(&name, &cfg.modules_to_save) {
+                if seen.len() < 8 {
+                    seen.push(name);
+                }
+                continue;
+            }
+            if lin.adapter.is_some() {
+                return Err(Error::invalid(format!("`{name}` already has an adapter")));
+            }
+            let (o, i) = lin.shape();
+            let adapter = LoraAdapter::new(o, i, cfg, kind, device)?;
+            for (n, t) in adapter.named_parameters() {
+                out.push((format!("{name}.{n}"), t));
+            }
+            lin.adapter = Some(Box::new(adapter));
+            lin.merged = false;
+        }
+        if out.is_empty() {
+            return Err(Error::config(
+                "lora.target",
+                format!(
+                    "{:?} matches no linear module of the model; modules look like: {}",
+                    cfg.target,
+                    seen.join(", ")
+                ),
+            ));
+        }
+        for m in &cfg.modules_to_save {
+            let params: Vec<(String, Tensor)> = model
+                .named_parameters()
+                .into_iter()
+                .filter(|(n, _)| name_matches(module_of(n), m) && !n.contains(".lora_"))
+                .collect();
+            if params.is_empty() {
+                return Err(Error::config(
+                    "lora.modules_to_save",
+                    format!("`{m}` matches no module with parameters"),
+                ));
+            }
+            for (n, t) in params {
+                let _ = t.set_requires_grad(true);
+                out.push((n, t));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Adds every adapter's delta into its dense base weight.
+pub fn merge_adapters(model: &mut dyn CausalLm) -> Result<()> {
+    for (name, lin) in model.linears_mut() {
+        lin.merge()
+            .map_err(|e| Error::invalid(format!("merging `{name}`: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Subtracts merged deltas again.
+pub fn unmerge_adapters(model: &mut dyn CausalLm) -> Result<()> {
+    for (name, lin) in model.linears_mut() {
+        lin.unmerge()
+            .map_err(|e| Error::invalid(format!("unmerging `{name}`: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The LoRA adapters of a model by module name.
+pub fn lora_modules(model: &mut dyn CausalLm) -> Vec<(String, &mut Linear)> {
+    model
+        .linears_mut()
+        .into_iter()
+        .filter(|(_, l)| {
+            l.adapter
+                .as_ref()
+                .is_some_and(|a| a.as_any().downcast_ref::<LoraAdapter>().is_some())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_from_yaml_with_peft_field_names_and_defaults() {
+        let cfg: LoraConfig = serde_yaml::from_str(
+            "r: 16\nlora_alpha: 32\ntarget: {preset: mlp_only}\nmodules_to_save: [lm_head]\nuse_rslora: true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.r, 16);
+        assert_eq!(cfg.alpha, 32.0);
+        assert_eq!(cfg.dropout, 0.05);
+        assert_eq!(cfg.target, Targets::Preset("mlp_only".into()));
+        // rsLoRA: alpha / sqrt(r) (Kalajdzievski 2023)
+        assert_eq!(cfg.scaling(), 32.0 / 4.0);
+        let plain = LoraConfig::default();
+        assert_eq!(plain.scaling(), 16.0 / 8.0);
+        let all: LoraConfig = serde_yaml::from_str("target: all-linear").unwrap();
+        assert_eq!(all.target, Targets::AllLinear);
+        let named: LoraConfig = serde_yaml::from_str("target: [q_proj, v_proj]").unwrap();
+        assert_eq!(
+            named.target,
+            Targets::Names(vec!["q_proj".into(), "v_proj".into()])
+        );
+        let preset: LoraConfig = serde_yaml::from_str("target: llama").unwrap();
+        assert_eq!(preset.target, Targets::Preset("llama".into()));
+        let re: LoraConfig = serde_yaml::from_str("target: {regex: '.*q_proj'}").unwrap();
+        assert_eq!(re.target, Targets::Regex(".*q_proj".into()));
+        let unknown = serde_yaml::from_str::<LoraConfig>("target: attention")
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("mlp_only"), "{unknown}");
+        for c in [cfg.clone(), re, named, all] {
+            let back: LoraConfig =
+                serde_yaml::from_str(&serde_yaml::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back, c);
+        }
+        assert!(serde_yaml::from_str::<LoraConfig>("rank: 4").is_err());
+        let bad = LoraConfig {
+            r: 0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("lora.r"));
+    }
+
+    #[test]
+    fn dropout_only_while_training_and_delta_is_scaled_b_a() {
+        let cfg = LoraConfig {
+            r: 2,
+            alpha: 3.0,
+            dropout: 0.5,
+            init_lora_weights: false,
+            ..Default::default()
+        };
+        let lora = LoraAdapter::new(4, 6, &cfg, Kind::Float, tch::Device::Cpu).unwrap();
+        let x = Tensor::randn([5, 6], (Kind::Float, tch::Device::Cpu));
+        let base = Tensor::zeros([5, 4], (Kind::Float, tch::Device::Cpu));
+        let eval = lora.forward(&x, base.shallow_clone(), false).unwrap();
+        // eval: exactly x A^T B^T * alpha / r
+        let want = x.matmul(&lora.a.tr()).matmul(&lora.b.tr()) * 1.5;
+        assert!(f64::try_from((&eval - &want).abs().max()).unwrap() < 1e-6);
+        let delta = lora.delta_weight().unwrap();
+        assert!(f64::try_from((x.matmul(&delta.tr()) - &want).abs().max()).unwrap() < 1e-6);
+        let train = lora.forward(&x, base, true).unwrap();
+        assert!(f64::try_from((&train - &eval).abs().max()).unwrap() > 1e-4);
+    }
+
+    #[test]
+    fn name_matching_is_by_whole_components() {
+        assert!(name_matches("model.layers.0.self_attn.q_proj", "q_proj"));
+        assert!(name_matches(
+            "model.layers.0.self_attn.q_proj",
+            "self_attn.q_proj"
+        ));
+        assert!(name_matches("lm_head", "lm_head"));
+        assert!(!name_matches("model.layers.0.self_attn.q_proj", "proj"));
+        assert!(!name_matches("model.layers.0.self_attn.qq_proj", "q_proj"));
+    }
+}
