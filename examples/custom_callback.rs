@@ -126,6 +126,9 @@ impl CausalLm for NoModel {
     fn linears_mut(&mut self) -> Vec<(String, &mut volttrain::nn::Linear)> {
         Vec::new()
     }
+    fn linears(&self) -> Vec<(String, &volttrain::nn::Linear)> {
+        Vec::new()
+    }
     fn lm_head_param(&self) -> &str {
         ""
     }

@@ -412,16 +412,19 @@ pub fn unmerge_adapters(model: &mut dyn CausalLm) -> Result<()> {
     Ok(())
 }
 
+/// Whether `l` carries a LoRA adapter.
+pub fn is_lora(l: &Linear) -> bool {
+    l.adapter
+        .as_ref()
+        .is_some_and(|a| a.as_any().downcast_ref::<LoraAdapter>().is_some())
+}
+
 /// The LoRA adapters of a model by module name.
 pub fn lora_modules(model: &mut dyn CausalLm) -> Vec<(String, &mut Linear)> {
     model
         .linears_mut()
         .into_iter()
-        .filter(|(_, l)| {
-            l.adapter
-                .as_ref()
-                .is_some_and(|a| a.as_any().downcast_ref::<LoraAdapter>().is_some())
-        })
+        .filter(|(_, l)| is_lora(l))
         .collect()
 }
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tch::Tensor;
 
 use super::AdapterInjector;
-use super::lora::{LoraConfig, LoraInjector, Targets, lora_modules, name_matches};
+use super::lora::{LoraConfig, LoraInjector, Targets, is_lora, name_matches};
 use crate::error::{Error, Result, TchResultExt, write_atomic};
 use crate::model::CausalLm;
 use crate::model::safetensors::{SafetensorsFile, save_safetensors};
@@ -45,15 +45,15 @@ fn peft_target_modules(cfg: &LoraConfig, all: &[String], adapted: &[String]) -> 
 /// Writes the model's LoRA adapters (and `modules_to_save` parameters) in PEFT's format into
 /// `dir` (atomically, file by file).
 pub fn save_peft_adapter(
-    model: &mut dyn CausalLm,
+    model: &dyn CausalLm,
     cfg: &LoraConfig,
     dir: impl AsRef<Path>,
 ) -> Result<()> {
     let dir = dir.as_ref();
-    let all: Vec<String> = model.linears_mut().into_iter().map(|(n, _)| n).collect();
+    let all: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
     let mut tensors = Vec::new();
     let mut adapted = Vec::new();
-    for (name, lin) in lora_modules(model) {
+    for (name, lin) in model.linears().into_iter().filter(|(_, l)| is_lora(l)) {
         if lin.merged {
             return Err(Error::invalid(format!(
                 "`{name}`: the adapter is merged into the base weight; unmerge before saving it"

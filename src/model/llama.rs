@@ -496,6 +496,19 @@ impl CausalLm for DecoderLm {
         out
     }
 
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (m, lin) in LAYER_LINEARS.iter().zip(l.linears.iter()) {
+                out.push((format!("model.layers.{i}.{m}"), lin));
+            }
+        }
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head".to_string(), h));
+        }
+        out
+    }
+
     fn lm_head_param(&self) -> &str {
         if self.lm_head.is_some() {
             "lm_head.weight"

@@ -91,6 +91,8 @@ pub trait CausalLm: Send {
     /// Every linear module by its Hugging Face module name (`model.layers.0.mlp.up_proj`,
     /// `lm_head` when not tied), for quantizers and adapter injectors.
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    /// The same modules as [`CausalLm::linears_mut`], read-only (savers).
+    fn linears(&self) -> Vec<(String, &Linear)>;
     /// Name of the parameter the LM head multiplies by (its own or the tied embedding).
     fn lm_head_param(&self) -> &str;
     /// Name of the token embedding parameter.

@@ -104,6 +104,14 @@ impl CausalLm for ToyLm {
         }
         v
     }
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v = Vec::new();
+        for (i, (a, b)) in self.blocks.iter().enumerate() {
+            v.push((format!("model.layers.{i}.up"), a));
+            v.push((format!("model.layers.{i}.down"), b));
+        }
+        v
+    }
     fn lm_head_param(&self) -> &str {
         "model.embed_tokens.weight"
     }

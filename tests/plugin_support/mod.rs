@@ -128,6 +128,9 @@ impl volttrain::model::CausalLm for NoModel {
     fn linears_mut(&mut self) -> Vec<(String, &mut volttrain::nn::Linear)> {
         Vec::new()
     }
+    fn linears(&self) -> Vec<(String, &volttrain::nn::Linear)> {
+        Vec::new()
+    }
     fn lm_head_param(&self) -> &str {
         "lm_head.weight"
     }
