@@ -322,3 +322,44 @@ fn launcher_stops_all_ranks_when_one_fails() {
     assert!(e.contains("rank 1 of 2 failed (exit status 3)"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
 }
+
+/// NCCL, world size 1: on a GPU machine with an NCCL build, an all-reduce and a broadcast of CUDA
+/// tensors; without a GPU (NCCL build) the group must fail with an error, not crash; builds
+/// without NCCL skip (CI has no GPU).
+#[test]
+fn nccl_world_size_one() {
+    use volttrain::dist::{Backend, nccl_available};
+    if !nccl_available() {
+        eprintln!("skipped: this build has no NCCL (headers not found at build time)");
+        return;
+    }
+    let cfg = DistConfig {
+        backend: Backend::Nccl,
+        timeout_secs: 60,
+        ..Default::default()
+    };
+    let env = DistEnv::single(launch::free_port().unwrap());
+    if !tch::Cuda::is_available() {
+        let r = ProcessGroup::new(&env, &cfg).and_then(|pg| {
+            pg.all_reduce_sum(&mut [Tensor::ones([4], (Kind::Float, Device::Cuda(0)))])
+        });
+        let e = r.expect_err("NCCL without a GPU must fail").to_string();
+        eprintln!("NCCL build, no GPU: {e}");
+        return;
+    }
+    let pg = ProcessGroup::new(&env, &cfg).unwrap();
+    let x = Tensor::arange(8, (Kind::Float, Device::Cuda(0)));
+    let mut t = [x.copy()];
+    pg.all_reduce_sum(&mut t).unwrap();
+    pg.broadcast(&mut t, 0).unwrap();
+    pg.barrier().unwrap();
+    assert_eq!(
+        to_vec(&t[0].to_device(Device::Cpu)),
+        to_vec(&x.to_device(Device::Cpu))
+    );
+    assert_eq!(pg.all_reduce_mean(&[3.0]).unwrap(), vec![3.0]);
+    eprintln!(
+        "NCCL world size 1 on {:?}: all_reduce, broadcast, barrier ok",
+        Device::Cuda(0)
+    );
+}

@@ -340,7 +340,10 @@ impl ProcessGroup {
             }),
             None => {
                 // SAFETY: on a null handle the shim set `err` (or left it null).
-                let e = unsafe { ffi::take_err(err, "creating the process group") };
+                let e = match unsafe { ffi::take_err(err, "creating the process group") } {
+                    Error::Dist(m) => m,
+                    other => other.to_string(),
+                };
                 Err(Error::Dist(format!(
                     "rank {} of {} at {addr}:{port}: {e}",
                     env.rank, env.world_size
