@@ -363,3 +363,68 @@ fn nccl_world_size_one() {
         Device::Cuda(0)
     );
 }
+
+/// A parameter used on rank 0 only: rank 1 contributes zeros (as DDP does for unused
+/// parameters), so both ranks end with grad = rank 0's grad / 2, in both GradSync modes; a
+/// parameter used by no rank gets a zero gradient.
+#[test]
+fn grad_sync_handles_parameters_without_gradients() {
+    use volttrain::dist::GradSync;
+    const NAME: &str = "grad_sync_handles_parameters_without_gradients";
+    if let Some(out) = worker_of(NAME) {
+        let pg = pg_from_env(60);
+        let rank = pg.rank();
+        let mut report = serde_json::Map::new();
+        for overlap in [false, true] {
+            let mk =
+                |v: f64| Tensor::full([3], v, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let params = vec![
+                ("a".to_string(), mk(1.0)),
+                ("b".to_string(), mk(2.0)),
+                ("never".to_string(), mk(3.0)),
+            ];
+            let gs = if overlap {
+                GradSync::overlapped(&pg, &params, 25.0).unwrap()
+            } else {
+                GradSync::new(&params, 25.0).unwrap()
+            };
+            let (a, b) = (&params[0].1, &params[1].1);
+            // loss = sum(a * (rank + 1)) [+ sum(b * b) on rank 0]
+            let mut loss = (a * (rank as f64 + 1.0)).sum(Kind::Float);
+            if rank == 0 {
+                loss = loss + (b * b).sum(Kind::Float);
+            }
+            loss.backward();
+            gs.sync(&pg).unwrap();
+            let key = if overlap { "overlapped" } else { "sync" };
+            report.insert(
+                key.into(),
+                serde_json::json!({
+                    "a": to_vec(&a.grad()),
+                    "b": to_vec(&b.grad()),
+                    "never": to_vec(&params[2].1.grad()),
+                }),
+            );
+        }
+        let path = out.join(format!("rank{rank}.json"));
+        std::fs::write(path, serde_json::Value::Object(report).to_string()).unwrap();
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    launch::spawn_workers(2, &exe(), &worker_args(NAME), &worker_env(NAME, out.path())).unwrap();
+    for rank in 0..2 {
+        let p = out.path().join(format!("rank{rank}.json"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        for mode in ["sync", "overlapped"] {
+            let f = |k: &str| -> Vec<f64> {
+                let arr = v[mode][k].as_array().unwrap();
+                arr.iter().map(|x| x.as_f64().unwrap()).collect()
+            };
+            // d/da: mean of 1 and 2; d/db: rank 0's 2 * b = 4, halved; never used: 0
+            assert_eq!(f("a"), vec![1.5; 3], "rank {rank} {mode}");
+            assert_eq!(f("b"), vec![2.0; 3], "rank {rank} {mode}");
+            assert_eq!(f("never"), vec![0.0; 3], "rank {rank} {mode}");
+        }
+    }
+}
