@@ -392,7 +392,7 @@ fn grad_sync_handles_parameters_without_gradients() {
             // loss = sum(a * (rank + 1)) [+ sum(b * b) on rank 0]
             let mut loss = (a * (rank as f64 + 1.0)).sum(Kind::Float);
             if rank == 0 {
-                loss = loss + (b * b).sum(Kind::Float);
+                loss += (b * b).sum(Kind::Float);
             }
             loss.backward();
             gs.sync(&pg).unwrap();
