@@ -160,6 +160,28 @@ impl DistEnv {
         }
     }
 
+    /// The CUDA device of this rank when `training.gpu_devices` lists the devices of this
+    /// machine: `gpu_devices[local_rank]` (all of them, in order, when the list is empty).
+    pub fn cuda_device(&self, gpu_devices: &[usize]) -> Result<tch::Device> {
+        if gpu_devices.is_empty() {
+            return Ok(tch::Device::Cuda(self.local_rank));
+        }
+        gpu_devices
+            .get(self.local_rank)
+            .map(|&d| tch::Device::Cuda(d))
+            .ok_or_else(|| {
+                Error::config(
+                    "training.gpu_devices",
+                    format!(
+                        "lists {} device(s) but this process has LOCAL_RANK {}; start one process \
+                         per listed device",
+                        gpu_devices.len(),
+                        self.local_rank
+                    ),
+                )
+            })
+    }
+
     /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` (torchrun,
     /// [`launch::spawn_workers`]), falling back to SLURM's `SLURM_PROCID`, `SLURM_NTASKS`,
     /// `SLURM_LOCALID`. `Ok(None)` when neither `RANK`/`WORLD_SIZE` nor SLURM's variables are
@@ -541,6 +563,19 @@ mod tests {
                 .contains("MASTER_PORT")
         );
         assert!(msg(&[("RANK", "0"), ("WORLD_SIZE", "0")]).contains("must be >= 1"));
+    }
+
+    #[test]
+    fn cuda_device_from_gpu_devices() {
+        let mut e = DistEnv::single(1);
+        e.local_rank = 1;
+        assert_eq!(e.cuda_device(&[2, 5]).unwrap(), tch::Device::Cuda(5));
+        assert_eq!(e.cuda_device(&[]).unwrap(), tch::Device::Cuda(1));
+        let msg = e.cuda_device(&[3]).unwrap_err().to_string();
+        assert!(
+            msg.contains("training.gpu_devices") && msg.contains("LOCAL_RANK 1"),
+            "{msg}"
+        );
     }
 
     #[test]
