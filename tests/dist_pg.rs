@@ -428,3 +428,36 @@ fn grad_sync_handles_parameters_without_gradients() {
         }
     }
 }
+
+/// A rank whose peers never show up fails the rendezvous after the timeout instead of waiting
+/// forever: rank 0 (serving the store, waiting for its worker) and rank 1 (no server to reach).
+#[test]
+fn missing_peer_fails_rendezvous_within_the_timeout() {
+    const TIMEOUT: u64 = 2;
+    let cfg = DistConfig {
+        timeout_secs: TIMEOUT,
+        ..Default::default()
+    };
+    for rank in [0, 1] {
+        let env = DistEnv {
+            rank,
+            world_size: 2,
+            local_rank: rank,
+            master_addr: Some("127.0.0.1".into()),
+            master_port: Some(launch::free_port().unwrap()),
+        };
+        let t0 = Instant::now();
+        let e = ProcessGroup::new(&env, &cfg).unwrap_err().to_string();
+        let took = t0.elapsed();
+        eprintln!("rank {rank} alone: failed after {took:?}: {e}");
+        assert!(
+            e.contains(&format!("rank {rank} of 2 at 127.0.0.1:")),
+            "{e}"
+        );
+        assert!(
+            took >= Duration::from_millis(TIMEOUT * 1000 / 2),
+            "{took:?}"
+        );
+        assert!(took < Duration::from_secs(TIMEOUT + 20), "{took:?}");
+    }
+}
