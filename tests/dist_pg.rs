@@ -52,19 +52,24 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 }
 
 /// Starts `n` workers by hand (not through `spawn_workers`, which would kill the others when one
-/// dies), on a fresh port.
-fn start_ranks(name: &str, out: &Path, n: usize) -> Vec<Child> {
+/// dies), on a fresh port, with `extra` environment; their output goes to `rank<r>.log` (these
+/// workers fail on purpose, and their panics would only clutter the test output).
+fn start_ranks(name: &str, out: &Path, n: usize, extra: &[(&str, &str)]) -> Vec<Child> {
     let port = launch::free_port().unwrap();
     (0..n)
         .map(|rank| {
+            let log = std::fs::File::create(out.join(format!("rank{rank}.log"))).unwrap();
             Command::new(exe())
                 .args(worker_args(name))
                 .envs(worker_env(name, out))
+                .envs(extra.iter().copied())
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", n.to_string())
                 .env("LOCAL_RANK", rank.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
                 .spawn()
                 .unwrap()
         })
@@ -237,7 +242,7 @@ fn killed_peer_fails_the_other_rank_quickly() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    let mut ranks = start_ranks(NAME, out.path(), 2);
+    let mut ranks = start_ranks(NAME, out.path(), 2, &[]);
     for r in 0..2 {
         wait_for_file(
             &out.path().join(format!("ready{r}")),
@@ -267,24 +272,7 @@ fn hung_peer_fails_the_other_rank_within_the_timeout() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    // SAFETY: tests in this file do not read VT_HANG_RANK in the parent; set for the children.
-    let mut ranks = {
-        let port = launch::free_port().unwrap();
-        (0..2)
-            .map(|rank| {
-                Command::new(exe())
-                    .args(worker_args(NAME))
-                    .envs(worker_env(NAME, out.path()))
-                    .env("VT_HANG_RANK", "1")
-                    .env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", "2")
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect::<Vec<_>>()
-    };
+    let mut ranks = start_ranks(NAME, out.path(), 2, &[("VT_HANG_RANK", "1")]);
     for r in 0..2 {
         wait_for_file(
             &out.path().join(format!("ready{r}")),
