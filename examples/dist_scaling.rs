@@ -6,7 +6,7 @@
 //! ```
 //!
 //! (The work is libtorch's; the dev profile is enough.) The program is its own worker: without
-//! `RANK` in the environment it launches itself through `dist::launch::spawn_workers` (1
+//! `RANK` in the environment it launches itself through `dist::launch::spawn_self` (1
 //! process, then 2, alternating `--repeats` times), each worker pinned to one intra-op thread;
 //! rank 0 reports the global batch's tokens/s. The 2-process run is measured twice: `GradSync` after backward, and `GradSync::overlapped` (all-reduce during
 //! backward).
@@ -175,14 +175,14 @@ fn worker(env: DistEnv, o: Opts) -> Result<()> {
 }
 
 /// Runs one configuration; returns (tokens/s, share of rank 0's time spent in `sync`).
-fn run_world(nproc: usize, overlap: bool, exe: &Path, out: &Path) -> Result<(f64, f64)> {
+fn run_world(nproc: usize, overlap: bool, out: &Path) -> Result<(f64, f64)> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let env = vec![
         ("OMP_NUM_THREADS".to_string(), "1".to_string()),
         ("VT_BENCH_OUT".to_string(), out.display().to_string()),
         ("VT_BENCH_OVERLAP".to_string(), (overlap as u8).to_string()),
     ];
-    launch::spawn_workers(nproc, exe, &args, &env)?;
+    launch::spawn_self(nproc, &args, &env)?;
     let s = std::fs::read_to_string(out).map_err(|e| Error::io(out, e))?;
     let field = |i: usize| -> Result<f64> {
         s.split_whitespace()
@@ -198,14 +198,13 @@ fn main() -> Result<()> {
     if let Some(env) = DistEnv::from_env()? {
         return worker(env, o);
     }
-    let exe = std::env::current_exe().map_err(|e| Error::io("current_exe", e))?;
     let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
     let out = dir.path().join("report");
     let (mut best1, mut best2, mut best2o) = (0.0f64, 0.0f64, 0.0f64);
     for r in 0..o.repeats {
-        let (t1, _) = run_world(1, false, &exe, &out)?;
-        let (t2, s2) = run_world(2, false, &exe, &out)?;
-        let (t2o, s2o) = run_world(2, true, &exe, &out)?;
+        let (t1, _) = run_world(1, false, &out)?;
+        let (t2, s2) = run_world(2, false, &out)?;
+        let (t2o, s2o) = run_world(2, true, &out)?;
         println!(
             "repeat {r}: 1 proc x 1 thread {t1:.0} tokens/s; 2 procs x 1 thread {t2:.0} tokens/s \
              (GradSync after backward, {:.1}% of the time in sync), {t2o:.0} tokens/s (overlapped \
