@@ -261,6 +261,8 @@ pub struct ProcessGroup {
     rank: usize,
     world_size: usize,
     backend: Backend,
+    /// Where scalar helpers ([`ProcessGroup::all_reduce_mean`]) stage their tensors.
+    device: tch::Device,
 }
 
 // SAFETY: the shim's handle owns c10d objects that are used from one thread at a time (the
@@ -359,6 +361,10 @@ impl ProcessGroup {
                 rank: env.rank,
                 world_size: env.world_size,
                 backend: cfg.backend,
+                device: match cfg.backend {
+                    Backend::Gloo => tch::Device::Cpu,
+                    Backend::Nccl => tch::Device::Cuda(env.local_rank),
+                },
             }),
             None => {
                 // SAFETY: on a null handle the shim set `err` (or left it null).
@@ -387,6 +393,19 @@ impl ProcessGroup {
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Sets the device this rank computes on (NCCL: its GPU, e.g. from
+    /// [`DistEnv::cuda_device`]); helpers that make their own tensors put them there. Defaults
+    /// to the CPU for Gloo and `cuda:LOCAL_RANK` for NCCL.
+    pub fn with_device(mut self, device: tch::Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// The device set by [`ProcessGroup::with_device`].
+    pub fn device(&self) -> tch::Device {
+        self.device
     }
 
     /// Whether this is rank 0 (the one that saves checkpoints and writes logs).
@@ -470,9 +489,10 @@ impl ProcessGroup {
             return Ok(Vec::new());
         }
         let mut t = [Tensor::from_slice(values)];
-        if self.backend == Backend::Nccl {
-            let dev = tch::Device::Cuda(0);
-            t[0] = t[0].f_to_device(dev).ctx("all_reduce_mean: copy to CUDA")?;
+        if self.device != tch::Device::Cpu {
+            t[0] = t[0]
+                .f_to_device(self.device)
+                .ctx("all_reduce_mean: copy to the rank's device")?;
         }
         self.all_reduce_sum(&mut t)?;
         let out = t[0]
