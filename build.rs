@@ -64,8 +64,10 @@ fn main() {
 ///
 /// NCCL: built only when `nccl.h` (the `nvidia-nccl` wheel torch pins, found next to torch in
 /// `site-packages/nvidia/nccl/include` or through `VOLTTRAIN_NCCL_INCLUDE`) and the CUDA host
-/// headers (`crt/host_config.h`, `nv/target`, `cuda_runtime_api.h` through
-/// `VOLTTRAIN_CUDA_INCLUDE`, several directories separated by `:`) are all present.
+/// headers (`crt/host_config.h`, `nv/target`, `cuda_runtime_api.h`: from
+/// `site-packages/nvidia/cu13/include` once `pip install "cuda-toolkit[crt,cccl]==13.0.2"` put
+/// them there, or from `VOLTTRAIN_CUDA_INCLUDE`, directories separated by `:`) are all present.
+/// NCCL builds also link `libtorch_cuda` and `libc10_cuda`.
 fn build_dist_shim() {
     println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
@@ -123,6 +125,7 @@ fn build_dist_shim() {
         .flag_if_supported("-Wno-deprecated-declarations")
         .warnings(false);
 
+    let mut nccl = false;
     if let Some(dirs) = nccl_include_dirs(&libtorch) {
         for d in dirs {
             build.include(d);
@@ -131,6 +134,7 @@ fn build_dist_shim() {
             .define("USE_C10D_NCCL", None)
             .define("VOLTTRAIN_NCCL", None);
         println!("cargo:rustc-cfg=volttrain_nccl");
+        nccl = true;
     }
     println!("cargo:rustc-check-cfg=cfg(volttrain_nccl)");
     build.compile("volttrain_dist_shim");
@@ -143,6 +147,11 @@ fn build_dist_shim() {
     );
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    if nccl {
+        // ProcessGroupNCCL lives in libtorch_cuda.
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
 }
 
 /// The include directories for NCCL support, or `None` when any header is missing.
@@ -154,12 +163,22 @@ fn nccl_include_dirs(libtorch: &Path) -> Option<Vec<PathBuf>> {
     if !nccl.join("nccl.h").exists() || !libtorch.join("lib/libtorch_cuda.so").exists() {
         return None;
     }
-    let cuda: Vec<PathBuf> = env::var("VOLTTRAIN_CUDA_INCLUDE")
-        .ok()?
-        .split(':')
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
-        .collect();
+    let cuda: Vec<PathBuf> = match env::var("VOLTTRAIN_CUDA_INCLUDE") {
+        Ok(v) => v
+            .split(':')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        // The wheels' own tree: `cuda-toolkit[crt,cccl]` (matching torch's CUDA) installs
+        // crt/ and nv/ next to nvidia-cuda-runtime's headers.
+        Err(_) => {
+            let d = libtorch.parent()?.join("nvidia/cu13/include");
+            if !d.join("crt/host_config.h").exists() {
+                return None;
+            }
+            vec![d]
+        }
+    };
     let has = |rel: &str| cuda.iter().any(|d| d.join(rel).exists());
     if !(has("crt/host_config.h") && has("nv/target") && has("cuda_runtime_api.h")) {
         println!(

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! (The work is libtorch's; the dev profile is enough.) The program is its own worker: without
-//! `RANK` in the environment it launches itself through `dist::launch::spawn_workers` (1
+//! `RANK` in the environment it launches itself through `dist::launch::spawn_self` (1
 //! process, then 2, alternating `--repeats` times), each worker pinned to one intra-op thread;
 //! rank 0 reports the global batch's tokens/s. The 2-process run is measured twice: `GradSync` after backward, and `GradSync::overlapped` (all-reduce during
 //! backward).
@@ -139,25 +139,34 @@ fn worker(env: DistEnv, o: Opts) -> Result<()> {
     );
     let local = (o.batch / world) as i64;
     let mine = all.narrow(0, pg.rank() as i64 * local, local);
-    let run = |n: usize| -> Result<f64> {
-        let mut loss = 0.0;
+    // Returns the last loss and the seconds spent inside `GradSync::sync`.
+    let run = |n: usize| -> Result<(f64, f64)> {
+        let (mut loss, mut in_sync) = (0.0, 0.0);
         for _ in 0..n {
             loss = step(&ps, &mine)?;
+            let t = Instant::now();
             gs.sync(&pg)?;
+            in_sync += t.elapsed().as_secs_f64();
             sgd(&ps, 0.05)?;
         }
-        Ok(loss)
+        Ok((loss, in_sync))
     };
     run(2)?; // warm-up
     pg.barrier()?;
     let t0 = Instant::now();
-    let loss = run(o.steps)?;
+    let (loss, in_sync) = run(o.steps)?;
     pg.barrier()?;
     let secs = t0.elapsed().as_secs_f64();
     let mean_loss = pg.all_reduce_mean(&[loss])?[0];
     if pg.is_main() {
         let tokens = (o.batch * (o.seq - 1) * o.steps) as f64;
-        let line = format!("{} {} {}", world, tokens / secs, mean_loss);
+        let line = format!(
+            "{} {} {} {}",
+            world,
+            tokens / secs,
+            mean_loss,
+            in_sync / secs
+        );
         let out = std::env::var("VT_BENCH_OUT")
             .map_err(|_| Error::invalid("VT_BENCH_OUT is not set (run without RANK)"))?;
         std::fs::write(&out, line).map_err(|e| Error::io(&out, e))?;
@@ -165,21 +174,23 @@ fn worker(env: DistEnv, o: Opts) -> Result<()> {
     Ok(())
 }
 
-fn run_world(nproc: usize, overlap: bool, exe: &Path, out: &Path) -> Result<f64> {
+/// Runs one configuration; returns (tokens/s, share of rank 0's time spent in `sync`).
+fn run_world(nproc: usize, overlap: bool, out: &Path) -> Result<(f64, f64)> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let env = vec![
         ("OMP_NUM_THREADS".to_string(), "1".to_string()),
         ("VT_BENCH_OUT".to_string(), out.display().to_string()),
         ("VT_BENCH_OVERLAP".to_string(), (overlap as u8).to_string()),
     ];
-    launch::spawn_workers(nproc, exe, &args, &env)?;
+    launch::spawn_self(nproc, &args, &env)?;
     let s = std::fs::read_to_string(out).map_err(|e| Error::io(out, e))?;
-    let tps: f64 = s
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::invalid(format!("bad worker report `{s}`")))?;
-    Ok(tps)
+    let field = |i: usize| -> Result<f64> {
+        s.split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::invalid(format!("bad worker report `{s}`")))
+    };
+    Ok((field(1)?, field(3)?))
 }
 
 fn main() -> Result<()> {
@@ -187,17 +198,19 @@ fn main() -> Result<()> {
     if let Some(env) = DistEnv::from_env()? {
         return worker(env, o);
     }
-    let exe = std::env::current_exe().map_err(|e| Error::io("current_exe", e))?;
     let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
     let out = dir.path().join("report");
     let (mut best1, mut best2, mut best2o) = (0.0f64, 0.0f64, 0.0f64);
     for r in 0..o.repeats {
-        let t1 = run_world(1, false, &exe, &out)?;
-        let t2 = run_world(2, false, &exe, &out)?;
-        let t2o = run_world(2, true, &exe, &out)?;
+        let (t1, _) = run_world(1, false, &out)?;
+        let (t2, s2) = run_world(2, false, &out)?;
+        let (t2o, s2o) = run_world(2, true, &out)?;
         println!(
             "repeat {r}: 1 proc x 1 thread {t1:.0} tokens/s; 2 procs x 1 thread {t2:.0} tokens/s \
-             (GradSync after backward), {t2o:.0} tokens/s (overlapped with backward)"
+             (GradSync after backward, {:.1}% of the time in sync), {t2o:.0} tokens/s (overlapped \
+             with backward, {:.1}% waiting in sync)",
+            100.0 * s2,
+            100.0 * s2o
         );
         best1 = best1.max(t1);
         best2 = best2.max(t2);

@@ -82,15 +82,29 @@ fn batch_rows(rank: usize, epoch: u64, step: usize) -> Vec<i64> {
         .collect()
 }
 
-fn train(model: &Mlp, rows_of: impl Fn(u64, usize) -> Vec<i64>, sync: impl Fn()) {
+/// Trains `EPOCHS` epochs. Each step's rows are split into `micro` micro-batches whose scaled
+/// losses (1/micro each) accumulate gradients; `before_backward(last)` runs before each
+/// micro-batch's backward, `sync` after the last one.
+fn train(
+    model: &Mlp,
+    rows_of: impl Fn(u64, usize) -> Vec<i64>,
+    micro: usize,
+    before_backward: impl Fn(bool),
+    sync: impl Fn(),
+) {
     let (x, y) = dataset();
     let mut bufs = Vec::new();
     for epoch in 0..EPOCHS {
         for step in 0..N / GLOBAL_BATCH {
-            let idx = Tensor::from_slice(&rows_of(epoch, step));
-            let out = model.forward(&x.index_select(0, &idx));
-            let loss = (out - y.index_select(0, &idx)).square().mean(Kind::Float);
-            loss.backward();
+            let rows = rows_of(epoch, step);
+            let per = rows.len() / micro;
+            for m in 0..micro {
+                let idx = Tensor::from_slice(&rows[m * per..(m + 1) * per]);
+                let out = model.forward(&x.index_select(0, &idx));
+                let loss = (out - y.index_select(0, &idx)).square().mean(Kind::Float);
+                before_backward(m + 1 == micro);
+                (loss / micro as f64).backward();
+            }
             sync();
             sgd_step(&model.params, &mut bufs);
         }
@@ -104,7 +118,7 @@ fn save(path: &PathBuf, params: &[(String, Tensor)]) {
 
 #[test]
 fn two_ranks_with_grad_sync_match_one_process() {
-    parity("two_ranks_with_grad_sync_match_one_process", false);
+    parity("two_ranks_with_grad_sync_match_one_process", false, 1);
 }
 
 #[test]
@@ -112,10 +126,22 @@ fn two_ranks_with_overlapped_grad_sync_match_one_process() {
     parity(
         "two_ranks_with_overlapped_grad_sync_match_one_process",
         true,
+        1,
     );
 }
 
-fn parity(name: &'static str, overlap: bool) {
+/// Gradient accumulation over 2 micro-batches per rank with the hooks off for the first one
+/// (DDP's `no_sync`): still the 1-process result.
+#[test]
+fn two_ranks_overlapped_with_accumulation_match_one_process() {
+    parity(
+        "two_ranks_overlapped_with_accumulation_match_one_process",
+        true,
+        2,
+    );
+}
+
+fn parity(name: &'static str, overlap: bool, micro: usize) {
     tch::set_num_threads(1);
     if std::env::var("VT_DIST_WORKER").ok().as_deref() == Some(name) {
         let out = PathBuf::from(std::env::var("VT_DIST_OUT").unwrap());
@@ -141,6 +167,8 @@ fn parity(name: &'static str, overlap: bool) {
         train(
             &model,
             |e, s| batch_rows(rank, e, s),
+            micro,
+            |last| gs.set_overlap(last),
             || {
                 // Overlapped: every bucket was launched by the hooks during backward.
                 let launched = gs.buckets_launched_in_backward();
@@ -170,6 +198,8 @@ fn parity(name: &'static str, overlap: bool) {
     train(
         &single,
         |e, s| [batch_rows(0, e, s), batch_rows(1, e, s)].concat(),
+        1,
+        |_| {},
         || {},
     );
     let load = |r: usize| Tensor::load_multi(out.path().join(format!("rank{r}.ot"))).unwrap();

@@ -52,19 +52,24 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 }
 
 /// Starts `n` workers by hand (not through `spawn_workers`, which would kill the others when one
-/// dies), on a fresh port.
-fn start_ranks(name: &str, out: &Path, n: usize) -> Vec<Child> {
+/// dies), on a fresh port, with `extra` environment; their output goes to `rank<r>.log` (these
+/// workers fail on purpose, and their panics would only clutter the test output).
+fn start_ranks(name: &str, out: &Path, n: usize, extra: &[(&str, &str)]) -> Vec<Child> {
     let port = launch::free_port().unwrap();
     (0..n)
         .map(|rank| {
+            let log = std::fs::File::create(out.join(format!("rank{rank}.log"))).unwrap();
             Command::new(exe())
                 .args(worker_args(name))
                 .envs(worker_env(name, out))
+                .envs(extra.iter().copied())
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", n.to_string())
                 .env("LOCAL_RANK", rank.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
                 .spawn()
                 .unwrap()
         })
@@ -237,7 +242,7 @@ fn killed_peer_fails_the_other_rank_quickly() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    let mut ranks = start_ranks(NAME, out.path(), 2);
+    let mut ranks = start_ranks(NAME, out.path(), 2, &[]);
     for r in 0..2 {
         wait_for_file(
             &out.path().join(format!("ready{r}")),
@@ -267,24 +272,7 @@ fn hung_peer_fails_the_other_rank_within_the_timeout() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    // SAFETY: tests in this file do not read VT_HANG_RANK in the parent; set for the children.
-    let mut ranks = {
-        let port = launch::free_port().unwrap();
-        (0..2)
-            .map(|rank| {
-                Command::new(exe())
-                    .args(worker_args(NAME))
-                    .envs(worker_env(NAME, out.path()))
-                    .env("VT_HANG_RANK", "1")
-                    .env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", "2")
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect::<Vec<_>>()
-    };
+    let mut ranks = start_ranks(NAME, out.path(), 2, &[("VT_HANG_RANK", "1")]);
     for r in 0..2 {
         wait_for_file(
             &out.path().join(format!("ready{r}")),
@@ -321,4 +309,143 @@ fn launcher_stops_all_ranks_when_one_fails() {
         .to_string();
     assert!(e.contains("rank 1 of 2 failed (exit status 3)"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+}
+
+/// NCCL, world size 1: on a GPU machine with an NCCL build, an all-reduce and a broadcast of CUDA
+/// tensors; without a GPU (NCCL build) the group must fail with an error, not crash; builds
+/// without NCCL skip (CI has no GPU).
+#[test]
+fn nccl_world_size_one() {
+    use volttrain::dist::{Backend, nccl_available};
+    if !nccl_available() {
+        eprintln!("skipped: this build has no NCCL (headers not found at build time)");
+        return;
+    }
+    let cfg = DistConfig {
+        backend: Backend::Nccl,
+        timeout_secs: 60,
+        ..Default::default()
+    };
+    let env = DistEnv::single(launch::free_port().unwrap());
+    if !tch::Cuda::is_available() {
+        let r = ProcessGroup::new(&env, &cfg).and_then(|pg| {
+            pg.all_reduce_sum(&mut [Tensor::ones([4], (Kind::Float, Device::Cuda(0)))])
+        });
+        let e = r.expect_err("NCCL without a GPU must fail").to_string();
+        eprintln!("NCCL build, no GPU: {e}");
+        return;
+    }
+    let pg = ProcessGroup::new(&env, &cfg).unwrap();
+    let x = Tensor::arange(8, (Kind::Float, Device::Cuda(0)));
+    let mut t = [x.copy()];
+    pg.all_reduce_sum(&mut t).unwrap();
+    pg.broadcast(&mut t, 0).unwrap();
+    pg.barrier().unwrap();
+    assert_eq!(
+        to_vec(&t[0].to_device(Device::Cpu)),
+        to_vec(&x.to_device(Device::Cpu))
+    );
+    assert_eq!(pg.all_reduce_mean(&[3.0]).unwrap(), vec![3.0]);
+    eprintln!(
+        "NCCL world size 1 on {:?}: all_reduce, broadcast, barrier ok",
+        Device::Cuda(0)
+    );
+}
+
+/// A parameter used on rank 0 only: rank 1 contributes zeros (as DDP does for unused
+/// parameters), so both ranks end with grad = rank 0's grad / 2, in both GradSync modes; a
+/// parameter used by no rank gets a zero gradient.
+#[test]
+fn grad_sync_handles_parameters_without_gradients() {
+    use volttrain::dist::GradSync;
+    const NAME: &str = "grad_sync_handles_parameters_without_gradients";
+    if let Some(out) = worker_of(NAME) {
+        let pg = pg_from_env(60);
+        let rank = pg.rank();
+        let mut report = serde_json::Map::new();
+        for overlap in [false, true] {
+            let mk =
+                |v: f64| Tensor::full([3], v, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let params = vec![
+                ("a".to_string(), mk(1.0)),
+                ("b".to_string(), mk(2.0)),
+                ("never".to_string(), mk(3.0)),
+            ];
+            let gs = if overlap {
+                GradSync::overlapped(&pg, &params, 25.0).unwrap()
+            } else {
+                GradSync::new(&params, 25.0).unwrap()
+            };
+            let (a, b) = (&params[0].1, &params[1].1);
+            // loss = sum(a * (rank + 1)) [+ sum(b * b) on rank 0]
+            let mut loss = (a * (rank as f64 + 1.0)).sum(Kind::Float);
+            if rank == 0 {
+                loss += (b * b).sum(Kind::Float);
+            }
+            loss.backward();
+            gs.sync(&pg).unwrap();
+            let key = if overlap { "overlapped" } else { "sync" };
+            report.insert(
+                key.into(),
+                serde_json::json!({
+                    "a": to_vec(&a.grad()),
+                    "b": to_vec(&b.grad()),
+                    "never": to_vec(&params[2].1.grad()),
+                }),
+            );
+        }
+        let path = out.join(format!("rank{rank}.json"));
+        std::fs::write(path, serde_json::Value::Object(report).to_string()).unwrap();
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    launch::spawn_workers(2, &exe(), &worker_args(NAME), &worker_env(NAME, out.path())).unwrap();
+    for rank in 0..2 {
+        let p = out.path().join(format!("rank{rank}.json"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        for mode in ["sync", "overlapped"] {
+            let f = |k: &str| -> Vec<f64> {
+                let arr = v[mode][k].as_array().unwrap();
+                arr.iter().map(|x| x.as_f64().unwrap()).collect()
+            };
+            // d/da: mean of 1 and 2; d/db: rank 0's 2 * b = 4, halved; never used: 0
+            assert_eq!(f("a"), vec![1.5; 3], "rank {rank} {mode}");
+            assert_eq!(f("b"), vec![2.0; 3], "rank {rank} {mode}");
+            assert_eq!(f("never"), vec![0.0; 3], "rank {rank} {mode}");
+        }
+    }
+}
+
+/// A rank whose peers never show up fails the rendezvous after the timeout instead of waiting
+/// forever: rank 0 (serving the store, waiting for its worker) and rank 1 (no server to reach).
+#[test]
+fn missing_peer_fails_rendezvous_within_the_timeout() {
+    const TIMEOUT: u64 = 2;
+    let cfg = DistConfig {
+        timeout_secs: TIMEOUT,
+        ..Default::default()
+    };
+    for rank in [0, 1] {
+        let env = DistEnv {
+            rank,
+            world_size: 2,
+            local_rank: rank,
+            master_addr: Some("127.0.0.1".into()),
+            master_port: Some(launch::free_port().unwrap()),
+        };
+        let t0 = Instant::now();
+        let e = ProcessGroup::new(&env, &cfg).unwrap_err().to_string();
+        let took = t0.elapsed();
+        eprintln!("rank {rank} alone: failed after {took:?}: {e}");
+        assert!(
+            e.contains(&format!("rank {rank} of 2 at 127.0.0.1:")),
+            "{e}"
+        );
+        assert!(
+            took >= Duration::from_millis(TIMEOUT * 1000 / 2),
+            "{took:?}"
+        );
+        assert!(took < Duration::from_secs(TIMEOUT + 20), "{took:?}");
+    }
 }

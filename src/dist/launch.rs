@@ -4,6 +4,13 @@
 //! (`127.0.0.1`) and `MASTER_PORT` (a free port), which [`super::DistEnv::from_env`] reads. The
 //! launcher waits for all of them; when one fails it kills the others and reports which rank
 //! failed and how, so no rank is left waiting on a dead peer.
+//!
+//! How the command line uses it: `volttrain sft --nproc N` (CPU, Gloo) or a config with
+//! `training.gpu_devices: [d0, d1, ...]` (one process per listed device) calls [`spawn_self`]
+//! with its own arguments minus `--nproc`, when [`super::DistEnv::from_env`] says it is not
+//! already a worker. Each worker then builds its [`super::ProcessGroup`] from the environment
+//! and picks its GPU with [`super::DistEnv::cuda_device`]. Under `torchrun` or SLURM the
+//! launcher is theirs and this module is not used.
 
 use std::ffi::OsString;
 use std::net::TcpListener;
@@ -22,6 +29,16 @@ pub fn free_port() -> Result<u16> {
         .map_err(|e| Error::Dist(format!("cannot read the bound port: {e}")))?
         .port();
     Ok(port)
+}
+
+/// [`spawn_workers`] on this very executable (`std::env::current_exe`) with `args`.
+pub fn spawn_self(nproc: usize, args: &[OsString], env: &[(String, String)]) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::Dist(format!(
+            "cannot find this program's path to relaunch it: {e}"
+        ))
+    })?;
+    spawn_workers(nproc, &exe, args, env)
 }
 
 /// Starts `nproc` copies of `exe args...` with the rendezvous environment (plus `env`), waits

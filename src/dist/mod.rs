@@ -160,6 +160,28 @@ impl DistEnv {
         }
     }
 
+    /// The CUDA device of this rank when `training.gpu_devices` lists the devices of this
+    /// machine: `gpu_devices[local_rank]` (all of them, in order, when the list is empty).
+    pub fn cuda_device(&self, gpu_devices: &[usize]) -> Result<tch::Device> {
+        if gpu_devices.is_empty() {
+            return Ok(tch::Device::Cuda(self.local_rank));
+        }
+        gpu_devices
+            .get(self.local_rank)
+            .map(|&d| tch::Device::Cuda(d))
+            .ok_or_else(|| {
+                Error::config(
+                    "training.gpu_devices",
+                    format!(
+                        "lists {} device(s) but this process has LOCAL_RANK {}; start one process \
+                         per listed device",
+                        gpu_devices.len(),
+                        self.local_rank
+                    ),
+                )
+            })
+    }
+
     /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` (torchrun,
     /// [`launch::spawn_workers`]), falling back to SLURM's `SLURM_PROCID`, `SLURM_NTASKS`,
     /// `SLURM_LOCALID`. `Ok(None)` when neither `RANK`/`WORLD_SIZE` nor SLURM's variables are
@@ -239,6 +261,8 @@ pub struct ProcessGroup {
     rank: usize,
     world_size: usize,
     backend: Backend,
+    /// Where scalar helpers ([`ProcessGroup::all_reduce_mean`]) stage their tensors.
+    device: tch::Device,
 }
 
 // SAFETY: the shim's handle owns c10d objects that are used from one thread at a time (the
@@ -337,10 +361,17 @@ impl ProcessGroup {
                 rank: env.rank,
                 world_size: env.world_size,
                 backend: cfg.backend,
+                device: match cfg.backend {
+                    Backend::Gloo => tch::Device::Cpu,
+                    Backend::Nccl => tch::Device::Cuda(env.local_rank),
+                },
             }),
             None => {
                 // SAFETY: on a null handle the shim set `err` (or left it null).
-                let e = unsafe { ffi::take_err(err, "creating the process group") };
+                let e = match unsafe { ffi::take_err(err, "creating the process group") } {
+                    Error::Dist(m) => m,
+                    other => other.to_string(),
+                };
                 Err(Error::Dist(format!(
                     "rank {} of {} at {addr}:{port}: {e}",
                     env.rank, env.world_size
@@ -362,6 +393,19 @@ impl ProcessGroup {
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Sets the device this rank computes on (NCCL: its GPU, e.g. from
+    /// [`DistEnv::cuda_device`]); helpers that make their own tensors put them there. Defaults
+    /// to the CPU for Gloo and `cuda:LOCAL_RANK` for NCCL.
+    pub fn with_device(mut self, device: tch::Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// The device set by [`ProcessGroup::with_device`].
+    pub fn device(&self) -> tch::Device {
+        self.device
     }
 
     /// Whether this is rank 0 (the one that saves checkpoints and writes logs).
@@ -445,9 +489,10 @@ impl ProcessGroup {
             return Ok(Vec::new());
         }
         let mut t = [Tensor::from_slice(values)];
-        if self.backend == Backend::Nccl {
-            let dev = tch::Device::Cuda(0);
-            t[0] = t[0].f_to_device(dev).ctx("all_reduce_mean: copy to CUDA")?;
+        if self.device != tch::Device::Cpu {
+            t[0] = t[0]
+                .f_to_device(self.device)
+                .ctx("all_reduce_mean: copy to the rank's device")?;
         }
         self.all_reduce_sum(&mut t)?;
         let out = t[0]
@@ -538,6 +583,19 @@ mod tests {
                 .contains("MASTER_PORT")
         );
         assert!(msg(&[("RANK", "0"), ("WORLD_SIZE", "0")]).contains("must be >= 1"));
+    }
+
+    #[test]
+    fn cuda_device_from_gpu_devices() {
+        let mut e = DistEnv::single(1);
+        e.local_rank = 1;
+        assert_eq!(e.cuda_device(&[2, 5]).unwrap(), tch::Device::Cuda(5));
+        assert_eq!(e.cuda_device(&[]).unwrap(), tch::Device::Cuda(1));
+        let msg = e.cuda_device(&[3]).unwrap_err().to_string();
+        assert!(
+            msg.contains("training.gpu_devices") && msg.contains("LOCAL_RANK 1"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -136,7 +136,7 @@ mod tests {
             shard_indices(n, 0, 3, 7, 1, true),
             shard_indices(n, 0, 3, 7, 2, true)
         );
-        assert_eq!(shard_indices(5, 1, 2, 0, 0, false), vec![1, 3]);
+        assert_eq!(shard_indices(5, 1, 2, 0, 0, false), vec![1, 3, 0]); // padded with index 0
         assert_eq!(shard_indices(5, 0, 2, 0, 0, false), vec![0, 2, 4]);
     }
 }
