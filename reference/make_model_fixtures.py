@@ -82,6 +82,15 @@ def variants():
         ),
         # Qwen2: q/k/v biases, sharded
         "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, rope_theta=1000000.0), torch.float32, "40KB"),
+        # Qwen2 with a sliding window on the layers from max_window_layers on (layer 1 only)
+        "qwen2_swa": (
+            Qwen2ForCausalLM,
+            Qwen2Config(
+                **COMMON, rope_theta=1000000.0, use_sliding_window=True, sliding_window=4, max_window_layers=1
+            ),
+            torch.float32,
+            None,
+        ),
     }
 
 

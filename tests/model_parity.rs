@@ -15,7 +15,14 @@ use volttrain::model::safetensors::{load_safetensors, save_safetensors};
 use volttrain::model::{CausalLm, ForwardInput, LoadOptions, load_model, save_model};
 
 const TOL: f64 = 1e-4;
-const VARIANTS: [&str; 5] = ["llama", "llama3", "llama_tied", "mistral", "qwen2"];
+const VARIANTS: [&str; 6] = [
+    "llama",
+    "llama3",
+    "llama_tied",
+    "mistral",
+    "qwen2",
+    "qwen2_swa",
+];
 
 fn python() -> String {
     std::env::var("VOLTTRAIN_PYTHON_REF").unwrap_or_else(|_| "python3".to_string())
@@ -241,6 +248,41 @@ fn stages_compose_to_forward_and_params_use_hf_names() {
             .iter()
             .any(|(n, _)| n.starts_with("lm_head"))
     );
+}
+
+#[test]
+fn qwen2_sliding_window_applies_to_late_layers_only() {
+    let (p, v) = volttrain::model::read_config(&fixtures().join("qwen2_swa")).unwrap();
+    let cfg = volttrain::model::decoder_config(&p, &v).unwrap();
+    assert_eq!(cfg.sliding_windows, vec![None, Some(4)]);
+}
+
+#[test]
+fn loads_into_bf16_when_asked() {
+    let dir = fixtures().join("llama");
+    let model = load_model(&dir, &LoadOptions::new(Kind::BFloat16, Device::Cpu)).unwrap();
+    assert!(
+        model
+            .named_parameters()
+            .iter()
+            .all(|(_, t)| t.kind() == Kind::BFloat16)
+    );
+    let exp = expected(&dir);
+    let input = ForwardInput {
+        input_ids: &exp["right_ids"],
+        attention_mask: Some(&exp["right_mask"]),
+        position_ids: None,
+    };
+    let got = tch::no_grad(|| model.forward(&input, false)).unwrap();
+    assert_eq!(got.kind(), Kind::BFloat16);
+    // bf16 keeps 8 bits of mantissa: the logits (|x| ~ 1) stay within a few 1e-2 of fp32
+    let err = max_err(
+        &got.to_kind(Kind::Float),
+        &exp["right_logits"],
+        &exp["right_mask"],
+    );
+    println!("bf16 load: max abs err vs transformers fp32 {err:.3e}");
+    assert!(err < 0.1, "{err}");
 }
 
 #[test]

@@ -523,12 +523,6 @@ impl CausalLm for DecoderLm {
         "model.embed_tokens.weight"
     }
 
-    fn freeze_base(&mut self) {
-        for (_, p) in self.named_parameters() {
-            let _ = p.set_requires_grad(false);
-        }
-    }
-
     fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         DecoderLm::checkpoint_tensors(self)
     }
