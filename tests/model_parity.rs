@@ -148,6 +148,38 @@ fn legacy_rope_scaling_config_form_matches() {
     );
 }
 
+/// Training needs the backward pass to match too: gradients of `sum(logits * w)` over the
+/// non-pad positions of the left-padded batch, for every parameter.
+#[test]
+fn gradients_match_transformers() {
+    for name in VARIANTS {
+        let dir = fixtures().join(name);
+        let model = load_model(&dir, &LoadOptions::default()).unwrap();
+        let exp = expected(&dir);
+        let input = ForwardInput {
+            input_ids: &exp["left_ids"],
+            attention_mask: Some(&exp["left_mask"]),
+            position_ids: None,
+        };
+        let loss = (model.forward(&input, false).unwrap() * &exp["left_gw"]).sum(Kind::Float);
+        loss.backward();
+        let mut worst: f64 = 0.0;
+        let params = model.named_parameters();
+        assert_eq!(
+            params.len(),
+            exp.keys().filter(|k| k.starts_with("grad.")).count()
+        );
+        for (n, p) in params {
+            let want = &exp[&format!("grad.{n}")];
+            let scale = want.abs().max().double_value(&[]).max(1.0);
+            let err = (p.grad() - want).abs().max().double_value(&[]) / scale;
+            assert!(err < TOL, "{name} {n}: relative grad error {err}");
+            worst = worst.max(err);
+        }
+        println!("{name}: worst gradient error (relative to max(1, max|g|)) {worst:.3e}");
+    }
+}
+
 #[test]
 fn packed_rows_with_4d_mask_match_separate_sequences() {
     let root = fixtures();
