@@ -6,6 +6,7 @@ For each variant NAME (default: all) writes OUT_DIR/NAME/ with config.json, the 
 (model.safetensors, or shards + model.safetensors.index.json) and expected.safetensors holding:
   left_ids, left_mask, left_pos, left_logits     batch with left padding
   right_ids, right_mask, right_pos, right_logits batch with right padding
+  left_gw, grad.<param>                          gradients of sum(left_logits * left_gw)
   packed_ids, packed_pos, packed_seg, packed_logits  one packed row of several sequences; the
       reference logits are those of each sequence run on its own (what a block-diagonal causal
       mask must reproduce)
@@ -82,6 +83,15 @@ def variants():
         ),
         # Qwen2: q/k/v biases, sharded
         "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, rope_theta=1000000.0), torch.float32, "40KB"),
+        # Qwen2 with a sliding window on the layers from max_window_layers on (layer 1 only)
+        "qwen2_swa": (
+            Qwen2ForCausalLM,
+            Qwen2Config(
+                **COMMON, rope_theta=1000000.0, use_sliding_window=True, sliding_window=4, max_window_layers=1
+            ),
+            torch.float32,
+            None,
+        ),
     }
 
 
@@ -123,6 +133,15 @@ def make(out_dir, name, cls, config, disk_dtype, shard):
         out[f"{side}_mask"] = mask
         out[f"{side}_pos"] = pos
         out[f"{side}_logits"] = logits.float().contiguous()
+
+    # gradients of sum(left_logits * left_gw) (left_gw zero at padding) for every parameter
+    gw = torch.randn(out["left_logits"].shape, generator=g) * out["left_mask"][..., None]
+    ref.zero_grad()
+    y = ref(input_ids=out["left_ids"], attention_mask=out["left_mask"], position_ids=out["left_pos"]).logits
+    (y * gw).sum().backward()
+    out["left_gw"] = gw
+    for n, p in ref.named_parameters():
+        out[f"grad.{n}"] = p.grad.float().contiguous()
 
     segs = [4, 5, 3]
     ids = torch.randint(0, v, (1, sum(segs)), generator=g)

@@ -15,7 +15,14 @@ use volttrain::model::safetensors::{load_safetensors, save_safetensors};
 use volttrain::model::{CausalLm, ForwardInput, LoadOptions, load_model, save_model};
 
 const TOL: f64 = 1e-4;
-const VARIANTS: [&str; 5] = ["llama", "llama3", "llama_tied", "mistral", "qwen2"];
+const VARIANTS: [&str; 6] = [
+    "llama",
+    "llama3",
+    "llama_tied",
+    "mistral",
+    "qwen2",
+    "qwen2_swa",
+];
 
 fn python() -> String {
     std::env::var("VOLTTRAIN_PYTHON_REF").unwrap_or_else(|_| "python3".to_string())
@@ -141,6 +148,38 @@ fn legacy_rope_scaling_config_form_matches() {
     );
 }
 
+/// Training needs the backward pass to match too: gradients of `sum(logits * w)` over the
+/// non-pad positions of the left-padded batch, for every parameter.
+#[test]
+fn gradients_match_transformers() {
+    for name in VARIANTS {
+        let dir = fixtures().join(name);
+        let model = load_model(&dir, &LoadOptions::default()).unwrap();
+        let exp = expected(&dir);
+        let input = ForwardInput {
+            input_ids: &exp["left_ids"],
+            attention_mask: Some(&exp["left_mask"]),
+            position_ids: None,
+        };
+        let loss = (model.forward(&input, false).unwrap() * &exp["left_gw"]).sum(Kind::Float);
+        loss.backward();
+        let mut worst: f64 = 0.0;
+        let params = model.named_parameters();
+        assert_eq!(
+            params.len(),
+            exp.keys().filter(|k| k.starts_with("grad.")).count()
+        );
+        for (n, p) in params {
+            let want = &exp[&format!("grad.{n}")];
+            let scale = want.abs().max().double_value(&[]).max(1.0);
+            let err = (p.grad() - want).abs().max().double_value(&[]) / scale;
+            assert!(err < TOL, "{name} {n}: relative grad error {err}");
+            worst = worst.max(err);
+        }
+        println!("{name}: worst gradient error (relative to max(1, max|g|)) {worst:.3e}");
+    }
+}
+
 #[test]
 fn packed_rows_with_4d_mask_match_separate_sequences() {
     let root = fixtures();
@@ -241,6 +280,41 @@ fn stages_compose_to_forward_and_params_use_hf_names() {
             .iter()
             .any(|(n, _)| n.starts_with("lm_head"))
     );
+}
+
+#[test]
+fn qwen2_sliding_window_applies_to_late_layers_only() {
+    let (p, v) = volttrain::model::read_config(&fixtures().join("qwen2_swa")).unwrap();
+    let cfg = volttrain::model::decoder_config(&p, &v).unwrap();
+    assert_eq!(cfg.sliding_windows, vec![None, Some(4)]);
+}
+
+#[test]
+fn loads_into_bf16_when_asked() {
+    let dir = fixtures().join("llama");
+    let model = load_model(&dir, &LoadOptions::new(Kind::BFloat16, Device::Cpu)).unwrap();
+    assert!(
+        model
+            .named_parameters()
+            .iter()
+            .all(|(_, t)| t.kind() == Kind::BFloat16)
+    );
+    let exp = expected(&dir);
+    let input = ForwardInput {
+        input_ids: &exp["right_ids"],
+        attention_mask: Some(&exp["right_mask"]),
+        position_ids: None,
+    };
+    let got = tch::no_grad(|| model.forward(&input, false)).unwrap();
+    assert_eq!(got.kind(), Kind::BFloat16);
+    // bf16 keeps 8 bits of mantissa: the logits (|x| ~ 1) stay within a few 1e-2 of fp32
+    let err = max_err(
+        &got.to_kind(Kind::Float),
+        &exp["right_logits"],
+        &exp["right_mask"],
+    );
+    println!("bf16 load: max abs err vs transformers fp32 {err:.3e}");
+    assert!(err < 0.1, "{err}");
 }
 
 #[test]

@@ -61,6 +61,21 @@ pub fn expected_tensors(cfg: &DecoderConfig) -> Vec<(String, Vec<i64>)> {
     out
 }
 
+/// The linear module names of a model of `cfg` (`lm_head` unless tied).
+pub(crate) fn linear_modules(cfg: &DecoderConfig) -> Vec<String> {
+    let mut out: Vec<String> = (0..cfg.num_layers)
+        .flat_map(|l| {
+            LAYER_LINEARS
+                .iter()
+                .map(move |m| format!("model.layers.{l}.{m}"))
+        })
+        .collect();
+    if !cfg.tie_word_embeddings {
+        out.push("lm_head".to_string());
+    }
+    out
+}
+
 const LAYER_LINEARS: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -129,7 +144,7 @@ impl DecoderLm {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::new(src.tensor("lm_head.weight")?, None))
+            Some(src.linear("lm_head", false)?)
         };
         let inv_freq = cfg.rope.inv_freq(device)?;
         let model = DecoderLm {
@@ -519,12 +534,6 @@ impl CausalLm for DecoderLm {
 
     fn embed_param(&self) -> &str {
         "model.embed_tokens.weight"
-    }
-
-    fn freeze_base(&mut self) {
-        for (_, p) in self.named_parameters() {
-            let _ = p.set_requires_grad(false);
-        }
     }
 
     fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {

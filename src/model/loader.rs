@@ -3,18 +3,19 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::CausalLm;
 use super::config::DecoderConfig;
-use super::llama::{DecoderLm, WeightSource, expected_tensors};
+use super::llama::{DecoderLm, WeightSource, expected_tensors, linear_modules};
 use super::safetensors::{SafetensorsFile, save_safetensors};
 use crate::error::{Error, Result, write_atomic};
 use crate::nn::{Linear, LinearWeight};
-use crate::quant::Quantizer;
+use crate::quant::{QuantizedTensor, Quantizer};
 
 /// Which linear modules (by Hugging Face module name) a load-time quantizer converts.
 pub type QuantizeFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -31,11 +32,15 @@ pub struct LoadOptions {
     /// Kind of the dense parameters (whatever the checkpoint stores).
     pub kind: Kind,
     pub device: Device,
-    /// Quantizes matching linear weights while loading, one tensor at a time, so that peak
-    /// memory stays near the quantized size plus the largest single tensor.
+    /// Quantizes matching linear weights while loading, each tensor as soon as it is read, so
+    /// that peak memory stays near the quantized size plus one full-precision tensor per
+    /// loader thread ([`LoadOptions::threads`]).
     pub quantizer: Option<Arc<dyn Quantizer>>,
     /// Which linear modules the quantizer converts (default: [`default_quantize_filter`]).
     pub quantize_filter: QuantizeFilter,
+    /// Tensors read (and quantized) in parallel; default `min(4, cores)` like transformers'
+    /// loader. Each worker holds at most one full-precision tensor at a time.
+    pub threads: usize,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -44,6 +49,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("kind", &self.kind)
             .field("device", &self.device)
             .field("quantizer", &self.quantizer)
+            .field("threads", &self.threads)
             .finish_non_exhaustive()
     }
 }
@@ -56,6 +62,9 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             quantizer: None,
             quantize_filter: Arc::new(default_quantize_filter),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get().min(4))
+                .unwrap_or(1),
         }
     }
 }
@@ -220,52 +229,120 @@ impl Checkpoint {
     }
 }
 
-struct Source<'a> {
-    ckpt: &'a Checkpoint,
-    opts: &'a LoadOptions,
+/// A tensor read from the checkpoint: dense in the target kind, or already quantized.
+enum Loaded {
+    Dense(Tensor),
+    Quantized(Box<dyn QuantizedTensor>),
 }
 
-impl Source<'_> {
-    fn read(&self, name: &str, kind: Kind) -> Result<Tensor> {
-        let i =
-            *self.ckpt.location.get(name).ok_or_else(|| {
-                Error::invalid(format!("tensor `{name}` missing after validation"))
-            })?;
-        self.ckpt.files[i].tensor(name, Some(kind), self.opts.device)
+/// Reads every expected tensor with `opts.threads` workers (as transformers' loader does with its
+/// thread pool), quantizing the selected linear weights inside the workers. Peak memory is the
+/// kept result plus one full-precision tensor per worker.
+fn read_all(
+    ckpt: &Checkpoint,
+    cfg: &DecoderConfig,
+    opts: &LoadOptions,
+) -> Result<HashMap<String, Loaded>> {
+    let linears: BTreeSet<String> = linear_modules(cfg).into_iter().collect();
+    let jobs: Vec<(String, bool)> = expected_tensors(cfg)
+        .into_iter()
+        .map(|(name, _)| {
+            let quantize = opts.quantizer.is_some()
+                && name
+                    .strip_suffix(".weight")
+                    .is_some_and(|m| linears.contains(m) && (opts.quantize_filter)(m));
+            (name, quantize)
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(HashMap::with_capacity(jobs.len()));
+    let one = |name: &str, quantize: bool| -> Result<Loaded> {
+        let i = *ckpt
+            .location
+            .get(name)
+            .ok_or_else(|| Error::invalid(format!("tensor `{name}` missing after validation")))?;
+        let t = ckpt.files[i].tensor(name, Some(opts.kind), opts.device)?;
+        match (&opts.quantizer, quantize) {
+            (Some(q), true) => {
+                let qt = q.quantize(&t).map_err(|e| {
+                    Error::checkpoint(
+                        ckpt.files[i].path(),
+                        format!("quantizing `{name}` with {}: {e}", q.name()),
+                    )
+                })?;
+                Ok(Loaded::Quantized(qt))
+            }
+            _ => Ok(Loaded::Dense(t)),
+        }
+    };
+    let worker = || -> Result<()> {
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some((name, quantize)) = jobs.get(k) else {
+                return Ok(());
+            };
+            let loaded = one(name, *quantize)?;
+            out.lock()
+                .map_err(|_| Error::invalid("checkpoint loader: a worker panicked"))?
+                .insert(name.clone(), loaded);
+        }
+    };
+    let threads = opts.threads.clamp(1, jobs.len().max(1));
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("checkpoint loader: a worker panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    out.into_inner()
+        .map_err(|_| Error::invalid("checkpoint loader: a worker panicked"))
+}
+
+struct Source {
+    loaded: HashMap<String, Loaded>,
+}
+
+impl Source {
+    fn take(&mut self, name: &str) -> Result<Loaded> {
+        self.loaded.remove(name).ok_or_else(|| {
+            Error::invalid(format!("tensor `{name}` was not read from the checkpoint"))
+        })
     }
 }
 
-impl WeightSource for Source<'_> {
+impl WeightSource for Source {
     fn tensor(&mut self, name: &str) -> Result<Tensor> {
-        self.read(name, self.opts.kind)
+        match self.take(name)? {
+            Loaded::Dense(t) => Ok(t),
+            Loaded::Quantized(_) => Err(Error::invalid(format!(
+                "tensor `{name}` was quantized but is needed dense"
+            ))),
+        }
     }
 
     fn linear(&mut self, module: &str, bias: bool) -> Result<Linear> {
-        let wname = format!("{module}.weight");
         let bias = if bias {
-            Some(self.read(&format!("{module}.bias"), self.opts.kind)?)
+            Some(self.tensor(&format!("{module}.bias"))?)
         } else {
             None
         };
-        match &self.opts.quantizer {
-            Some(q) if (self.opts.quantize_filter)(module) => {
-                let w = self.read(&wname, self.opts.kind)?;
-                let qt = q.quantize(&w).map_err(|e| {
-                    Error::checkpoint(
-                        self.ckpt.file_of(&wname),
-                        format!("quantizing `{wname}` with {}: {e}", q.name()),
-                    )
-                })?;
-                drop(w);
-                Ok(Linear {
-                    weight: LinearWeight::Quantized(qt),
-                    bias,
-                    adapter: None,
-                    merged: false,
-                })
-            }
-            _ => Ok(Linear::new(self.read(&wname, self.opts.kind)?, bias)),
-        }
+        let weight = match self.take(&format!("{module}.weight"))? {
+            Loaded::Dense(t) => LinearWeight::Dense(t),
+            Loaded::Quantized(q) => LinearWeight::Quantized(q),
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            adapter: None,
+            merged: false,
+        })
     }
 }
 
@@ -321,7 +398,9 @@ pub fn load_decoder(dir: &Path, opts: &LoadOptions) -> Result<DecoderLm> {
     let cfg = decoder_config(&path, &v)?;
     let ckpt = Checkpoint::open(dir)?;
     ckpt.validate(dir, &cfg)?;
-    let mut src = Source { ckpt: &ckpt, opts };
+    let mut src = Source {
+        loaded: read_all(&ckpt, &cfg, opts)?,
+    };
     DecoderLm::build(cfg, v, &mut src, opts.kind, opts.device)
 }
 

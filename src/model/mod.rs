@@ -4,6 +4,10 @@
 //! model in three stages (embedding, one decoder layer at a time, head) so the trainer can
 //! recompute each layer during backward (gradient checkpointing) and compute logits only where
 //! they are needed.
+//!
+//! Architectures: `LlamaForCausalLM` (SmolLM, Llama 3), `MistralForCausalLM`, `Qwen2ForCausalLM`,
+//! all through [`DecoderLm`] with their configuration rules in [`llama`], [`mistral`], [`qwen2`].
+//! [`load_model`] reads a Hugging Face directory, [`save_model`] writes one.
 
 use tch::{Device, Kind, Tensor};
 
@@ -99,7 +103,11 @@ pub trait CausalLm: Send {
     fn embed_param(&self) -> &str;
 
     /// Sets `requires_grad(false)` on every current parameter (before adapters are injected).
-    fn freeze_base(&mut self);
+    fn freeze_base(&mut self) {
+        for (_, p) in self.named_parameters() {
+            let _ = p.set_requires_grad(false);
+        }
+    }
     /// The base model's tensors as a dense Hugging Face checkpoint holds them: quantized
     /// weights dequantized to [`CausalLm::kind`], adapter parameters left out.
     fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>>;
