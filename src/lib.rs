@@ -28,6 +28,7 @@ pub mod perf;
 pub mod plugin;
 pub mod quant;
 pub mod sched;
+pub mod sft;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -1,6 +1,24 @@
 //! The `volttrain` command line.
+//!
+//! ```text
+//! volttrain sft  --config config/sft.yaml [--set key.path=value]... [--resume] [--nproc N]
+//! volttrain eval --config config/sft.yaml [--adapter DIR] [--set ...]
+//! volttrain plugins list [--plugin path/to/libplugin.so]...
+//! ```
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
+use volttrain::config::SftConfig;
+use volttrain::dist::DistEnv;
+use volttrain::dist::launch::spawn_self;
+use volttrain::sft::{RunOptions, run_eval, run_sft};
+use volttrain::{Error, Result};
 
 #[derive(Parser)]
 #[command(name = "volttrain", version, about = "LLM fine-tuning on libtorch")]
@@ -13,24 +31,167 @@ struct Cli {
 enum Cmd {
     /// Supervised fine-tuning from a YAML config.
     Sft {
+        /// The YAML config (see config/sft.yaml).
         #[arg(long)]
-        config: std::path::PathBuf,
+        config: PathBuf,
+        /// Override a config value: `--set training.lr=1e-3` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Continue from `<output_dir>/last/`.
+        #[arg(long)]
+        resume: bool,
+        /// Data-parallel processes on CPU (Gloo); `training.gpu_devices` does the same on GPUs.
+        #[arg(long)]
+        nproc: Option<usize>,
+    },
+    /// Prints `{"eval_loss": ..., "tokens": ...}` on the config's eval set.
+    Eval {
+        #[arg(long)]
+        config: PathBuf,
+        /// A PEFT adapter directory (e.g. runs/sft/epoch-3).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Registered components.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCmd,
     },
 }
 
-fn main() -> std::process::ExitCode {
+#[derive(Subcommand)]
+enum PluginsCmd {
+    /// Lists optimizers, schedulers, quantizers, adapters, groupers and callbacks by kind, with
+    /// where each comes from.
+    List {
+        /// Load these dylib plugins first.
+        #[arg(long = "plugin")]
+        plugins: Vec<PathBuf>,
+        /// Load the `plugins:` of this config first.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn base_dir(config: &Path) -> PathBuf {
+    config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -> Result<()> {
+    let cfg = SftConfig::load(&config, &sets)?;
+    let in_worker = DistEnv::from_env()?.is_some();
+    let procs = match (nproc, cfg.training.gpu_devices.len()) {
+        (Some(n), _) => n,
+        (None, g) if g > 1 => g,
+        _ => 1,
+    };
+    if procs > 1 && !in_worker {
+        // Relaunch this command once per rank, without --nproc.
+        let mut args: Vec<OsString> = vec!["sft".into(), "--config".into(), config.into()];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s.into());
+        }
+        if resume {
+            args.push("--resume".into());
+        }
+        tracing::info!("starting {procs} data-parallel processes");
+        return spawn_self(procs, &args, &[]);
+    }
+    let interrupt = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupt.clone();
+        let res = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("second Ctrl-C: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("Ctrl-C: finishing the current step and writing a resume checkpoint...");
+        });
+        if let Err(e) = res {
+            tracing::warn!("no Ctrl-C handler: {e}");
+        }
+    }
+    let opts = RunOptions {
+        resume,
+        interrupt: Some(interrupt),
+        base_dir: Some(base_dir(&config)),
+    };
+    match run_sft(&cfg, opts) {
+        Ok(summary) => {
+            let out = serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
+            println!("{out}");
+            Ok(())
+        }
+        Err(Error::Interrupted { step, dir }) => {
+            eprintln!(
+                "interrupted at step {step}; resume checkpoint in {}.\nresume with: volttrain sft --config {} --resume",
+                dir.display(),
+                config.display()
+            );
+            Err(Error::Interrupted { step, dir })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Sft {
+            config,
+            sets,
+            resume,
+            nproc,
+        } => sft(config, sets, resume, nproc),
+        Cmd::Eval {
+            config,
+            adapter,
+            sets,
+        } => {
+            let cfg = SftConfig::load(&config, &sets)?;
+            volttrain::plugin::load_plugins(&cfg.plugins, &base_dir(&config))?;
+            let m = run_eval(&cfg, adapter.as_deref())?;
+            println!(
+                "{}",
+                serde_json::json!({"eval_loss": m.eval_loss, "tokens": m.tokens})
+            );
+            Ok(())
+        }
+        Cmd::Plugins {
+            command: PluginsCmd::List { plugins, config },
+        } => {
+            if let Some(c) = &config {
+                let cfg = SftConfig::load(c, &[])?;
+                volttrain::plugin::load_plugins(&cfg.plugins, &base_dir(c))?;
+            }
+            volttrain::plugin::load_plugins(&plugins, Path::new("."))?;
+            print!("{}", volttrain::plugin::format_list());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Cmd::Sft { config } => {
-            tracing::error!("sft is not available yet (config {})", config.display());
-            std::process::ExitCode::FAILURE
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::Targets;
+use crate::dist::DistConfig;
 use crate::error::{Error, Result};
 use crate::trainer::{NonFinitePolicy, Precision};
 
@@ -49,16 +51,6 @@ pub struct ModelSection {
     pub device: Option<String>,
 }
 
-/// `lora.target_modules`: a preset name or a list of module names / suffixes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Targets {
-    /// A preset (`llama`, `mlp_only`, ...), `all-linear`, or a regex prefixed `re:`.
-    One(String),
-    /// Module names or name suffixes.
-    Many(Vec<String>),
-}
-
 /// `lora:` adapter settings (reference key names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +66,8 @@ pub struct LoraSection {
     pub alpha: f64,
     #[serde(default)]
     pub dropout: f64,
+    /// A preset (`llama`, `mlp_only`, `mamba_only`, `mlp_mamba`, `attn_mlp_ssm`), `all-linear`,
+    /// a list of module names or suffixes, `{names: [...]}` or `{regex: ...}`.
     #[serde(default = "default_targets")]
     pub target_modules: Targets,
     #[serde(default)]
@@ -93,7 +87,7 @@ fn default_alpha() -> f64 {
     32.0
 }
 fn default_targets() -> Targets {
-    Targets::One("llama".into())
+    Targets::Preset("llama".into())
 }
 
 /// `training:` the loop and the reference optimizer set-up.
@@ -162,9 +156,6 @@ pub struct TrainingSection {
     /// libtorch intra-op threads (0: libtorch's default).
     #[serde(default)]
     pub threads: usize,
-    /// Seconds a data-parallel collective may wait for a peer.
-    #[serde(default = "default_timeout")]
-    pub dist_timeout_secs: u64,
 }
 
 fn default_output() -> PathBuf {
@@ -187,9 +178,6 @@ fn default_seed() -> u64 {
 }
 fn default_keep() -> usize {
     2
-}
-fn default_timeout() -> u64 {
-    300
 }
 
 /// The whole file.
@@ -217,9 +205,12 @@ pub struct SftConfig {
     /// Extra callbacks by registered name.
     #[serde(default)]
     pub callbacks: Vec<ComponentSection>,
-    /// Dylib plugins to load before anything is built.
+    /// Dylib plugins to load before anything is built (relative to the config file).
     #[serde(default)]
     pub plugins: Vec<PathBuf>,
+    /// Data-parallel settings (backend, rendezvous, timeout, bucket size).
+    #[serde(default)]
+    pub distributed: Option<DistConfig>,
 }
 
 fn cfg_err(file: Option<&Path>, key: impl Into<String>, msg: impl Into<String>) -> Error {

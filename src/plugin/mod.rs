@@ -71,6 +71,7 @@
 //! [`Error::Plugin`](crate::Error) naming the component and the method. Methods that cannot
 //! return an error (`Scheduler::factor`, `name`, `shape`, ...) must not panic.
 
+mod builtins;
 mod dylib;
 mod guard;
 mod registry;

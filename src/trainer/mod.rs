@@ -648,7 +648,11 @@ impl Trainer {
                 .optimizer
                 .groups()
                 .iter()
-                .flat_map(|g| g.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())))
+                .flat_map(|g| {
+                    g.params
+                        .iter()
+                        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+                })
                 .collect();
             c.prepare_grads(&trainable)?;
         }
@@ -657,6 +661,10 @@ impl Trainer {
         let mut last_eval = None;
         let input_tokens_at_start = self.state.input_tokens;
         self.call(Hook::FitStart, &mut stop)?;
+        if self.eval.is_some() && self.state.step == 0 {
+            // The starting point, so the log shows how far training moved the eval loss.
+            last_eval = Some(self.run_eval(&mut stop)?);
+        }
 
         'epochs: while self.state.epoch < self.epochs && self.state.step < self.total_steps {
             let epoch = self.state.epoch;
@@ -685,7 +693,11 @@ impl Trainer {
                 // Gradients are averaged over ranks afterwards, so each rank scales its summed
                 // loss by world / (label tokens of the step on all ranks).
                 let world = self.collective.as_ref().map_or(1, |c| c.world_size()) as f64;
-                let scale = if n_labels > 0.0 { world / n_labels } else { 0.0 };
+                let scale = if n_labels > 0.0 {
+                    world / n_labels
+                } else {
+                    0.0
+                };
                 let mut loss_sum = 0.0;
                 let use_autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
                 let n_micro = prepared.len();
@@ -713,7 +725,11 @@ impl Trainer {
                     let r = c.all_reduce_f64(&[loss_sum])?;
                     loss_sum = r[0];
                 }
-                let loss = if n_labels > 0.0 { loss_sum / n_labels } else { 0.0 };
+                let loss = if n_labels > 0.0 {
+                    loss_sum / n_labels
+                } else {
+                    0.0
+                };
                 let grad_norm = clip_grad_norm(&params, self.clip_norm)?;
                 let step_no = self.state.step + 1;
                 if !loss.is_finite() || !grad_norm.is_finite() {
@@ -834,20 +850,18 @@ impl Trainer {
         })
     }
 
+    /// Adds a callback after `build` (e.g. one that needs [`Trainer::total_steps`]).
+    pub fn add_callback(&mut self, c: Box<dyn Callback>) {
+        self.callbacks.push(c);
+    }
+
     /// Mean loss over all label tokens of the eval data (all ranks).
     pub fn evaluate(&mut self) -> Result<EvalMetrics> {
         let Some(eval) = self.eval.as_mut() else {
             return Err(Error::invalid("evaluate: no eval data was given"));
         };
-        let mut sums = [0.0, 0.0];
-        for i in 0..eval.num_batches(0) {
-            let b = eval.batch(0, i)?;
-            let p = step::prepare(&b, self.device)?;
-            let use_autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
-            let model = self.model.as_ref();
-            sums[0] += tch::autocast(use_autocast, || step::eval_loss(model, &p))?;
-            sums[1] += p.n_labels as f64;
-        }
+        let autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
+        let mut sums = eval_sums(self.model.as_ref(), eval.as_mut(), self.device, autocast)?;
         if let Some(c) = self.collective.as_mut() {
             let r = c.all_reduce_f64(&sums)?;
             sums = [r[0], r[1]];
@@ -874,6 +888,41 @@ impl Trainer {
         self.call(Hook::Eval(&m), stop)?;
         Ok(m.eval_loss)
     }
+}
+
+fn eval_sums(
+    model: &dyn CausalLm,
+    data: &mut dyn BatchSource,
+    device: Device,
+    autocast: bool,
+) -> Result<[f64; 2]> {
+    let mut sums = [0.0, 0.0];
+    for i in 0..data.num_batches(0) {
+        let b = data.batch(0, i)?;
+        let p = step::prepare(&b, device)?;
+        sums[0] += tch::autocast(autocast, || step::eval_loss(model, &p))?;
+        sums[1] += p.n_labels as f64;
+    }
+    Ok(sums)
+}
+
+/// Mean loss over all label tokens of `data` (epoch 0), without a trainer: what
+/// `volttrain eval` prints. bf16 autocast on CUDA, fp32 on CPU.
+pub fn evaluate_model(
+    model: &dyn CausalLm,
+    data: &mut dyn BatchSource,
+    device: Device,
+) -> Result<EvalMetrics> {
+    let sums = eval_sums(model, data, device, device.is_cuda())?;
+    if sums[1] == 0.0 {
+        return Err(Error::invalid("evaluate: the eval data has no label token"));
+    }
+    Ok(EvalMetrics {
+        step: 0,
+        epoch: 0,
+        eval_loss: sums[0] / sums[1],
+        tokens: sums[1] as u64,
+    })
 }
 
 /// Clips the gradients of `params` to a global L2 norm of `max_norm` (when given) and returns
