@@ -306,7 +306,7 @@ mock! {
     }
 }
 
-/// 2 epochs x 2 steps with eval: the hooks come in this order, and the optimizer is stepped
+/// 2 epochs x 2 steps with eval (at the start and after each epoch): the hooks come in this order, and the optimizer is stepped
 /// and zeroed once per step.
 #[test]
 fn callback_and_optimizer_call_order() {
