@@ -131,7 +131,7 @@ fn epoch_saver_keeps_last_n_and_metrics_are_logged() {
     let train: Vec<_> = lines.iter().filter(|v| v["kind"] == "train").collect();
     let eval: Vec<_> = lines.iter().filter(|v| v["kind"] == "eval").collect();
     assert_eq!(train.len(), 8);
-    assert_eq!(eval.len(), 4);
+    assert_eq!(eval.len(), 5); // before training and after each of the 4 epochs
     assert_eq!(train[7]["step"], 8);
     assert!(train[0]["lr"]["all"].as_f64().unwrap() > 0.0);
 }
