@@ -32,7 +32,7 @@ fn main() -> volttrain::Result<()> {
     for m in data::run(&opts)? {
         let r = m.reference.map(|r| r.median).unwrap_or(f64::NAN);
         println!(
-            "{:<10} {:<11} volttrain {:>12.0} (min {:.0}, max {:.0})  {} {:>12.0}  speedup {:.2}x  [{}]",
+            "{:<16} {:<11} volttrain {:>12.3} (min {:.3}, max {:.3})  {} {:>12.3}  speedup {:.2}x  [{}]",
             m.workload,
             m.metric,
             m.volttrain.median,

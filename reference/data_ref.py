@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reference for VoltTrain's data module, run live from `tests/data_*.rs`.
 
-  chat    --tok DIR --input IN.json   for each case {messages, add_generation_prompt}: the text and
+  chat    --tok DIR --input IN.json [--template FILE]
+                                      for each case {messages, add_generation_prompt}: the text and
                                       ids of transformers' apply_chat_template, or its error
   sft     --tok DIR --input IN.jsonl [--all] [--max-len N]
                                       input_ids/labels per record, computed with transformers:
@@ -31,17 +32,21 @@ def load_tok(path):
 def cmd_chat(args):
     tok = load_tok(args.tok)
     cases = json.load(open(args.input, encoding="utf-8"))
+    kw = {}
+    if args.template:
+        kw["chat_template"] = open(args.template, encoding="utf-8").read()
     out = []
     for c in cases:
         try:
             text = tok.apply_chat_template(
-                c["messages"], tokenize=False, add_generation_prompt=c["add_generation_prompt"]
+                c["messages"], tokenize=False, add_generation_prompt=c["add_generation_prompt"], **kw
             )
             ids = tok.apply_chat_template(
                 c["messages"],
                 tokenize=True,
                 return_dict=False,
                 add_generation_prompt=c["add_generation_prompt"],
+                **kw,
             )
             out.append({"text": text, "ids": list(ids)})
         except Exception as e:  # the template's raise_exception
@@ -139,6 +144,7 @@ def main():
     ap.add_argument("--tok")
     ap.add_argument("--input", required=True)
     ap.add_argument("--out")
+    ap.add_argument("--template", help="chat template file to use instead of the tokenizer's")
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--max-len", type=int, default=1 << 30)
     ap.add_argument("--messages-as-string", action="store_true")

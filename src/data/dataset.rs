@@ -284,6 +284,18 @@ fn report(ds: &SftDataset) {
             ds.skipped[0]
         );
     }
+    let unlabelled = ds
+        .examples
+        .iter()
+        .filter(|e| e.num_label_tokens() == 0)
+        .count();
+    if unlabelled > 0 {
+        tracing::warn!(
+            "{}: {unlabelled} example(s) have no label tokens left (cut at max_seq_len before \
+             the assistant turn?); they add no loss",
+            ds.path.display()
+        );
+    }
     if ds.truncated > 0 {
         tracing::info!(
             "{}: {} example(s) cut at max_seq_len",
