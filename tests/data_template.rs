@@ -262,3 +262,39 @@ fn strftime_matches_python() {
         assert_eq!(volttrain::data::template::strftime(*t, fmt), w, "t = {t}");
     }
 }
+
+#[test]
+fn dataset_config_custom_template_inline_file_and_chatml() {
+    use volttrain::data::DatasetConfig;
+    let dir = root().join("tests/fixtures/data/llama2-tok");
+    let msgs = vec![m("user", "hi"), m("assistant", "yo")];
+    let mut c = DatasetConfig::new("x.jsonl");
+    // inline text
+    c.chat_template =
+        Some("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}".into());
+    let mut t = Tokenizer::from_dir(&dir).unwrap();
+    c.apply_chat_template(&mut t).unwrap();
+    assert_eq!(
+        t.apply_chat_template(&msgs, false).unwrap(),
+        "[user]hi[assistant]yo"
+    );
+    // a file: the stress template, checked against transformers elsewhere
+    let f = root().join("tests/fixtures/data/stress.jinja");
+    c.chat_template = Some(f.to_str().unwrap().into());
+    let mut t = Tokenizer::from_dir(&dir).unwrap();
+    c.apply_chat_template(&mut t).unwrap();
+    assert_eq!(
+        t.chat_template().unwrap().source(),
+        std::fs::read_to_string(&f).unwrap()
+    );
+    // built-in ChatML equals the asset tokenizer's template output
+    c.chat_template = Some("chatml".into());
+    let mut t = Tokenizer::from_dir(root().join("assets/tiny-llama")).unwrap();
+    let want = t.apply_chat_template(&msgs, true).unwrap();
+    c.apply_chat_template(&mut t).unwrap();
+    assert_eq!(t.apply_chat_template(&msgs, true).unwrap(), want);
+    // a missing file names it
+    c.chat_template = Some("/no/such/template.jinja".into());
+    let e = c.apply_chat_template(&mut t).unwrap_err().to_string();
+    assert!(e.contains("/no/such/template.jinja"), "{e}");
+}

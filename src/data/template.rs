@@ -32,6 +32,14 @@ impl Message {
     }
 }
 
+/// A ChatML template (`<|im_start|>role\ncontent<|im_end|>\n`), the custom template for models
+/// that ship none (the reference system's `build_custom_chat_template()`); `chat_template: chatml`
+/// in the dataset config selects it. The tokenizer should know `<|im_start|>`/`<|im_end|>` as
+/// added tokens.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] \
+    + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}\
+    {{ '<|im_start|>assistant\n' }}{% endif %}";
+
 /// The roles a conversation may use.
 pub const KNOWN_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
