@@ -429,3 +429,41 @@ fn truncation_keeps_the_first_tokens() {
     }
     assert!(cut.truncated > 0);
 }
+
+#[test]
+fn conversational_prompt_completion_labels_only_the_completion() {
+    let tok = asset_tok();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("pc.jsonl");
+    let rec = serde_json::json!({
+        "prompt": [
+            {"role": "user", "content": "What is 1 + 1?"},
+            {"role": "assistant", "content": "1 + 1 = 2."},
+            {"role": "user", "content": "And 2 + 2?"}
+        ],
+        "completion": [{"role": "assistant", "content": "2 + 2 = 4."}]
+    });
+    std::fs::write(&p, format!("{rec}\n")).unwrap();
+    let ds = SftDataset::load(&cfg(&p), &tok).unwrap();
+    let e = &ds.examples[0];
+    let labelled: Vec<u32> = e
+        .labels
+        .iter()
+        .filter(|&&l| l != IGNORE_INDEX)
+        .map(|&l| l as u32)
+        .collect();
+    // The completion turn as the template renders it, then the appended EOS.
+    let want = tok.decode(&labelled, false).unwrap();
+    assert_eq!(want, "2 + 2 = 4.<|im_end|>\n<|endoftext|>");
+    // The same conversation as `messages` labels both assistant turns.
+    let msgs = serde_json::json!({"messages": [
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "1 + 1 = 2."},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "2 + 2 = 4."}
+    ]});
+    std::fs::write(&p, format!("{msgs}\n")).unwrap();
+    let ds2 = SftDataset::load(&cfg(&p), &tok).unwrap();
+    assert_eq!(ds2.examples[0].input_ids, e.input_ids);
+    assert!(ds2.examples[0].num_label_tokens() > e.num_label_tokens());
+}

@@ -343,7 +343,10 @@ fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result
                 eos_label: true,
             })
         }
-        Record::Chat(msgs) => {
+        Record::Chat {
+            messages: msgs,
+            first_trainable,
+        } => {
             let render = |m: &[super::Message], generation: bool| {
                 tok.apply_chat_template(m, generation).map_err(|e| match e {
                     Error::Tokenizer { msg, .. } => msg,
@@ -362,7 +365,7 @@ fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result
             }
             let mut spans = Vec::new();
             for (i, m) in msgs.iter().enumerate() {
-                if m.role != "assistant" {
+                if m.role != "assistant" || i < *first_trainable {
                     continue;
                 }
                 // transformers refuses to render an empty conversation: a leading assistant
