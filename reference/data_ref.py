@@ -13,7 +13,7 @@
   collate --tok DIR --input IN.json  IN = {examples: [{input_ids, labels}], padding_side}: the batch
                                       of DataCollatorForSeq2Seq(padding=True, label_pad=-100) and
                                       the packed row of DataCollatorWithFlattening
-  parquet --input IN.jsonl --out OUT.parquet [--messages-as-string]
+  parquet --input IN.jsonl --out OUT.parquet [--messages-as-string] [--compression C]
                                       writes the records as Parquet with pyarrow
 
 Prints one JSON document on the last line of stdout.
@@ -134,7 +134,7 @@ def cmd_parquet(args):
         for r in rows:
             r["messages"] = json.dumps(r["messages"])
     table = pa.Table.from_pylist(rows)
-    pq.write_table(table, args.out, compression="snappy")
+    pq.write_table(table, args.out, compression=args.compression)
     return {"rows": len(rows), "schema": str(table.schema)}
 
 
@@ -148,6 +148,7 @@ def main():
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--max-len", type=int, default=1 << 30)
     ap.add_argument("--messages-as-string", action="store_true")
+    ap.add_argument("--compression", default="snappy")
     args = ap.parse_args()
     res = {"chat": cmd_chat, "sft": cmd_sft, "collate": cmd_collate, "parquet": cmd_parquet}[args.cmd](args)
     sys.stdout.write(json.dumps(res, ensure_ascii=False) + "\n")

@@ -377,6 +377,34 @@ fn parquet_matches_jsonl_and_wrong_type_names_row() {
             && e.contains("`messages` must be a list"),
         "{e}"
     );
+    // Uncompressed reads the same; an unsupported codec stops at row 1 with a clear message.
+    for (codec, ok) in [("none", true), ("zstd", false)] {
+        let f = tmp.path().join(format!("{codec}.parquet"));
+        data_ref(&[
+            "parquet",
+            "--input",
+            jsonl.to_str().unwrap(),
+            "--out",
+            f.to_str().unwrap(),
+            "--compression",
+            codec,
+        ]);
+        let skip = DatasetConfig {
+            skip_invalid: true,
+            ..cfg(&f)
+        };
+        match SftDataset::load(&skip, &tok) {
+            Ok(d) => {
+                assert!(ok, "{codec} should fail");
+                assert_eq!(d.examples, a.examples);
+            }
+            Err(e) => {
+                assert!(!ok, "{codec}: {e}");
+                let e = e.to_string();
+                assert!(e.contains(":1:") && e.contains("cannot decode"), "{e}");
+            }
+        }
+    }
     // Not Parquet at all.
     let junk = tmp.path().join("junk.parquet");
     std::fs::write(&junk, b"not parquet").unwrap();
