@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reference for VoltTrain's data module, run live from `tests/data_*.rs`.
 
-  chat    --tok DIR --input IN.json   for each case {messages, add_generation_prompt}: the text and
+  chat    --tok DIR --input IN.json [--template FILE]
+                                      for each case {messages, add_generation_prompt}: the text and
                                       ids of transformers' apply_chat_template, or its error
   sft     --tok DIR --input IN.jsonl [--all] [--max-len N]
                                       input_ids/labels per record, computed with transformers:
@@ -12,7 +13,7 @@
   collate --tok DIR --input IN.json  IN = {examples: [{input_ids, labels}], padding_side}: the batch
                                       of DataCollatorForSeq2Seq(padding=True, label_pad=-100) and
                                       the packed row of DataCollatorWithFlattening
-  parquet --input IN.jsonl --out OUT.parquet [--messages-as-string]
+  parquet --input IN.jsonl --out OUT.parquet [--messages-as-string] [--compression C]
                                       writes the records as Parquet with pyarrow
 
 Prints one JSON document on the last line of stdout.
@@ -31,17 +32,21 @@ def load_tok(path):
 def cmd_chat(args):
     tok = load_tok(args.tok)
     cases = json.load(open(args.input, encoding="utf-8"))
+    kw = {}
+    if args.template:
+        kw["chat_template"] = open(args.template, encoding="utf-8").read()
     out = []
     for c in cases:
         try:
             text = tok.apply_chat_template(
-                c["messages"], tokenize=False, add_generation_prompt=c["add_generation_prompt"]
+                c["messages"], tokenize=False, add_generation_prompt=c["add_generation_prompt"], **kw
             )
             ids = tok.apply_chat_template(
                 c["messages"],
                 tokenize=True,
                 return_dict=False,
                 add_generation_prompt=c["add_generation_prompt"],
+                **kw,
             )
             out.append({"text": text, "ids": list(ids)})
         except Exception as e:  # the template's raise_exception
@@ -129,7 +134,7 @@ def cmd_parquet(args):
         for r in rows:
             r["messages"] = json.dumps(r["messages"])
     table = pa.Table.from_pylist(rows)
-    pq.write_table(table, args.out, compression="snappy")
+    pq.write_table(table, args.out, compression=args.compression)
     return {"rows": len(rows), "schema": str(table.schema)}
 
 
@@ -139,9 +144,11 @@ def main():
     ap.add_argument("--tok")
     ap.add_argument("--input", required=True)
     ap.add_argument("--out")
+    ap.add_argument("--template", help="chat template file to use instead of the tokenizer's")
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--max-len", type=int, default=1 << 30)
     ap.add_argument("--messages-as-string", action="store_true")
+    ap.add_argument("--compression", default="snappy")
     args = ap.parse_args()
     res = {"chat": cmd_chat, "sft": cmd_sft, "collate": cmd_collate, "parquet": cmd_parquet}[args.cmd](args)
     sys.stdout.write(json.dumps(res, ensure_ascii=False) + "\n")

@@ -377,6 +377,34 @@ fn parquet_matches_jsonl_and_wrong_type_names_row() {
             && e.contains("`messages` must be a list"),
         "{e}"
     );
+    // Uncompressed reads the same; an unsupported codec stops at row 1 with a clear message.
+    for (codec, ok) in [("none", true), ("zstd", false)] {
+        let f = tmp.path().join(format!("{codec}.parquet"));
+        data_ref(&[
+            "parquet",
+            "--input",
+            jsonl.to_str().unwrap(),
+            "--out",
+            f.to_str().unwrap(),
+            "--compression",
+            codec,
+        ]);
+        let skip = DatasetConfig {
+            skip_invalid: true,
+            ..cfg(&f)
+        };
+        match SftDataset::load(&skip, &tok) {
+            Ok(d) => {
+                assert!(ok, "{codec} should fail");
+                assert_eq!(d.examples, a.examples);
+            }
+            Err(e) => {
+                assert!(!ok, "{codec}: {e}");
+                let e = e.to_string();
+                assert!(e.contains(":1:") && e.contains("cannot decode"), "{e}");
+            }
+        }
+    }
     // Not Parquet at all.
     let junk = tmp.path().join("junk.parquet");
     std::fs::write(&junk, b"not parquet").unwrap();
@@ -428,4 +456,42 @@ fn truncation_keeps_the_first_tokens() {
         );
     }
     assert!(cut.truncated > 0);
+}
+
+#[test]
+fn conversational_prompt_completion_labels_only_the_completion() {
+    let tok = asset_tok();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("pc.jsonl");
+    let rec = serde_json::json!({
+        "prompt": [
+            {"role": "user", "content": "What is 1 + 1?"},
+            {"role": "assistant", "content": "1 + 1 = 2."},
+            {"role": "user", "content": "And 2 + 2?"}
+        ],
+        "completion": [{"role": "assistant", "content": "2 + 2 = 4."}]
+    });
+    std::fs::write(&p, format!("{rec}\n")).unwrap();
+    let ds = SftDataset::load(&cfg(&p), &tok).unwrap();
+    let e = &ds.examples[0];
+    let labelled: Vec<u32> = e
+        .labels
+        .iter()
+        .filter(|&&l| l != IGNORE_INDEX)
+        .map(|&l| l as u32)
+        .collect();
+    // The completion turn as the template renders it, then the appended EOS.
+    let want = tok.decode(&labelled, false).unwrap();
+    assert_eq!(want, "2 + 2 = 4.<|im_end|>\n<|endoftext|>");
+    // The same conversation as `messages` labels both assistant turns.
+    let msgs = serde_json::json!({"messages": [
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "1 + 1 = 2."},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "2 + 2 = 4."}
+    ]});
+    std::fs::write(&p, format!("{msgs}\n")).unwrap();
+    let ds2 = SftDataset::load(&cfg(&p), &tok).unwrap();
+    assert_eq!(ds2.examples[0].input_ids, e.input_ids);
+    assert!(ds2.examples[0].num_label_tokens() > e.num_label_tokens());
 }

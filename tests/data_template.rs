@@ -68,7 +68,15 @@ fn cases() -> Vec<(Vec<Message>, bool)> {
 }
 
 fn check_parity(dir: &Path) {
-    let tok = Tokenizer::from_dir(dir).unwrap();
+    check_parity_with(dir, None);
+}
+
+fn check_parity_with(dir: &Path, template: Option<&Path>) {
+    let mut tok = Tokenizer::from_dir(dir).unwrap();
+    if let Some(t) = template {
+        tok.set_chat_template(&std::fs::read_to_string(t).unwrap(), t)
+            .unwrap();
+    }
     let cases = cases();
     let json: Vec<serde_json::Value> = cases
         .iter()
@@ -77,13 +85,17 @@ fn check_parity(dir: &Path) {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("cases.json");
     std::fs::write(&input, serde_json::to_string(&json).unwrap()).unwrap();
-    let reference = data_ref(&[
+    let mut args = vec![
         "chat",
         "--tok",
         dir.to_str().unwrap(),
         "--input",
         input.to_str().unwrap(),
-    ]);
+    ];
+    if let Some(t) = template {
+        args.extend(["--template", t.to_str().unwrap()]);
+    }
+    let reference = data_ref(&args);
     let reference = reference.as_array().unwrap();
     assert_eq!(reference.len(), cases.len());
     let mut n_ok = 0;
@@ -124,6 +136,17 @@ fn chatml_asset_tokenizer_matches_transformers() {
 #[test]
 fn llama2_fixture_tokenizer_matches_transformers() {
     check_parity(&root().join("tests/fixtures/data/llama2-tok"));
+}
+
+/// A template using namespace(), loop variables, filtered loops, slicing, `in`, `~`, string
+/// methods, dict literals, `tojson` (with indent), `.items()`, `selectattr`/`map`, and printing
+/// lists, floats, booleans and none the way Python's Jinja does.
+#[test]
+fn stress_template_matches_transformers() {
+    check_parity_with(
+        &root().join("assets/tiny-llama"),
+        Some(&root().join("tests/fixtures/data/stress.jinja")),
+    );
 }
 
 #[test]
@@ -211,4 +234,67 @@ fn missing_and_broken_tokenizer_files_are_errors() {
     .unwrap();
     let e = Tokenizer::from_dir(tmp.path()).unwrap_err().to_string();
     assert!(e.contains("does not compile"), "{e}");
+}
+
+#[test]
+fn strftime_matches_python() {
+    let fmt = "%Y-%m-%d %H:%M:%S %y %e %I %p %j %a %A %b %B %h %% %d %b %Y";
+    let stamps = [
+        0i64,
+        951_782_400,
+        1_709_210_096,
+        1_735_689_599,
+        4_102_444_800,
+        1_000_000_000,
+    ];
+    let code = format!(
+        "import json, datetime as d; print(json.dumps([d.datetime.fromtimestamp(t, \
+         d.timezone.utc).strftime({fmt:?}) for t in {stamps:?}]))"
+    );
+    let out = Command::new(python()).args(["-c", &code]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    for (t, w) in stamps.iter().zip(want) {
+        assert_eq!(volttrain::data::template::strftime(*t, fmt), w, "t = {t}");
+    }
+}
+
+#[test]
+fn dataset_config_custom_template_inline_file_and_chatml() {
+    use volttrain::data::DatasetConfig;
+    let dir = root().join("tests/fixtures/data/llama2-tok");
+    let msgs = vec![m("user", "hi"), m("assistant", "yo")];
+    let mut c = DatasetConfig::new("x.jsonl");
+    // inline text
+    c.chat_template =
+        Some("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}".into());
+    let mut t = Tokenizer::from_dir(&dir).unwrap();
+    c.apply_chat_template(&mut t).unwrap();
+    assert_eq!(
+        t.apply_chat_template(&msgs, false).unwrap(),
+        "[user]hi[assistant]yo"
+    );
+    // a file: the stress template, checked against transformers elsewhere
+    let f = root().join("tests/fixtures/data/stress.jinja");
+    c.chat_template = Some(f.to_str().unwrap().into());
+    let mut t = Tokenizer::from_dir(&dir).unwrap();
+    c.apply_chat_template(&mut t).unwrap();
+    assert_eq!(
+        t.chat_template().unwrap().source(),
+        std::fs::read_to_string(&f).unwrap()
+    );
+    // built-in ChatML equals the asset tokenizer's template output
+    c.chat_template = Some("chatml".into());
+    let mut t = Tokenizer::from_dir(root().join("assets/tiny-llama")).unwrap();
+    let want = t.apply_chat_template(&msgs, true).unwrap();
+    c.apply_chat_template(&mut t).unwrap();
+    assert_eq!(t.apply_chat_template(&msgs, true).unwrap(), want);
+    // a missing file names it
+    c.chat_template = Some("/no/such/template.jinja".into());
+    let e = c.apply_chat_template(&mut t).unwrap_err().to_string();
+    assert!(e.contains("/no/such/template.jinja"), "{e}");
 }

@@ -66,7 +66,8 @@ pub struct DatasetConfig {
     /// Evaluation data file (same format rules).
     #[serde(default)]
     pub eval_path: Option<PathBuf>,
-    /// A custom chat template: the template text, or a path to a `.jinja` file.
+    /// A custom chat template: the template text, a path to a `.jinja` file, or `chatml` for the
+    /// built-in ChatML template.
     #[serde(default)]
     pub chat_template: Option<String>,
     /// Which side padding goes (right by default).
@@ -156,7 +157,12 @@ impl DatasetConfig {
         let Some(t) = &self.chat_template else {
             return Ok(());
         };
-        if t.contains("{{") || t.contains("{%") {
+        if t == "chatml" {
+            tok.set_chat_template(
+                super::template::CHATML_TEMPLATE,
+                "dataset.chat_template: chatml",
+            )
+        } else if t.contains("{{") || t.contains("{%") {
             tok.set_chat_template(t, "dataset.chat_template")
         } else {
             let p = Path::new(t);

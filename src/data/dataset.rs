@@ -284,6 +284,18 @@ fn report(ds: &SftDataset) {
             ds.skipped[0]
         );
     }
+    let unlabelled = ds
+        .examples
+        .iter()
+        .filter(|e| e.num_label_tokens() == 0)
+        .count();
+    if unlabelled > 0 {
+        tracing::warn!(
+            "{}: {unlabelled} example(s) have no label tokens left (cut at max_seq_len before \
+             the assistant turn?); they add no loss",
+            ds.path.display()
+        );
+    }
     if ds.truncated > 0 {
         tracing::info!(
             "{}: {} example(s) cut at max_seq_len",
@@ -331,7 +343,10 @@ fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result
                 eos_label: true,
             })
         }
-        Record::Chat(msgs) => {
+        Record::Chat {
+            messages: msgs,
+            first_trainable,
+        } => {
             let render = |m: &[super::Message], generation: bool| {
                 tok.apply_chat_template(m, generation).map_err(|e| match e {
                     Error::Tokenizer { msg, .. } => msg,
@@ -350,7 +365,7 @@ fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result
             }
             let mut spans = Vec::new();
             for (i, m) in msgs.iter().enumerate() {
-                if m.role != "assistant" {
+                if m.role != "assistant" || i < *first_trainable {
                     continue;
                 }
                 // transformers refuses to render an empty conversation: a leading assistant

@@ -6,6 +6,33 @@
 //! BatchIter::new(&ds, ...)          deterministic shuffle per (seed, epoch), shards, resume
 //! Collator::collate(&examples)      padded (or packed) Batch { input_ids, attention_mask, labels }
 //! ```
+//!
+//! ```
+//! use std::sync::Arc;
+//! use volttrain::data::{Collator, DataLoader, DatasetConfig, LoaderOptions, SftDataset, Tokenizer};
+//!
+//! # fn main() -> volttrain::Result<()> {
+//! let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+//! let cfg = DatasetConfig {
+//!     max_seq_len: 256,
+//!     cache: false,
+//!     ..DatasetConfig::new(root.join("assets/data/eval.jsonl"))
+//! };
+//! let mut tok = Tokenizer::from_dir(root.join("assets/tiny-llama"))?;
+//! cfg.apply_chat_template(&mut tok)?; // a custom template, if the config gives one
+//! let ds = Arc::new(SftDataset::load(&cfg, &tok)?);
+//! let pad = tok.pad().map(|p| p.id as i64).unwrap_or(0);
+//! let loader = DataLoader::new(
+//!     ds,
+//!     Collator::new(pad, cfg.padding_side),
+//!     LoaderOptions { batch_size: 4, ..Default::default() },
+//! );
+//! let batch = loader.epoch(0, 0)?.next().expect("one batch")?;
+//! assert_eq!(batch.input_ids.size()[0], 4);
+//! assert_eq!(batch.labels.size(), batch.input_ids.size());
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod collator;
 pub mod config;

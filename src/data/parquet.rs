@@ -22,21 +22,27 @@ pub fn read_parquet(path: &Path, bytes: Vec<u8>) -> Result<ReadOutcome> {
         line: 0,
         msg: format!("cannot read Parquet rows: {e}"),
     })?;
+    let total = usize::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0);
     let mut out = ReadOutcome::default();
-    for (i, row) in rows.enumerate() {
+    // A row that cannot be decoded (unsupported compression, corrupt page) stops the read: the
+    // iterator cannot move past it, and skipping the rest of the file would drop data silently.
+    for (i, row) in rows.take(total).enumerate() {
         let n = i + 1;
-        let r = row
-            .map_err(|e| format!("Parquet row {n}: cannot decode: {e}"))
-            .and_then(|row| {
-                let v = group_to_json(&row);
-                parse_record(&v).map_err(|m| format!("Parquet row {n}: {m}"))
-            });
-        match r {
+        let row = row.map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            line: n,
+            msg: format!(
+                "Parquet row {n}: cannot decode: {e} (VoltTrain reads uncompressed and \
+                 Snappy-compressed Parquet)"
+            ),
+        })?;
+        let v = group_to_json(&row);
+        match parse_record(&v) {
             Ok(value) => out.records.push(super::records::Located { line: n, value }),
-            Err(msg) => out.errors.push(Error::Data {
+            Err(m) => out.errors.push(Error::Data {
                 path: path.to_path_buf(),
                 line: n,
-                msg,
+                msg: format!("Parquet row {n}: {m}"),
             }),
         }
     }

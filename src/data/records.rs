@@ -9,8 +9,13 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     /// A chat (`{"messages": [{"role", "content"}, ...]}`, or a conversational
-    /// `prompt`/`completion` pair of message lists).
-    Chat(Vec<Message>),
+    /// `prompt`/`completion` pair of message lists). Assistant turns at index `first_trainable`
+    /// or later carry labels (0 for `messages`; the prompt's length for prompt/completion, so
+    /// assistant turns inside the prompt are context only, as in TRL).
+    Chat {
+        messages: Vec<Message>,
+        first_trainable: usize,
+    },
     /// `{"prompt": "...", "completion": "..."}`: loss on the completion only (TRL's
     /// prompt-completion format).
     PromptCompletion { prompt: String, completion: String },
@@ -87,14 +92,17 @@ fn kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-fn check_chat(msgs: Vec<Message>) -> std::result::Result<Record, String> {
+fn check_chat(msgs: Vec<Message>, first_trainable: usize) -> std::result::Result<Record, String> {
     if msgs.is_empty() {
         return Err("empty conversation: `messages` has no messages".into());
     }
     if !msgs.iter().any(|m| m.role == "assistant") {
         return Err("conversation has no assistant turn, so nothing to train on".into());
     }
-    Ok(Record::Chat(msgs))
+    Ok(Record::Chat {
+        messages: msgs,
+        first_trainable,
+    })
 }
 
 /// Turns one JSON value into a [`Record`], or says what is wrong with it.
@@ -103,7 +111,7 @@ pub fn parse_record(v: &serde_json::Value) -> std::result::Result<Record, String
         .as_object()
         .ok_or_else(|| format!("a record must be a JSON object, found {}", kind(v)))?;
     if let Some(m) = obj.get("messages") {
-        return check_chat(messages_from(m, "messages")?);
+        return check_chat(messages_from(m, "messages")?, 0);
     }
     match (obj.get("prompt"), obj.get("completion")) {
         (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(c))) => {
@@ -118,8 +126,9 @@ pub fn parse_record(v: &serde_json::Value) -> std::result::Result<Record, String
             if !comp.iter().any(|m| m.role == "assistant") {
                 return Err("`completion` has no assistant message".into());
             }
+            let first = msgs.len();
             msgs.extend(comp);
-            return check_chat(msgs);
+            return check_chat(msgs, first);
         }
         (Some(p), Some(c)) => {
             return Err(format!(

@@ -32,6 +32,14 @@ impl Message {
     }
 }
 
+/// A ChatML template (`<|im_start|>role\ncontent<|im_end|>\n`), the custom template for models
+/// that ship none (the reference system's `build_custom_chat_template()`); `chat_template: chatml`
+/// in the dataset config selects it. The tokenizer should know `<|im_start|>`/`<|im_end|>` as
+/// added tokens.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] \
+    + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}\
+    {{ '<|im_start|>assistant\n' }}{% endif %}";
+
 /// The roles a conversation may use.
 pub const KNOWN_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
@@ -73,6 +81,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
+        env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, source.clone())
             .map_err(|e| Error::Tokenizer {
                 path: origin.clone(),
@@ -151,6 +160,93 @@ fn describe(e: &minijinja::Error) -> String {
 /// `raise_exception(msg)`: the template rejects its input.
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// `strftime_now(format)`: the current UTC time formatted as Python's `datetime.strftime`
+/// (Llama 3 templates print today's date with it).
+fn strftime_now(format: String) -> std::result::Result<Value, minijinja::Error> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Ok(Value::from(strftime(secs, &format)))
+}
+
+/// Formats `secs` since the Unix epoch (UTC) with the C/Python `strftime` directives
+/// `%Y %y %m %d %e %H %I %M %S %p %j %a %A %b %B %h %%` (others are kept as written). Civil date
+/// from days: Howard Hinnant's `civil_from_days`.
+pub fn strftime(secs: i64, format: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    let (h, mi, se) = (tod / 3600, (tod % 3600) / 60, tod % 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy_mar + 2) / 153;
+    let d = doy_mar - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = cum[(m - 1) as usize] + d + (leap && m > 2) as i64;
+    let wday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let mut out = String::new();
+    let mut it = format.chars();
+    while let Some(c) = it.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let Some(k) = it.next() else {
+            out.push('%');
+            break;
+        };
+        let _ = match k {
+            'Y' => write!(out, "{y}"),
+            'y' => write!(out, "{:02}", y.rem_euclid(100)),
+            'm' => write!(out, "{m:02}"),
+            'd' => write!(out, "{d:02}"),
+            'e' => write!(out, "{d:>2}"),
+            'H' => write!(out, "{h:02}"),
+            'I' => write!(out, "{:02}", if h % 12 == 0 { 12 } else { h % 12 }),
+            'M' => write!(out, "{mi:02}"),
+            'S' => write!(out, "{se:02}"),
+            'p' => write!(out, "{}", if h < 12 { "AM" } else { "PM" }),
+            'j' => write!(out, "{yday:03}"),
+            'a' => write!(out, "{}", &DAYS[wday][..3]),
+            'A' => write!(out, "{}", DAYS[wday]),
+            'b' | 'h' => write!(out, "{}", &MONTHS[(m - 1) as usize][..3]),
+            'B' => write!(out, "{}", MONTHS[(m - 1) as usize]),
+            '%' => write!(out, "%"),
+            other => write!(out, "%{other}"),
+        };
+    }
+    out
 }
 
 /// Python's `json.dumps(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`,

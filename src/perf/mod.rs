@@ -5,6 +5,7 @@
 //! [`Measurement`]s. The `volttrain-bench` binary drives them and prints the table.
 
 pub mod model;
+pub mod data;
 
 use std::path::PathBuf;
 use std::process::Command;
