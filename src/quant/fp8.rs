@@ -203,6 +203,30 @@ pub(crate) fn scaled_mm_linear(
     y.f_reshape(out_shape).ctx(ctx("reshape"))
 }
 
+/// The byte-pair table of exact fp32 values of `format` (see [`super::byte_pair_table`]).
+fn fp8_pair_table(format: Fp8Format, device: Device) -> Result<Tensor> {
+    static VALUES: [OnceLock<Vec<f32>>; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = &VALUES[format as usize];
+    let values = match slot.get() {
+        Some(v) => v,
+        None => {
+            let v: Vec<f32> = Tensor::f_arange(256, (Kind::Int, Device::Cpu))
+                .and_then(|t| t.f_to_kind(Kind::Uint8))
+                .and_then(|t| t.f_view_dtype(format.kind()))
+                .and_then(|t| t.f_to_kind(Kind::Float))
+                .and_then(|t| t.try_into())
+                .ctx(format!("{} value table", format.name()))?;
+            slot.get_or_init(|| v)
+        }
+    };
+    Ok(super::byte_pair_table(
+        format.name(),
+        device,
+        2,
+        |b, out| out.push(values[b]),
+    ))
+}
+
 /// Produces [`Fp8Tensor`]s.
 #[derive(Debug, Clone, Copy)]
 pub struct Fp8Quantizer {
@@ -279,12 +303,29 @@ impl QuantizedTensor for Fp8Tensor {
     fn dequantize(&self, kind: Kind) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
         let ctx = || format!("{} dequantize {:?}", self.format.name(), self.shape());
-        let out = self
-            .bits
-            .f_to_kind(Kind::Float)
-            .ctx(ctx())?
-            .f_div(&self.scale)
-            .ctx(ctx())?;
+        let (rows, cols) = self.shape();
+        let out = if (rows * cols) % 2 == 0 {
+            // exact fp8 -> fp32 values from a byte-pair table (libtorch's e4m3 cast is scalar
+            // code on CPU), then the same division as `bits.to(float32) / scale`
+            let table = fp8_pair_table(self.format, self.bits.device())?;
+            let bytes = self
+                .bits
+                .f_view_dtype(Kind::Uint8)
+                .ctx(ctx())?
+                .f_view([-1])
+                .ctx(ctx())?;
+            let mut v = super::gather_byte_pairs(&table, &bytes)?
+                .f_view([rows, cols])
+                .ctx(ctx())?;
+            let _ = v.f_div_(&self.scale).ctx(ctx())?;
+            v
+        } else {
+            self.bits
+                .f_to_kind(Kind::Float)
+                .ctx(ctx())?
+                .f_div(&self.scale)
+                .ctx(ctx())?
+        };
         if kind == Kind::Float {
             Ok(out)
         } else {

@@ -71,3 +71,50 @@ pub(crate) fn check_weight(format: &str, weight: &Tensor) -> Result<(i64, i64)> 
 pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
     t.numel() * t.kind().elt_size_in_bytes()
 }
+
+/// A `[65536, width]` fp32 lookup table with one row per pair of bytes: row `r` holds
+/// `fill(b0) ++ fill(b1)` where `b0`, `b1` are the two bytes whose in-memory pair reads as `r`
+/// when viewed as a native-endian `u16`. Built once per (name, device) and thread, and shared
+/// through `shallow_clone` (tensors are not `Sync`, so the cache is thread-local).
+pub(crate) fn byte_pair_table(
+    name: &'static str,
+    device: tch::Device,
+    width: usize,
+    fill: impl Fn(usize, &mut Vec<f32>),
+) -> Tensor {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    thread_local! {
+        static TABLES: RefCell<HashMap<(&'static str, tch::Device), Tensor>> = RefCell::new(HashMap::new());
+    }
+    TABLES.with(|t| {
+        t.borrow_mut()
+            .entry((name, device))
+            .or_insert_with(|| {
+                let mut v = Vec::with_capacity(65536 * width);
+                for r in 0..65536usize {
+                    let [b0, b1] = (r as u16).to_ne_bytes();
+                    fill(b0 as usize, &mut v);
+                    fill(b1 as usize, &mut v);
+                }
+                Tensor::from_slice(&v)
+                    .view([65536, width as i64])
+                    .to_device(device)
+            })
+            .shallow_clone()
+    })
+}
+
+/// Looks up `bytes` (1-D `uint8`, even length) two at a time in a [`byte_pair_table`]:
+/// returns `[len / 2, width]` fp32. Vectorised: the bytes are read as `i16`, widened to `i32`,
+/// masked to `0..65536` and passed to `index_select`.
+pub(crate) fn gather_byte_pairs(table: &Tensor, bytes: &Tensor) -> Result<Tensor> {
+    let ctx = || format!("byte-pair lookup of {} bytes", bytes.numel());
+    let mut idx = bytes
+        .f_view_dtype(Kind::Int16)
+        .ctx(ctx())?
+        .f_to_kind(Kind::Int)
+        .ctx(ctx())?;
+    let _ = idx.f_bitwise_and_(0xFFFF).ctx(ctx())?;
+    table.f_index_select(0, &idx).ctx(ctx())
+}

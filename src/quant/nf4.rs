@@ -18,8 +18,9 @@
 //!   a value within half a grid step (1.5e-5) of a midpoint between two codes can take the
 //!   farther one, exactly as bitsandbytes does.
 //!
-//! Dequantization is `code[nibble] * absmax[block]` in fp32, vectorised through a 256-entry
-//! table of code pairs (one row per packed byte) and `index_select`.
+//! Dequantization is `code[nibble] * absmax[block]` in fp32, vectorised: each pair of packed
+//! bytes indexes a 65536-row table of four code values (`index_select`), then the blocks are
+//! scaled in place.
 
 use tch::{Device, Kind, Tensor};
 
@@ -305,6 +306,16 @@ impl FourBitQuantizer {
     }
 }
 
+/// The `[65536, 4]` table of the four code values of each pair of packed bytes (see
+/// [`super::byte_pair_table`]).
+fn quad_table(ty: FourBitType, device: Device) -> Tensor {
+    let code = ty.code();
+    super::byte_pair_table(ty.name(), device, 4, |byte, out| {
+        out.push(code[byte >> 4]);
+        out.push(code[byte & 15]);
+    })
+}
+
 /// Double quantization of the fp32 absmax vector, bitsandbytes' `compress_statistics=True`.
 fn nested_absmax(absmax: &Tensor) -> Result<AbsMax> {
     let device = absmax.device();
@@ -346,8 +357,9 @@ pub struct FourBitTensor {
     /// `uint8 [numel / 2, 1]`, high nibble first.
     packed: Tensor,
     absmax: AbsMax,
-    /// `[256, 2]` fp32: the two code values of each possible byte (a view of the 16-value table,
-    /// not counted as storage beyond those 16 values).
+    /// `[65536, 4]` fp32: the four code values of each pair of packed bytes, indexed by the two
+    /// bytes read as a little-endian `u16` (1 MiB, shared by all tensors of the format; derived
+    /// from the 16-value table and not counted as storage).
     pairs: Tensor,
 }
 
@@ -388,14 +400,7 @@ impl FourBitTensor {
         if stat_len as i64 != nblocks {
             return bad(format!("expected {nblocks} absmax values, got {stat_len}"));
         }
-        let device = packed.device();
-        let code = ty.code();
-        let mut pairs = Vec::with_capacity(512);
-        for byte in 0..256usize {
-            pairs.push(code[byte >> 4]);
-            pairs.push(code[byte & 15]);
-        }
-        let pairs = Tensor::from_slice(&pairs).view([256, 2]).to_device(device);
+        let pairs = quad_table(ty, packed.device());
         Ok(FourBitTensor {
             ty,
             shape,
@@ -484,13 +489,8 @@ impl FourBitTensor {
             .f_view([-1])
             .ctx(ctx())?
             .f_slice(0, s / 2, e / 2, 1)
-            .ctx(ctx())?
-            .f_to_kind(Kind::Int)
             .ctx(ctx())?;
-        let mut out = self
-            .pairs
-            .f_index_select(0, &bytes)
-            .ctx(ctx())?
+        let mut out = super::gather_byte_pairs(&self.pairs, &bytes)?
             .f_view([-1, bs])
             .ctx(ctx())?;
         let _ = out.f_mul_(&absmax).ctx(ctx())?;
