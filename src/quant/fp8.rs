@@ -271,6 +271,48 @@ impl Fp8Tensor {
         })
     }
 
+    /// Rebuilds a tensor from its parts: `bits` in the FP8 dtype of `format` or as `uint8`,
+    /// `scale` with one value (per tensor) or one per row.
+    pub fn from_parts(format: Fp8Format, bits: Tensor, scale: Tensor) -> Result<Self> {
+        let bad = |m: String| Err(Error::invalid(format!("{} tensor: {m}", format.name())));
+        if bits.dim() != 2 {
+            return bad(format!("bits must be 2-D, got {:?}", bits.size()));
+        }
+        let bits = match bits.kind() {
+            Kind::Uint8 => bits
+                .f_view_dtype(format.kind())
+                .ctx("fp8 bits from uint8")?,
+            k if k == format.kind() => bits,
+            k => {
+                return bad(format!(
+                    "bits must be uint8 or {:?}, got {k:?}",
+                    format.kind()
+                ));
+            }
+        };
+        let rows = bits.size()[0];
+        let (scale, scaling) = match scale.numel() as i64 {
+            1 => (
+                scale.f_reshape(Vec::<i64>::new()).ctx("fp8 scale")?,
+                Fp8Scaling::PerTensor,
+            ),
+            n if n == rows => (
+                scale.f_reshape([rows, 1]).ctx("fp8 scale")?,
+                Fp8Scaling::PerRow,
+            ),
+            n => return bad(format!("scale must have 1 or {rows} values, got {n}")),
+        };
+        if scale.kind() != Kind::Float {
+            return bad(format!("scale must be fp32, got {:?}", scale.kind()));
+        }
+        Ok(Fp8Tensor {
+            format,
+            scaling,
+            bits,
+            scale,
+        })
+    }
+
     pub fn fp8_format(&self) -> Fp8Format {
         self.format
     }
@@ -351,10 +393,15 @@ impl QuantizedTensor for Fp8Tensor {
         x.f_linear::<&Tensor>(&w, None).ctx("fp8 linear")
     }
 
+    /// `bits`: the FP8 bytes viewed as `uint8` (tch's safetensors writer has no FP8 dtype);
+    /// `scale`: the fp32 quantization multiplier (`W ≈ bits / scale`), `[]` or `[rows, 1]`.
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let bits = self
+            .bits
+            .f_view_dtype(Kind::Uint8)
+            .unwrap_or_else(|_| self.bits.shallow_clone());
         vec![
-            ("weight".to_string(), self.bits.shallow_clone()),
-            // the quantization multiplier: weight ≈ bits / scale
+            ("bits".to_string(), bits),
             ("scale".to_string(), self.scale.shallow_clone()),
         ]
     }

@@ -75,6 +75,27 @@ impl Int8Tensor {
         Ok(Int8Tensor { codes, stats })
     }
 
+    /// Rebuilds a tensor from int8 `codes [rows, cols]` and fp32 row `stats [rows]`.
+    pub fn from_parts(codes: Tensor, stats: Tensor) -> Result<Self> {
+        let size = codes.size();
+        if codes.kind() != Kind::Int8 || size.len() != 2 {
+            return Err(Error::invalid(format!(
+                "int8 tensor: codes must be 2-D int8, got {:?} {size:?}",
+                codes.kind()
+            )));
+        }
+        if stats.kind() != Kind::Float || stats.numel() as i64 != size[0] {
+            return Err(Error::invalid(format!(
+                "int8 tensor: stats must be {} fp32 values, got {:?} {:?}",
+                size[0],
+                stats.kind(),
+                stats.size()
+            )));
+        }
+        let stats = stats.f_reshape([size[0]]).ctx("int8 stats")?;
+        Ok(Int8Tensor { codes, stats })
+    }
+
     /// The int8 codes `[rows, cols]`.
     pub fn codes(&self) -> &Tensor {
         &self.codes

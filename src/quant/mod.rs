@@ -118,3 +118,82 @@ pub(crate) fn gather_byte_pairs(table: &Tensor, bytes: &Tensor) -> Result<Tensor
     let _ = idx.f_bitwise_and_(0xFFFF).ctx(ctx())?;
     table.f_index_select(0, &idx).ctx(ctx())
 }
+
+/// Rebuilds a quantized tensor from what [`QuantizedTensor::named_tensors`] returned (for
+/// example after a safetensors round trip): `format` is [`QuantizedTensor::format`], `shape` the
+/// dense `(rows, cols)`. Errors name the missing or malformed part.
+pub fn from_named_tensors(
+    format: &str,
+    shape: (i64, i64),
+    named: Vec<(String, Tensor)>,
+) -> Result<Box<dyn QuantizedTensor>> {
+    let mut map: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
+    let mut take = |name: &str| {
+        map.remove(name).ok_or_else(|| {
+            crate::Error::invalid(format!("{format} tensor {shape:?}: missing part `{name}`"))
+        })
+    };
+    let t: Box<dyn QuantizedTensor> = match format {
+        "nf4" | "fp4" => {
+            let ty = if format == "nf4" {
+                FourBitType::Nf4
+            } else {
+                FourBitType::Fp4
+            };
+            let packed = take("packed")?;
+            let quant_map = take("quant_map")?;
+            let expected = Tensor::from_slice(&ty.code());
+            if quant_map.kind() != Kind::Float
+                || !quant_map.to_device(tch::Device::Cpu).equal(&expected)
+            {
+                return Err(crate::Error::invalid(format!(
+                    "{format} tensor {shape:?}: `quant_map` is not the {format} code table"
+                )));
+            }
+            let absmax = take("absmax")?;
+            let nblocks = absmax.numel() as i64;
+            let n = shape.0 * shape.1;
+            if nblocks == 0 || n % nblocks != 0 {
+                return Err(crate::Error::invalid(format!(
+                    "{format} tensor {shape:?}: {nblocks} absmax values do not divide {n} values"
+                )));
+            }
+            let block_size = n / nblocks;
+            let stats = if absmax.kind() == Kind::Uint8 {
+                let offset = take("nested_offset")?
+                    .f_double_value(&[0])
+                    .ctx(format!("{format} nested_offset"))? as f32;
+                nf4::AbsMax::Nested {
+                    codes: absmax,
+                    absmax2: take("nested_absmax")?,
+                    code: take("nested_quant_map")?,
+                    offset,
+                }
+            } else {
+                nf4::AbsMax::Full(absmax)
+            };
+            Box::new(FourBitTensor::new(ty, shape, block_size, packed, stats)?)
+        }
+        "int8" => Box::new(Int8Tensor::from_parts(take("codes")?, take("stats")?)?),
+        "fp8_e4m3" | "fp8_e5m2" => {
+            let f = if format == "fp8_e4m3" {
+                Fp8Format::E4m3
+            } else {
+                Fp8Format::E5m2
+            };
+            Box::new(Fp8Tensor::from_parts(f, take("bits")?, take("scale")?)?)
+        }
+        other => {
+            return Err(crate::Error::invalid(format!(
+                "unknown quantized format `{other}`; known: nf4, fp4, int8, fp8_e4m3, fp8_e5m2"
+            )));
+        }
+    };
+    if t.shape() != shape {
+        return Err(crate::Error::invalid(format!(
+            "{format} tensor: parts have shape {:?}, expected {shape:?}",
+            t.shape()
+        )));
+    }
+    Ok(t)
+}

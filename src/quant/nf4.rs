@@ -431,7 +431,7 @@ impl FourBitTensor {
                 ty.name()
             )))
         };
-        if block_size <= 0 || n % block_size != 0 || n % 2 != 0 {
+        if shape.0 <= 0 || shape.1 <= 0 || block_size <= 0 || n % block_size != 0 || n % 2 != 0 {
             return bad(format!(
                 "block size {block_size} does not divide {n} values"
             ));
@@ -445,8 +445,38 @@ impl FourBitTensor {
             ));
         }
         let stat_len = match &absmax {
-            AbsMax::Full(a) => a.numel(),
-            AbsMax::Nested { codes, .. } => codes.numel(),
+            AbsMax::Full(a) => {
+                if a.kind() != Kind::Float {
+                    return bad(format!("absmax must be fp32, got {:?}", a.kind()));
+                }
+                a.numel()
+            }
+            AbsMax::Nested {
+                codes,
+                absmax2,
+                code,
+                ..
+            } => {
+                let nb2 = codes.numel().div_ceil(NESTED_BLOCK_SIZE);
+                if codes.kind() != Kind::Uint8
+                    || absmax2.kind() != Kind::Float
+                    || absmax2.numel() != nb2
+                    || code.kind() != Kind::Float
+                    || code.numel() != 256
+                {
+                    return bad(format!(
+                        "nested statistics must be uint8 codes, {nb2} fp32 absmax and a 256-value \
+                         fp32 code; got {:?} {:?}, {:?} {:?}, {:?} {:?}",
+                        codes.kind(),
+                        codes.size(),
+                        absmax2.kind(),
+                        absmax2.size(),
+                        code.kind(),
+                        code.size()
+                    ));
+                }
+                codes.numel()
+            }
         };
         if stat_len as i64 != nblocks {
             return bad(format!("expected {nblocks} absmax values, got {stat_len}"));
