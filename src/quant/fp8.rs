@@ -183,8 +183,9 @@ pub(crate) fn scaled_mm_linear(
         Fp8Scaling::PerTensor => inv_w,
         Fp8Scaling::PerRow => inv_w.f_view([1, -1]).ctx(ctx("scale"))?,
     };
-    let out_kind = match x.kind() {
-        Kind::BFloat16 | Kind::Half | Kind::Float => x.kind(),
+    // row-wise scaling requires a bf16 output; tensor-wise takes the input's float kind
+    let out_kind = match (scaling, x.kind()) {
+        (Fp8Scaling::PerTensor, k @ (Kind::BFloat16 | Kind::Half | Kind::Float)) => k,
         _ => Kind::BFloat16,
     };
     let y = xb
@@ -200,7 +201,12 @@ pub(crate) fn scaled_mm_linear(
         .ctx(ctx("matmul"))?;
     let mut out_shape = size[..size.len() - 1].to_vec();
     out_shape.push(w_bits.size()[0]);
-    y.f_reshape(out_shape).ctx(ctx("reshape"))
+    let y = y.f_reshape(out_shape).ctx(ctx("reshape"))?;
+    if y.kind() == x.kind() {
+        Ok(y)
+    } else {
+        y.f_to_kind(x.kind()).ctx(ctx("output kind"))
+    }
 }
 
 /// The byte-pair table of exact fp32 values of `format` (see [`super::byte_pair_table`]).
@@ -260,9 +266,21 @@ pub struct Fp8Tensor {
 impl Fp8Tensor {
     /// Quantizes a 2-D weight.
     pub fn quantize(weight: &Tensor, format: Fp8Format, scaling: Fp8Scaling) -> Result<Self> {
-        check_weight(format.name(), weight)?;
+        let shape = check_weight(format.name(), weight)?;
         let _g = tch::no_grad_guard();
         let (bits, scale) = quantize_fp8(weight, format, scaling)?;
+        // an infinite amax gives scale 0, a NaN one scale NaN: both fail `scale > 0`
+        let positive = scale
+            .f_gt(0.0)
+            .and_then(|t| t.f_all())
+            .and_then(|t| t.f_int64_value(&[]))
+            .ctx(format!("{} quantize {shape:?}", format.name()))?;
+        if positive != 1 {
+            return Err(Error::invalid(format!(
+                "{} quantization of weight {shape:?}: the weight holds NaN or infinite values",
+                format.name()
+            )));
+        }
         Ok(Fp8Tensor {
             format,
             scaling,

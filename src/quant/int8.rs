@@ -52,6 +52,7 @@ impl Int8Tensor {
             .ctx(ctx("abs"))?
             .f_amax([1], false)
             .ctx(ctx("row absmax"))?;
+        super::check_finite("int8", (rows, cols), &stats)?;
         // bitsandbytes: A * (127.0 / row_stats), i.e. reciprocal(row_stats) * 127; zero rows
         // (where it would produce 0 * inf = NaN) get a factor of 0
         let factor = stats

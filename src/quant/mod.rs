@@ -3,6 +3,16 @@
 //! A [`Quantizer`] turns a dense 2-D weight into a [`QuantizedTensor`]: a packed representation
 //! that knows its own dequantization. [`crate::nn::Linear`] holds such a tensor in place of its
 //! dense weight and calls [`QuantizedTensor::linear`] in its forward pass.
+//!
+//! | format | module | storage (bytes/param) | reference it equals |
+//! |---|---|---|---|
+//! | `nf4`, `fp4` | [`nf4`] | 0.5 + 4/64 (0.516 with double quantization) | bitsandbytes 0.50 `quantize_4bit`, bit for bit |
+//! | `int8` | [`int8`] | 1 + 4/cols | bitsandbytes `int8_vectorwise_quant` |
+//! | `fp8_e4m3`, `fp8_e5m2` | [`fp8`] | 1 (+ 4 per tensor or row) | torchao Float8Linear dynamic scaling |
+//!
+//! [`QuantConfig`] is the `quantization` config section and maps the legacy `model.train_4bit`
+//! / `model.train_8bit` switches; [`Fp8Linear`] trains a linear layer with FP8 numerics.
+//! Every quantizer refuses weights that are not 2-D floating point or hold NaN/infinite values.
 
 use std::fmt;
 
@@ -65,6 +75,23 @@ pub(crate) fn check_weight(format: &str, weight: &Tensor) -> Result<(i64, i64)> 
         )));
     }
     Ok((size[0], size[1]))
+}
+
+/// Errors when `stats` (a reduction of `|W|`: absmax per block, row or tensor) is not finite,
+/// that is when the weight holds NaN or infinite values, which no format can represent.
+pub(crate) fn check_finite(format: &str, shape: (i64, i64), stats: &Tensor) -> Result<()> {
+    let finite = stats
+        .f_isfinite()
+        .and_then(|t| t.f_all())
+        .and_then(|t| t.f_int64_value(&[]))
+        .ctx(format!("{format} quantize {shape:?}: finiteness check"))?;
+    if finite == 1 {
+        Ok(())
+    } else {
+        Err(crate::Error::invalid(format!(
+            "{format} quantization of weight {shape:?}: the weight holds NaN or infinite values"
+        )))
+    }
 }
 
 /// Bytes held by `t` (numel times element size).

@@ -108,10 +108,11 @@ pub fn dynamic_map() -> Result<Vec<f32>> {
         let items = (1i64 << i) + 1;
         let b =
             Tensor::f_linspace(0.1, 1.0, items, (Kind::Float, Device::Cpu)).ctx("dynamic map")?;
-        let means = (b.f_slice(0, 0, items - 1, 1).ctx("dynamic map")?
-            + b.f_slice(0, 1, items, 1).ctx("dynamic map")?)
-        .f_div_scalar(2.0)
-        .ctx("dynamic map")?;
+        let means = b
+            .f_slice(0, 0, items - 1, 1)
+            .and_then(|lo| lo.f_add(&b.f_slice(0, 1, items, 1)?))
+            .and_then(|s| s.f_div_scalar(2.0))
+            .ctx("dynamic map")?;
         let pos: Vec<f32> = means
             .f_mul_scalar(*p)
             .ctx("dynamic map")?
@@ -312,10 +313,11 @@ impl FourBitQuantizer {
             .f_argsort_stable(true, 0, false)
             .ctx(ctx("sort code"))?;
         let sorted = code.f_index_select(0, &order).ctx(ctx("sort code"))?;
-        let bounds = (sorted.f_slice(0, 0, 15, 1).ctx(ctx("bounds"))?
-            + sorted.f_slice(0, 1, 16, 1).ctx(ctx("bounds"))?)
-        .f_div_scalar(2.0)
-        .ctx(ctx("bounds"))?;
+        let bounds = sorted
+            .f_slice(0, 0, 15, 1)
+            .and_then(|lo| lo.f_add(&sorted.f_slice(0, 1, 16, 1)?))
+            .and_then(|s| s.f_div_scalar(2.0))
+            .ctx(ctx("bounds"))?;
 
         // In chunks of whole blocks (blocks are independent, so the result is the same), to
         // keep the temporaries of quantizing a large weight near CHUNK_VALUES * 20 bytes.
@@ -341,6 +343,7 @@ impl FourBitQuantizer {
             start = end;
         }
         let absmax = Tensor::f_cat(&absmax_parts, 0).ctx(ctx("absmax"))?;
+        super::check_finite(name, (rows, cols), &absmax)?;
         let packed = Tensor::f_cat(&packed_parts, 0)
             .ctx(ctx("pack"))?
             .f_view([-1, 1])
