@@ -291,3 +291,33 @@ fn quantized_linear_matches_dense_of_dequantized() {
         max_abs_diff(&y, &x.linear::<&Tensor>(&w, None)) / y_ref.abs().max().double_value(&[]);
     assert!(rel < 0.2, "{rel}");
 }
+
+#[test]
+fn tiled_linear_without_grad_equals_full_dequantization() {
+    tch::manual_seed(8);
+    // 2 tiles of whole rows; and rows of 160 values (2.5 blocks), so tiles are an even number
+    // of rows
+    for (rows, cols) in [(2048i64, 640i64), (8000, 160)] {
+        assert!(rows * cols > volttrain::quant::nf4::TILE_VALUES);
+        let w = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu));
+        let x = Tensor::randn([3, cols], (Kind::Float, tch::Device::Cpu));
+        let q = FourBitQuantizer::nf4_qlora().quantize(&w).unwrap();
+        let y = q.linear(&x).unwrap();
+        let y_full = x.linear::<&Tensor>(&q.dequantize(Kind::Float).unwrap(), None);
+        assert_eq!(y.size(), vec![3, rows]);
+        let rel = max_abs_diff(&y, &y_full) / y_full.abs().max().double_value(&[]);
+        assert!(
+            rel < 1e-6,
+            "[{rows}, {cols}]: tiled product differs by {rel}"
+        );
+        // with a gradient to record, the full path gives the input gradient g W
+        let xg = x.copy().set_requires_grad(true);
+        q.linear(&xg).unwrap().sum(Kind::Float).backward();
+        let expect = q.dequantize(Kind::Float).unwrap().sum_dim_intlist(
+            [0i64].as_slice(),
+            false,
+            Kind::Float,
+        );
+        assert!(max_abs_diff(&xg.grad().get(0), &expect) < 1e-3);
+    }
+}

@@ -153,3 +153,65 @@ fn compute_dtype_casts_the_product() {
     let d = (&y16 - &y32).abs().max().double_value(&[]);
     assert!(d > 0.0 && d < 0.5, "bf16 vs fp32 product differ by {d}");
 }
+
+#[test]
+fn every_format_round_trips_through_safetensors() {
+    use volttrain::quant::from_named_tensors;
+    tch::manual_seed(12);
+    let w = Tensor::randn([96, 160], (Kind::Float, Device::Cpu));
+    let dir = tempfile::tempdir().unwrap();
+    for yaml in [
+        "type: nf4",
+        "type: nf4\ndouble_quant: true",
+        "type: fp4\nblock_size: 32\ndouble_quant: true",
+        "type: int8",
+        "type: fp8_e4m3",
+        "type: fp8_e5m2\nscaling: per_row",
+    ] {
+        let q = parse(yaml)
+            .unwrap()
+            .quantizer()
+            .unwrap()
+            .quantize(&w)
+            .unwrap();
+        let path = dir.path().join("q.safetensors");
+        Tensor::write_safetensors(&q.named_tensors(), &path).unwrap();
+        let back = from_named_tensors(
+            q.format(),
+            q.shape(),
+            Tensor::read_safetensors(&path).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (back.format(), back.shape(), back.storage_bytes()),
+            (q.format(), q.shape(), q.storage_bytes())
+        );
+        let (a, b) = (
+            q.dequantize(Kind::Float).unwrap(),
+            back.dequantize(Kind::Float).unwrap(),
+        );
+        assert!(
+            a.equal(&b),
+            "{yaml}: dequantized weights differ after the round trip"
+        );
+        // a missing part and a wrong shape are errors naming the problem
+        let mut parts = q.named_tensors();
+        let (name, _) = parts.remove(0);
+        let e = from_named_tensors(q.format(), q.shape(), parts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&name), "{yaml}: {e}");
+        // (the packed 4-bit codes carry no shape, only a count: a transposed shape would pass)
+        let e = from_named_tensors(q.format(), (96, 96), q.named_tensors())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("expected") || e.contains("divide"),
+            "{yaml}: {e}"
+        );
+    }
+    let e = from_named_tensors("int4", (2, 2), vec![])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown quantized format"), "{e}");
+}

@@ -6,6 +6,7 @@
 
 pub mod model;
 pub mod data;
+pub mod quant;
 
 use std::path::PathBuf;
 use std::process::Command;

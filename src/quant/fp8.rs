@@ -183,8 +183,9 @@ pub(crate) fn scaled_mm_linear(
         Fp8Scaling::PerTensor => inv_w,
         Fp8Scaling::PerRow => inv_w.f_view([1, -1]).ctx(ctx("scale"))?,
     };
-    let out_kind = match x.kind() {
-        Kind::BFloat16 | Kind::Half | Kind::Float => x.kind(),
+    // row-wise scaling requires a bf16 output; tensor-wise takes the input's float kind
+    let out_kind = match (scaling, x.kind()) {
+        (Fp8Scaling::PerTensor, k @ (Kind::BFloat16 | Kind::Half | Kind::Float)) => k,
         _ => Kind::BFloat16,
     };
     let y = xb
@@ -200,7 +201,36 @@ pub(crate) fn scaled_mm_linear(
         .ctx(ctx("matmul"))?;
     let mut out_shape = size[..size.len() - 1].to_vec();
     out_shape.push(w_bits.size()[0]);
-    y.f_reshape(out_shape).ctx(ctx("reshape"))
+    let y = y.f_reshape(out_shape).ctx(ctx("reshape"))?;
+    if y.kind() == x.kind() {
+        Ok(y)
+    } else {
+        y.f_to_kind(x.kind()).ctx(ctx("output kind"))
+    }
+}
+
+/// The byte-pair table of exact fp32 values of `format` (see [`super::byte_pair_table`]).
+fn fp8_pair_table(format: Fp8Format, device: Device) -> Result<Tensor> {
+    static VALUES: [OnceLock<Vec<f32>>; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = &VALUES[format as usize];
+    let values = match slot.get() {
+        Some(v) => v,
+        None => {
+            let v: Vec<f32> = Tensor::f_arange(256, (Kind::Int, Device::Cpu))
+                .and_then(|t| t.f_to_kind(Kind::Uint8))
+                .and_then(|t| t.f_view_dtype(format.kind()))
+                .and_then(|t| t.f_to_kind(Kind::Float))
+                .and_then(|t| t.try_into())
+                .ctx(format!("{} value table", format.name()))?;
+            slot.get_or_init(|| v)
+        }
+    };
+    Ok(super::byte_pair_table(
+        format.name(),
+        device,
+        2,
+        |b, out| out.push(values[b]),
+    ))
 }
 
 /// Produces [`Fp8Tensor`]s.
@@ -236,9 +266,63 @@ pub struct Fp8Tensor {
 impl Fp8Tensor {
     /// Quantizes a 2-D weight.
     pub fn quantize(weight: &Tensor, format: Fp8Format, scaling: Fp8Scaling) -> Result<Self> {
-        check_weight(format.name(), weight)?;
+        let shape = check_weight(format.name(), weight)?;
         let _g = tch::no_grad_guard();
         let (bits, scale) = quantize_fp8(weight, format, scaling)?;
+        // an infinite amax gives scale 0, a NaN one scale NaN: both fail `scale > 0`
+        let positive = scale
+            .f_gt(0.0)
+            .and_then(|t| t.f_all())
+            .and_then(|t| t.f_int64_value(&[]))
+            .ctx(format!("{} quantize {shape:?}", format.name()))?;
+        if positive != 1 {
+            return Err(Error::invalid(format!(
+                "{} quantization of weight {shape:?}: the weight holds NaN or infinite values",
+                format.name()
+            )));
+        }
+        Ok(Fp8Tensor {
+            format,
+            scaling,
+            bits,
+            scale,
+        })
+    }
+
+    /// Rebuilds a tensor from its parts: `bits` in the FP8 dtype of `format` or as `uint8`,
+    /// `scale` with one value (per tensor) or one per row.
+    pub fn from_parts(format: Fp8Format, bits: Tensor, scale: Tensor) -> Result<Self> {
+        let bad = |m: String| Err(Error::invalid(format!("{} tensor: {m}", format.name())));
+        if bits.dim() != 2 {
+            return bad(format!("bits must be 2-D, got {:?}", bits.size()));
+        }
+        let bits = match bits.kind() {
+            Kind::Uint8 => bits
+                .f_view_dtype(format.kind())
+                .ctx("fp8 bits from uint8")?,
+            k if k == format.kind() => bits,
+            k => {
+                return bad(format!(
+                    "bits must be uint8 or {:?}, got {k:?}",
+                    format.kind()
+                ));
+            }
+        };
+        let rows = bits.size()[0];
+        let (scale, scaling) = match scale.numel() as i64 {
+            1 => (
+                scale.f_reshape(Vec::<i64>::new()).ctx("fp8 scale")?,
+                Fp8Scaling::PerTensor,
+            ),
+            n if n == rows => (
+                scale.f_reshape([rows, 1]).ctx("fp8 scale")?,
+                Fp8Scaling::PerRow,
+            ),
+            n => return bad(format!("scale must have 1 or {rows} values, got {n}")),
+        };
+        if scale.kind() != Kind::Float {
+            return bad(format!("scale must be fp32, got {:?}", scale.kind()));
+        }
         Ok(Fp8Tensor {
             format,
             scaling,
@@ -279,12 +363,29 @@ impl QuantizedTensor for Fp8Tensor {
     fn dequantize(&self, kind: Kind) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
         let ctx = || format!("{} dequantize {:?}", self.format.name(), self.shape());
-        let out = self
-            .bits
-            .f_to_kind(Kind::Float)
-            .ctx(ctx())?
-            .f_div(&self.scale)
-            .ctx(ctx())?;
+        let (rows, cols) = self.shape();
+        let out = if (rows * cols) % 2 == 0 {
+            // exact fp8 -> fp32 values from a byte-pair table (libtorch's e4m3 cast is scalar
+            // code on CPU), then the same division as `bits.to(float32) / scale`
+            let table = fp8_pair_table(self.format, self.bits.device())?;
+            let bytes = self
+                .bits
+                .f_view_dtype(Kind::Uint8)
+                .ctx(ctx())?
+                .f_view([-1])
+                .ctx(ctx())?;
+            let mut v = super::gather_byte_pairs(&table, &bytes)?
+                .f_view([rows, cols])
+                .ctx(ctx())?;
+            let _ = v.f_div_(&self.scale).ctx(ctx())?;
+            v
+        } else {
+            self.bits
+                .f_to_kind(Kind::Float)
+                .ctx(ctx())?
+                .f_div(&self.scale)
+                .ctx(ctx())?
+        };
         if kind == Kind::Float {
             Ok(out)
         } else {
@@ -310,10 +411,15 @@ impl QuantizedTensor for Fp8Tensor {
         x.f_linear::<&Tensor>(&w, None).ctx("fp8 linear")
     }
 
+    /// `bits`: the FP8 bytes viewed as `uint8` (tch's safetensors writer has no FP8 dtype);
+    /// `scale`: the fp32 quantization multiplier (`W ≈ bits / scale`), `[]` or `[rows, 1]`.
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let bits = self
+            .bits
+            .f_view_dtype(Kind::Uint8)
+            .unwrap_or_else(|_| self.bits.shallow_clone());
         vec![
-            ("weight".to_string(), self.bits.shallow_clone()),
-            // the quantization multiplier: weight ≈ bits / scale
+            ("bits".to_string(), bits),
             ("scale".to_string(), self.scale.shallow_clone()),
         ]
     }

@@ -52,6 +52,7 @@ impl Int8Tensor {
             .ctx(ctx("abs"))?
             .f_amax([1], false)
             .ctx(ctx("row absmax"))?;
+        super::check_finite("int8", (rows, cols), &stats)?;
         // bitsandbytes: A * (127.0 / row_stats), i.e. reciprocal(row_stats) * 127; zero rows
         // (where it would produce 0 * inf = NaN) get a factor of 0
         let factor = stats
@@ -72,6 +73,27 @@ impl Int8Tensor {
             .ctx(ctx("round"))?
             .f_to_kind(Kind::Int8)
             .ctx(ctx("to int8"))?;
+        Ok(Int8Tensor { codes, stats })
+    }
+
+    /// Rebuilds a tensor from int8 `codes [rows, cols]` and fp32 row `stats [rows]`.
+    pub fn from_parts(codes: Tensor, stats: Tensor) -> Result<Self> {
+        let size = codes.size();
+        if codes.kind() != Kind::Int8 || size.len() != 2 {
+            return Err(Error::invalid(format!(
+                "int8 tensor: codes must be 2-D int8, got {:?} {size:?}",
+                codes.kind()
+            )));
+        }
+        if stats.kind() != Kind::Float || stats.numel() as i64 != size[0] {
+            return Err(Error::invalid(format!(
+                "int8 tensor: stats must be {} fp32 values, got {:?} {:?}",
+                size[0],
+                stats.kind(),
+                stats.size()
+            )));
+        }
+        let stats = stats.f_reshape([size[0]]).ctx("int8 stats")?;
         Ok(Int8Tensor { codes, stats })
     }
 

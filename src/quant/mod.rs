@@ -3,6 +3,16 @@
 //! A [`Quantizer`] turns a dense 2-D weight into a [`QuantizedTensor`]: a packed representation
 //! that knows its own dequantization. [`crate::nn::Linear`] holds such a tensor in place of its
 //! dense weight and calls [`QuantizedTensor::linear`] in its forward pass.
+//!
+//! | format | module | storage (bytes/param) | reference it equals |
+//! |---|---|---|---|
+//! | `nf4`, `fp4` | [`nf4`] | 0.5 + 4/64 (0.516 with double quantization) | bitsandbytes 0.50 `quantize_4bit`, bit for bit |
+//! | `int8` | [`int8`] | 1 + 4/cols | bitsandbytes `int8_vectorwise_quant` |
+//! | `fp8_e4m3`, `fp8_e5m2` | [`fp8`] | 1 (+ 4 per tensor or row) | torchao Float8Linear dynamic scaling |
+//!
+//! [`QuantConfig`] is the `quantization` config section and maps the legacy `model.train_4bit`
+//! / `model.train_8bit` switches; [`Fp8Linear`] trains a linear layer with FP8 numerics.
+//! Every quantizer refuses weights that are not 2-D floating point or hold NaN/infinite values.
 
 use std::fmt;
 
@@ -67,7 +77,150 @@ pub(crate) fn check_weight(format: &str, weight: &Tensor) -> Result<(i64, i64)> 
     Ok((size[0], size[1]))
 }
 
+/// Errors when `stats` (a reduction of `|W|`: absmax per block, row or tensor) is not finite,
+/// that is when the weight holds NaN or infinite values, which no format can represent.
+pub(crate) fn check_finite(format: &str, shape: (i64, i64), stats: &Tensor) -> Result<()> {
+    let finite = stats
+        .f_isfinite()
+        .and_then(|t| t.f_all())
+        .and_then(|t| t.f_int64_value(&[]))
+        .ctx(format!("{format} quantize {shape:?}: finiteness check"))?;
+    if finite == 1 {
+        Ok(())
+    } else {
+        Err(crate::Error::invalid(format!(
+            "{format} quantization of weight {shape:?}: the weight holds NaN or infinite values"
+        )))
+    }
+}
+
 /// Bytes held by `t` (numel times element size).
 pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
     t.numel() * t.kind().elt_size_in_bytes()
+}
+
+/// A `[65536, width]` fp32 lookup table with one row per pair of bytes: row `r` holds
+/// `fill(b0) ++ fill(b1)` where `b0`, `b1` are the two bytes whose in-memory pair reads as `r`
+/// when viewed as a native-endian `u16`. Built once per (name, device) and thread, and shared
+/// through `shallow_clone` (tensors are not `Sync`, so the cache is thread-local).
+pub(crate) fn byte_pair_table(
+    name: &'static str,
+    device: tch::Device,
+    width: usize,
+    fill: impl Fn(usize, &mut Vec<f32>),
+) -> Tensor {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    thread_local! {
+        static TABLES: RefCell<HashMap<(&'static str, tch::Device), Tensor>> = RefCell::new(HashMap::new());
+    }
+    TABLES.with(|t| {
+        t.borrow_mut()
+            .entry((name, device))
+            .or_insert_with(|| {
+                let mut v = Vec::with_capacity(65536 * width);
+                for r in 0..65536usize {
+                    let [b0, b1] = (r as u16).to_ne_bytes();
+                    fill(b0 as usize, &mut v);
+                    fill(b1 as usize, &mut v);
+                }
+                Tensor::from_slice(&v)
+                    .view([65536, width as i64])
+                    .to_device(device)
+            })
+            .shallow_clone()
+    })
+}
+
+/// Looks up `bytes` (1-D `uint8`, even length) two at a time in a [`byte_pair_table`]:
+/// returns `[len / 2, width]` fp32. Vectorised: the bytes are read as `i16`, widened to `i32`,
+/// masked to `0..65536` and passed to `index_select`.
+pub(crate) fn gather_byte_pairs(table: &Tensor, bytes: &Tensor) -> Result<Tensor> {
+    let ctx = || format!("byte-pair lookup of {} bytes", bytes.numel());
+    let mut idx = bytes
+        .f_view_dtype(Kind::Int16)
+        .ctx(ctx())?
+        .f_to_kind(Kind::Int)
+        .ctx(ctx())?;
+    let _ = idx.f_bitwise_and_(0xFFFF).ctx(ctx())?;
+    table.f_index_select(0, &idx).ctx(ctx())
+}
+
+/// Rebuilds a quantized tensor from what [`QuantizedTensor::named_tensors`] returned (for
+/// example after a safetensors round trip): `format` is [`QuantizedTensor::format`], `shape` the
+/// dense `(rows, cols)`. Errors name the missing or malformed part.
+pub fn from_named_tensors(
+    format: &str,
+    shape: (i64, i64),
+    named: Vec<(String, Tensor)>,
+) -> Result<Box<dyn QuantizedTensor>> {
+    let mut map: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
+    let mut take = |name: &str| {
+        map.remove(name).ok_or_else(|| {
+            crate::Error::invalid(format!("{format} tensor {shape:?}: missing part `{name}`"))
+        })
+    };
+    let t: Box<dyn QuantizedTensor> = match format {
+        "nf4" | "fp4" => {
+            let ty = if format == "nf4" {
+                FourBitType::Nf4
+            } else {
+                FourBitType::Fp4
+            };
+            let packed = take("packed")?;
+            let quant_map = take("quant_map")?;
+            let expected = Tensor::from_slice(&ty.code());
+            if quant_map.kind() != Kind::Float
+                || !quant_map.to_device(tch::Device::Cpu).equal(&expected)
+            {
+                return Err(crate::Error::invalid(format!(
+                    "{format} tensor {shape:?}: `quant_map` is not the {format} code table"
+                )));
+            }
+            let absmax = take("absmax")?;
+            let nblocks = absmax.numel() as i64;
+            let n = shape.0 * shape.1;
+            if nblocks == 0 || n % nblocks != 0 {
+                return Err(crate::Error::invalid(format!(
+                    "{format} tensor {shape:?}: {nblocks} absmax values do not divide {n} values"
+                )));
+            }
+            let block_size = n / nblocks;
+            let stats = if absmax.kind() == Kind::Uint8 {
+                let offset = take("nested_offset")?
+                    .f_double_value(&[0])
+                    .ctx(format!("{format} nested_offset"))? as f32;
+                nf4::AbsMax::Nested {
+                    codes: absmax,
+                    absmax2: take("nested_absmax")?,
+                    code: take("nested_quant_map")?,
+                    offset,
+                }
+            } else {
+                nf4::AbsMax::Full(absmax)
+            };
+            Box::new(FourBitTensor::new(ty, shape, block_size, packed, stats)?)
+        }
+        "int8" => Box::new(Int8Tensor::from_parts(take("codes")?, take("stats")?)?),
+        "fp8_e4m3" | "fp8_e5m2" => {
+            let f = if format == "fp8_e4m3" {
+                Fp8Format::E4m3
+            } else {
+                Fp8Format::E5m2
+            };
+            Box::new(Fp8Tensor::from_parts(f, take("bits")?, take("scale")?)?)
+        }
+        other => {
+            return Err(crate::Error::invalid(format!(
+                "unknown quantized format `{other}`; known: nf4, fp4, int8, fp8_e4m3, fp8_e5m2"
+            )));
+        }
+    };
+    if t.shape() != shape {
+        return Err(crate::Error::invalid(format!(
+            "{format} tensor: parts have shape {:?}, expected {shape:?}",
+            t.shape()
+        )));
+    }
+    Ok(t)
 }

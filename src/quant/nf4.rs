@@ -18,8 +18,9 @@
 //!   a value within half a grid step (1.5e-5) of a midpoint between two codes can take the
 //!   farther one, exactly as bitsandbytes does.
 //!
-//! Dequantization is `code[nibble] * absmax[block]` in fp32, vectorised through a 256-entry
-//! table of code pairs (one row per packed byte) and `index_select`.
+//! Dequantization is `code[nibble] * absmax[block]` in fp32, vectorised: each pair of packed
+//! bytes indexes a 65536-row table of four code values (`index_select`), then the blocks are
+//! scaled in place.
 
 use tch::{Device, Kind, Tensor};
 
@@ -64,6 +65,16 @@ const FP4_RAW: [f32; 16] = [
 /// Block sizes bitsandbytes accepts for 4-bit quantization.
 pub const VALID_BLOCK_SIZES: [i64; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 
+/// Values quantized per chunk (4 Mi): bounds the temporaries of quantizing one weight.
+const CHUNK_VALUES: i64 = 1 << 22;
+
+/// Dense values per tile in the gradient-free [`FourBitTensor`] product (1 Mi, 4 MiB in fp32).
+pub const TILE_VALUES: i64 = 1 << 20;
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a.abs() } else { gcd(b, a % b) }
+}
+
 /// Block size of the nested (double) quantization of the absmax statistics.
 pub const NESTED_BLOCK_SIZE: usize = 256;
 
@@ -97,10 +108,11 @@ pub fn dynamic_map() -> Result<Vec<f32>> {
         let items = (1i64 << i) + 1;
         let b =
             Tensor::f_linspace(0.1, 1.0, items, (Kind::Float, Device::Cpu)).ctx("dynamic map")?;
-        let means = (b.f_slice(0, 0, items - 1, 1).ctx("dynamic map")?
-            + b.f_slice(0, 1, items, 1).ctx("dynamic map")?)
-        .f_div_scalar(2.0)
-        .ctx("dynamic map")?;
+        let means = b
+            .f_slice(0, 0, items - 1, 1)
+            .and_then(|lo| lo.f_add(&b.f_slice(0, 1, items, 1)?))
+            .and_then(|s| s.f_div_scalar(2.0))
+            .ctx("dynamic map")?;
         let pos: Vec<f32> = means
             .f_mul_scalar(*p)
             .ctx("dynamic map")?
@@ -225,7 +237,57 @@ impl FourBitQuantizer {
         }
     }
 
+    /// Quantizes `[nblocks, block_size]` fp32 values: their absmax and packed codes (1-D).
+    fn quantize_blocks(
+        &self,
+        blocks: &Tensor,
+        bounds: &Tensor,
+        order: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let ctx = |what: &str| format!("{} blocks: {what}", self.ty.name());
+        let absmax = blocks
+            .f_abs()
+            .ctx(ctx("abs"))?
+            .f_amax([1], false)
+            .ctx(ctx("absmax"))?;
+        let inv = absmax
+            .f_clamp_min(1e-38)
+            .ctx(ctx("absmax"))?
+            .f_reciprocal()
+            .ctx(ctx("absmax"))?
+            .f_view([-1, 1])
+            .ctx(ctx("absmax"))?;
+        let scaled = blocks
+            .f_mul(&inv)
+            .ctx(ctx("scale"))?
+            .f_clamp(-1.0, 1.0)
+            .ctx(ctx("scale"))?
+            .f_reshape([-1])
+            .ctx(ctx("scale"))?;
+        let mut q = scaled
+            .f_bucketize(bounds, false, false)
+            .ctx(ctx("bucketize"))?;
+        if self.ty != FourBitType::Nf4 {
+            q = order.f_index_select(0, &q).ctx(ctx("code order"))?;
+        }
+        let q = q.f_view([-1, 2]).ctx(ctx("pack"))?;
+        let hi = q.f_select(1, 0).ctx(ctx("pack"))?;
+        let lo = q.f_select(1, 1).ctx(ctx("pack"))?;
+        let packed = hi
+            .f_mul_scalar(16)
+            .ctx(ctx("pack"))?
+            .f_add(&lo)
+            .ctx(ctx("pack"))?
+            .f_to_kind(Kind::Uint8)
+            .ctx(ctx("pack"))?;
+        Ok((absmax, packed))
+    }
+
     fn quantize_4bit(&self, weight: &Tensor) -> Result<FourBitTensor> {
+        self.quantize_chunked(weight, CHUNK_VALUES)
+    }
+
+    fn quantize_chunked(&self, weight: &Tensor, chunk_values: i64) -> Result<FourBitTensor> {
         let name = self.ty.name();
         let (rows, cols) = check_weight(name, weight)?;
         if !VALID_BLOCK_SIZES.contains(&self.block_size) {
@@ -251,49 +313,42 @@ impl FourBitQuantizer {
             .f_argsort_stable(true, 0, false)
             .ctx(ctx("sort code"))?;
         let sorted = code.f_index_select(0, &order).ctx(ctx("sort code"))?;
-        let bounds = (sorted.f_slice(0, 0, 15, 1).ctx(ctx("bounds"))?
-            + sorted.f_slice(0, 1, 16, 1).ctx(ctx("bounds"))?)
-        .f_div_scalar(2.0)
-        .ctx(ctx("bounds"))?;
+        let bounds = sorted
+            .f_slice(0, 0, 15, 1)
+            .and_then(|lo| lo.f_add(&sorted.f_slice(0, 1, 16, 1)?))
+            .and_then(|s| s.f_div_scalar(2.0))
+            .ctx(ctx("bounds"))?;
 
-        let blocks = weight
-            .f_to_kind(Kind::Float)
-            .ctx(ctx("to fp32"))?
-            .f_reshape([n / bs, bs])
-            .ctx(ctx("reshape"))?;
-        let absmax = blocks
-            .f_abs()
-            .ctx(ctx("abs"))?
-            .f_amax([1], false)
-            .ctx(ctx("absmax"))?;
-        let inv = absmax
-            .f_clamp_min(1e-38)
-            .ctx(ctx("absmax"))?
-            .f_reciprocal()
-            .ctx(ctx("absmax"))?
-            .f_view([-1, 1])
-            .ctx(ctx("absmax"))?;
-        let scaled = blocks
-            .f_mul(&inv)
-            .ctx(ctx("scale"))?
-            .f_clamp(-1.0, 1.0)
-            .ctx(ctx("scale"))?
-            .f_reshape([-1])
-            .ctx(ctx("scale"))?;
-        let mut q = scaled
-            .f_bucketize(&bounds, false, false)
-            .ctx(ctx("bucketize"))?;
-        if self.ty != FourBitType::Nf4 {
-            q = order.f_index_select(0, &q).ctx(ctx("code order"))?;
+        // In chunks of whole blocks (blocks are independent, so the result is the same), to
+        // keep the temporaries of quantizing a large weight near CHUNK_VALUES * 20 bytes.
+        let flat = weight.f_reshape([-1]).ctx(ctx("flatten"))?;
+        let chunk = (chunk_values / bs).max(1) * bs;
+        let mut absmax_parts = Vec::new();
+        let mut packed_parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let end = (start + chunk).min(n);
+            let blocks = flat
+                .f_slice(0, start, end, 1)
+                .ctx(ctx("chunk"))?
+                .f_to_kind(Kind::Float)
+                .ctx(ctx("to fp32"))?
+                .f_reshape([-1, bs])
+                .ctx(ctx("reshape"))?;
+            let (a, p) = self
+                .quantize_blocks(&blocks, &bounds, &order)
+                .map_err(|e| Error::invalid(format!("{}: {e}", ctx("quantize"))))?;
+            absmax_parts.push(a);
+            packed_parts.push(p);
+            start = end;
         }
-        let q = q.f_view([-1, 2]).ctx(ctx("pack"))?;
-        let hi = q.f_select(1, 0).ctx(ctx("pack"))?;
-        let lo = q.f_select(1, 1).ctx(ctx("pack"))?;
-        let packed = (hi.f_mul_scalar(16).ctx(ctx("pack"))? + lo)
-            .f_to_kind(Kind::Uint8)
+        let absmax = Tensor::f_cat(&absmax_parts, 0).ctx(ctx("absmax"))?;
+        super::check_finite(name, (rows, cols), &absmax)?;
+        let packed = Tensor::f_cat(&packed_parts, 0)
             .ctx(ctx("pack"))?
             .f_view([-1, 1])
             .ctx(ctx("pack"))?;
+        drop((absmax_parts, packed_parts));
 
         let absmax = if self.double_quant {
             nested_absmax(&absmax)
@@ -303,6 +358,16 @@ impl FourBitQuantizer {
         };
         FourBitTensor::new(self.ty, (rows, cols), bs, packed, absmax)
     }
+}
+
+/// The `[65536, 4]` table of the four code values of each pair of packed bytes (see
+/// [`super::byte_pair_table`]).
+fn quad_table(ty: FourBitType, device: Device) -> Tensor {
+    let code = ty.code();
+    super::byte_pair_table(ty.name(), device, 4, |byte, out| {
+        out.push(code[byte >> 4]);
+        out.push(code[byte & 15]);
+    })
 }
 
 /// Double quantization of the fp32 absmax vector, bitsandbytes' `compress_statistics=True`.
@@ -346,8 +411,9 @@ pub struct FourBitTensor {
     /// `uint8 [numel / 2, 1]`, high nibble first.
     packed: Tensor,
     absmax: AbsMax,
-    /// `[256, 2]` fp32: the two code values of each possible byte (a view of the 16-value table,
-    /// not counted as storage beyond those 16 values).
+    /// `[65536, 4]` fp32: the four code values of each pair of packed bytes, indexed by the two
+    /// bytes read as a little-endian `u16` (1 MiB, shared by all tensors of the format; derived
+    /// from the 16-value table and not counted as storage).
     pairs: Tensor,
 }
 
@@ -368,7 +434,7 @@ impl FourBitTensor {
                 ty.name()
             )))
         };
-        if block_size <= 0 || n % block_size != 0 || n % 2 != 0 {
+        if shape.0 <= 0 || shape.1 <= 0 || block_size <= 0 || n % block_size != 0 || n % 2 != 0 {
             return bad(format!(
                 "block size {block_size} does not divide {n} values"
             ));
@@ -382,20 +448,43 @@ impl FourBitTensor {
             ));
         }
         let stat_len = match &absmax {
-            AbsMax::Full(a) => a.numel(),
-            AbsMax::Nested { codes, .. } => codes.numel(),
+            AbsMax::Full(a) => {
+                if a.kind() != Kind::Float {
+                    return bad(format!("absmax must be fp32, got {:?}", a.kind()));
+                }
+                a.numel()
+            }
+            AbsMax::Nested {
+                codes,
+                absmax2,
+                code,
+                ..
+            } => {
+                let nb2 = codes.numel().div_ceil(NESTED_BLOCK_SIZE);
+                if codes.kind() != Kind::Uint8
+                    || absmax2.kind() != Kind::Float
+                    || absmax2.numel() != nb2
+                    || code.kind() != Kind::Float
+                    || code.numel() != 256
+                {
+                    return bad(format!(
+                        "nested statistics must be uint8 codes, {nb2} fp32 absmax and a 256-value \
+                         fp32 code; got {:?} {:?}, {:?} {:?}, {:?} {:?}",
+                        codes.kind(),
+                        codes.size(),
+                        absmax2.kind(),
+                        absmax2.size(),
+                        code.kind(),
+                        code.size()
+                    ));
+                }
+                codes.numel()
+            }
         };
         if stat_len as i64 != nblocks {
             return bad(format!("expected {nblocks} absmax values, got {stat_len}"));
         }
-        let device = packed.device();
-        let code = ty.code();
-        let mut pairs = Vec::with_capacity(512);
-        for byte in 0..256usize {
-            pairs.push(code[byte >> 4]);
-            pairs.push(code[byte & 15]);
-        }
-        let pairs = Tensor::from_slice(&pairs).view([256, 2]).to_device(device);
+        let pairs = quad_table(ty, packed.device());
         Ok(FourBitTensor {
             ty,
             shape,
@@ -484,13 +573,8 @@ impl FourBitTensor {
             .f_view([-1])
             .ctx(ctx())?
             .f_slice(0, s / 2, e / 2, 1)
-            .ctx(ctx())?
-            .f_to_kind(Kind::Int)
             .ctx(ctx())?;
-        let mut out = self
-            .pairs
-            .f_index_select(0, &bytes)
-            .ctx(ctx())?
+        let mut out = super::gather_byte_pairs(&self.pairs, &bytes)?
             .f_view([-1, bs])
             .ctx(ctx())?;
         let _ = out.f_mul_(&absmax).ctx(ctx())?;
@@ -514,6 +598,38 @@ impl QuantizedTensor for FourBitTensor {
 
     fn dequantize(&self, kind: Kind) -> Result<Tensor> {
         self.dequantize_rows(0, self.shape.0, kind)
+    }
+
+    /// `x W^T`. Without a gradient to record (inference, or a frozen layer below every adapter)
+    /// the weight is dequantized in tiles of about [`TILE_VALUES`] values, so a product never
+    /// holds more than one tile of the dense weight; otherwise the whole weight is dequantized
+    /// (autograd keeps it for the backward pass either way).
+    fn linear(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = self.shape;
+        let ctx = || {
+            format!(
+                "{} linear {:?} x {:?}",
+                self.ty.name(),
+                x.size(),
+                self.shape
+            )
+        };
+        if x.requires_grad() || rows * cols <= TILE_VALUES {
+            let w = self.dequantize(x.kind())?;
+            return x.f_linear::<&Tensor>(&w, None).ctx(ctx());
+        }
+        // tiles of whole blocks: a multiple of `step` rows
+        let step = self.block_size / gcd(cols, self.block_size);
+        let tile_rows = ((TILE_VALUES / cols) / step).max(1) * step;
+        let mut parts = Vec::new();
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + tile_rows).min(rows);
+            let w = self.dequantize_rows(r0, r1, x.kind())?;
+            parts.push(x.f_linear::<&Tensor>(&w, None).ctx(ctx())?);
+            r0 = r1;
+        }
+        Tensor::f_cat(&parts, -1).ctx(ctx())
     }
 
     fn storage_bytes(&self) -> usize {
@@ -550,5 +666,23 @@ impl QuantizedTensor for FourBitTensor {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_quantization_equals_whole() {
+        tch::manual_seed(0);
+        let w = Tensor::randn([96, 160], (Kind::Float, Device::Cpu));
+        for ty in [FourBitType::Nf4, FourBitType::Fp4] {
+            let q = FourBitQuantizer::new(ty, 64, true).unwrap();
+            let whole = q.quantize_chunked(&w, 1 << 30).unwrap();
+            let chunked = q.quantize_chunked(&w, 640).unwrap();
+            assert!(whole.packed().equal(chunked.packed()));
+            assert!(whole.absmax().unwrap().equal(&chunked.absmax().unwrap()));
+        }
     }
 }
