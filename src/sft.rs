@@ -327,6 +327,9 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     };
 
     let lora = lora_config(cfg);
+    // Adapter initialisation draws from libtorch's global generator: seed it so `training.seed`
+    // fixes the whole run.
+    tch::manual_seed(t.seed as i64);
     match &lora {
         Some(l) => {
             model.freeze_base();
