@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 
+pub mod optim;
+
 /// Options shared by all workloads.
 #[derive(Debug, Clone)]
 pub struct PerfOpts {
