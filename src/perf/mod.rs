@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod model;
+pub mod optim;
 pub mod quant;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+
 
 /// Options shared by all workloads.
 #[derive(Debug, Clone)]

@@ -1,0 +1,43 @@
+//! Criterion benches of one optimizer step on small SmolLM2-shaped matrices (one layer).
+//!
+//! For the side-by-side ratios against PyTorch use `cargo run --release --example bench_optim`
+//! (`volttrain::perf::optim`), which runs the reference in the same run.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use volttrain::optim::{AdamW, AdamWConfig, Muon, MuonConfig, Optimizer, ParamGroup};
+use volttrain::perf::optim::make_params;
+
+fn bench_steps(c: &mut Criterion) {
+    tch::set_num_threads(2);
+    let device = tch::Device::Cpu;
+    let params = match make_params(1, device, 0) {
+        Ok(p) => p,
+        Err(e) => panic!("bench setup: {e}"),
+    };
+    let mut muon = match Muon::new(
+        vec![ParamGroup::new("muon", params, 0.02, 1.0, 0.1)],
+        MuonConfig::default(),
+    ) {
+        Ok(m) => m,
+        Err(e) => panic!("bench setup: {e}"),
+    };
+    let mut group = c.benchmark_group("optim_step_one_layer");
+    group.sample_size(10);
+    group.bench_function("muon", |b| b.iter(|| muon.step()));
+    let params = match make_params(1, device, 0) {
+        Ok(p) => p,
+        Err(e) => panic!("bench setup: {e}"),
+    };
+    let mut adamw = match AdamW::new(
+        vec![ParamGroup::new("adamw", params, 1e-3, 1.0, 0.01)],
+        AdamWConfig::default(),
+    ) {
+        Ok(a) => a,
+        Err(e) => panic!("bench setup: {e}"),
+    };
+    group.bench_function("adamw", |b| b.iter(|| adamw.step()));
+    group.finish();
+}
+
+criterion_group!(benches, bench_steps);
+criterion_main!(benches);
