@@ -27,7 +27,6 @@ def smollm_config(layers):
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=True,
-        torch_dtype="float32",
     )
 
 
@@ -60,7 +59,7 @@ def main():
         m = LlamaForCausalLM(smollm_config(args.layers))
         m.save_pretrained(args.model_dir, safe_serialization=True)
         del m
-    model = LlamaForCausalLM.from_pretrained(args.model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -77,6 +76,10 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, foreach=True)
     ids, mask, labels = batch(1, args.batch, args.seq, 49152)
+    if args.write_model:
+        from safetensors.torch import save_file
+
+        save_file({"input_ids": ids.contiguous()}, os.path.join(args.model_dir, "batch.safetensors"))
 
     def step():
         out = model(input_ids=ids, attention_mask=mask, labels=labels)

@@ -36,6 +36,11 @@ struct Args {
     /// Use CUDA device 0 when present.
     #[arg(long)]
     cuda: bool,
+    /// Internal: run one training-step configuration in this process (see perf::sft).
+    #[arg(long, hide = true)]
+    child_sft: Option<String>,
+    #[arg(long, hide = true)]
+    child_model: Option<PathBuf>,
 }
 
 type Workload = fn(&PerfOpts) -> volttrain::Result<Vec<Measurement>>;
@@ -99,6 +104,18 @@ fn main() -> std::process::ExitCode {
         python: python.into(),
         root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
     };
+    if let (Some(mode), Some(dir)) = (&args.child_sft, &args.child_model) {
+        return match perf::sft::child(mode, dir, &opts) {
+            Ok(v) => {
+                println!("{v}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("child {mode}: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let t0 = Instant::now();
     let mut rows: Vec<Measurement> = Vec::new();
     let mut failed = Vec::new();

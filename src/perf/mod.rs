@@ -8,13 +8,13 @@ pub mod data;
 pub mod model;
 pub mod optim;
 pub mod quant;
+pub mod sft;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-
 
 /// Options shared by all workloads.
 #[derive(Debug, Clone)]
