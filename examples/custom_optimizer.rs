@@ -229,6 +229,7 @@ fn train_lora() -> Result<()> {
         .base_lr(0.05) // each group: base_lr x lr_mult x the schedule (constant by default)
         .device(device)
         .max_steps(Some(6))
+        .checkpoint_every(Some(6)) // writes the resume checkpoint `last/` after step 6
         .clip_norm(Some(1.0))
         .output_dir(&output_dir)
         .build()?
