@@ -1,20 +1,24 @@
 //! Template: a custom callback, registered statically and built by name from YAML
 //! (`callbacks: [{ name: plateau_stop, patience: 5 }]`).
 //!
-//! Run: `cargo run --example custom_callback`
+//! Run: `./dev cargo run --example custom_callback` (or `cargo run --example custom_callback`
+//! with libtorch set up).
 //!
 //! `PlateauStop` writes every step's loss to `<output_dir>/losses.csv` and asks the trainer to
 //! stop when the loss has not improved by `min_delta` for `patience` steps. Every `Callback`
-//! hook has a no-op default, so a callback implements only the hooks it needs. Here `main`
-//! plays the trainer, feeding it the metrics of a made-up run.
+//! hook has a no-op default, so a callback implements only the hooks it needs. `main` runs a
+//! real fine-tuning job, LoRA on the bundled tiny Llama and chat data (`assets/`), from a YAML
+//! document that names the callback, as `volttrain sft --config job.yaml` would; with
+//! `Trainer::builder()` attach it with `.callback(Box::new(...))` instead.
 
 use std::io::Write;
 use std::path::Path;
 
-use volttrain::callback::{Callback, Control, ModelSaver, StepMetrics};
+use volttrain::callback::{Callback, Control, StepMetrics};
+use volttrain::config::SftConfig;
 use volttrain::error::{Error, Result};
-use volttrain::model::{CausalLm, ForwardInput, LayerCtx};
 use volttrain::plugin::{CallbackCtx, parse_config};
+use volttrain::sft::{RunOptions, run_sft};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -80,102 +84,49 @@ fn plateau_stop(cfg: &serde_yaml::Value, ctx: &CallbackCtx) -> Result<Box<dyn Ca
 
 volttrain::register_callback!("plateau_stop", plateau_stop);
 
-// ---- the trainer's side, simulated ----------------------------------------------------------
-
-/// The trainer hands callbacks the model being trained; this run has none.
-struct NoModel(serde_json::Value);
-
-fn no_model() -> Error {
-    Error::invalid("this example has no model")
-}
-
-impl CausalLm for NoModel {
-    fn architecture(&self) -> &str {
-        "none"
-    }
-    fn hf_config(&self) -> &serde_json::Value {
-        &self.0
-    }
-    fn num_layers(&self) -> usize {
-        0
-    }
-    fn vocab_size(&self) -> i64 {
-        0
-    }
-    fn device(&self) -> tch::Device {
-        tch::Device::Cpu
-    }
-    fn kind(&self) -> tch::Kind {
-        tch::Kind::Float
-    }
-    fn embed(&self, _: &tch::Tensor) -> Result<tch::Tensor> {
-        Err(no_model())
-    }
-    fn prepare(&self, _: &ForwardInput<'_>) -> Result<LayerCtx> {
-        Err(no_model())
-    }
-    fn layer(&self, _: usize, _: &tch::Tensor, _: &LayerCtx, _: bool) -> Result<tch::Tensor> {
-        Err(no_model())
-    }
-    fn head(&self, _: &tch::Tensor) -> Result<tch::Tensor> {
-        Err(no_model())
-    }
-    fn named_parameters(&self) -> Vec<(String, tch::Tensor)> {
-        Vec::new()
-    }
-    fn linears_mut(&mut self) -> Vec<(String, &mut volttrain::nn::Linear)> {
-        Vec::new()
-    }
-    fn linears(&self) -> Vec<(String, &volttrain::nn::Linear)> {
-        Vec::new()
-    }
-    fn lm_head_param(&self) -> &str {
-        ""
-    }
-    fn embed_param(&self) -> &str {
-        ""
-    }
-    fn freeze_base(&mut self) {}
-    fn checkpoint_tensors(&self) -> volttrain::Result<Vec<(String, tch::Tensor)>> {
-        Ok(Vec::new())
-    }
-}
-
-struct NoSaver;
-
-impl ModelSaver for NoSaver {
-    fn save_to(&self, _: &dyn CausalLm, _: &Path) -> Result<()> {
-        Ok(())
-    }
+/// A job on the bundled assets (`assets/` in the VoltTrain repository): in your application,
+/// this is your YAML file with your model and data.
+fn job_yaml(output_dir: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    format!(
+        "model: {{ path: '{model}', device: cpu }}
+lora: {{ rank: 8, alpha: 16 }}
+dataset: {{ path: '{data}', max_seq_len: 256 }}
+training:
+  output_dir: '{out}'
+  epochs: 1
+  max_steps: 40
+  batch_size: 4
+  lr: 0.01
+  warmup_steps: 0
+  log_every: 5
+scheduler: {{ name: constant }}
+callbacks:
+  - {{ name: plateau_stop, patience: 3, min_delta: 0.05 }}
+",
+        model = root.join("assets/tiny-llama").display(),
+        data = root.join("assets/data/train.jsonl").display(),
+        out = output_dir.display(),
+    )
 }
 
 fn main() -> Result<()> {
+    volttrain::plugin::check_registry()?;
     let out = std::env::temp_dir().join("volttrain-custom-callback");
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let section: serde_yaml::Value =
-        serde_yaml::from_str("{ name: plateau_stop, patience: 5, min_delta: 0.01 }")
-            .map_err(|e| Error::config("callbacks", e.to_string()))?;
-    let ctx = CallbackCtx {
-        output_dir: out.clone(),
-    };
-    let mut cb = volttrain::plugin::build_callback("plateau_stop", &section, &ctx)?;
-
-    let (model, saver) = (NoModel(serde_json::json!({})), NoSaver);
-    let mut stop = None;
-    for step in 1..=100u64 {
-        // A loss that falls, then flattens out at 0.5.
-        let loss = 0.5 + 2.0 * (-(step as f64) / 8.0).exp();
-        let metrics = StepMetrics {
-            step,
-            loss,
-            ..Default::default()
-        };
-        let mut ctl = Control::new(step, 0, &model, &saver, &out, true, &mut stop);
-        cb.on_step_end(&mut ctl, &metrics)?;
-        if let Some(reason) = ctl.stop_requested() {
-            println!("stopped at step {step}: {reason}");
-            break;
-        }
+    if out.exists() {
+        // A fresh run each time (the trainer would otherwise append to metrics.jsonl).
+        std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    }
+    let cfg = SftConfig::from_yaml_str(&job_yaml(&out), None, &[])?;
+    let summary = run_sft(&cfg, RunOptions::default())?;
+    println!(
+        "{} steps, final train loss {:.4}",
+        summary.steps,
+        summary.final_train_loss.unwrap_or(f64::NAN)
+    );
+    match &summary.stopped_by {
+        Some(reason) => println!("stopped early: {reason}"),
+        None => println!("ran to max_steps without a plateau"),
     }
     println!("losses written to {}", out.join("losses.csv").display());
     Ok(())

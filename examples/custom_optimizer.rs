@@ -1,15 +1,24 @@
 //! Template: a host application that adds its own optimizer to VoltTrain's registry, statically,
-//! and builds it by name from a YAML section, exactly as a built-in (`optimizer: { name: ... }`).
+//! builds it by name from a YAML section, exactly as a built-in (`optimizer: { name: ... }`), and
+//! trains LoRA on a model with it through `Trainer::builder()`.
 //!
-//! Run: `cargo run --example custom_optimizer`
+//! Run: `./dev cargo run --example custom_optimizer` (or `cargo run --example custom_optimizer`
+//! with libtorch set up). It trains on the bundled tiny Llama and chat data (`assets/`).
 //!
 //! Copy this file into your application, replace `SgdMomentum` with your optimizer, and use its
-//! name in the YAML file. (The trainer half, `Trainer::builder()` with this optimizer, comes with
-//! the trainer.)
+//! name in the YAML file (`volttrain sft` finds it too when your binary calls
+//! `volttrain::sft::run_sft`), or build the trainer yourself as `train_lora` does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
-use volttrain::error::{Result, TchResultExt};
+use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector};
+use volttrain::data::{Collator, DataLoader, LoaderOptions, SftDataset};
+use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::optim::{NamedParam, Optimizer, ParamGroup, StateDict};
+use volttrain::sft::LoaderSource;
+use volttrain::trainer::Trainer;
 
 /// The optimizer's settings: the YAML section minus `name`. `serde(default)` gives every field
 /// its default when the YAML leaves it out; `deny_unknown_fields` turns typos into errors.
@@ -115,11 +124,8 @@ volttrain::register_optimizer!(
     volttrain::plugin::optimizer_factory::<SgdMomentum>
 );
 
-fn main() -> Result<()> {
-    volttrain::plugin::check_registry()?;
-    print!("{}", volttrain::plugin::format_list());
-
-    // Fit y = x W_true^T by least squares with the optimizer built by name.
+/// The optimizer built by name on its own: fit `y = x W_true^T` by least squares.
+fn least_squares() -> Result<()> {
     tch::manual_seed(0);
     let opts = (Kind::Float, Device::Cpu);
     let w_true = Tensor::randn([2, 4], opts);
@@ -156,4 +162,92 @@ fn main() -> Result<()> {
     let err = (&w - &w_true).abs().max().double_value(&[]);
     println!("max |w - w_true| = {err:.2e}");
     Ok(())
+}
+
+/// A file of the bundled assets (`assets/` in the VoltTrain repository). In your application,
+/// point these at your model directory and data.
+fn bundled(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// LoRA on the bundled tiny Llama with `sgd_momentum`, through `Trainer::builder()`.
+fn train_lora() -> Result<()> {
+    let device = Device::Cpu;
+    let model_dir = bundled("assets/tiny-llama");
+
+    // The tokenizer (with the model's chat template) and the chat dataset, tokenized with it.
+    let tok = volttrain::data::Tokenizer::from_dir(&model_dir)?;
+    let data_section = format!(
+        "{{ path: '{}', max_seq_len: 256 }}",
+        bundled("assets/data/train.jsonl").display()
+    );
+    let dcfg: volttrain::data::DatasetConfig =
+        serde_yaml::from_str(&data_section).map_err(|e| Error::config("dataset", e.to_string()))?;
+    let dataset = SftDataset::load(&dcfg, &tok)?;
+    let pad = tok.pad().or(tok.eos()).ok_or_else(|| Error::Tokenizer {
+        path: model_dir.clone(),
+        msg: "no pad and no eos token".into(),
+    })?;
+    let loader = DataLoader::new(
+        Arc::new(dataset),
+        Collator::new(pad.id as i64, dcfg.padding_side),
+        LoaderOptions {
+            batch_size: 4,
+            seed: 0,
+            ..LoaderOptions::default()
+        },
+    );
+
+    // The model (fp32 on the CPU), its base frozen, LoRA r=8 on the Llama projections.
+    let opts = volttrain::model::LoadOptions::new(Kind::Float, device);
+    let mut model = volttrain::model::load_model(&model_dir, &opts)?;
+    model.freeze_base();
+    tch::manual_seed(0);
+    let lora = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    let trainable = LoraInjector::new(lora).inject(model.as_mut())?;
+
+    // One parameter group with every LoRA matrix, then the optimizer by name, as from YAML.
+    let params = trainable
+        .iter()
+        .map(|(name, t)| NamedParam::new(name.clone(), t))
+        .collect();
+    let groups = vec![ParamGroup::new("lora", params, 0.0, 1.0, 0.0)];
+    let section: serde_yaml::Value = serde_yaml::from_str("{ name: sgd_momentum, momentum: 0.9 }")
+        .map_err(|e| Error::config("optimizer", e.to_string()))?;
+    let optimizer = volttrain::plugin::build_optimizer("sgd_momentum", groups, &section)?;
+
+    let output_dir = std::env::temp_dir().join("volttrain-custom-optimizer");
+    let summary = Trainer::builder()
+        .model(model)
+        .train_data(Box::new(LoaderSource::new(loader)))
+        .optimizer(optimizer)
+        .base_lr(0.05) // each group: base_lr x lr_mult x the schedule (constant by default)
+        .device(device)
+        .max_steps(Some(6))
+        .checkpoint_every(Some(6)) // writes the resume checkpoint `last/` after step 6
+        .clip_norm(Some(1.0))
+        .output_dir(&output_dir)
+        .build()?
+        .fit()?;
+    println!(
+        "\nLoRA with sgd_momentum: {} steps, {} label tokens, final train loss {:.4}, {:.0} tokens/s",
+        summary.steps,
+        summary.tokens,
+        summary.final_train_loss.unwrap_or(f64::NAN),
+        summary.tokens_per_sec
+    );
+    println!("resume checkpoint in {}", output_dir.join("last").display());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    volttrain::plugin::check_registry()?;
+    print!("{}", volttrain::plugin::format_list());
+    least_squares()?;
+    train_lora()
 }

@@ -8,16 +8,19 @@
 //! cargo run --example load_plugin -- path/to/libmy_plugin.so
 //! ```
 //!
-//! In a YAML run the same happens with `plugins: [path/to/libmy_plugin.so]`. The plugin must be
-//! built by the same rustc, against the same VoltTrain and libtorch as this program: the loader
-//! checks that before calling anything in the library, and says what to rebuild otherwise.
+//! In a YAML run the same happens with `plugins: [path/to/libmy_plugin.so]`: with the lion
+//! plugin, the end of `main` runs such a job (LoRA on the bundled tiny Llama, `optimizer: lion`).
+//! The plugin must be built by the same rustc, against the same VoltTrain and libtorch as this
+//! program: the loader checks that before calling anything in the library, and says what to
+//! rebuild otherwise.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::optim::{NamedParam, ParamGroup};
 use volttrain::plugin::{self, ComponentKind};
+use volttrain::sft::{RunOptions, run_sft};
 
 /// The lion plugin next to this example: `<target>/<profile>/examples/load_plugin` →
 /// `<target>/<profile>/libvolttrain_lion.so`.
@@ -96,6 +99,40 @@ fn main() -> Result<()> {
                 println!("lion step {step:2}  loss {:.5}", loss.double_value(&[]));
             }
         }
+        yaml_job(&path)?;
     }
+    Ok(())
+}
+
+/// A fine-tuning job that loads the plugin from its `plugins:` list (a no-op here: a library is
+/// loaded once per process) and trains LoRA with its optimizer, on the bundled assets.
+fn yaml_job(plugin_path: &Path) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::temp_dir().join("volttrain-load-plugin");
+    if out.exists() {
+        std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    }
+    let yaml = format!(
+        "plugins: ['{plugin}']
+model: {{ path: '{model}', device: cpu }}
+lora: {{ rank: 8, alpha: 16 }}
+dataset: {{ path: '{data}', max_seq_len: 256 }}
+training: {{ output_dir: '{out}', max_steps: 5, batch_size: 4, lr: 1.0e-3, warmup_steps: 0 }}
+optimizer: {{ name: lion, betas: [0.9, 0.99] }}
+scheduler: {{ name: constant }}
+",
+        plugin = plugin_path.display(),
+        model = root.join("assets/tiny-llama").display(),
+        data = root.join("assets/data/train.jsonl").display(),
+        out = out.display(),
+    );
+    let cfg = volttrain::config::SftConfig::from_yaml_str(&yaml, None, &[])?;
+    let summary = run_sft(&cfg, RunOptions::default())?;
+    println!(
+        "\nYAML job with optimizer lion: {} steps, final train loss {:.4}, metrics in {}",
+        summary.steps,
+        summary.final_train_loss.unwrap_or(f64::NAN),
+        out.join("metrics.jsonl").display()
+    );
     Ok(())
 }

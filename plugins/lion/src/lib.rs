@@ -24,6 +24,8 @@ use volttrain::plugin::PluginRegistrar;
 pub struct LionConfig {
     /// Base learning rate; when set, every group's lr becomes `lr * lr_mult`. When absent the
     /// groups keep the lr they were built with. The paper uses an lr 3-10x smaller than AdamW's.
+    /// In a trainer run the trainer sets each group's lr every step (`training.lr` x `lr_mult`
+    /// x the schedule), so there set `training.lr` instead.
     pub lr: Option<f64>,
     /// `(β1, β2)`: the interpolation for the update direction and the momentum decay. Default
     /// `(0.9, 0.99)`, the paper's default (Section 3.2 and Algorithm 2).
