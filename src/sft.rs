@@ -333,9 +333,6 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     match &lora {
         Some(l) => {
             model.freeze_base();
-            // The LoRA init draws from torch's global generator: seed it, so `training.seed`
-            // fixes the adapter's starting point (in-process runs too, not only fresh processes).
-            tch::manual_seed(t.seed as i64);
             let params = LoraInjector::new(l.clone()).inject(model.as_mut())?;
             let n: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
             tracing::info!(
