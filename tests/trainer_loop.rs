@@ -113,10 +113,10 @@ struct Record(Arc<Mutex<Vec<(u64, f64)>>>, Option<(u64, Arc<AtomicBool>)>);
 impl Callback for Record {
     fn on_step_end(&mut self, _: &mut Control<'_>, m: &StepMetrics) -> volttrain::Result<()> {
         self.0.lock().unwrap().push((m.step, m.loss));
-        if let Some((at, flag)) = &self.1 {
-            if m.step == *at {
-                flag.store(true, Ordering::SeqCst);
-            }
+        if let Some((at, flag)) = &self.1
+            && m.step == *at
+        {
+            flag.store(true, Ordering::SeqCst);
         }
         Ok(())
     }

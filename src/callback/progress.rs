@@ -56,7 +56,7 @@ impl Callback for Progress {
                 ));
             }
             None => {
-                if m.step % self.log_every == 0 || m.step == self.total_steps {
+                if m.step.is_multiple_of(self.log_every) || m.step == self.total_steps {
                     tracing::info!(
                         "step {}/{} epoch {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s",
                         m.step,

@@ -85,7 +85,7 @@ impl Callback for EpochSaver {
 
     fn on_epoch_end(&mut self, ctl: &mut Control<'_>) -> Result<()> {
         let epoch = ctl.epoch + 1;
-        if !ctl.is_main || self.every == 0 || epoch % self.every != 0 {
+        if !ctl.is_main || self.every == 0 || !epoch.is_multiple_of(self.every) {
             return Ok(());
         }
         let dir = self.save(ctl, epoch)?;

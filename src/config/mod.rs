@@ -337,13 +337,13 @@ impl SftConfig {
                 format!("must be >= 0, got {}", t.weight_decay),
             );
         }
-        if let Some(c) = t.grad_clip {
-            if !(c > 0.0) {
-                return bad(
-                    "training.grad_clip",
-                    format!("must be > 0 or null, got {c}"),
-                );
-            }
+        if let Some(c) = t.grad_clip
+            && (c.is_nan() || c <= 0.0)
+        {
+            return bad(
+                "training.grad_clip",
+                format!("must be > 0 or null, got {c}"),
+            );
         }
         if self.model.train_4bit && self.model.train_8bit {
             return bad(
@@ -358,20 +358,20 @@ impl SftConfig {
                     .into(),
             );
         }
-        if let Some(l) = &self.lora {
-            if l.enabled {
-                if l.rank <= 0 {
-                    return bad("lora.rank", format!("must be >= 1, got {}", l.rank));
-                }
-                if !(l.alpha > 0.0) {
-                    return bad("lora.alpha", format!("must be > 0, got {}", l.alpha));
-                }
-                if !(0.0..1.0).contains(&l.dropout) {
-                    return bad(
-                        "lora.dropout",
-                        format!("must be in [0, 1), got {}", l.dropout),
-                    );
-                }
+        if let Some(l) = &self.lora
+            && l.enabled
+        {
+            if l.rank <= 0 {
+                return bad("lora.rank", format!("must be >= 1, got {}", l.rank));
+            }
+            if l.alpha.is_nan() || l.alpha <= 0.0 {
+                return bad("lora.alpha", format!("must be > 0, got {}", l.alpha));
+            }
+            if !(0.0..1.0).contains(&l.dropout) {
+                return bad(
+                    "lora.dropout",
+                    format!("must be in [0, 1), got {}", l.dropout),
+                );
             }
         }
         if let Some(d) = &self.model.device {

@@ -171,6 +171,20 @@ pub fn run_reference(opts: &PerfOpts, script: &str, args: &[String]) -> Result<s
     serde_json::from_str(last).map_err(|e| Error::Json { path, source: e })
 }
 
+/// Achieved fp32 matmul FLOP/s of a square `n x n` product on `opts.device` (the practical
+/// compute limit of the machine, measured in the same run as the workloads).
+pub fn matmul_flops(opts: &PerfOpts, n: i64) -> Result<Stats> {
+    use crate::error::TchResultExt;
+    let a = tch::Tensor::f_randn([n, n], (tch::Kind::Float, opts.device)).ctx("randn")?;
+    let b = tch::Tensor::f_randn([n, n], (tch::Kind::Float, opts.device)).ctx("randn")?;
+    let times = time_runs(opts.device, opts.warmup.max(1), opts.runs.max(3), || {
+        let _c = a.f_matmul(&b).ctx("matmul")?;
+        Ok(())
+    })?;
+    let flops = 2.0 * (n as f64).powi(3);
+    Ok(Stats::from_samples(&times)?.inverse(flops))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,18 +219,4 @@ mod tests {
         m.higher_is_better = true;
         assert_eq!(m.speedup(), Some(0.5));
     }
-}
-
-/// Achieved fp32 matmul FLOP/s of a square `n x n` product on `opts.device` (the practical
-/// compute limit of the machine, measured in the same run as the workloads).
-pub fn matmul_flops(opts: &PerfOpts, n: i64) -> Result<Stats> {
-    use crate::error::TchResultExt;
-    let a = tch::Tensor::f_randn([n, n], (tch::Kind::Float, opts.device)).ctx("randn")?;
-    let b = tch::Tensor::f_randn([n, n], (tch::Kind::Float, opts.device)).ctx("randn")?;
-    let times = time_runs(opts.device, opts.warmup.max(1), opts.runs.max(3), || {
-        let _c = a.f_matmul(&b).ctx("matmul")?;
-        Ok(())
-    })?;
-    let flops = 2.0 * (n as f64).powi(3);
-    Ok(Stats::from_samples(&times)?.inverse(flops))
 }

@@ -302,12 +302,12 @@ impl TrainerBuilder {
                 "Trainer: eval_every is set but no eval data was given (eval_data)",
             ));
         }
-        if let Some(c) = self.clip_norm {
-            if !(c > 0.0) {
-                return Err(Error::invalid(format!(
-                    "Trainer: clip_norm must be > 0, got {c}"
-                )));
-            }
+        if let Some(c) = self.clip_norm
+            && (c.is_nan() || c <= 0.0)
+        {
+            return Err(Error::invalid(format!(
+                "Trainer: clip_norm must be > 0, got {c}"
+            )));
         }
         check_device(self.device)?;
         if self.precision == Precision::Bf16 && !self.device.is_cuda() {
@@ -785,16 +785,19 @@ impl Trainer {
                     tokens_per_sec: counts[1] / dt.max(1e-9),
                 };
                 self.call(Hook::Step(&metrics), &mut stop)?;
-                if let Some(n) = self.eval_every {
-                    if n > 0 && step_no % n == 0 {
-                        last_eval = Some(self.run_eval(&mut stop)?);
-                    }
+                if let Some(n) = self.eval_every
+                    && n > 0
+                    && step_no.is_multiple_of(n)
+                {
+                    last_eval = Some(self.run_eval(&mut stop)?);
                 }
-                if let Some(n) = self.checkpoint_every {
-                    if n > 0 && step_no % n == 0 && self.is_main() {
-                        let d = self.save_resume()?;
-                        self.call(Hook::Save(&d), &mut stop)?;
-                    }
+                if let Some(n) = self.checkpoint_every
+                    && n > 0
+                    && step_no.is_multiple_of(n)
+                    && self.is_main()
+                {
+                    let d = self.save_resume()?;
+                    self.call(Hook::Save(&d), &mut stop)?;
                 }
                 if self
                     .interrupt
