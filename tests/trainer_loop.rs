@@ -318,6 +318,12 @@ fn callback_and_optimizer_call_order() {
         .times(1)
         .in_sequence(&mut seq)
         .returning(|_| Ok(()));
+    // the starting eval loss, before any step
+    cb.expect_on_eval_end()
+        .withf(|_, m| m.step == 0)
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_, _| Ok(()));
     for epoch in 0..2usize {
         cb.expect_on_epoch_start()
             .times(1)
@@ -331,7 +337,9 @@ fn callback_and_optimizer_call_order() {
                 .in_sequence(&mut seq)
                 .returning(|_, _| Ok(()));
         }
+        let at = (epoch as u64 + 1) * 2;
         cb.expect_on_eval_end()
+            .withf(move |_, m| m.step == at)
             .times(1)
             .in_sequence(&mut seq)
             .returning(|_, _| Ok(()));
