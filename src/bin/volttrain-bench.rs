@@ -60,7 +60,14 @@ fn matmul(opts: &PerfOpts) -> volttrain::Result<Vec<Measurement>> {
 }
 
 fn workloads() -> Vec<(&'static str, Workload)> {
-    vec![("matmul", matmul as Workload)]
+    vec![
+        ("matmul", matmul as Workload),
+        ("optim", perf::optim::run),
+        ("sft", perf::sft::run),
+        ("quant", perf::quant::run),
+        ("data", perf::data::run),
+        ("load", perf::model::load_135m),
+    ]
 }
 
 fn fmt_stat(m: f64) -> String {
