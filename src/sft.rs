@@ -22,7 +22,7 @@ use crate::callback::{
 use crate::config::SftConfig;
 use crate::data::{Collator, DataLoader, DatasetConfig, LoaderOptions, SftDataset, Tokenizer};
 use crate::dist::{DistConfig, DistEnv, ProcessGroup};
-use crate::error::{Error, Result, write_atomic};
+use crate::error::{Error, Result, TchResultExt, write_atomic};
 use crate::model::{CausalLm, LoadOptions, load_model, save_model};
 use crate::optim::{
     DynOptimizer, GroupSpec, NamedParam, OptimizerConfigs, ParamGroup, ParamGrouper, ParamInfo,
@@ -327,6 +327,10 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     };
 
     let lora = lora_config(cfg);
+    // New weights (LoRA A, ...) are drawn from the run seed, as `transformers.set_seed` before
+    // the model is built: two runs of one config start alike (data-parallel ranks also get rank
+    // 0's values by broadcast).
+    tch::manual_seed(t.seed as i64);
     match &lora {
         Some(l) => {
             model.freeze_base();
@@ -439,7 +443,33 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     let total = trainer.total_steps();
     trainer.add_callback(Box::new(Progress::new(total, t.log_every)));
     let summary = trainer.fit()?;
+    if let Some(dir) = std::env::var_os(RANK_PARAMS_ENV) {
+        write_rank_params(trainer.model(), Path::new(&dir), rank)?;
+    }
     Ok(summary)
+}
+
+/// Test hook: when set to a directory, every rank writes its trainable parameters after
+/// training to `<dir>/rank-<r>.safetensors` (only rank 0 saves otherwise), so a test can check
+/// that all data-parallel ranks ended with the same weights.
+pub const RANK_PARAMS_ENV: &str = "VOLTTRAIN_RANK_PARAMS_DIR";
+
+fn write_rank_params(model: &dyn CausalLm, dir: &Path, rank: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let params: Vec<(String, Tensor)> = model
+        .named_parameters()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| {
+            let cpu = t
+                .f_detach()
+                .and_then(|t| t.f_to(Device::Cpu))
+                .ctx(format!("{RANK_PARAMS_ENV}: copy {n} to the CPU"))?;
+            Ok((n, cpu))
+        })
+        .collect::<Result<_>>()?;
+    let path = dir.join(format!("rank-{rank}.safetensors"));
+    Tensor::write_safetensors(&params, &path).ctx(format!("write {}", path.display()))
 }
 
 /// Mean loss over the label tokens of the eval set (`dataset.eval_path`), for the base model or

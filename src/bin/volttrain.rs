@@ -85,7 +85,10 @@ fn base_dir(config: &Path) -> PathBuf {
 
 fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -> Result<()> {
     let cfg = SftConfig::load(&config, &sets)?;
-    let in_worker = DistEnv::from_env()?.is_some();
+    let worker = DistEnv::from_env()?;
+    let in_worker = worker.is_some();
+    // Only rank 0 prints the summary (every rank's stdout is the launcher's).
+    let is_main = worker.as_ref().is_none_or(|w| w.rank == 0);
     let procs = match (nproc, cfg.training.gpu_devices.len()) {
         (Some(n), _) => n,
         (None, g) if g > 1 => g,
@@ -125,8 +128,11 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
     };
     match run_sft(&cfg, opts) {
         Ok(summary) => {
-            let out = serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
-            println!("{out}");
+            if is_main {
+                let out =
+                    serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
+                println!("{out}");
+            }
             Ok(())
         }
         Err(Error::Interrupted { step, dir }) => {
