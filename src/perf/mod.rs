@@ -4,8 +4,8 @@
 //! the provisioned torch venv) on the same inputs and thread count, in the same run, and returns
 //! [`Measurement`]s. The `volttrain-bench` binary drives them and prints the table.
 
-pub mod data;
 pub mod model;
+pub mod data;
 pub mod quant;
 
 use std::path::PathBuf;
