@@ -43,7 +43,8 @@ fn write_config(
         eval = asset("data/eval.jsonl").display(),
         out = out.display(),
     );
-    let path = dir.join(format!("b{batch}-s{max_steps}-{constant_lr}.yaml"));
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string());
+    let path = dir.join(format!("{}-{max_steps}.yaml", name.unwrap_or_default()));
     std::fs::write(&path, yaml).expect("write the test config");
     path
 }
@@ -249,12 +250,7 @@ fn nproc2_resume_with_the_same_world_size() {
     let out_b = tmp.path().join("straight");
     // Constant LR: changing max_steps from 2 to 4 leaves the schedule as it was.
     let first = write_config(tmp.path(), &out_a, 2, 2, true);
-    let second = {
-        let c = write_config(tmp.path(), &out_a, 2, 4, true);
-        let p = tmp.path().join("resumed-4.yaml");
-        std::fs::rename(&c, &p).expect("rename config");
-        p
-    };
+    let second = write_config(tmp.path(), &out_a, 2, 4, true);
     let straight = write_config(tmp.path(), &out_b, 2, 4, true);
 
     let r = sft(&first, &["--nproc", "2"], None);
@@ -283,4 +279,95 @@ fn nproc2_resume_with_the_same_world_size() {
     // The metrics log continues from step 3 after the resume.
     let steps: Vec<u64> = train_losses(&metrics(&out_a)).iter().map(|x| x.0).collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
+}
+
+/// Ctrl-C during `--nproc 2`: every process of the job gets SIGINT (same process group, as from
+/// a terminal); the ranks agree on the step to stop after, rank 0 writes `last/` and `--resume`
+/// ends where an uninterrupted run ends.
+#[cfg(unix)]
+#[test]
+fn nproc2_ctrl_c_then_resume() {
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_a = tmp.path().join("interrupted");
+    let out_b = tmp.path().join("straight");
+    let steps = 60;
+    let cfg_a = write_config(tmp.path(), &out_a, 2, steps, true);
+    let cfg_b = write_config(tmp.path(), &out_b, 2, steps, true);
+
+    let mut child = Command::new(BIN)
+        .arg("sft")
+        .arg("--config")
+        .arg(&cfg_a)
+        .args(["--nproc", "2"])
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start volttrain");
+    let t0 = Instant::now();
+    let log = out_a.join("metrics.jsonl");
+    loop {
+        let lines = std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
+        if lines >= 3 {
+            break;
+        }
+        if child.try_wait().expect("try_wait").is_some() {
+            let out = child.wait_with_output().expect("wait for volttrain");
+            panic!(
+                "the run ended ({}) before it could be interrupted:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no training progress"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", "--", &format!("-{}", child.id())])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -INT failed");
+    let out = child.wait_with_output().expect("wait for volttrain");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "an interrupted run exits with an error"
+    );
+    assert!(
+        stderr.contains("--nproc 2 --resume"),
+        "no resume hint:\n{stderr}"
+    );
+
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_a.join("last/trainer_state.json")).expect("trainer_state"),
+    )
+    .expect("trainer_state JSON");
+    let stopped = state["step"].as_u64().expect("step");
+    eprintln!("interrupted after step {stopped} of {steps}");
+    assert!(stopped >= 3 && stopped < steps, "stopped at {stopped}");
+    assert_eq!(state["world_size"], 2);
+    assert_eq!(
+        train_losses(&metrics(&out_a)).len() as u64,
+        stopped,
+        "one log line per finished step"
+    );
+
+    let r = sft(&cfg_a, &["--nproc", "2", "--resume"], None);
+    assert_eq!(r.summaries[0]["steps"], steps);
+    let r = sft(&cfg_b, &["--nproc", "2"], None);
+    assert_eq!(r.summaries[0]["steps"], steps);
+    let d = max_diff(
+        &read(&out_a.join("last/trainable.safetensors")),
+        &read(&out_b.join("last/trainable.safetensors")),
+    );
+    eprintln!("interrupted + resumed vs straight: max |dW| = {d:.3e}");
+    assert!(d < 1e-6, "interrupted + resumed run differs by {d}");
 }

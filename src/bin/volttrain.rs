@@ -105,6 +105,13 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
             args.push("--resume".into());
         }
         tracing::info!("starting {procs} data-parallel processes");
+        // A Ctrl-C reaches every rank (same process group); they agree on the step to stop
+        // after and rank 0 writes `last/`. The launcher waits for them instead of dying first.
+        if let Err(e) = ctrlc::set_handler(|| {
+            eprintln!("Ctrl-C: the ranks finish their step and write a resume checkpoint...");
+        }) {
+            tracing::warn!("no Ctrl-C handler: {e}");
+        }
         return spawn_self(procs, &args, &[]);
     }
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -136,11 +143,17 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
             Ok(())
         }
         Err(Error::Interrupted { step, dir }) => {
-            eprintln!(
-                "interrupted at step {step}; resume checkpoint in {}.\nresume with: volttrain sft --config {} --resume",
-                dir.display(),
-                config.display()
-            );
+            if is_main {
+                let nproc = worker
+                    .as_ref()
+                    .map(|w| format!(" --nproc {}", w.world_size))
+                    .unwrap_or_default();
+                eprintln!(
+                    "interrupted at step {step}; resume checkpoint in {}.\nresume with: volttrain sft --config {}{nproc} --resume",
+                    dir.display(),
+                    config.display()
+                );
+            }
             Err(Error::Interrupted { step, dir })
         }
         Err(e) => Err(e),

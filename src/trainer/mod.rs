@@ -720,10 +720,17 @@ impl Trainer {
                         params.push(p.tensor.shallow_clone());
                     }
                 }
+                // Ranks see a Ctrl-C at different moments: the flag travels with the loss so
+                // that every rank stops after the same step.
+                let mut interrupted = self
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::SeqCst));
                 if let Some(c) = self.collective.as_mut() {
                     c.average_grads()?;
-                    let r = c.all_reduce_f64(&[loss_sum])?;
+                    let r = c.all_reduce_f64(&[loss_sum, f64::from(u8::from(interrupted))])?;
                     loss_sum = r[0];
+                    interrupted = r[1] > 0.0;
                 }
                 let loss = if n_labels > 0.0 {
                     loss_sum / n_labels
@@ -796,16 +803,17 @@ impl Trainer {
                         self.call(Hook::Save(&d), &mut stop)?;
                     }
                 }
-                if self
-                    .interrupt
-                    .as_ref()
-                    .is_some_and(|f| f.load(Ordering::SeqCst))
-                {
+                if interrupted {
                     let dir = if self.is_main() {
                         self.save_resume()?
                     } else {
                         last_dir(&self.output_dir)
                     };
+                    if let Some(c) = self.collective.as_mut() {
+                        // No rank exits before rank 0 has written `last/`: a launcher stops
+                        // the other ranks as soon as one exits with an error.
+                        c.all_reduce_f64(&[0.0])?;
+                    }
                     return Err(Error::Interrupted {
                         step: self.state.step,
                         dir,
