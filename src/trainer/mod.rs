@@ -720,17 +720,10 @@ impl Trainer {
                         params.push(p.tensor.shallow_clone());
                     }
                 }
-                // Ranks see a Ctrl-C at different moments: the flag travels with the loss so
-                // that every rank stops after the same step.
-                let mut interrupted = self
-                    .interrupt
-                    .as_ref()
-                    .is_some_and(|f| f.load(Ordering::SeqCst));
                 if let Some(c) = self.collective.as_mut() {
                     c.average_grads()?;
-                    let r = c.all_reduce_f64(&[loss_sum, f64::from(u8::from(interrupted))])?;
+                    let r = c.all_reduce_f64(&[loss_sum])?;
                     loss_sum = r[0];
-                    interrupted = r[1] > 0.0;
                 }
                 let loss = if n_labels > 0.0 {
                     loss_sum / n_labels
@@ -802,6 +795,16 @@ impl Trainer {
                         let d = self.save_resume()?;
                         self.call(Hook::Save(&d), &mut stop)?;
                     }
+                }
+                let mut interrupted = self
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::SeqCst));
+                if let Some(c) = self.collective.as_mut() {
+                    // Ranks see a Ctrl-C at different moments: stop every rank after the same
+                    // step when any rank saw it.
+                    let r = c.all_reduce_f64(&[f64::from(u8::from(interrupted))])?;
+                    interrupted = r[0] > 0.0;
                 }
                 if interrupted {
                     let dir = if self.is_main() {
