@@ -270,7 +270,21 @@ fn dist_setup(cfg: &SftConfig) -> Result<(Option<ProcessGroup>, Device)> {
             let device = if cfg.training.gpu_devices.is_empty() && !cfg.device()?.is_cuda() {
                 Device::Cpu
             } else {
-                env.cuda_device(&cfg.training.gpu_devices)?
+                let d = env.cuda_device(&cfg.training.gpu_devices)?;
+                let seen = tch::Cuda::device_count();
+                if let Device::Cuda(i) = d
+                    && i as i64 >= seen
+                {
+                    return Err(Error::config(
+                        "training.gpu_devices",
+                        format!(
+                            "rank {} needs cuda:{i} but libtorch sees {seen} CUDA device(s); \
+                                 list existing GPUs, or use `--nproc N` for CPU processes (Gloo)",
+                            env.rank
+                        ),
+                    ));
+                }
+                d
             };
             let pg = ProcessGroup::new(&env, &dcfg)?;
             Ok((Some(pg), device))
