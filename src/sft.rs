@@ -22,7 +22,7 @@ use crate::callback::{
 use crate::config::SftConfig;
 use crate::data::{Collator, DataLoader, DatasetConfig, LoaderOptions, SftDataset, Tokenizer};
 use crate::dist::{DistConfig, DistEnv, ProcessGroup};
-use crate::error::{Error, Result, write_atomic};
+use crate::error::{Error, Result, TchResultExt, write_atomic};
 use crate::model::{CausalLm, LoadOptions, load_model, save_model};
 use crate::optim::{
     DynOptimizer, GroupSpec, NamedParam, OptimizerConfigs, ParamGroup, ParamGrouper, ParamInfo,
@@ -270,7 +270,21 @@ fn dist_setup(cfg: &SftConfig) -> Result<(Option<ProcessGroup>, Device)> {
             let device = if cfg.training.gpu_devices.is_empty() && !cfg.device()?.is_cuda() {
                 Device::Cpu
             } else {
-                env.cuda_device(&cfg.training.gpu_devices)?
+                let d = env.cuda_device(&cfg.training.gpu_devices)?;
+                let seen = tch::Cuda::device_count();
+                if let Device::Cuda(i) = d
+                    && i as i64 >= seen
+                {
+                    return Err(Error::config(
+                        "training.gpu_devices",
+                        format!(
+                            "rank {} needs cuda:{i} but libtorch sees {seen} CUDA device(s); \
+                                 list existing GPUs, or use `--nproc N` for CPU processes (Gloo)",
+                            env.rank
+                        ),
+                    ));
+                }
+                d
             };
             let pg = ProcessGroup::new(&env, &dcfg)?;
             Ok((Some(pg), device))
@@ -327,8 +341,9 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     };
 
     let lora = lora_config(cfg);
-    // Adapter initialisation draws from libtorch's global generator: seed it so `training.seed`
-    // fixes the whole run.
+    // New weights (LoRA A, ...) are drawn from the run seed, as `transformers.set_seed` before
+    // the model is built: two runs of one config start alike (data-parallel ranks also get rank
+    // 0's values by broadcast).
     tch::manual_seed(t.seed as i64);
     match &lora {
         Some(l) => {
@@ -442,7 +457,33 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     let total = trainer.total_steps();
     trainer.add_callback(Box::new(Progress::new(total, t.log_every)));
     let summary = trainer.fit()?;
+    if let Some(dir) = std::env::var_os(RANK_PARAMS_ENV) {
+        write_rank_params(trainer.model(), Path::new(&dir), rank)?;
+    }
     Ok(summary)
+}
+
+/// Test hook: when set to a directory, every rank writes its trainable parameters after
+/// training to `<dir>/rank-<r>.safetensors` (only rank 0 saves otherwise), so a test can check
+/// that all data-parallel ranks ended with the same weights.
+pub const RANK_PARAMS_ENV: &str = "VOLTTRAIN_RANK_PARAMS_DIR";
+
+fn write_rank_params(model: &dyn CausalLm, dir: &Path, rank: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let params: Vec<(String, Tensor)> = model
+        .named_parameters()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| {
+            let cpu = t
+                .f_detach()
+                .and_then(|t| t.f_to(Device::Cpu))
+                .ctx(format!("{RANK_PARAMS_ENV}: copy {n} to the CPU"))?;
+            Ok((n, cpu))
+        })
+        .collect::<Result<_>>()?;
+    let path = dir.join(format!("rank-{rank}.safetensors"));
+    Tensor::write_safetensors(&params, &path).ctx(format!("write {}", path.display()))
 }
 
 /// Mean loss over the label tokens of the eval set (`dataset.eval_path`), for the base model or

@@ -85,7 +85,10 @@ fn base_dir(config: &Path) -> PathBuf {
 
 fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -> Result<()> {
     let cfg = SftConfig::load(&config, &sets)?;
-    let in_worker = DistEnv::from_env()?.is_some();
+    let worker = DistEnv::from_env()?;
+    let in_worker = worker.is_some();
+    // Only rank 0 prints the summary (every rank's stdout is the launcher's).
+    let is_main = worker.as_ref().is_none_or(|w| w.rank == 0);
     let procs = match (nproc, cfg.training.gpu_devices.len()) {
         (Some(n), _) => n,
         (None, g) if g > 1 => g,
@@ -102,6 +105,13 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
             args.push("--resume".into());
         }
         tracing::info!("starting {procs} data-parallel processes");
+        // A Ctrl-C reaches every rank (same process group); they agree on the step to stop
+        // after and rank 0 writes `last/`. The launcher waits for them instead of dying first.
+        if let Err(e) = ctrlc::set_handler(|| {
+            eprintln!("Ctrl-C: the ranks finish their step and write a resume checkpoint...");
+        }) {
+            tracing::warn!("no Ctrl-C handler: {e}");
+        }
         return spawn_self(procs, &args, &[]);
     }
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -125,16 +135,25 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
     };
     match run_sft(&cfg, opts) {
         Ok(summary) => {
-            let out = serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
-            println!("{out}");
+            if is_main {
+                let out =
+                    serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
+                println!("{out}");
+            }
             Ok(())
         }
         Err(Error::Interrupted { step, dir }) => {
-            eprintln!(
-                "interrupted at step {step}; resume checkpoint in {}.\nresume with: volttrain sft --config {} --resume",
-                dir.display(),
-                config.display()
-            );
+            if is_main {
+                let nproc = worker
+                    .as_ref()
+                    .map(|w| format!(" --nproc {}", w.world_size))
+                    .unwrap_or_default();
+                eprintln!(
+                    "interrupted at step {step}; resume checkpoint in {}.\nresume with: volttrain sft --config {}{nproc} --resume",
+                    dir.display(),
+                    config.display()
+                );
+            }
             Err(Error::Interrupted { step, dir })
         }
         Err(e) => Err(e),

@@ -799,16 +799,27 @@ impl Trainer {
                     let d = self.save_resume()?;
                     self.call(Hook::Save(&d), &mut stop)?;
                 }
-                if self
+                let mut interrupted = self
                     .interrupt
                     .as_ref()
-                    .is_some_and(|f| f.load(Ordering::SeqCst))
-                {
+                    .is_some_and(|f| f.load(Ordering::SeqCst));
+                if let Some(c) = self.collective.as_mut() {
+                    // Ranks see a Ctrl-C at different moments: stop every rank after the same
+                    // step when any rank saw it.
+                    let r = c.all_reduce_f64(&[f64::from(u8::from(interrupted))])?;
+                    interrupted = r[0] > 0.0;
+                }
+                if interrupted {
                     let dir = if self.is_main() {
                         self.save_resume()?
                     } else {
                         last_dir(&self.output_dir)
                     };
+                    if let Some(c) = self.collective.as_mut() {
+                        // No rank exits before rank 0 has written `last/`: a launcher stops
+                        // the other ranks as soon as one exits with an error.
+                        c.all_reduce_f64(&[0.0])?;
+                    }
                     return Err(Error::Interrupted {
                         step: self.state.step,
                         dir,
