@@ -660,6 +660,7 @@ impl Trainer {
         let mut last_loss = None;
         let mut last_eval = None;
         let input_tokens_at_start = self.state.input_tokens;
+        let mut saved_at: Option<u64> = None;
         self.call(Hook::FitStart, &mut stop)?;
         if self.eval.is_some() && self.state.step == 0 {
             // The starting point, so the log shows how far training moved the eval loss.
@@ -797,6 +798,7 @@ impl Trainer {
                     && self.is_main()
                 {
                     let d = self.save_resume()?;
+                    saved_at = Some(self.state.step);
                     self.call(Hook::Save(&d), &mut stop)?;
                 }
                 let mut interrupted = self
@@ -838,12 +840,18 @@ impl Trainer {
                 self.state.batch_in_epoch = 0;
                 if self.is_main() {
                     let d = self.save_resume()?;
+                    saved_at = Some(self.state.step);
                     self.call(Hook::Save(&d), &mut stop)?;
                 }
                 if stop.is_some() {
                     break;
                 }
             }
+        }
+        // A run that ends mid-epoch (max_steps, a callback's stop) still leaves `last/`.
+        if self.is_main() && self.state.step > 0 && saved_at != Some(self.state.step) {
+            let d = self.save_resume()?;
+            self.call(Hook::Save(&d), &mut stop)?;
         }
         self.call(Hook::FitEnd, &mut stop)?;
         if let Some(reason) = &stop {
