@@ -3,7 +3,6 @@
 //! (`reference/bench_data.py`) with the same tokenizer, template, data and thread budget.
 
 use std::io::Write as _;
-use std::process::Command;
 use std::sync::Arc;
 
 use super::{Measurement, PerfOpts, Stats, time_runs};
@@ -81,39 +80,27 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
     })?;
     let (examples, tokens) = counts;
 
-    let script = opts.root.join("reference/bench_data.py");
-    let out = Command::new(&opts.python)
-        .arg(&script)
-        .args(["--tok", &tok_dir.to_string_lossy()])
-        .args(["--data", &input.to_string_lossy()])
-        .args(["--batch-size", &BATCH.to_string()])
-        .args(["--max-len", &MAX_LEN.to_string()])
-        .args(["--runs", &opts.runs.to_string()])
-        .args(["--warmup", &opts.warmup.min(1).to_string()])
-        .env("RAYON_NUM_THREADS", opts.threads.to_string())
-        .env("TOKENIZERS_PARALLELISM", "true")
-        .env("OMP_NUM_THREADS", opts.threads.to_string())
-        .env("HF_DATASETS_OFFLINE", "1")
-        .output()
-        .map_err(|e| Error::io(&opts.python, e))?;
-    if !out.status.success() {
-        return Err(Error::invalid(format!(
-            "reference {} failed ({}): {}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .ok_or_else(|| Error::invalid(format!("{} printed nothing", script.display())))?;
-    let r: serde_json::Value = serde_json::from_str(last).map_err(|source| Error::Json {
-        path: script.clone(),
-        source,
-    })?;
+    let args: Vec<String> = [
+        "--tok".to_string(),
+        tok_dir.to_string_lossy().into_owned(),
+        "--data".into(),
+        input.to_string_lossy().into_owned(),
+        "--batch-size".into(),
+        BATCH.to_string(),
+        "--max-len".into(),
+        MAX_LEN.to_string(),
+        "--runs".into(),
+        opts.runs.to_string(),
+        "--warmup".into(),
+        opts.warmup.min(1).to_string(),
+    ]
+    .into();
+    let env = [
+        ("RAYON_NUM_THREADS", opts.threads.to_string()),
+        ("TOKENIZERS_PARALLELISM", "true".to_string()),
+        ("HF_DATASETS_OFFLINE", "1".to_string()),
+    ];
+    let r = super::run_reference_env(opts, "bench_data.py", &args, &env)?;
     let ref_secs: Vec<f64> = r["seconds"]
         .as_array()
         .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())

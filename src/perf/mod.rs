@@ -146,12 +146,23 @@ pub fn time_runs<F: FnMut() -> Result<()>>(
 /// Runs `reference/<script>` with `args` under the reference python and parses the last line of
 /// its standard output as JSON.
 pub fn run_reference(opts: &PerfOpts, script: &str, args: &[String]) -> Result<serde_json::Value> {
+    run_reference_env(opts, script, args, &[])
+}
+
+/// [`run_reference`] with extra environment variables for the script.
+pub fn run_reference_env(
+    opts: &PerfOpts,
+    script: &str,
+    args: &[String],
+    env: &[(&str, String)],
+) -> Result<serde_json::Value> {
     let path = opts.root.join("reference").join(script);
     let out = Command::new(&opts.python)
         .arg(&path)
         .args(args)
         .env("OMP_NUM_THREADS", opts.threads.to_string())
         .env("MKL_NUM_THREADS", opts.threads.to_string())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .map_err(|e| Error::io(&opts.python, e))?;
     if !out.status.success() {
