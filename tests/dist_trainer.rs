@@ -312,7 +312,12 @@ fn nproc2_ctrl_c_then_resume() {
     let t0 = Instant::now();
     let log = out_a.join("metrics.jsonl");
     loop {
-        let lines = std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
+        // training steps logged so far (the eval lines do not count)
+        let lines = std::fs::read_to_string(&log).map_or(0, |t| {
+            t.lines()
+                .filter(|l| l.contains("\"kind\":\"train\""))
+                .count()
+        });
         if lines >= 3 {
             break;
         }
