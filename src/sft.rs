@@ -25,8 +25,8 @@ use crate::dist::{DistConfig, DistEnv, ProcessGroup};
 use crate::error::{Error, Result, TchResultExt, write_atomic};
 use crate::model::{CausalLm, LoadOptions, load_model, save_model};
 use crate::optim::{
-    DynOptimizer, GroupSpec, NamedParam, OptimizerConfigs, ParamGroup, ParamGrouper, ParamInfo,
-    ParamRole, ReferenceGrouper, ReferenceGrouperConfig, build_optimizer,
+    DynOptimizer, GroupSpec, OptimizerConfigs, ParamGrouper, ParamInfo, ParamRole,
+    ReferenceGrouper, ReferenceGrouperConfig, build_optimizer, param_group,
 };
 use crate::plugin::{self, CallbackCtx, SchedulerCtx};
 use crate::quant::QuantConfig;
@@ -235,26 +235,10 @@ fn make_optimizer(cfg: &SftConfig, model: &dyn CausalLm) -> Result<Box<dyn DynOp
         Some(o) => {
             let by_name: std::collections::HashMap<&str, &Tensor> =
                 trainable.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let mut groups = Vec::new();
-            for s in specs {
-                let params = s
-                    .params
-                    .iter()
-                    .map(|n| {
-                        by_name
-                            .get(n.as_str())
-                            .map(|t| NamedParam::new(n.clone(), t))
-                            .ok_or_else(|| Error::invalid(format!("unknown parameter `{n}`")))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                groups.push(ParamGroup::new(
-                    s.name,
-                    params,
-                    lr,
-                    s.lr_mult,
-                    s.weight_decay.unwrap_or(wd),
-                ));
-            }
+            let groups = specs
+                .into_iter()
+                .map(|s| param_group(s, &by_name, lr, wd))
+                .collect::<Result<Vec<_>>>()?;
             plugin::build_optimizer(&o.name, groups, &o.options_value())
         }
     }

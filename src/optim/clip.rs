@@ -28,6 +28,12 @@ pub fn clip_grad_norm_tensors(params: &[Tensor], max_norm: f64) -> Result<f64> {
             format!("must be finite and > 0, got {max_norm}"),
         ));
     }
+    grad_norm_clipped(params, Some(max_norm))
+}
+
+/// The global L2 norm of the gradients of `params` (before clipping), clipping them to
+/// `max_norm` when given; see the module docs.
+pub fn grad_norm_clipped(params: &[Tensor], max_norm: Option<f64>) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let ctx = "clip_grad_norm";
     let mut grads = Vec::with_capacity(params.len());
@@ -52,6 +58,9 @@ pub fn clip_grad_norm_tensors(params: &[Tensor], max_norm: f64) -> Result<f64> {
         .and_then(|t| t.f_to_kind(Kind::Double))
         .ctx(ctx)?;
     let total_f = total.f_double_value(&[]).ctx(ctx)?;
+    let Some(max_norm) = max_norm else {
+        return Ok(total_f);
+    };
     let coef = (max_norm / (total_f + 1e-6)).min(1.0);
     // multiplying by 1.0 changes nothing, so it is skipped
     if coef < 1.0 {

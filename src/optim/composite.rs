@@ -167,6 +167,35 @@ pub struct OptimizerConfigs {
     pub muon: MuonConfig,
 }
 
+/// The [`ParamGroup`] a grouper's `spec` describes: its parameters looked up in `by_name`, lr
+/// `base_lr` (the scheduler applies `lr_mult`), and the spec's weight decay or `default_wd`.
+pub fn param_group(
+    spec: GroupSpec,
+    by_name: &HashMap<&str, &Tensor>,
+    base_lr: f64,
+    default_wd: f64,
+) -> Result<ParamGroup> {
+    let members = spec
+        .params
+        .iter()
+        .map(|n| {
+            by_name
+                .get(n.as_str())
+                .map(|t| NamedParam::new(n.clone(), t))
+                .ok_or_else(|| {
+                    Error::invalid(format!("group `{}`: unknown parameter `{n}`", spec.name))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ParamGroup::new(
+        spec.name,
+        members,
+        base_lr,
+        spec.lr_mult,
+        spec.weight_decay.unwrap_or(default_wd),
+    ))
+}
+
 /// Makes the optimizer the trainer holds from a grouper's `groups`: Muon over the `"muon"`
 /// groups and AdamW over the `"adamw"` groups, as one [`Composite`] when both are used.
 ///
@@ -206,25 +235,7 @@ pub fn build_optimizer(
         if !order.contains(&spec.optimizer) {
             order.push(spec.optimizer.clone());
         }
-        let members = spec
-            .params
-            .iter()
-            .map(|n| {
-                by_name
-                    .get(n.as_str())
-                    .map(|t| NamedParam::new(n.clone(), t))
-                    .ok_or_else(|| {
-                        Error::invalid(format!("group `{}`: unknown parameter `{n}`", spec.name))
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        list.push(ParamGroup::new(
-            spec.name,
-            members,
-            base_lr,
-            spec.lr_mult,
-            spec.weight_decay.unwrap_or(default_wd),
-        ));
+        list.push(param_group(spec, &by_name, base_lr, default_wd)?);
     }
     let mut parts: Vec<Box<dyn DynOptimizer>> = Vec::new();
     for opt in order {

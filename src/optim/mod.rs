@@ -23,8 +23,8 @@ pub mod group;
 pub mod muon;
 
 pub use adamw::{AdamW, AdamWConfig};
-pub use clip::{clip_grad_norm, clip_grad_norm_tensors};
-pub use composite::{Composite, OptimizerConfigs, build_optimizer};
+pub use clip::{clip_grad_norm, clip_grad_norm_tensors, grad_norm_clipped};
+pub use composite::{Composite, OptimizerConfigs, build_optimizer, param_group};
 pub use group::{ReferenceGrouper, ReferenceGrouperConfig, validate_groups};
 pub use muon::{Muon, MuonConfig, MuonScale, NsPrecision};
 

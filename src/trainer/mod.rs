@@ -731,7 +731,7 @@ impl Trainer {
                 } else {
                     0.0
                 };
-                let grad_norm = clip_grad_norm(&params, self.clip_norm)?;
+                let grad_norm = crate::optim::grad_norm_clipped(&params, self.clip_norm)?;
                 let step_no = self.state.step + 1;
                 if !loss.is_finite() || !grad_norm.is_finite() {
                     let what = if loss.is_finite() {
@@ -945,39 +945,4 @@ pub fn evaluate_model(
         eval_loss: sums[0] / sums[1],
         tokens: sums[1] as u64,
     })
-}
-
-/// Clips the gradients of `params` to a global L2 norm of `max_norm` (when given) and returns
-/// the norm before clipping, as `torch.nn.utils.clip_grad_norm_` (coefficient
-/// `max_norm / (norm + 1e-6)`, clamped to 1).
-pub fn clip_grad_norm(params: &[Tensor], max_norm: Option<f64>) -> Result<f64> {
-    let _g = tch::no_grad_guard();
-    let grads: Vec<Tensor> = params
-        .iter()
-        .map(|p| p.grad())
-        .filter(|g| g.defined())
-        .collect();
-    if grads.is_empty() {
-        return Ok(0.0);
-    }
-    let mut total = 0.0f64;
-    for g in &grads {
-        let n = g
-            .f_norm()
-            .ctx("grad norm")?
-            .f_double_value(&[])
-            .ctx("grad norm value")?;
-        total += n * n;
-    }
-    let norm = total.sqrt();
-    if let Some(max) = max_norm {
-        let coef = max / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in &grads {
-                let mut g = g.shallow_clone();
-                let _ = g.f_mul_scalar_(coef).ctx("clip grad")?;
-            }
-        }
-    }
-    Ok(norm)
 }
