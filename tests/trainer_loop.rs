@@ -39,6 +39,7 @@ fn base(model: ToyLm, src: VecSource, lr: f64) -> TrainerBuilder {
 /// normalised by the label tokens of the whole step, not averaged per micro-batch.
 #[test]
 fn accumulation_equals_one_large_batch() {
+    let _rng = common::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let src = VecSource::random(2, 2, 12, 50, 1);
     // the same rows as one 4-row batch (both batches have the same length)
     let (mut ids, mut labels) = (Vec::new(), Vec::new());
@@ -186,6 +187,7 @@ fn resume_continues_exactly() {
 
 #[test]
 fn nonfinite_loss_stops_with_step_and_leaves_params() {
+    let _rng = common::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let model = ToyLm::new(30, 8, 1, 0.0, 1);
     {
         let _g = tch::no_grad_guard();
@@ -235,6 +237,7 @@ fn nonfinite_loss_stops_with_step_and_leaves_params() {
 
 #[test]
 fn build_rejects_bad_combinations() {
+    let _rng = common::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     // eval cadence without eval data
     let e = base(
@@ -310,6 +313,7 @@ mock! {
 /// and zeroed once per step.
 #[test]
 fn callback_and_optimizer_call_order() {
+    let _rng = common::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let model = ToyLm::new(20, 8, 1, 0.0, 1);
     let mut seq = Sequence::new();
     let mut cb = MockCb::new();

@@ -143,8 +143,9 @@ pub fn uniform(state: &mut u64, shape: &[i64]) -> Tensor {
     Tensor::from_slice(&v).view(shape)
 }
 
-/// Tests whose results depend on libtorch's global generator (dropout) hold this lock, so
-/// parallel tests cannot reseed it under them.
+/// Tests whose results depend on libtorch's global generator (dropout) hold this lock, and so
+/// does every test that runs the trainer (which reseeds that generator each layer), so parallel
+/// tests cannot reseed it under one another.
 pub static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Deterministic batches from a fixed list, shuffled per epoch by (seed, epoch).
