@@ -4,26 +4,32 @@
 //! (`volttrain::perf::optim`), which runs the reference in the same run.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use volttrain::optim::{AdamW, AdamWConfig, Muon, MuonConfig, Optimizer, ParamGroup};
+use volttrain::optim::{AdamW, AdamWConfig, Muon, MuonConfig, NsMethod, Optimizer, ParamGroup};
 use volttrain::perf::optim::make_params;
 
 fn bench_steps(c: &mut Criterion) {
     tch::set_num_threads(2);
     let device = tch::Device::Cpu;
-    let params = match make_params(1, device, 0) {
-        Ok(p) => p,
-        Err(e) => panic!("bench setup: {e}"),
-    };
-    let mut muon = match Muon::new(
-        vec![ParamGroup::new("muon", params, 0.02, 1.0, 0.1)],
-        MuonConfig::default(),
-    ) {
-        Ok(m) => m,
-        Err(e) => panic!("bench setup: {e}"),
-    };
     let mut group = c.benchmark_group("optim_step_one_layer");
     group.sample_size(10);
-    group.bench_function("muon", |b| b.iter(|| muon.step()));
+    for (name, method) in [
+        ("muon", NsMethod::Auto),
+        ("muon_iterative", NsMethod::Iterative),
+    ] {
+        let params = match make_params(1, device, 0) {
+            Ok(p) => p,
+            Err(e) => panic!("bench setup: {e}"),
+        };
+        let cfg = MuonConfig {
+            ns_method: method,
+            ..Default::default()
+        };
+        let mut muon = match Muon::new(vec![ParamGroup::new("muon", params, 0.02, 1.0, 0.1)], cfg) {
+            Ok(m) => m,
+            Err(e) => panic!("bench setup: {e}"),
+        };
+        group.bench_function(name, |b| b.iter(|| muon.step()));
+    }
     let params = match make_params(1, device, 0) {
         Ok(p) => p,
         Err(e) => panic!("bench setup: {e}"),

@@ -14,9 +14,10 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 use tch::{Kind, Tensor};
+use volttrain::optim::muon::{newton_schulz, newton_schulz_spectral};
 use volttrain::optim::{
-    AdamW, AdamWConfig, DynOptimizer, Muon, MuonConfig, MuonScale, NamedParam, NsPrecision,
-    Optimizer, ParamGroup, clip_grad_norm_tensors,
+    AdamW, AdamWConfig, DynOptimizer, Muon, MuonConfig, MuonScale, NamedParam, NsMethod,
+    NsPrecision, Optimizer, ParamGroup, clip_grad_norm_tensors,
 };
 
 fn python() -> PathBuf {
@@ -311,6 +312,12 @@ fn muon_case(what: &str, cfg: MuonConfig) {
         ("down", &[24, 40]),
         ("conv", &[6, 4, 3]),
     ];
+    muon_case_with(what, cfg, shapes);
+}
+
+/// `shapes` must name q, k, v, up, gate, down and conv (the groups below), with k/v, up/gate
+/// sharing shapes.
+fn muon_case_with(what: &str, cfg: MuonConfig, shapes: &[(&str, &[i64])]) {
     let steps = 20;
     let prob = Problem::new(shapes, steps, &[], 5);
     // k and v share a shape but not a group: one batch with two learning rates
@@ -384,6 +391,101 @@ fn muon_without_nesterov_matches_reference() {
             ..Default::default()
         },
     );
+}
+
+#[test]
+fn muon_spectral_matches_reference() {
+    // Every matrix through the eigendecomposition of its Gram matrix, square, wide and tall.
+    muon_case(
+        "muon spectral",
+        MuonConfig {
+            ns_method: NsMethod::Spectral,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn muon_auto_on_model_sized_wide_matrices_matches_reference() {
+    // Shapes where `auto` picks the spectral path on the CPU (min >= 256, max >= 2 min) next to
+    // ones where it iterates; the reference iterates for all of them.
+    assert!(NsMethod::Auto.spectral_for(640, 256, Kind::Float, tch::Device::Cpu));
+    assert!(NsMethod::Auto.spectral_for(256, 640, Kind::Float, tch::Device::Cpu));
+    assert!(!NsMethod::Auto.spectral_for(300, 300, Kind::Float, tch::Device::Cpu));
+    assert!(!NsMethod::Auto.spectral_for(96, 300, Kind::Float, tch::Device::Cpu));
+    assert!(!NsMethod::Auto.spectral_for(256, 640, Kind::BFloat16, tch::Device::Cpu));
+    assert!(!NsMethod::Auto.spectral_for(256, 640, Kind::Float, tch::Device::Cuda(0)));
+    let shapes: &[(&str, &[i64])] = &[
+        ("q", &[300, 300]),
+        ("k", &[96, 300]),
+        ("v", &[96, 300]),
+        ("up", &[640, 256]),
+        ("gate", &[640, 256]),
+        ("down", &[256, 640]),
+        ("conv", &[6, 4, 3]),
+    ];
+    muon_case_with("muon auto, model-sized", MuonConfig::default(), shapes);
+}
+
+/// `sigma_i = 10^(-6 i / (m - 1))`: singular values spread over six decades, the hard case for
+/// anything that forms `X X^T` in fp32.
+fn ill_conditioned(m: i64, n: i64) -> Tensor {
+    tch::manual_seed(11);
+    let opts = (Kind::Double, tch::Device::Cpu);
+    let (u, _) = Tensor::linalg_qr(&Tensor::randn([m, m], opts), "reduced");
+    let (v, _) = Tensor::linalg_qr(&Tensor::randn([n, m], opts), "reduced");
+    let s = Tensor::logspace(0.0, -6.0, m, 10.0, opts);
+    (u * s.unsqueeze(0)).mm(&v.tr())
+}
+
+#[test]
+fn newton_schulz_spectral_accuracy_against_fp64_iteration() {
+    // Truth: the NS5 iteration in fp64. Measured errors (relative Frobenius) of the fp32
+    // iteration, the fp32 spectral evaluation and the bf16 iteration that GPU Muon runs use.
+    let coeffs = (3.4445, -4.7750, 2.0315);
+    for (m, n) in [(256i64, 640i64), (640, 256), (128, 128)] {
+        let (rows, cols) = if m <= n { (m, n) } else { (n, m) };
+        let mut g = ill_conditioned(rows, cols);
+        if m > n {
+            g = g.tr().contiguous();
+        }
+        let truth = newton_schulz(&g.unsqueeze(0), 5, coeffs, 1e-7, Kind::Double)
+            .unwrap()
+            .squeeze_dim(0);
+        let err = |x: &Tensor| {
+            let x = x.to_kind(Kind::Double);
+            (&x - &truth).norm().double_value(&[]) / truth.norm().double_value(&[])
+        };
+        let g32 = g.to_kind(Kind::Float);
+        let iter32 = newton_schulz(&g32.unsqueeze(0), 5, coeffs, 1e-7, Kind::Float)
+            .unwrap()
+            .squeeze_dim(0);
+        let spec32 = newton_schulz_spectral(&g32, 5, coeffs, 1e-7, 1.0).unwrap();
+        let iter16 = newton_schulz(&g32.unsqueeze(0), 5, coeffs, 1e-7, Kind::BFloat16)
+            .unwrap()
+            .squeeze_dim(0);
+        let (e_iter, e_spec, e_bf16) = (err(&iter32), err(&spec32), err(&iter16));
+        eprintln!(
+            "{m}x{n}: fp32 iteration {e_iter:.2e}, fp32 spectral {e_spec:.2e}, bf16 iteration \
+             {e_bf16:.2e}"
+        );
+        assert!(e_iter < 1e-4, "{m}x{n}: fp32 iteration error {e_iter:e}");
+        assert!(e_spec < 2e-3, "{m}x{n}: spectral error {e_spec:e}");
+        assert!(
+            e_spec * 5.0 < e_bf16,
+            "{m}x{n}: spectral ({e_spec:e}) should be well inside the bf16 iteration's error \
+             ({e_bf16:e})"
+        );
+        // and on a well-conditioned (Gaussian) matrix the two fp32 methods agree to ~1e-5
+        tch::manual_seed(12);
+        let gauss = Tensor::randn([m, n], (Kind::Float, tch::Device::Cpu));
+        let a = newton_schulz(&gauss.unsqueeze(0), 5, coeffs, 1e-7, Kind::Float)
+            .unwrap()
+            .squeeze_dim(0);
+        let b = newton_schulz_spectral(&gauss, 5, coeffs, 1e-7, 1.0).unwrap();
+        let d = (&a - &b).norm().double_value(&[]) / a.norm().double_value(&[]);
+        assert!(d < 5e-5, "{m}x{n}: gaussian, spectral vs iteration {d:e}");
+    }
 }
 
 #[test]

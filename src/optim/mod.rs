@@ -26,7 +26,7 @@ pub use adamw::{AdamW, AdamWConfig};
 pub use clip::{clip_grad_norm, clip_grad_norm_tensors, grad_norm_clipped};
 pub use composite::{Composite, OptimizerConfigs, build_optimizer, param_group};
 pub use group::{ReferenceGrouper, ReferenceGrouperConfig, validate_groups};
-pub use muon::{Muon, MuonConfig, MuonScale, NsPrecision};
+pub use muon::{Muon, MuonConfig, MuonScale, NsMethod, NsPrecision};
 
 /// A named parameter.
 #[derive(Debug)]

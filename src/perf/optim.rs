@@ -3,8 +3,11 @@
 //! Parameters: the matrices of a SmolLM2-135M-shaped model (hidden 576, intermediate 1536,
 //! 9 heads of 64, 3 kv heads; 30 layers, or 3 for Muon in quick mode), fp32, fixed gradients.
 //! Rows (seconds per step, smaller is better):
-//! - `muon_step`: VoltTrain's [`Muon`] (same-shape matrices batched) against the reference Muon
-//!   of `reference/optim_ref.py` looping over parameters;
+//! - `muon_step`: VoltTrain's [`Muon`] with its default `ns_method` (auto: on the CPU the
+//!   spectral evaluation for wide matrices, the iteration per matrix for the others) against the
+//!   reference Muon of `reference/optim_ref.py` looping over parameters;
+//! - `muon_step_iterative`: the same with `ns_method: iterative` (the NS5 iteration for every
+//!   matrix), against the same reference;
 //! - `adamw_step`: VoltTrain's [`AdamW`] against `torch.optim.AdamW(foreach=True)`.
 //!
 //! The reference steps are interleaved with VoltTrain's (see [`run`]).
@@ -18,7 +21,8 @@ use tch::{Device, Kind, Tensor};
 use super::{Measurement, PerfOpts, Stats, time_runs};
 use crate::error::{Error, Result, TchResultExt};
 use crate::optim::{
-    AdamW, AdamWConfig, Muon, MuonConfig, MuonScale, NamedParam, NsPrecision, Optimizer, ParamGroup,
+    AdamW, AdamWConfig, Muon, MuonConfig, MuonScale, NamedParam, NsMethod, NsPrecision, Optimizer,
+    ParamGroup,
 };
 
 const HIDDEN: i64 = 576;
@@ -218,29 +222,44 @@ pub fn run_only(opts: &PerfOpts, which: &[&str]) -> Result<Vec<Measurement>> {
     if which.contains(&"muon") {
         let mut server =
             RefServer::start(opts, &[args.clone(), vec!["--which=muon".into()]].concat())?;
-        let params = make_params(muon_layers, opts.device, seed)?;
-        let muon_numel = numel(&params);
-        let cfg = MuonConfig {
-            scale: MuonScale::MatchAdamw,
-            ns_precision: NsPrecision::Auto,
-            weight_decay: 0.1,
-            ..Default::default()
-        };
-        let mut muon = Muon::new(vec![ParamGroup::new("muon", params, 0.02, 1.0, 0.1)], cfg)?;
-        let (v, r) = interleave(opts, &mut server, "muon", || muon.step())?;
-        rows.push(Measurement {
-            workload: "muon_step".into(),
-            metric: "s/step".into(),
-            volttrain: Stats::from_samples(&v)?,
-            reference: Some(Stats::from_samples(&r)?),
-            reference_name: "reference Muon (PyTorch, per-parameter loop)".into(),
-            higher_is_better: false,
-            note: format!(
-                "SmolLM2-135M matrices x {muon_layers} layers ({muon_numel} params), fp32 NS, \
-                 {} threads",
-                opts.threads
+        let variants = [
+            (
+                "muon_step",
+                NsMethod::Auto,
+                "auto: spectral for wide matrices",
             ),
-        });
+            (
+                "muon_step_iterative",
+                NsMethod::Iterative,
+                "NS5 iteration only",
+            ),
+        ];
+        for (workload, method, what) in variants {
+            let params = make_params(muon_layers, opts.device, seed)?;
+            let muon_numel = numel(&params);
+            let cfg = MuonConfig {
+                scale: MuonScale::MatchAdamw,
+                ns_precision: NsPrecision::Auto,
+                ns_method: method,
+                weight_decay: 0.1,
+                ..Default::default()
+            };
+            let mut muon = Muon::new(vec![ParamGroup::new("muon", params, 0.02, 1.0, 0.1)], cfg)?;
+            let (v, r) = interleave(opts, &mut server, "muon", || muon.step())?;
+            rows.push(Measurement {
+                workload: workload.into(),
+                metric: "s/step".into(),
+                volttrain: Stats::from_samples(&v)?,
+                reference: Some(Stats::from_samples(&r)?),
+                reference_name: "reference Muon (PyTorch, per-parameter loop)".into(),
+                higher_is_better: false,
+                note: format!(
+                    "SmolLM2-135M matrices x {muon_layers} layers ({muon_numel} params), fp32, \
+                     ns_method {what}, {} threads",
+                    opts.threads
+                ),
+            });
+        }
     }
     if which.contains(&"adamw") {
         let mut server =
