@@ -394,6 +394,19 @@ fn muon_without_nesterov_matches_reference() {
 }
 
 #[test]
+fn muon_batched_stacked_iteration_matches_reference() {
+    // The CUDA layout (stacked same-shape matrices, one bmm per product), forced on the CPU.
+    muon_case(
+        "muon stacked batches",
+        MuonConfig {
+            ns_method: NsMethod::Iterative,
+            batched: Some(true),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
 fn muon_spectral_matches_reference() {
     // Every matrix through the eigendecomposition of its Gram matrix, square, wide and tall.
     muon_case(

@@ -39,7 +39,8 @@
 //!   iteration that GPU Muon runs use. `tests/optim_parity.rs` measures all three.
 //! - [`NsMethod::Auto`] (default): spectral for fp32 matrices on the CPU with `min(rows, cols) >=
 //!   256` and `max >= 2 min`; iterative otherwise. On the CPU every matrix is processed on its
-//!   own, in place in its momentum slot, so its working set stays in cache.
+//!   own, in place in its momentum slot, so its working set stays in cache
+//!   ([`MuonConfig::batched`] chooses).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -143,6 +144,12 @@ pub struct MuonConfig {
     /// How the map is computed. Default [`NsMethod::Auto`] (spectral for wide fp32 matrices on
     /// the CPU, the batched iteration otherwise).
     pub ns_method: NsMethod,
+    /// Run the iteration on the stacked same-shape matrices (`true`) or one matrix at a time in
+    /// place (`false`). Default `None`: stacked on CUDA, where one batched matmul per product is
+    /// the fast way; one at a time on the CPU, where the stacked iteration measured 0.8x of a
+    /// per-matrix loop (the stacks fall out of cache; `muon_step_batched` in the optimizer
+    /// benchmark).
+    pub batched: Option<bool>,
     /// Update scale. Default [`MuonScale::MatchAdamw`] (Moonlight), because the reference
     /// grouping gives Muon and AdamW the same base learning rate.
     pub scale: MuonScale,
@@ -161,6 +168,7 @@ impl Default for MuonConfig {
             ns_eps: 1e-7,
             ns_precision: NsPrecision::Auto,
             ns_method: NsMethod::Auto,
+            batched: None,
             scale: MuonScale::MatchAdamw,
             weight_decay: 0.1,
         }
@@ -412,7 +420,8 @@ impl Muon {
             .config
             .ns_method
             .spectral_for(b.rows, b.cols, b.kind, b.device);
-        if b.device == Device::Cpu || spectral {
+        let stacked = self.config.batched.unwrap_or(b.device.is_cuda());
+        if !stacked || spectral {
             return self.step_batch_per_matrix(bi);
         }
         let cfg = &self.config;

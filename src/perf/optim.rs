@@ -8,6 +8,8 @@
 //!   reference Muon of `reference/optim_ref.py` looping over parameters;
 //! - `muon_step_iterative`: the same with `ns_method: iterative` (the NS5 iteration for every
 //!   matrix), against the same reference;
+//! - `muon_step_batched`: the iteration on stacked same-shape matrices with one `bmm` per product
+//!   (what runs on CUDA), against the same reference;
 //! - `adamw_step`: VoltTrain's [`AdamW`] against `torch.optim.AdamW(foreach=True)`.
 //!
 //! The reference steps are interleaved with VoltTrain's (see [`run`]).
@@ -226,21 +228,30 @@ pub fn run_only(opts: &PerfOpts, which: &[&str]) -> Result<Vec<Measurement>> {
             (
                 "muon_step",
                 NsMethod::Auto,
+                None,
                 "auto: spectral for wide matrices",
             ),
             (
                 "muon_step_iterative",
                 NsMethod::Iterative,
-                "NS5 iteration only",
+                None,
+                "NS5 iteration per matrix",
+            ),
+            (
+                "muon_step_batched",
+                NsMethod::Iterative,
+                Some(true),
+                "NS5 iteration on stacked same-shape batches (bmm)",
             ),
         ];
-        for (workload, method, what) in variants {
+        for (workload, method, batched, what) in variants {
             let params = make_params(muon_layers, opts.device, seed)?;
             let muon_numel = numel(&params);
             let cfg = MuonConfig {
                 scale: MuonScale::MatchAdamw,
                 ns_precision: NsPrecision::Auto,
                 ns_method: method,
+                batched,
                 weight_decay: 0.1,
                 ..Default::default()
             };
