@@ -397,6 +397,17 @@ int vt_dist_set_grad(at::Tensor* param, at::Tensor* grad, char** err) {
   });
 }
 
+// Drops `param.grad` (PyTorch's `zero_grad(set_to_none=True)`): the next backward then hands
+// its gradient over instead of adding it into a zeroed buffer.
+int vt_clear_grad(at::Tensor* param, char** err) {
+  return guarded(err, "clear_grad", [&] {
+    if (param == nullptr || !param->defined()) {
+      throw std::invalid_argument("undefined tensor");
+    }
+    param->mutable_grad().reset();
+  });
+}
+
 typedef struct VtOverlap vt_overlap;
 
 // Registers the overlap hooks on `n` parameters; `bucket_of[i]` is parameter i's bucket, buckets

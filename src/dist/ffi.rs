@@ -70,6 +70,7 @@ unsafe extern "C" {
     pub fn vt_dist_overlap_launched(ov: *mut VtOverlap) -> c_int;
     pub fn vt_dist_overlap_free(ov: *mut VtOverlap);
     pub fn vt_dist_set_grad(param: CTensor, grad: CTensor, err: *mut *mut c_char) -> c_int;
+    pub fn vt_clear_grad(param: CTensor, err: *mut *mut c_char) -> c_int;
 }
 
 /// Takes ownership of a shim error string and turns it into [`Error::Dist`].

@@ -301,6 +301,13 @@ fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     })
 }
 
+/// Drops `param.grad` (PyTorch's `zero_grad(set_to_none=True)`); tch only zeroes it in place.
+pub(crate) fn clear_grad(param: &Tensor) -> Result<()> {
+    let p = param.as_ptr() as ffi::CTensor;
+    // SAFETY: the tensor is live for the call; the shim only resets its grad field.
+    ffi::check("clear_grad", |err| unsafe { ffi::vt_clear_grad(p, err) })
+}
+
 /// Copies every parameter of rank `root` into the same parameter on all other ranks (call it
 /// once after building the model, before the first step), with autograd off.
 pub fn broadcast_params(pg: &ProcessGroup, params: &[(String, Tensor)], root: usize) -> Result<()> {
