@@ -397,6 +397,39 @@ int vt_dist_set_grad(at::Tensor* param, at::Tensor* grad, char** err) {
   });
 }
 
+// Drops `param.grad` (PyTorch's `zero_grad(set_to_none=True)`): the next backward then hands
+// its gradient over instead of adding it into a zeroed buffer.
+int vt_clear_grad(at::Tensor* param, char** err) {
+  return guarded(err, "clear_grad", [&] {
+    if (param == nullptr || !param->defined()) {
+      throw std::invalid_argument("undefined tensor");
+    }
+    param->mutable_grad().reset();
+  });
+}
+
+// One AdamW step of one contiguous parameter through libtorch's fused CPU kernel (what
+// `torch.optim.AdamW(fused=True)` runs): one pass over parameter, gradient and moments.
+// `step` is the parameter's update count including this one; `max_exp_avg_sq` is null
+// unless AMSGrad.
+int vt_fused_adamw(at::Tensor* param, at::Tensor* grad, at::Tensor* exp_avg, at::Tensor* exp_avg_sq,
+                   at::Tensor* max_exp_avg_sq, double step, double lr, double beta1, double beta2,
+                   double weight_decay, double eps, char** err) {
+  return guarded(err, "fused_adamw", [&] {
+    if (param == nullptr || grad == nullptr || exp_avg == nullptr || exp_avg_sq == nullptr) {
+      throw std::invalid_argument("null tensor");
+    }
+    const bool amsgrad = max_exp_avg_sq != nullptr;
+    std::vector<at::Tensor> p{*param}, g{*grad}, m{*exp_avg}, v{*exp_avg_sq}, vm;
+    if (amsgrad) {
+      vm.push_back(*max_exp_avg_sq);
+    }
+    std::vector<at::Tensor> steps{at::scalar_tensor(step, at::TensorOptions().dtype(at::kFloat))};
+    at::NoGradGuard no_grad;
+    at::_fused_adamw_(p, g, m, v, vm, steps, lr, beta1, beta2, weight_decay, eps, amsgrad, false);
+  });
+}
+
 typedef struct VtOverlap vt_overlap;
 
 // Registers the overlap hooks on `n` parameters; `bucket_of[i]` is parameter i's bucket, buckets

@@ -13,7 +13,7 @@ use super::AdapterInjector;
 use super::presets::get_targets;
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::CausalLm;
-use crate::nn::{Linear, LinearAdapter};
+use crate::nn::{Linear, LinearAdapter, LowRank};
 
 /// Which linear modules get an adapter.
 ///
@@ -305,6 +305,17 @@ impl LinearAdapter for LoraAdapter {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    fn low_rank(&self, train: bool) -> Option<LowRank<'_>> {
+        if train && self.dropout > 0.0 {
+            return None;
+        }
+        Some(LowRank {
+            a: &self.a,
+            b: &self.b,
+            scaling: self.scaling,
+        })
+    }
 }
 
 /// Adds LoRA adapters to the matching linear layers and returns the trainable parameters.
@@ -431,6 +442,41 @@ pub fn lora_modules(model: &mut dyn CausalLm) -> Vec<(String, &mut Linear)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused forward of `Linear` (one accumulating product) against PEFT's formula
+    /// `W x + b + scaling * B(A x)`, values and gradients, with a non-power-of-two scaling.
+    #[test]
+    fn fused_low_rank_forward_matches_peft_formula() {
+        tch::manual_seed(3);
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 3.0,
+            dropout: 0.0,
+            init_lora_weights: false,
+            ..LoraConfig::default()
+        };
+        let w = Tensor::randn([6, 5], (Kind::Float, tch::Device::Cpu));
+        let b = Tensor::randn([6], (Kind::Float, tch::Device::Cpu));
+        let mut lin = Linear::new(w.shallow_clone(), Some(b.shallow_clone()));
+        let ad = LoraAdapter::new(6, 5, &cfg, Kind::Float, tch::Device::Cpu).unwrap();
+        let (a, bb) = (ad.a.shallow_clone(), ad.b.shallow_clone());
+        lin.adapter = Some(Box::new(ad));
+        let x = Tensor::randn([2, 3, 5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let got = lin.forward(&x, true).unwrap();
+        assert_eq!(got.size(), [2, 3, 6]);
+        let lora = x.linear::<&Tensor>(&a, None).linear::<&Tensor>(&bb, None) * 0.75;
+        let want = x.linear(&w, Some(&b)) + lora;
+        assert!(got.allclose(&want, 1e-5, 1e-6, false));
+        let gw = Tensor::randn([2, 3, 6], (Kind::Float, tch::Device::Cpu));
+        let grads = |y: &Tensor| -> Vec<Tensor> {
+            let g =
+                Tensor::run_backward(&[(y * &gw).sum(Kind::Float)], &[&x, &a, &bb], false, false);
+            g.into_iter().map(|t| t.detach()).collect()
+        };
+        for (g1, g2) in grads(&got).iter().zip(grads(&want).iter()) {
+            assert!(g1.allclose(g2, 1e-5, 1e-6, false));
+        }
+    }
 
     #[test]
     fn config_from_yaml_with_peft_field_names_and_defaults() {

@@ -70,6 +70,22 @@ unsafe extern "C" {
     pub fn vt_dist_overlap_launched(ov: *mut VtOverlap) -> c_int;
     pub fn vt_dist_overlap_free(ov: *mut VtOverlap);
     pub fn vt_dist_set_grad(param: CTensor, grad: CTensor, err: *mut *mut c_char) -> c_int;
+    pub fn vt_clear_grad(param: CTensor, err: *mut *mut c_char) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    pub fn vt_fused_adamw(
+        param: CTensor,
+        grad: CTensor,
+        exp_avg: CTensor,
+        exp_avg_sq: CTensor,
+        max_exp_avg_sq: CTensor,
+        step: f64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
 }
 
 /// Takes ownership of a shim error string and turns it into [`Error::Dist`].

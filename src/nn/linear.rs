@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TchResultExt};
 use crate::quant::QuantizedTensor;
@@ -38,6 +38,38 @@ pub trait LinearAdapter: Send + fmt::Debug {
     fn delta_weight(&self) -> Result<Tensor>;
     /// Downcasting support for format-specific savers.
     fn as_any(&self) -> &dyn std::any::Any;
+    /// The adapter as a plain low-rank update `delta(x) = x A^T B^T * scaling` for this call,
+    /// when it is one (no dropout to draw with `train`): lets [`Linear::forward`] fuse it into
+    /// the base product's output. `None` (the default) always goes through
+    /// [`LinearAdapter::forward`].
+    fn low_rank(&self, _train: bool) -> Option<LowRank<'_>> {
+        None
+    }
+}
+
+/// A low-rank update `x A^T B^T * scaling`, see [`LinearAdapter::low_rank`].
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    /// `[r, in]`.
+    pub a: &'a Tensor,
+    /// `[out, r]`.
+    pub b: &'a Tensor,
+    pub scaling: f64,
+}
+
+impl LowRank<'_> {
+    /// `A * scaling`, `[r, in]` (the scaling is folded into the small factor, so the update
+    /// costs no pass over the `[tokens, out]` output; equal up to fp32 rounding, exactly for a
+    /// power-of-two scaling).
+    fn scaled_a(&self) -> Result<Tensor> {
+        self.a.f_mul_scalar(self.scaling).ctx("lora scaling")
+    }
+
+    /// Whether the fused products apply to input `x`: CPU (no autocast there), and factors of
+    /// the input's kind (otherwise the adapter's own casting forward runs).
+    fn fits(&self, x: &Tensor) -> bool {
+        x.device() == Device::Cpu && self.a.kind() == x.kind() && self.b.kind() == x.kind()
+    }
 }
 
 /// `y = x W^T + b (+ adapter(x))`.
@@ -74,6 +106,23 @@ impl Linear {
 
     /// The forward pass. `x` has shape `[..., in_features]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let (Some(a), false, LinearWeight::Dense(w)) = (&self.adapter, self.merged, &self.weight)
+            && let Some(lr) = a.low_rank(train)
+            && lr.fits(x)
+        {
+            // base + (x (s A)^T) B^T as one accumulating product: no separate pass for the
+            // scaling and the sum over the output
+            let (x2, lead) = flatten(x)?;
+            let mut y = x2.f_linear(w, self.bias.as_ref()).ctx("linear forward")?;
+            let _ = y
+                .f_addmm_(
+                    &x2.f_linear::<&Tensor>(&lr.scaled_a()?, None)
+                        .ctx("lora_A")?,
+                    &lr.b.f_tr().ctx("lora_B")?,
+                )
+                .ctx("lora_B")?;
+            return unflatten(y, &lead);
+        }
         let base = match &self.weight {
             LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref()).ctx("linear forward")?,
             LinearWeight::Quantized(q) => {
@@ -145,6 +194,21 @@ impl Linear {
         }
         out
     }
+}
+
+/// `x` as `[rows, in]` and the leading dimensions to restore.
+fn flatten(x: &Tensor) -> Result<(Tensor, Vec<i64>)> {
+    let size = x.size();
+    let Some((&inp, lead)) = size.split_last() else {
+        return Err(crate::Error::invalid("linear: input is a scalar"));
+    };
+    Ok((x.f_reshape([-1, inp]).ctx("linear flatten")?, lead.to_vec()))
+}
+
+fn unflatten(y: Tensor, lead: &[i64]) -> Result<Tensor> {
+    let mut shape = lead.to_vec();
+    shape.push(y.size()[1]);
+    y.f_reshape(shape.as_slice()).ctx("linear unflatten")
 }
 
 #[cfg(test)]

@@ -4,6 +4,6 @@ mod linear;
 mod norm;
 mod rope;
 
-pub use linear::{Linear, LinearAdapter, LinearWeight};
+pub use linear::{Linear, LinearAdapter, LinearWeight, LowRank};
 pub use norm::rms_norm;
 pub use rope::{RopeConfig, RopeScaling, apply_rope, rope_tables};

@@ -14,13 +14,18 @@
 //!
 //! # Speed
 //!
-//! tch 0.24 does not expose libtorch's `_foreach_*` ops nor the fused `_fused_adamw_` kernel
-//! (its generator skips those prefixes), so the step is written with plain in-place ops. Large
-//! parameters are processed in cache-sized blocks: every op of the update runs on one block of
-//! `p`, `g`, `m` and `v` before moving on to the next, so the intermediate passes hit the CPU
-//! cache instead of main memory, and the `sqrt` temporary lives in one reusable scratch buffer.
-//! `torch.optim.AdamW(foreach=True)` instead runs each op over all parameters before the next
-//! and allocates the `sqrt` temporaries every step.
+//! Contiguous fp32/fp64 parameters on the CPU go through libtorch's fused AdamW kernel
+//! (`torch.optim.AdamW(fused=True)`, reached through the C++ shim since tch 0.24 does not
+//! expose it): one pass over parameter, gradient and moments, about 3 times faster than the
+//! blocked path below on a 135M-parameter model (2 threads). Equal to the formula above up to
+//! fp32 rounding.
+//!
+//! Everything else (CUDA, other kinds, non-contiguous tensors) is written with plain in-place
+//! ops. Large parameters are processed in cache-sized blocks: every op of the update runs on one
+//! block of `p`, `g`, `m` and `v` before moving on to the next, so the intermediate passes hit
+//! the CPU cache instead of main memory, and the `sqrt` temporary lives in one reusable scratch
+//! buffer. `torch.optim.AdamW(foreach=True)` instead runs each op over all parameters before the
+//! next and allocates the `sqrt` temporaries every step.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +35,7 @@ use tch::{Device, Kind, Tensor};
 use super::{
     Optimizer, ParamGroup, StateDict, check_groups, check_no_extra, deep_copy, load_tensor,
 };
+use crate::dist::{FusedAdamW, fused_adamw};
 use crate::error::{Error, Result, TchResultExt};
 
 /// Hyper-parameters of [`AdamW`]. The learning rate and weight decay live in each
@@ -292,6 +298,23 @@ impl Optimizer for AdamW {
                 let st_m = st.exp_avg.shallow_clone();
                 let st_v = st.exp_avg_sq.shallow_clone();
                 let st_vm = st.max_exp_avg_sq.as_ref().map(|t| t.shallow_clone());
+                if device == Device::Cpu
+                    && matches!(kind, Kind::Float | Kind::Double)
+                    && grad.kind() == kind
+                    && contiguous
+                    && st_vm.as_ref().is_none_or(|t| t.is_contiguous())
+                {
+                    let h = FusedAdamW {
+                        step: st.step,
+                        lr,
+                        betas: (b1, b2),
+                        weight_decay: wd,
+                        eps: self.config.eps,
+                    };
+                    fused_adamw(&param, &grad, &st_m, &st_v, st_vm.as_ref(), &h)
+                        .map_err(|e| Error::invalid(format!("adamw: update of `{name}`: {e}")))?;
+                    continue;
+                }
                 let scratch = self.scratch_for(kind, device, n.min(block))?;
                 let ctx = || format!("adamw: update of `{name}`");
                 if contiguous && n > block {

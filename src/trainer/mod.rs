@@ -19,6 +19,7 @@
 
 mod checkpoint;
 mod dist;
+mod malloc;
 mod step;
 
 use std::collections::BTreeMap;
@@ -126,6 +127,7 @@ pub struct TrainerBuilder {
     collective: Option<Box<dyn Collective>>,
     interrupt: Option<Arc<AtomicBool>>,
     checkpoint_every: Option<u64>,
+    keep_freed_memory: bool,
 }
 
 impl Default for TrainerBuilder {
@@ -154,6 +156,7 @@ impl Default for TrainerBuilder {
             collective: None,
             interrupt: None,
             checkpoint_every: None,
+            keep_freed_memory: true,
         }
     }
 }
@@ -230,6 +233,14 @@ impl TrainerBuilder {
     }
     pub fn gradient_checkpointing(mut self, on: bool) -> Self {
         self.gradient_checkpointing = on;
+        self
+    }
+    /// Keep memory freed between steps inside the process instead of handing it back to the
+    /// kernel (glibc `mallopt`, process-wide, set when `fit` starts). Default `true`: it saves
+    /// the page faults and page zeroing of re-taking the activations' memory every step
+    /// (10-15% of a CPU LoRA step); the resident size stays at its peak.
+    pub fn keep_freed_memory(mut self, on: bool) -> Self {
+        self.keep_freed_memory = on;
         self
     }
     pub fn seed(mut self, s: u64) -> Self {
@@ -395,6 +406,7 @@ impl TrainerBuilder {
             total_steps,
             clip_norm: self.clip_norm,
             gradient_checkpointing: self.gradient_checkpointing,
+            keep_freed_memory: self.keep_freed_memory,
             eval_every: self.eval_every,
             output_dir: self.output_dir,
             on_nonfinite: self.on_nonfinite,
@@ -478,6 +490,7 @@ pub struct Trainer {
     total_steps: u64,
     clip_norm: Option<f64>,
     gradient_checkpointing: bool,
+    keep_freed_memory: bool,
     eval_every: Option<u64>,
     output_dir: PathBuf,
     on_nonfinite: NonFinitePolicy,
@@ -639,6 +652,9 @@ impl Trainer {
 
     fn fit_inner(&mut self) -> Result<FitSummary> {
         let start = Instant::now();
+        if self.keep_freed_memory {
+            malloc::keep_freed_memory();
+        }
         if self.resume {
             self.restore()?;
         }
