@@ -12,8 +12,9 @@ use volttrain::perf::load::{
 };
 
 /// Small enough to be fast, shaped so that the fp32 model (about 60 MiB) is more than twice the
-/// bound (9 to 16 MiB held + 1 MiB largest tensor + 2 to 6 MiB quantizer workspace + slack): a loader that held the file's
-/// tensors in fp32, or converted the whole model before quantizing, fails.
+/// bound (9 to 16 MiB held + 1 MiB largest tensor + 2 to 6 MiB quantizer workspace + slack): a
+/// loader that held the file's tensors in fp32, or converted the whole model before quantizing,
+/// fails.
 const SHAPE: CheckpointShape = CheckpointShape {
     hidden: 256,
     layers: 16,
