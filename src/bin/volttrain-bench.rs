@@ -27,7 +27,7 @@ struct Args {
     /// Intra-op threads on both sides (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load).
+    /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load, quant-load).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -41,6 +41,9 @@ struct Args {
     child_sft: Option<String>,
     #[arg(long, hide = true)]
     child_model: Option<PathBuf>,
+    /// Internal: measure one load (MODE,FORMAT,THREADS) in this process (see perf::load).
+    #[arg(long, hide = true)]
+    child_load: Option<String>,
 }
 
 type Workload = fn(&PerfOpts) -> volttrain::Result<Vec<Measurement>>;
@@ -67,6 +70,7 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("quant", perf::quant::run),
         ("data", perf::data::run),
         ("load", perf::model::load_135m),
+        ("quant-load", perf::load::run),
     ]
 }
 
@@ -111,6 +115,21 @@ fn main() -> std::process::ExitCode {
         python: python.into(),
         root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
     };
+    if let (Some(spec), Some(dir)) = (&args.child_load, &args.child_model) {
+        let report = perf::load::LoadRun::parse(spec).and_then(|run| perf::load::child(&run, dir));
+        return match report.and_then(|r| {
+            serde_json::to_string(&r).map_err(|e| volttrain::Error::invalid(e.to_string()))
+        }) {
+            Ok(line) => {
+                println!("{line}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("child load {spec}: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if let (Some(mode), Some(dir)) = (&args.child_sft, &args.child_model) {
         return match perf::sft::child(mode, dir, &opts) {
             Ok(v) => {
