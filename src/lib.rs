@@ -21,6 +21,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod error;
+mod malloc;
 pub mod model;
 pub mod nn;
 pub mod optim;

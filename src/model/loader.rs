@@ -284,7 +284,7 @@ fn read_all(
             let loaded = one(name, *quantize)?;
             if *quantize {
                 // the full-precision tensor and the quantizer's temporaries were just freed
-                release_freed_memory();
+                crate::malloc::release_freed_memory();
             }
             out.lock()
                 .map_err(|_| Error::invalid("checkpoint loader: a worker panicked"))?
@@ -307,30 +307,6 @@ fn read_all(
     }
     out.into_inner()
         .map_err(|_| Error::invalid("checkpoint loader: a worker panicked"))
-}
-
-/// Hands the allocator's free pages back to the system (glibc `malloc_trim`).
-///
-/// Freed tensors do not leave the process by themselves: glibc raises its mmap threshold to
-/// the size of each freed mmapped block (up to 32 MiB), so from the first freed weight on, the
-/// full-precision tensors and the quantizer's temporaries come from the heap, and the small
-/// quantized tensors allocated in between pin the freed space. Measured on a 16-layer model,
-/// that kept more than the whole fp32 model resident after an int8 load
-/// (`tests/quant_load_memory.rs`). `malloc_trim(0)` releases every free page in every arena
-/// (`MADV_DONTNEED`), which keeps a quantizing load at the quantized size plus the tensors in
-/// flight. A no-op elsewhere.
-pub(crate) fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        // SAFETY: `malloc_trim` takes no pointers and only returns free memory to the kernel;
-        // glibc serializes it with the allocator's own locks.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
 }
 
 struct Source {

@@ -23,7 +23,7 @@ pub mod safetensors;
 
 pub use config::DecoderConfig;
 pub use llama::DecoderLm;
-pub(crate) use loader::release_freed_memory;
+
 pub use loader::{
     LoadOptions, QuantizeFilter, SUPPORTED_ARCHITECTURES, decoder_config, default_quantize_filter,
     load_decoder, load_model, read_config, save_model,

@@ -361,7 +361,7 @@ pub fn child(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
         }
         None => 0,
     };
-    crate::model::release_freed_memory();
+    crate::malloc::release_freed_memory();
     let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
     opts.threads = run.loader_threads;
     let sampler = PeakSampler::start()?;

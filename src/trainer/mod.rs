@@ -19,7 +19,7 @@
 
 mod checkpoint;
 mod dist;
-mod malloc;
+
 mod step;
 
 use std::collections::BTreeMap;
@@ -653,7 +653,7 @@ impl Trainer {
     fn fit_inner(&mut self) -> Result<FitSummary> {
         let start = Instant::now();
         if self.keep_freed_memory {
-            malloc::keep_freed_memory();
+            crate::malloc::keep_freed_memory();
         }
         if self.resume {
             self.restore()?;
