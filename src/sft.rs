@@ -377,6 +377,7 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         .max_steps(t.max_steps)
         .clip_norm(t.grad_clip)
         .gradient_checkpointing(t.gradient_checkpointing)
+        .keep_freed_memory(t.keep_freed_memory)
         .seed(t.seed)
         .eval_every(t.eval_every)
         .output_dir(&t.output_dir)

@@ -156,6 +156,12 @@ pub struct TrainingSection {
     /// libtorch intra-op threads (0: libtorch's default).
     #[serde(default)]
     pub threads: usize,
+    /// Keep freed memory in the process between steps (glibc `mallopt`; see
+    /// `TrainerBuilder::keep_freed_memory`): about 8% faster steps on the CPU, but a higher peak
+    /// RSS (measured +25-33% on an 8-layer SmolLM2-shaped step). Set `false` when memory is what
+    /// matters (QLoRA). Default `true`.
+    #[serde(default = "yes")]
+    pub keep_freed_memory: bool,
 }
 
 fn default_output() -> PathBuf {
@@ -426,7 +432,11 @@ mod tests {
         assert_eq!(c.training.epochs, 1);
         assert!(c.training.use_muon);
         assert_eq!(c.training.grad_clip, Some(1.0));
+        assert!(c.training.keep_freed_memory);
         assert!(c.lora.is_none());
+        let c = SftConfig::from_yaml_str(MIN, None, &["training.keep_freed_memory=false".into()])
+            .unwrap();
+        assert!(!c.training.keep_freed_memory);
     }
 
     #[test]
