@@ -48,7 +48,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::{
-    Optimizer, ParamGroup, StateDict, check_groups, check_no_extra, deep_copy, load_tensor,
+    NamedParam, Optimizer, ParamGroup, StateDict, check_groups, check_no_extra, deep_copy,
+    load_tensor,
 };
 use crate::error::{Error, Result, TchResultExt};
 
@@ -338,6 +339,36 @@ pub fn newton_schulz_spectral(
     }
 }
 
+/// `p`'s gradient as a `rows x cols` matrix, or `None` when it has none this step.
+fn matrix_grad(p: &NamedParam, rows: i64, cols: i64) -> Result<Option<Tensor>> {
+    let ctx = || format!("muon: grad of `{}`", p.name);
+    let g = p.tensor.f_grad().ctx(ctx())?;
+    if !g.defined() {
+        return Ok(None);
+    }
+    if g.size() != p.tensor.size() {
+        return Err(Error::invalid(format!(
+            "muon: grad of `{}` has shape {:?}, the parameter {:?}",
+            p.name,
+            g.size(),
+            p.tensor.size()
+        )));
+    }
+    g.f_reshape([rows, cols]).ctx(ctx()).map(Some)
+}
+
+/// `p <- p * (1 - lr * weight_decay) + upd` (`upd` already scaled by `-lr * scale`).
+fn apply_update(p: &NamedParam, group: &ParamGroup, upd: &Tensor) -> Result<()> {
+    let ctx = || format!("muon: update of `{}`", p.name);
+    let mut t = p.tensor.shallow_clone();
+    let decay = 1.0 - group.lr * group.weight_decay;
+    if decay != 1.0 {
+        let _ = t.f_mul_scalar_(decay).ctx(ctx())?;
+    }
+    let _ = t.f_add_(&upd.f_reshape(t.size()).ctx(ctx())?).ctx(ctx())?;
+    Ok(())
+}
+
 impl Muon {
     /// The configuration this optimizer was built with.
     pub fn config(&self) -> &MuonConfig {
@@ -351,35 +382,18 @@ impl Muon {
 
     /// One matrix at a time (the CPU path): momentum updated in place in its slot, the update
     /// computed while the matrix is in cache, no stacking copies.
-    fn step_batch_per_matrix(&mut self, bi: usize) -> Result<()> {
+    fn step_batch_per_matrix(&mut self, bi: usize, spectral: bool) -> Result<()> {
         let cfg = &self.config;
         let batch = &self.batches[bi];
         let (rows, cols) = (batch.rows, batch.cols);
-        let spectral = cfg
-            .ns_method
-            .spectral_for(rows, cols, batch.kind, batch.device)
-            && cfg.ns_precision.kind(batch.device) == batch.kind;
         let scale = cfg.scale.factor(rows, cols);
         for (j, &(gi, pi)) in batch.slots.iter().enumerate() {
             let group = &self.groups[gi];
             let p = &group.params[pi];
-            let pctx = || format!("muon: update of `{}`", p.name);
-            let g = p
-                .tensor
-                .f_grad()
-                .ctx(format!("muon: grad of `{}`", p.name))?;
-            if !g.defined() {
+            let Some(g) = matrix_grad(p, rows, cols)? else {
                 continue;
-            }
-            if g.size() != p.tensor.size() {
-                return Err(Error::invalid(format!(
-                    "muon: grad of `{}` has shape {:?}, the parameter {:?}",
-                    p.name,
-                    g.size(),
-                    p.tensor.size()
-                )));
-            }
-            let g = g.f_reshape([rows, cols]).ctx(pctx())?;
+            };
+            let pctx = || format!("muon: update of `{}`", p.name);
             let mut buf = batch.momentum.f_get(j as i64).ctx(pctx())?;
             let _ = buf.f_lerp_(&g, 1.0 - cfg.momentum).ctx(pctx())?;
             let u = if cfg.nesterov {
@@ -402,27 +416,19 @@ impl Muon {
                     .and_then(|mut x| x.f_mul_scalar_(factor))
                     .ctx(pctx())?
             };
-            let mut t = p.tensor.shallow_clone();
-            let decay = 1.0 - group.lr * group.weight_decay;
-            if decay != 1.0 {
-                let _ = t.f_mul_scalar_(decay).ctx(pctx())?;
-            }
-            let _ = t
-                .f_add_(&upd.f_reshape(t.size()).ctx(pctx())?)
-                .ctx(pctx())?;
+            apply_update(p, group, &upd)?;
         }
         Ok(())
     }
 
     fn step_batch(&mut self, bi: usize) -> Result<()> {
-        let b = &self.batches[bi];
-        let spectral = self
-            .config
-            .ns_method
-            .spectral_for(b.rows, b.cols, b.kind, b.device);
-        let stacked = self.config.batched.unwrap_or(b.device.is_cuda());
-        if !stacked || spectral {
-            return self.step_batch_per_matrix(bi);
+        let (cfg, b) = (&self.config, &self.batches[bi]);
+        // spectral only where the iteration would run in the parameters' own kind (a bf16
+        // `ns_precision` on fp32 parameters asks for the bf16 iteration)
+        let spectral = cfg.ns_method.spectral_for(b.rows, b.cols, b.kind, b.device)
+            && cfg.ns_precision.kind(b.device) == b.kind;
+        if spectral || !cfg.batched.unwrap_or(b.device.is_cuda()) {
+            return self.step_batch_per_matrix(bi, spectral);
         }
         let cfg = &self.config;
         let batch = &mut self.batches[bi];
@@ -430,27 +436,10 @@ impl Muon {
         let mut present = Vec::with_capacity(batch.slots.len());
         let mut grads = Vec::with_capacity(batch.slots.len());
         for (j, &(gi, pi)) in batch.slots.iter().enumerate() {
-            let p = &self.groups[gi].params[pi];
-            let g = p
-                .tensor
-                .f_grad()
-                .ctx(format!("muon: grad of `{}`", p.name))?;
-            if !g.defined() {
-                continue;
+            if let Some(g) = matrix_grad(&self.groups[gi].params[pi], rows, cols)? {
+                grads.push(g);
+                present.push(j);
             }
-            if g.size() != p.tensor.size() {
-                return Err(Error::invalid(format!(
-                    "muon: grad of `{}` has shape {:?}, the parameter {:?}",
-                    p.name,
-                    g.size(),
-                    p.tensor.size()
-                )));
-            }
-            grads.push(
-                g.f_reshape([rows, cols])
-                    .ctx(format!("muon: grad of `{}`", p.name))?,
-            );
-            present.push(j);
         }
         if present.is_empty() {
             return Ok(());
@@ -509,18 +498,8 @@ impl Muon {
         for (k, &j) in present.iter().enumerate() {
             let (gi, pi) = batch.slots[j];
             let group = &self.groups[gi];
-            let p = &group.params[pi];
-            let pctx = || format!("muon: update of `{}`", p.name);
-            let mut t = p.tensor.shallow_clone();
-            let decay = 1.0 - group.lr * group.weight_decay;
-            if decay != 1.0 {
-                let _ = t.f_mul_scalar_(decay).ctx(pctx())?;
-            }
-            let upd = x
-                .f_get(k as i64)
-                .and_then(|u| u.f_reshape(t.size()))
-                .ctx(pctx())?;
-            let _ = t.f_add_(&upd).ctx(pctx())?;
+            let upd = x.f_get(k as i64).ctx(ctx())?;
+            apply_update(&group.params[pi], group, &upd)?;
         }
         Ok(())
     }
