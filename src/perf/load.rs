@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::{Measurement, PerfOpts, Stats};
+use super::{Measurement, PerfOpts, Stats, run_json};
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::llama::expected_tensors;
 use crate::model::safetensors::{SafetensorsFile, save_safetensors};
@@ -401,43 +401,16 @@ pub fn child(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
 /// report.
 pub fn measure(exe: &Path, dir: &Path, run: &LoadRun, threads: usize) -> Result<ChildReport> {
     let arg = run.to_arg();
-    let out = Command::new(exe)
-        .args(["--child-load", &arg, "--child-model"])
+    let what = format!("load child `{arg}` on {}", dir.display());
+    let mut cmd = Command::new(exe);
+    cmd.args(["--child-load", &arg, "--child-model"])
         .arg(dir)
-        .args(["--threads", &threads.to_string()])
-        .output()
-        .map_err(|e| Error::io(exe, e))?;
-    if !out.status.success() {
-        return Err(Error::invalid(format!(
-            "load child `{arg}` on {} failed ({}): {}",
-            dir.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    serde_json::from_str(last).map_err(|e| {
-        Error::invalid(format!(
-            "load child `{arg}` printed `{last}`, not a report: {e}"
-        ))
-    })
+        .args(["--threads", &threads.to_string()]);
+    let v = run_json(&mut cmd, &what)?;
+    serde_json::from_value(v).map_err(|e| Error::invalid(format!("{what}: not a load report: {e}")))
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
-
-fn one(x: f64) -> Stats {
-    Stats {
-        median: x,
-        min: x,
-        max: x,
-        n: 1,
-    }
-}
 
 /// Runs the quantize-while-loading memory workload on a SmolLM2-135M-shaped checkpoint, in bf16
 /// and fp32 on disk, for each of [`formats`], with the default loader threads.
@@ -473,8 +446,8 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
             out.push(Measurement {
                 workload: format!("quant_load_{format}_{kname}"),
                 metric: "MiB peak anon".into(),
-                volttrain: one(peak as f64 / MIB),
-                reference: Some(one(c.peak_above_baseline() as f64 / MIB)),
+                volttrain: Stats::single(peak as f64 / MIB),
+                reference: Some(Stats::single(c.peak_above_baseline() as f64 / MIB)),
                 reference_name: "load fp32, then quantize".into(),
                 higher_is_better: false,
                 note: format!(

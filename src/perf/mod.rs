@@ -66,6 +66,16 @@ impl Stats {
     }
 
     /// The same statistics of `factor * x` (unit change).
+    /// One value measured once (sizes, peak memory).
+    pub fn single(x: f64) -> Stats {
+        Stats {
+            median: x,
+            min: x,
+            max: x,
+            n: 1,
+        }
+    }
+
     pub fn scaled(&self, factor: f64) -> Stats {
         Stats {
             median: self.median * factor,
@@ -158,18 +168,22 @@ pub fn run_reference_env(
     env: &[(&str, String)],
 ) -> Result<serde_json::Value> {
     let path = opts.root.join("reference").join(script);
-    let out = Command::new(&opts.python)
-        .arg(&path)
+    let mut cmd = Command::new(&opts.python);
+    cmd.arg(&path)
         .args(args)
         .env("OMP_NUM_THREADS", opts.threads.to_string())
         .env("MKL_NUM_THREADS", opts.threads.to_string())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .map_err(|e| Error::io(&opts.python, e))?;
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    run_json(&mut cmd, &format!("reference {}", path.display()))
+}
+
+/// Runs `cmd` (a reference script or a bench child process) to completion and parses the last
+/// non-empty line of its standard output as JSON; `what` names it in errors.
+pub(crate) fn run_json(cmd: &mut Command, what: &str) -> Result<serde_json::Value> {
+    let out = cmd.output().map_err(|e| Error::io(cmd.get_program(), e))?;
     if !out.status.success() {
         return Err(Error::invalid(format!(
-            "reference {} failed ({}): {}",
-            path.display(),
+            "{what} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         )));
@@ -179,8 +193,9 @@ pub fn run_reference_env(
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
-        .ok_or_else(|| Error::invalid(format!("reference {} printed nothing", path.display())))?;
-    serde_json::from_str(last).map_err(|e| Error::Json { path, source: e })
+        .ok_or_else(|| Error::invalid(format!("{what} printed nothing")))?;
+    serde_json::from_str(last)
+        .map_err(|e| Error::invalid(format!("{what} printed `{last}`, not a JSON report: {e}")))
 }
 
 /// Achieved fp32 matmul FLOP/s of a square `n x n` product on `opts.device` (the practical
@@ -212,12 +227,7 @@ mod tests {
 
     #[test]
     fn speedup_direction() {
-        let st = |m| Stats {
-            median: m,
-            min: m,
-            max: m,
-            n: 1,
-        };
+        let st = Stats::single;
         let mut m = Measurement {
             workload: "w".into(),
             metric: "s/step".into(),

@@ -95,12 +95,6 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
         let q = cfg.quantizer()?;
         let (bytes, params) = model_bytes(&q, layers, opts.device)?;
         let bpp = bytes as f64 / params as f64;
-        let one = Stats {
-            median: bpp,
-            min: bpp,
-            max: bpp,
-            n: 1,
-        };
         let r = reference
             .get("bytes_per_param")
             .and_then(|v| v.get(name))
@@ -108,13 +102,8 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
         out.push(Measurement {
             workload: format!("quant_bytes_{name}"),
             metric: "bytes/param".into(),
-            volttrain: one,
-            reference: r.map(|b| Stats {
-                median: b,
-                min: b,
-                max: b,
-                n: 1,
-            }),
+            volttrain: Stats::single(bpp),
+            reference: r.map(Stats::single),
             reference_name: if r.is_some() { "bitsandbytes / torch storage".into() } else { "-".into() },
             higher_is_better: false,
             note: format!(

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Measurement, PerfOpts, Stats, run_reference};
+use super::{Measurement, PerfOpts, Stats, run_json, run_reference};
 use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use crate::callback::{Callback, Control, StepMetrics};
 use crate::data::Batch;
@@ -172,19 +172,7 @@ fn spawn_child(mode: &str, dir: &Path, opts: &PerfOpts) -> Result<(Stats, f64)> 
     if opts.device.is_cuda() {
         cmd.arg("--cuda");
     }
-    let out = cmd
-        .output()
-        .map_err(|e| Error::invalid(format!("spawn child: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::invalid(format!(
-            "child {mode} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
-        .map_err(|e| Error::invalid(format!("child {mode} output: {e}")))?;
-    parse(&v)
+    parse(&run_json(&mut cmd, &format!("sft child {mode}"))?)
 }
 
 fn parse(v: &serde_json::Value) -> Result<(Stats, f64)> {
@@ -238,12 +226,7 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
     let ckpt = spawn_child("lora_ckpt", dir.path(), opts)?;
     let qlora_ckpt = spawn_child("qlora_nf4_ckpt", dir.path(), opts)?;
     let shape = format!("SmolLM2-135M shape with {l} layers, batch {BATCH}x{SEQ}, fp32, AdamW");
-    let mem = |m: f64| Stats {
-        median: m,
-        min: m,
-        max: m,
-        n: 1,
-    };
+    let mem = Stats::single;
     let mut rows = vec![
         Measurement {
             workload: "lora_sft_step".into(),
