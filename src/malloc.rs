@@ -15,7 +15,8 @@
 //! `M_TRIM_THRESHOLD = -1` (the heap is never trimmed), both documented in `mallopt(3)`. The
 //! resident size then stays at its peak instead of shrinking between steps, and the peak itself
 //! grows: with every large block on the heap, fragmentation costs memory. Measured with
-//! `./dev bench --quick --only sft` (8 layers, batch 4x256), peak RSS with / without: LoRA 2234 /
+//! `./dev bench --quick --only sft`, then the same with `VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=0`
+//! (8 layers, batch 4x256), peak RSS with / without: LoRA 2234 /
 //! 1680 MB, full fine-tuning 2471 / 2099 MB, NF4 QLoRA 2162 / 1779 MB, LoRA with gradient
 //! checkpointing 1456 / 1349 MB, for about 8% more tokens/s. It is process-wide; an embedding
 //! application turns it off with `TrainerBuilder::keep_freed_memory(false)`, a YAML run with

@@ -6,6 +6,10 @@
 //!
 //! Each VoltTrain configuration runs in its own process (`volttrain-bench --child-sft MODE`), so
 //! peak memory is that configuration's alone.
+//!
+//! The children train with the trainer's default `keep_freed_memory(true)`; setting
+//! `VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=0` in the bench's environment runs them with it off, to
+//! measure what that setting costs in peak memory and buys in speed.
 
 use std::path::Path;
 use std::process::Command;
@@ -143,6 +147,7 @@ pub fn child(mode: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
         .device(opts.device)
         .max_steps(Some(steps))
         .gradient_checkpointing(mode.ends_with("ckpt"))
+        .keep_freed_memory(std::env::var("VOLTTRAIN_BENCH_KEEP_FREED_MEMORY").as_deref() != Ok("0"))
         .output_dir(dir.path())
         .checkpoint_every(Some(u64::MAX))
         .callback(Box::new(Clock(times.clone())))
