@@ -70,6 +70,9 @@ fn main() {
 /// NCCL builds also link `libtorch_cuda` and `libc10_cuda`.
 fn build_dist_shim() {
     println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim_common.h");
+    println!("cargo:rerun-if-changed=csrc/kernels.c");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_NCCL_INCLUDE");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_CUDA_INCLUDE");
@@ -115,10 +118,13 @@ fn build_dist_shim() {
     build
         .cpp(true)
         .file("csrc/dist_shim.cpp")
+        .file("csrc/fused.cpp")
         .include(&inc)
         .include(&api_inc)
         .include(&gloo_inc)
         .flag("-std=c++17")
+        // at::parallel_for is header code: OpenMP makes it run on libtorch's thread pool
+        .flag("-fopenmp")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_GLOO", None)
         .flag_if_supported("-Wno-unused-parameter")
@@ -138,6 +144,7 @@ fn build_dist_shim() {
     }
     println!("cargo:rustc-check-cfg=cfg(volttrain_nccl)");
     build.compile("volttrain_dist_shim");
+    build_kernels(&inc);
 
     // The shim's symbols come from torch's libraries; name them after the static archive so the
     // linker resolves them whatever order the upstream `-l` flags come in.
@@ -147,11 +154,33 @@ fn build_dist_shim() {
     );
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    // The OpenMP runtime libtorch_cpu itself uses (the wheel's own copy), so fused.cpp's
+    // parallel regions share libtorch's threads instead of starting a second runtime.
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
     if nccl {
         // ProcessGroupNCCL lives in libtorch_cuda.
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
+}
+
+/// Compiles `csrc/kernels.c`, the row loops of the fused CPU ops (`src/fused.rs`), on its own:
+/// on x86-64 with `-mavx2 -mfma` (exp through SLEEF's `Sleef_expf8_u10`, which libtorch_cpu
+/// exports). It is C on purpose, so no inline C++ function compiled with those flags can be
+/// picked by the linker for code outside it; the Rust side calls into it only after checking
+/// the CPU for AVX2 and FMA.
+fn build_kernels(torch_include: &Path) {
+    let mut k = cc::Build::new();
+    k.file("csrc/kernels.c")
+        .include(torch_include)
+        .flag("-std=c11")
+        .flag("-fopenmp-simd")
+        .opt_level(3)
+        .warnings(false);
+    if env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+        k.flag("-mavx2").flag("-mfma");
+    }
+    k.compile("volttrain_kernels");
 }
 
 /// The include directories for NCCL support, or `None` when any header is missing.

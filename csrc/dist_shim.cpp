@@ -15,6 +15,8 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
+
+#include "shim_common.h"
 #ifdef VOLTTRAIN_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -38,36 +40,7 @@ struct VtPg {
   int world;
 };
 
-char* dup_str(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.data(), s.size());
-    out[s.size()] = '\0';
-  }
-  return out;
-}
-
-void set_err(char** err, const std::string& msg) {
-  if (err != nullptr) {
-    *err = dup_str(msg);
-  }
-}
-
-// Runs `f`, turning every exception into an error string. Returns 0 on success, -1 on error.
-template <typename F>
-int guarded(char** err, const char* what, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    set_err(err, std::string(what) + ": " + e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_err(err, std::string(what) + ": " + e.what());
-  } catch (...) {
-    set_err(err, std::string(what) + ": unknown C++ exception");
-  }
-  return -1;
-}
+using vt_shim::guarded;
 
 std::vector<at::Tensor> collect(at::Tensor** tensors, size_t n) {
   std::vector<at::Tensor> out;
@@ -394,39 +367,6 @@ int vt_dist_set_grad(at::Tensor* param, at::Tensor* grad, char** err) {
       throw std::invalid_argument("undefined tensor");
     }
     param->mutable_grad() = *grad;
-  });
-}
-
-// Drops `param.grad` (PyTorch's `zero_grad(set_to_none=True)`): the next backward then hands
-// its gradient over instead of adding it into a zeroed buffer.
-int vt_clear_grad(at::Tensor* param, char** err) {
-  return guarded(err, "clear_grad", [&] {
-    if (param == nullptr || !param->defined()) {
-      throw std::invalid_argument("undefined tensor");
-    }
-    param->mutable_grad().reset();
-  });
-}
-
-// One AdamW step of one contiguous parameter through libtorch's fused CPU kernel (what
-// `torch.optim.AdamW(fused=True)` runs): one pass over parameter, gradient and moments.
-// `step` is the parameter's update count including this one; `max_exp_avg_sq` is null
-// unless AMSGrad.
-int vt_fused_adamw(at::Tensor* param, at::Tensor* grad, at::Tensor* exp_avg, at::Tensor* exp_avg_sq,
-                   at::Tensor* max_exp_avg_sq, double step, double lr, double beta1, double beta2,
-                   double weight_decay, double eps, char** err) {
-  return guarded(err, "fused_adamw", [&] {
-    if (param == nullptr || grad == nullptr || exp_avg == nullptr || exp_avg_sq == nullptr) {
-      throw std::invalid_argument("null tensor");
-    }
-    const bool amsgrad = max_exp_avg_sq != nullptr;
-    std::vector<at::Tensor> p{*param}, g{*grad}, m{*exp_avg}, v{*exp_avg_sq}, vm;
-    if (amsgrad) {
-      vm.push_back(*max_exp_avg_sq);
-    }
-    std::vector<at::Tensor> steps{at::scalar_tensor(step, at::TensorOptions().dtype(at::kFloat))};
-    at::NoGradGuard no_grad;
-    at::_fused_adamw_(p, g, m, v, vm, steps, lr, beta1, beta2, weight_decay, eps, amsgrad, false);
   });
 }
 

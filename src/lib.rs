@@ -21,6 +21,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod fused;
 mod malloc;
 pub mod model;
 pub mod nn;

@@ -70,22 +70,22 @@ unsafe extern "C" {
     pub fn vt_dist_overlap_launched(ov: *mut VtOverlap) -> c_int;
     pub fn vt_dist_overlap_free(ov: *mut VtOverlap);
     pub fn vt_dist_set_grad(param: CTensor, grad: CTensor, err: *mut *mut c_char) -> c_int;
-    pub fn vt_clear_grad(param: CTensor, err: *mut *mut c_char) -> c_int;
-    #[allow(clippy::too_many_arguments)]
-    pub fn vt_fused_adamw(
-        param: CTensor,
-        grad: CTensor,
-        exp_avg: CTensor,
-        exp_avg_sq: CTensor,
-        max_exp_avg_sq: CTensor,
-        step: f64,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-        err: *mut *mut c_char,
-    ) -> c_int;
+}
+
+/// Takes ownership of a shim error string and returns its text.
+///
+/// # Safety
+/// `err` must be null or a string returned by the shim and not yet freed.
+pub(crate) unsafe fn take_msg(err: *mut c_char, fallback: &str) -> String {
+    if err.is_null() {
+        return format!("{fallback}: the C++ shim gave no message");
+    }
+    // SAFETY: the shim returns a NUL-terminated malloc'd string; we free it right after copying.
+    let msg = unsafe { std::ffi::CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { vt_dist_free_str(err) };
+    msg
 }
 
 /// Takes ownership of a shim error string and turns it into [`Error::Dist`].
@@ -93,19 +93,15 @@ unsafe extern "C" {
 /// # Safety
 /// `err` must be null or a string returned by the shim and not yet freed.
 pub(crate) unsafe fn take_err(err: *mut c_char, fallback: &str) -> Error {
-    if err.is_null() {
-        return Error::Dist(format!("{fallback}: the C++ shim gave no message"));
-    }
-    // SAFETY: the shim returns a NUL-terminated malloc'd string; we free it right after copying.
-    let msg = unsafe { std::ffi::CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe { vt_dist_free_str(err) };
-    Error::Dist(msg)
+    // SAFETY: forwarded to the caller.
+    Error::Dist(unsafe { take_msg(err, fallback) })
 }
 
-/// Runs a shim call returning an error code, turning a failure into [`Error::Dist`].
-pub(crate) fn check(what: &str, call: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<()> {
+/// Runs a shim call returning an error code; on failure, the C++ message.
+pub(crate) fn call(
+    what: &str,
+    call: impl FnOnce(*mut *mut c_char) -> c_int,
+) -> std::result::Result<(), String> {
     let mut err: *mut c_char = std::ptr::null_mut();
     let rc = call(&mut err);
     if rc == 0 {
@@ -116,8 +112,13 @@ pub(crate) fn check(what: &str, call: impl FnOnce(*mut *mut c_char) -> c_int) ->
         Ok(())
     } else {
         // SAFETY: `err` was set by the shim (or is null).
-        Err(unsafe { take_err(err, what) })
+        Err(unsafe { take_msg(err, what) })
     }
+}
+
+/// Runs a shim call returning an error code, turning a failure into [`Error::Dist`].
+pub(crate) fn check(what: &str, f: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<()> {
+    call(what, f).map_err(Error::Dist)
 }
 
 /// The raw `at::Tensor*` pointers of `tensors` (valid while `tensors` is borrowed).

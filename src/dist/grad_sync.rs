@@ -301,54 +301,6 @@ fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     })
 }
 
-/// Drops `param.grad` (PyTorch's `zero_grad(set_to_none=True)`); tch only zeroes it in place.
-pub(crate) fn clear_grad(param: &Tensor) -> Result<()> {
-    let p = param.as_ptr() as ffi::CTensor;
-    // SAFETY: the tensor is live for the call; the shim only resets its grad field.
-    ffi::check("clear_grad", |err| unsafe { ffi::vt_clear_grad(p, err) })
-}
-
-/// Hyper-parameters of one [`fused_adamw`] call.
-pub(crate) struct FusedAdamW {
-    /// The parameter's update count including this update.
-    pub step: u64,
-    pub lr: f64,
-    pub betas: (f64, f64),
-    pub weight_decay: f64,
-    pub eps: f64,
-}
-
-/// One AdamW update of `param` through libtorch's fused CPU kernel (the shim's
-/// `vt_fused_adamw`, `torch.optim.AdamW(fused=True)`). All tensors contiguous, same kind.
-pub(crate) fn fused_adamw(
-    param: &Tensor,
-    grad: &Tensor,
-    exp_avg: &Tensor,
-    exp_avg_sq: &Tensor,
-    max_exp_avg_sq: Option<&Tensor>,
-    h: &FusedAdamW,
-) -> Result<()> {
-    let c = |t: &Tensor| t.as_ptr() as ffi::CTensor;
-    let vm = max_exp_avg_sq.map_or(std::ptr::null_mut(), c);
-    // SAFETY: every tensor is live for the call; the shim updates them in place.
-    ffi::check("fused_adamw", |err| unsafe {
-        ffi::vt_fused_adamw(
-            c(param),
-            c(grad),
-            c(exp_avg),
-            c(exp_avg_sq),
-            vm,
-            h.step as f64,
-            h.lr,
-            h.betas.0,
-            h.betas.1,
-            h.weight_decay,
-            h.eps,
-            err,
-        )
-    })
-}
-
 /// Copies every parameter of rank `root` into the same parameter on all other ranks (call it
 /// once after building the model, before the first step), with autograd off.
 pub fn broadcast_params(pg: &ProcessGroup, params: &[(String, Tensor)], root: usize) -> Result<()> {

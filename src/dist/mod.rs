@@ -25,7 +25,7 @@
 //! # }
 //! ```
 
-mod ffi;
+pub(crate) mod ffi;
 mod grad_sync;
 pub mod launch;
 mod sampler;
@@ -38,7 +38,6 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result, TchResultExt};
 
-pub(crate) use grad_sync::{FusedAdamW, clear_grad, fused_adamw};
 pub use grad_sync::{GradSync, broadcast_params};
 pub use sampler::{Mt19937, shard_indices, torch_randperm};
 

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::{DecoderConfig, base_config};
 use super::{CausalLm, ForwardInput, LayerCtx};
 use crate::error::{Error, Result, TchResultExt};
-use crate::nn::{Linear, apply_rope, rms_norm, rope_tables};
+use crate::nn::{Linear, LinearWeight, apply_rope, rms_norm, rope_tables};
 
 /// The configuration rules of `LlamaForCausalLM`.
 pub fn config(path: &Path, v: &Value) -> Result<DecoderConfig> {
@@ -185,17 +185,27 @@ impl DecoderLm {
             }
         };
         let hd = self.cfg.head_dim;
-        let heads = |y: Tensor, n: i64| -> Result<Tensor> {
-            y.f_view([b, t, n, hd])
-                .ctx("attention split heads")?
-                .f_transpose(1, 2)
-                .ctx("attention transpose")
+        let split = |y: Tensor, n: i64| -> Result<Tensor> {
+            y.f_view([b, t, n, hd]).ctx("attention split heads")
         };
-        let q = heads(l.linears[0].forward(x, train)?, self.cfg.num_heads)?;
-        let k = heads(l.linears[1].forward(x, train)?, self.cfg.num_kv_heads)?;
-        let v = heads(l.linears[2].forward(x, train)?, self.cfg.num_kv_heads)?;
-        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let heads =
+            |y: Tensor| -> Result<Tensor> { y.f_transpose(1, 2).ctx("attention transpose") };
+        // [b, t, n, hd] -> rotated [b, n, t, hd]; fp32 on the CPU rotates in the projection's
+        // own layout in one fused pass
+        let rotated = |y: Tensor, n: i64| -> Result<Tensor> {
+            let y = split(y, n)?;
+            if crate::fused::applies(&y) && crate::fused::applies(&ctx.cos) {
+                heads(crate::fused::rope(&y, &ctx.cos, &ctx.sin)?)
+            } else {
+                apply_rope(&heads(y)?, &ctx.cos, &ctx.sin)
+            }
+        };
+        let q = rotated(l.linears[0].forward(x, train)?, self.cfg.num_heads)?;
+        let k = rotated(l.linears[1].forward(x, train)?, self.cfg.num_kv_heads)?;
+        let v = heads(split(
+            l.linears[2].forward(x, train)?,
+            self.cfg.num_kv_heads,
+        )?)?;
         let mask = if l.sliding_window.is_some() {
             ctx.sliding_mask.as_ref()
         } else {
@@ -227,9 +237,17 @@ impl DecoderLm {
     }
 
     fn mlp(&self, l: &DecoderLayer, x: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = l.linears[4].forward(x, train)?.f_silu().ctx("mlp silu")?;
+        let gate = l.linears[4].forward(x, train)?;
         let up = l.linears[5].forward(x, train)?;
-        l.linears[6].forward(&gate.f_mul(&up).ctx("mlp gate*up")?, train)
+        let act = if crate::fused::applies(&gate) && crate::fused::applies(&up) {
+            crate::fused::swiglu(&gate, &up)?
+        } else {
+            gate.f_silu()
+                .ctx("mlp silu")?
+                .f_mul(&up)
+                .ctx("mlp gate*up")?
+        };
+        l.linears[6].forward(&act, train)
     }
 
     /// The base model's tensors by Hugging Face name, as a dense checkpoint holds them:
@@ -461,8 +479,25 @@ impl CausalLm for DecoderLm {
         h.f_add(&m).ctx("mlp residual")
     }
 
+    fn head_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    fn head_weight(&self) -> Option<Tensor> {
+        match &self.lm_head {
+            None => Some(self.embed.shallow_clone()),
+            Some(Linear {
+                weight: LinearWeight::Dense(w),
+                bias: None,
+                adapter: None,
+                ..
+            }) => Some(w.shallow_clone()),
+            Some(_) => None,
+        }
+    }
+
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let h = rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
+        let h = self.head_norm(hidden)?;
         match &self.lm_head {
             Some(head) => head.forward(&h, false),
             None => h.f_linear::<&Tensor>(&self.embed, None).ctx("tied lm_head"),

@@ -78,6 +78,20 @@ pub trait CausalLm: Send {
     fn layer(&self, i: usize, hidden: &Tensor, ctx: &LayerCtx, train: bool) -> Result<Tensor>;
     /// Final norm and LM head: hidden states of any leading shape to logits.
     fn head(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// The final norm alone: `head(h)` is `head_norm(h)` times [`CausalLm::head_weight`]`^T`
+    /// when that is `Some`. Only called when [`CausalLm::head_weight`] is `Some`; the default
+    /// says it is not implemented.
+    fn head_norm(&self, _hidden: &Tensor) -> Result<Tensor> {
+        Err(crate::Error::invalid(format!(
+            "{}: head_norm is not implemented (implement it along with head_weight)",
+            self.architecture()
+        )))
+    }
+    /// The LM head's `[vocab, hidden]` weight when the head is a plain dense product (no bias,
+    /// adapter or quantization), so the trainer may fuse it with the loss; `None` otherwise.
+    fn head_weight(&self) -> Option<Tensor> {
+        None
+    }
 
     /// Logits `[batch, seq, vocab]`.
     fn forward(&self, input: &ForwardInput<'_>, train: bool) -> Result<Tensor> {

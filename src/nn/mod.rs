@@ -5,5 +5,5 @@ mod norm;
 mod rope;
 
 pub use linear::{Linear, LinearAdapter, LinearWeight, LowRank};
-pub use norm::rms_norm;
+pub use norm::{rms_norm, rms_norm_composite};
 pub use rope::{RopeConfig, RopeScaling, apply_rope, rope_tables};

@@ -5,8 +5,17 @@ use tch::{Kind, Tensor};
 use crate::error::{Result, TchResultExt};
 
 /// `weight * (x / sqrt(mean(x^2) + eps))`, the statistics in fp32 (transformers'
-/// `LlamaRMSNorm.forward`).
+/// `LlamaRMSNorm.forward`). fp32 on the CPU runs as one fused op ([`crate::fused::rms_norm`]),
+/// everything else through [`rms_norm_composite`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::applies(x) && crate::fused::applies(weight) {
+        return crate::fused::rms_norm(x, weight, eps);
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+/// [`rms_norm`] as the chain of libtorch ops transformers runs (any device and kind).
+pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let kind = x.kind();
     let xf = x.f_to_kind(Kind::Float).ctx("rms_norm to fp32")?;
     let var = xf

@@ -35,8 +35,8 @@ use tch::{Device, Kind, Tensor};
 use super::{
     Optimizer, ParamGroup, StateDict, check_groups, check_no_extra, deep_copy, load_tensor,
 };
-use crate::dist::{FusedAdamW, fused_adamw};
 use crate::error::{Error, Result, TchResultExt};
+use crate::fused::{FusedAdamW, fused_adamw};
 
 /// Hyper-parameters of [`AdamW`]. The learning rate and weight decay live in each
 /// [`ParamGroup`]; `weight_decay` here is the default that group builders use.

@@ -128,7 +128,7 @@ pub trait DynOptimizer: Send {
     fn zero_grad(&mut self) {
         for g in self.groups_mut() {
             for p in &mut g.params {
-                if crate::dist::clear_grad(&p.tensor).is_err() {
+                if crate::fused::clear_grad(&p.tensor).is_err() {
                     p.tensor.zero_grad();
                 }
             }

@@ -91,8 +91,19 @@ pub(crate) fn prepare(batch: &Batch, device: Device) -> Result<Prepared> {
     })
 }
 
-/// Summed cross-entropy of the label positions from the last hidden states `[b, t, h]`.
-pub(crate) fn head_loss(model: &dyn CausalLm, hidden: &Tensor, p: &Prepared) -> Result<Tensor> {
+/// Summed cross-entropy of the label positions from the last hidden states `[b, t, h]`: the
+/// loss times `scale` (the tensor to call backward on) and the unscaled sum.
+///
+/// On the CPU in fp32 with a plain dense LM head, the head product and the cross-entropy run as
+/// one fused op ([`crate::fused::linear_cross_entropy`]): the `[labels, vocab]` logits are
+/// overwritten by their gradient and freed before backward, instead of being kept with their
+/// log-softmax. Otherwise the composite ops run.
+pub(crate) fn head_loss(
+    model: &dyn CausalLm,
+    hidden: &Tensor,
+    p: &Prepared,
+    scale: f64,
+) -> Result<(Tensor, f64)> {
     let size = hidden.size();
     let (b, t, h) = (size[0], size[1], size[2]);
     let flat = hidden
@@ -103,13 +114,22 @@ pub(crate) fn head_loss(model: &dyn CausalLm, hidden: &Tensor, p: &Prepared) -> 
     let sel = flat
         .f_index_select(0, &p.label_pos)
         .ctx("select label positions")?;
+    if let Some(w) = model.head_weight()
+        && crate::fused::applies(&sel)
+        && crate::fused::applies(&w)
+    {
+        let normed = model.head_norm(&sel)?;
+        return crate::fused::linear_cross_entropy(&normed, &w, &p.targets, IGNORE_INDEX, scale);
+    }
     let logits = model
         .head(&sel)?
         .f_to_kind(Kind::Float)
         .ctx("logits to fp32")?;
-    logits
+    let loss = logits
         .f_cross_entropy_loss::<&Tensor>(&p.targets, None, tch::Reduction::Sum, IGNORE_INDEX, 0.0)
-        .ctx("cross entropy")
+        .ctx("cross entropy")?;
+    let value = loss.f_double_value(&[]).ctx("loss value")?;
+    Ok((loss * scale, value))
 }
 
 fn input<'a>(p: &'a Prepared) -> ForwardInput<'a> {
@@ -152,9 +172,8 @@ pub(crate) fn forward_backward(
             seed_for(run_seed, step, micro, i);
             h = model.layer(i, &h, &ctx, true)?;
         }
-        let loss = head_loss(model, &h, p)?;
-        let value = loss.f_double_value(&[]).ctx("loss value")?;
-        (loss * scale).f_backward().ctx("backward")?;
+        let (loss, value) = head_loss(model, &h, p, scale)?;
+        loss.f_backward().ctx("backward")?;
         return Ok(value);
     }
 
@@ -173,9 +192,8 @@ pub(crate) fn forward_backward(
     }
     // Head: gradient with respect to the last hidden state.
     let last = inputs[n].f_detach().ctx("detach")?.set_requires_grad(true);
-    let loss = head_loss(model, &last, p)?;
-    let value = loss.f_double_value(&[]).ctx("loss value")?;
-    (loss * scale).f_backward().ctx("backward head")?;
+    let (loss, value) = head_loss(model, &last, p, scale)?;
+    loss.f_backward().ctx("backward head")?;
     let mut grad = last.grad();
     // Layers in reverse: recompute with a graph, back-propagate the incoming gradient.
     for i in (0..n).rev() {
@@ -210,7 +228,5 @@ pub(crate) fn eval_loss(model: &dyn CausalLm, p: &Prepared) -> Result<f64> {
     for i in 0..model.num_layers() {
         h = model.layer(i, &h, &ctx, false)?;
     }
-    head_loss(model, &h, p)?
-        .f_double_value(&[])
-        .ctx("eval loss value")
+    Ok(head_loss(model, &h, p, 1.0)?.1)
 }

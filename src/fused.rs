@@ -1,0 +1,239 @@
+//! Fused CPU kernels for the training step, and the libtorch calls tch does not expose.
+//!
+//! On the CPU a training step of a small Llama spends about a third of its time outside matrix
+//! products, mostly in chains of elementwise kernels that each make a pass over memory and keep
+//! their intermediates for backward. The C++ shim (`csrc/fused.cpp`, row loops in
+//! `csrc/kernels.c`) provides four of those chains as single libtorch autograd functions:
+//!
+//! | Op | Replaces | Kept for backward |
+//! |---|---|---|
+//! | [`rms_norm`] | `x.pow(2).mean(-1)`, `rsqrt`, two `mul`s (transformers' `LlamaRMSNorm`) | `x`, `rstd` |
+//! | [`swiglu`] | `silu(gate) * up` | `gate`, `up` |
+//! | [`rope`] | `x * cos + rotate_half(x) * sin` | `cos`, `sin` |
+//! | [`linear_cross_entropy`] | LM head product, `log_softmax`, `nll_loss` (sum) | the input gradients, formed in forward |
+//!
+//! They compute the same formulas in fp32 (parity with the composite ops is tested in
+//! `tests/fused_ops.rs`, and the model parity tests against transformers run through them).
+//!
+//! [`applies`] says whether a tensor takes the fused path: fp32 on the CPU, the shim's kernels
+//! usable on this CPU (AVX2 and FMA on x86-64, checked at run time because `kernels.c` is
+//! built with them), and not switched off with `VOLTTRAIN_FUSED_KERNELS=0` (read once). Other
+//! tensors (CUDA, bf16) keep the composite ops, so callers branch on [`applies`].
+
+use std::ffi::{c_char, c_int};
+use std::sync::OnceLock;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::dist::ffi::{self, CTensor};
+use crate::error::{Error, Result};
+
+type RawTensor = *mut CTensor;
+
+unsafe extern "C" {
+    fn vt_fused_rms_norm(
+        x: CTensor,
+        weight: CTensor,
+        eps: f64,
+        out: RawTensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn vt_fused_swiglu(gate: CTensor, up: CTensor, out: RawTensor, err: *mut *mut c_char) -> c_int;
+    fn vt_fused_rope(
+        x: CTensor,
+        cos: CTensor,
+        sin: CTensor,
+        out: RawTensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn vt_fused_linear_ce(
+        h: CTensor,
+        w: CTensor,
+        targets: CTensor,
+        ignore: i64,
+        scale: f64,
+        out: RawTensor,
+        loss_sum: *mut f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn vt_clear_grad(param: CTensor, err: *mut *mut c_char) -> c_int;
+    fn vt_fused_adamw(
+        param: CTensor,
+        grad: CTensor,
+        exp_avg: CTensor,
+        exp_avg_sq: CTensor,
+        max_exp_avg_sq: CTensor,
+        step: f64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+}
+
+/// Whether the fused kernels are usable in this process: the CPU has what `kernels.c` was
+/// compiled for, and `VOLTTRAIN_FUSED_KERNELS` is not `0`.
+pub fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let off = std::env::var("VOLTTRAIN_FUSED_KERNELS").is_ok_and(|v| v.trim() == "0");
+        !off && cpu_supported()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_supported() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_supported() -> bool {
+    true
+}
+
+/// Whether `t` takes the fused path: [`enabled`], on the CPU, fp32.
+pub fn applies(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == Kind::Float && enabled()
+}
+
+fn ptr(t: &Tensor) -> CTensor {
+    t.as_ptr() as CTensor
+}
+
+/// Runs a shim call that returns a new tensor.
+fn new_tensor(what: &str, f: impl FnOnce(RawTensor, *mut *mut c_char) -> c_int) -> Result<Tensor> {
+    let mut out: CTensor = std::ptr::null_mut();
+    ffi::call(what, |err| f(&mut out, err)).map_err(Error::InvalidArgument)?;
+    if out.is_null() {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: the shim returned no tensor"
+        )));
+    }
+    // SAFETY: the shim hands over a heap `at::Tensor*` (torch-sys's `tensor` type), which the
+    // returned Tensor owns and frees.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+fn check_enabled(what: &str) -> Result<()> {
+    if enabled() {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{what}: the fused CPU kernels are off (VOLTTRAIN_FUSED_KERNELS=0, or the CPU lacks \
+             AVX2/FMA); use the composite op"
+        )))
+    }
+}
+
+/// `weight * (x * rsqrt(mean(x^2, -1) + eps))` (transformers' `LlamaRMSNorm` in fp32), `x`
+/// `[..., h]` and `weight` `[h]`, with gradients for both.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check_enabled("fused rms_norm")?;
+    // SAFETY: the tensors are live for the call; the shim returns a new tensor.
+    new_tensor("fused rms_norm", |out, err| unsafe {
+        vt_fused_rms_norm(ptr(x), ptr(weight), eps, out, err)
+    })
+}
+
+/// `silu(gate) * up` (the SwiGLU MLP's product), with gradients for both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    check_enabled("fused swiglu")?;
+    // SAFETY: as in rms_norm.
+    new_tensor("fused swiglu", |out, err| unsafe {
+        vt_fused_swiglu(ptr(gate), ptr(up), out, err)
+    })
+}
+
+/// Rotary embedding of `x` `[batch, seq, heads, head_dim]` (note the layout: heads after seq,
+/// as the projections produce them) with `cos`, `sin` `[1 or batch, seq, head_dim]`:
+/// `x * cos + rotate_half(x) * sin`. Gradient for `x` only.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    check_enabled("fused rope")?;
+    // SAFETY: as in rms_norm.
+    new_tensor("fused rope", |out, err| unsafe {
+        vt_fused_rope(ptr(x), ptr(cos), ptr(sin), out, err)
+    })
+}
+
+/// Cross-entropy of the logits `hidden weight^T` (`hidden` `[n, k]`, `weight` `[vocab, k]`)
+/// against `targets` `[n]` (int64, `ignore_index` rows skipped), summed, times `scale`.
+///
+/// Returns the scaled loss (a scalar to call backward on) and the unscaled sum. Under grad mode
+/// the gradients of `hidden` and `weight` are formed during this call, and the `[n, vocab]`
+/// logits are freed before it returns; backward multiplies them by its incoming gradient.
+/// `backward` may run once (no `retain_graph`).
+pub fn linear_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    scale: f64,
+) -> Result<(Tensor, f64)> {
+    check_enabled("fused cross-entropy")?;
+    let mut sum = f64::NAN;
+    // SAFETY: as in rms_norm; `sum` outlives the call.
+    let loss = new_tensor("fused cross-entropy", |out, err| unsafe {
+        vt_fused_linear_ce(
+            ptr(hidden),
+            ptr(weight),
+            ptr(targets),
+            ignore_index,
+            scale,
+            out,
+            &mut sum,
+            err,
+        )
+    })?;
+    Ok((loss, sum))
+}
+
+/// Drops `param.grad` (PyTorch's `zero_grad(set_to_none=True)`); tch only zeroes it in place.
+pub(crate) fn clear_grad(param: &Tensor) -> Result<()> {
+    // SAFETY: the tensor is live for the call; the shim only resets its grad field.
+    ffi::check("clear_grad", |err| unsafe {
+        vt_clear_grad(ptr(param), err)
+    })
+}
+
+/// Hyper-parameters of one [`fused_adamw`] call.
+pub(crate) struct FusedAdamW {
+    /// The parameter's update count including this update.
+    pub step: u64,
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One AdamW update of `param` through libtorch's fused CPU kernel (the shim's
+/// `vt_fused_adamw`, `torch.optim.AdamW(fused=True)`). All tensors contiguous, same kind.
+pub(crate) fn fused_adamw(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    max_exp_avg_sq: Option<&Tensor>,
+    h: &FusedAdamW,
+) -> Result<()> {
+    let c = |t: &Tensor| t.as_ptr() as CTensor;
+    let vm = max_exp_avg_sq.map_or(std::ptr::null_mut(), c);
+    // SAFETY: every tensor is live for the call; the shim updates them in place.
+    ffi::check("fused_adamw", |err| unsafe {
+        vt_fused_adamw(
+            c(param),
+            c(grad),
+            c(exp_avg),
+            c(exp_avg_sq),
+            vm,
+            h.step as f64,
+            h.lr,
+            h.betas.0,
+            h.betas.1,
+            h.weight_decay,
+            h.eps,
+            err,
+        )
+    })
+}

@@ -1,0 +1,279 @@
+//! The fused CPU ops (`volttrain::fused`) against the libtorch op chains they replace (the
+//! chains transformers runs, which `model_parity` checks against transformers itself): values
+//! and gradients, odd sizes that exercise the vector tails, and the errors on bad input.
+//!
+//! Every test skips itself, saying so, when the fused kernels are off in this process
+//! (`VOLTTRAIN_FUSED_KERNELS=0`, or a CPU without AVX2/FMA).
+
+use tch::{Device, Kind, Tensor};
+use volttrain::fused;
+use volttrain::nn::{apply_rope, rms_norm_composite, rope_tables};
+
+const TOL: f64 = 2e-6;
+
+fn on() -> bool {
+    if !fused::enabled() {
+        eprintln!("skipped: the fused CPU kernels are off in this process");
+        return false;
+    }
+    true
+}
+
+fn randn(shape: &[i64], scale: f64) -> Tensor {
+    Tensor::randn(shape, (Kind::Float, Device::Cpu)) * scale
+}
+
+fn leaf(t: Tensor) -> Tensor {
+    t.detach().set_requires_grad(true)
+}
+
+/// max |a - b| / max(max |b|, 1e-12).
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    let diff = (a - b).abs().max().double_value(&[]);
+    let scale = b.abs().max().double_value(&[]).max(1e-12);
+    diff / scale
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+    let e = rel_err(got, want);
+    eprintln!("{what}: relative error {e:.2e}");
+    assert!(e <= TOL, "{what}: relative error {e:.3e} > {TOL:e}");
+}
+
+fn grad(t: &Tensor) -> Tensor {
+    let g = t.grad();
+    assert!(g.defined(), "no gradient reached the input");
+    g
+}
+
+#[test]
+fn rms_norm_matches_composite_values_and_gradients() {
+    if !on() {
+        return;
+    }
+    tch::manual_seed(1);
+    // 576 = SmolLM2's width; 37 exercises the scalar tails
+    for (shape, weight_grad) in [(vec![3i64, 5, 576], true), (vec![7, 37], false)] {
+        let h = *shape.last().unwrap();
+        let x0 = randn(&shape, 3.0);
+        let w0 = randn(&[h], 1.0) + 1.0;
+        let up = randn(&shape, 1.0);
+        let run = |fused_path: bool| {
+            let x = leaf(x0.copy());
+            let w = if weight_grad {
+                leaf(w0.copy())
+            } else {
+                w0.copy()
+            };
+            let y = if fused_path {
+                fused::rms_norm(&x, &w, 1e-5).unwrap()
+            } else {
+                rms_norm_composite(&x, &w, 1e-5).unwrap()
+            };
+            (&y * &up).sum(Kind::Float).backward();
+            let gw = weight_grad.then(|| grad(&w));
+            (y.detach(), grad(&x), gw)
+        };
+        let (y, gx, gw) = run(true);
+        let (y_ref, gx_ref, gw_ref) = run(false);
+        assert_close(&format!("rms_norm {shape:?} y"), &y, &y_ref);
+        assert_close(&format!("rms_norm {shape:?} dx"), &gx, &gx_ref);
+        if let (Some(a), Some(b)) = (gw, gw_ref) {
+            assert_close(&format!("rms_norm {shape:?} dweight"), &a, &b);
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_silu_times_up() {
+    if !on() {
+        return;
+    }
+    tch::manual_seed(2);
+    // large magnitudes saturate the sigmoid on both sides
+    for (shape, scale) in [(vec![2i64, 64, 1536], 4.0), (vec![3, 7, 19], 30.0)] {
+        let g0 = randn(&shape, scale);
+        let u0 = randn(&shape, 1.0);
+        let up = randn(&shape, 1.0);
+        let run = |fused_path: bool| {
+            let (g, u) = (leaf(g0.copy()), leaf(u0.copy()));
+            let y = if fused_path {
+                fused::swiglu(&g, &u).unwrap()
+            } else {
+                g.silu() * &u
+            };
+            (&y * &up).sum(Kind::Float).backward();
+            (y.detach(), grad(&g), grad(&u))
+        };
+        let (y, gg, gu) = run(true);
+        let (y_ref, gg_ref, gu_ref) = run(false);
+        assert_close(&format!("swiglu {shape:?} y"), &y, &y_ref);
+        assert_close(&format!("swiglu {shape:?} dgate"), &gg, &gg_ref);
+        assert_close(&format!("swiglu {shape:?} dup"), &gu, &gu_ref);
+    }
+}
+
+#[test]
+fn rope_matches_composite_with_per_batch_and_shared_positions() {
+    if !on() {
+        return;
+    }
+    tch::manual_seed(3);
+    let (b, t, n, d) = (2i64, 5, 3, 64);
+    let inv_freq = Tensor::arange_start_step(0, d, 2, (Kind::Float, Device::Cpu))
+        .divide_scalar(d as f64)
+        .multiply_scalar(-(10000f64.ln()))
+        .exp();
+    // per-row positions (left padding shifts the second row) and one shared row
+    let per_batch = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0, 0, 0, 1, 2]).view([b, t]);
+    let shared = Tensor::arange(t, (Kind::Int64, Device::Cpu)).view([1, t]);
+    for pos in [per_batch, shared] {
+        let (cos, sin) = rope_tables(&inv_freq, &pos, Kind::Float).unwrap();
+        let x0 = randn(&[b, t, n, d], 1.0);
+        let up = randn(&[b, t, n, d], 1.0);
+        let run = |fused_path: bool| {
+            let x = leaf(x0.copy());
+            let y = if fused_path {
+                fused::rope(&x, &cos, &sin).unwrap()
+            } else {
+                apply_rope(&x.transpose(1, 2), &cos, &sin)
+                    .unwrap()
+                    .transpose(1, 2)
+            };
+            (&y * &up).sum(Kind::Float).backward();
+            (y.detach(), grad(&x))
+        };
+        let (y, gx) = run(true);
+        let (y_ref, gx_ref) = run(false);
+        assert_close(&format!("rope cos {:?} y", cos.size()), &y, &y_ref);
+        assert_close(&format!("rope cos {:?} dx", cos.size()), &gx, &gx_ref);
+    }
+}
+
+/// Reference: logits = h W^T, cross_entropy(sum, ignore -100) * scale, through autograd.
+fn ce_reference(h0: &Tensor, w0: &Tensor, targets: &Tensor, scale: f64) -> (f64, Tensor, Tensor) {
+    let (h, w) = (leaf(h0.copy()), leaf(w0.copy()));
+    let loss = h.matmul(&w.tr()).cross_entropy_loss::<&Tensor>(
+        targets,
+        None,
+        tch::Reduction::Sum,
+        -100,
+        0.0,
+    );
+    let value = loss.double_value(&[]);
+    (loss * scale).backward();
+    (value, grad(&h), grad(&w))
+}
+
+#[test]
+fn linear_cross_entropy_matches_linear_then_cross_entropy() {
+    if !on() {
+        return;
+    }
+    tch::manual_seed(4);
+    // vocab 1003: not a multiple of the vector width; two rows ignored
+    let (n, k, v) = (37i64, 24, 1003);
+    let h0 = randn(&[n, k], 1.0);
+    let w0 = randn(&[v, k], 0.5);
+    let targets = Tensor::randint(v, [n], (Kind::Int64, Device::Cpu));
+    let _ = targets.narrow(0, 3, 1).fill_(-100);
+    let _ = targets.narrow(0, 20, 1).fill_(-100);
+    let scale = 0.25;
+
+    let (value_ref, gh_ref, gw_ref) = ce_reference(&h0, &w0, &targets, scale);
+    let (h, w) = (leaf(h0.copy()), leaf(w0.copy()));
+    let (loss, value) = fused::linear_cross_entropy(&h, &w, &targets, -100, scale).unwrap();
+    let rel = (value - value_ref).abs() / value_ref.abs();
+    eprintln!("cross-entropy sum {value} vs {value_ref}: relative {rel:.2e}");
+    assert!(rel < 1e-6, "loss sum {value} vs reference {value_ref}");
+    let scaled = loss.double_value(&[]);
+    assert!((scaled - value * scale).abs() <= 1e-6 * scaled.abs());
+    loss.backward();
+    assert_close("cross-entropy dhidden", &grad(&h), &gh_ref);
+    assert_close("cross-entropy dweight", &grad(&w), &gw_ref);
+    // an ignored row gets no gradient
+    assert_eq!(
+        grad(&h)
+            .narrow(0, 3, 1)
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[]),
+        0.0
+    );
+}
+
+#[test]
+fn linear_cross_entropy_backward_scales_by_the_incoming_gradient() {
+    if !on() {
+        return;
+    }
+    tch::manual_seed(5);
+    let (n, k, v) = (9i64, 16, 300);
+    let h0 = randn(&[n, k], 1.0);
+    let w0 = randn(&[v, k], 0.5);
+    let targets = Tensor::randint(v, [n], (Kind::Int64, Device::Cpu));
+    // only the hidden states train (a frozen, tied LM head under LoRA)
+    let (_, gh_ref, _) = ce_reference(&h0, &w0, &targets, 3.0);
+    let h = leaf(h0.copy());
+    let (loss, _) = fused::linear_cross_entropy(&h, &w0, &targets, -100, 1.0).unwrap();
+    (loss * 3.0).backward();
+    assert_close("cross-entropy dhidden x3", &grad(&h), &gh_ref);
+    assert!(!w0.grad().defined(), "a frozen weight got a gradient");
+}
+
+#[test]
+fn linear_cross_entropy_without_grad_mode_only_computes_the_loss() {
+    if !on() {
+        return;
+    }
+    tch::manual_seed(6);
+    let h = leaf(randn(&[5, 8], 1.0));
+    let w = randn(&[50, 8], 1.0);
+    let targets = Tensor::from_slice(&[1i64, 49, 0, -100, 7]);
+    let (value_ref, _, _) = ce_reference(&h, &w, &targets, 1.0);
+    let _g = tch::no_grad_guard();
+    let (loss, value) = fused::linear_cross_entropy(&h, &w, &targets, -100, 2.0).unwrap();
+    assert!((value - value_ref).abs() <= 1e-6 * value_ref.abs());
+    assert!((loss.double_value(&[]) - 2.0 * value).abs() <= 1e-5 * value.abs());
+    assert!(!loss.requires_grad());
+}
+
+#[test]
+fn fused_ops_reject_bad_input_with_the_reason() {
+    if !on() {
+        return;
+    }
+    let h = randn(&[4, 8], 1.0);
+    let w = randn(&[10, 8], 1.0);
+    let bad_target = Tensor::from_slice(&[1i64, 2, 10, 3]);
+    let e = fused::linear_cross_entropy(&h, &w, &bad_target, -100, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("target 10 at row 2 is outside the vocabulary [0, 10)"),
+        "{e}"
+    );
+
+    let x64 = Tensor::randn([2, 8], (Kind::Double, Device::Cpu));
+    let e = fused::rms_norm(&x64, &randn(&[8], 1.0), 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("x must be float32"), "{e}");
+
+    let e = fused::rms_norm(&randn(&[2, 8], 1.0), &randn(&[7], 1.0), 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not match the last dimension"), "{e}");
+
+    let e = fused::swiglu(&randn(&[2, 8], 1.0), &randn(&[2, 9], 1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("differ"), "{e}");
+
+    let cos = randn(&[1, 5, 6], 1.0);
+    let e = fused::rope(&randn(&[2, 4, 3, 6], 1.0), &cos, &cos)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not fit"), "{e}");
+}
