@@ -166,8 +166,19 @@ pub fn child(mode: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
 }
 
 fn spawn_child(mode: &str, dir: &Path, opts: &PerfOpts) -> Result<(Stats, f64)> {
+    spawn_child_env(mode, dir, opts, &[])
+}
+
+/// [`spawn_child`] with extra environment variables for the child.
+fn spawn_child_env(
+    mode: &str,
+    dir: &Path,
+    opts: &PerfOpts,
+    env: &[(&str, &str)],
+) -> Result<(Stats, f64)> {
     let exe = std::env::current_exe().map_err(|e| Error::invalid(format!("current_exe: {e}")))?;
     let mut cmd = Command::new(exe);
+    cmd.envs(env.iter().copied());
     cmd.args(["--child-sft", mode, "--child-model"])
         .arg(dir)
         .args(["--threads", &opts.threads.to_string()]);
@@ -227,6 +238,13 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
         &common("full", false),
     )?)?;
     let ours_full = spawn_child("full", dir.path(), opts)?;
+    // the same LoRA step with the fused CPU ops off: what they buy, measured in the same run
+    let composite = spawn_child_env(
+        "lora",
+        dir.path(),
+        opts,
+        &[("VOLTTRAIN_FUSED_KERNELS", "0")],
+    )?;
     let qlora = spawn_child("qlora_nf4", dir.path(), opts)?;
     let ckpt = spawn_child("lora_ckpt", dir.path(), opts)?;
     let qlora_ckpt = spawn_child("qlora_nf4_ckpt", dir.path(), opts)?;
@@ -259,6 +277,18 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
                 flop_per_token(l, true),
                 ours_full.1,
                 ref_full.1
+            ),
+        },
+        Measurement {
+            workload: "lora_step_fused_ops".into(),
+            metric: "tokens/s".into(),
+            volttrain: ours_lora.0,
+            reference: Some(composite.0),
+            reference_name: "VoltTrain LoRA, VOLTTRAIN_FUSED_KERNELS=0".into(),
+            higher_is_better: true,
+            note: format!(
+                "fused RMSNorm/SwiGLU/RoPE/LM head + cross-entropy vs the composite libtorch ops; peak RSS MB: fused {:.0} vs composite {:.0}",
+                ours_lora.1, composite.1
             ),
         },
         Measurement {
