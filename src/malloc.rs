@@ -16,9 +16,11 @@
 //! resident size then stays at its peak instead of shrinking between steps, and the peak itself
 //! grows: with every large block on the heap, fragmentation costs memory. Measured with
 //! `./dev bench --quick --only sft`, then the same with `VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=0`
-//! (8 layers, batch 4x256), peak RSS with / without: LoRA 2234 /
-//! 1680 MB, full fine-tuning 2471 / 2099 MB, NF4 QLoRA 2162 / 1779 MB, LoRA with gradient
-//! checkpointing 1456 / 1349 MB, for about 8% more tokens/s. It is process-wide; an embedding
+//! (8 layers, batch 4x256, with the fused CPU ops), peak RSS with / without: LoRA 1289 /
+//! 1163 MB, full fine-tuning 1943 / 1717 MB, NF4 QLoRA 1445 / 1336 MB, LoRA with gradient
+//! checkpointing 1066 / 948 MB (+8-13%), for 9% more tokens/s on the LoRA step and none on full
+//! fine-tuning. (Before the fused ops, which keep far fewer intermediates, the cost was +25-33%
+//! for about 8%.) It is process-wide; an embedding
 //! application turns it off with `TrainerBuilder::keep_freed_memory(false)`, a YAML run with
 //! `training.keep_freed_memory: false` (do so when memory is the point, as with QLoRA).
 

@@ -238,9 +238,9 @@ impl TrainerBuilder {
     /// Keep memory freed between steps inside the process instead of handing it back to the
     /// kernel (glibc `mallopt`, process-wide, set when `fit` starts). Default `true`: it saves
     /// the page faults and page zeroing of re-taking the activations' memory every step
-    /// (10-15% of a CPU LoRA step). The cost: the resident size stays at its peak, and the peak
-    /// grows (+25-33% on the 8-layer bench step; see `src/malloc.rs`). Turn it off when memory
-    /// is what matters (QLoRA).
+    /// (9% of the tokens/s of the 8-layer CPU LoRA bench step, none on full fine-tuning). The
+    /// cost: the resident size stays at its peak, and the peak grows (+8-13% on that step; see
+    /// `src/malloc.rs`). Turn it off when memory is what matters (QLoRA).
     pub fn keep_freed_memory(mut self, on: bool) -> Self {
         self.keep_freed_memory = on;
         self
