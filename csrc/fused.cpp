@@ -57,6 +57,14 @@ int64_t grain_rows(int64_t width) {
 
 constexpr int64_t kElemGrain = 32768;
 
+// The backward passes are row loops, not differentiable libtorch ops: a higher-order gradient
+// (backward with create_graph) would silently miss their contribution, so refuse it.
+void once_differentiable(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              ": higher-order gradients (backward with create_graph) are not supported by the "
+              "fused CPU ops; run with VOLTTRAIN_FUSED_KERNELS=0");
+}
+
 // ------------------------------------------------------------------------------- RMSNorm
 struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
@@ -76,6 +84,7 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    once_differentiable("fused rms_norm");
     if (!grads[0].defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor()};
     }
@@ -117,6 +126,7 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    once_differentiable("fused swiglu");
     if (!grads[0].defined()) {
       return {at::Tensor(), at::Tensor()};
     }
@@ -158,6 +168,7 @@ struct Rope : public torch::autograd::Function<Rope> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    once_differentiable("fused rope");
     if (!grads[0].defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor()};
     }
@@ -220,6 +231,7 @@ struct LinearCe : public torch::autograd::Function<LinearCe> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    once_differentiable("fused cross-entropy");
     auto take = [&](const char* key) -> at::Tensor {
       auto it = ctx->saved_data.find(key);
       if (it == ctx->saved_data.end()) {

@@ -15,6 +15,10 @@
 //! They compute the same formulas in fp32 (parity with the composite ops is tested in
 //! `tests/fused_ops.rs`, and the model parity tests against transformers run through them).
 //!
+//! Their backward passes are row loops, not differentiable ops: a backward with `create_graph`
+//! (higher-order gradients) through them is an error; `VOLTTRAIN_FUSED_KERNELS=0` is the way to
+//! run such a model.
+//!
 //! [`applies`] says whether a tensor takes the fused path: fp32 on the CPU, the shim's kernels
 //! usable on this CPU (AVX2 and FMA on x86-64, checked at run time because `kernels.c` is
 //! built with them), and not switched off with `VOLTTRAIN_FUSED_KERNELS=0` (read once). Other

@@ -348,3 +348,23 @@ fn training_with_and_without_fused_ops_gives_the_same_losses() {
         "eval loss: fused {fused_eval} vs composite {plain_eval}"
     );
 }
+
+/// The backward passes are not themselves differentiable: backward with `create_graph` is an
+/// error that says so, not a silently wrong second-order gradient.
+#[test]
+fn fused_ops_refuse_higher_order_gradients() {
+    if !on() {
+        return;
+    }
+    let g = leaf(randn(&[4, 8], 1.0));
+    let u = randn(&[4, 8], 1.0);
+    let y = fused::swiglu(&g, &u).unwrap().sum(Kind::Float);
+    let e = Tensor::f_run_backward(&[&y], &[&g], true, true)
+        .err()
+        .expect("create_graph backward must fail")
+        .to_string();
+    assert!(e.contains("higher-order gradients"), "{e}");
+    // a plain backward of the same graph still works
+    let grads = Tensor::f_run_backward(&[&y], &[&g], false, false).unwrap();
+    assert_eq!(grads[0].size(), vec![4, 8]);
+}
