@@ -360,8 +360,7 @@ fn fused_ops_refuse_higher_order_gradients() {
     let u = randn(&[4, 8], 1.0);
     let y = fused::swiglu(&g, &u).unwrap().sum(Kind::Float);
     let e = Tensor::f_run_backward(&[&y], &[&g], true, true)
-        .err()
-        .expect("create_graph backward must fail")
+        .expect_err("create_graph backward must fail")
         .to_string();
     assert!(e.contains("higher-order gradients"), "{e}");
     // a plain backward of the same graph still works
