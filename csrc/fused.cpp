@@ -94,18 +94,23 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
     const int64_t h = x.size(-1), rows = x.numel() / std::max<int64_t>(1, h);
     at::Tensor gx = at::empty(x.sizes(), x.options());
     const bool need_w = ctx->needs_input_grad(1);
+    // Rows in one block per thread; block k accumulates its weight gradient into row k of `acc`
+    // (indexed by block, not by thread id, so it holds whatever the OpenMP team looks like).
+    const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
     at::Tensor acc;
     float* accp = nullptr;
     if (need_w) {
-      acc = at::zeros({at::get_num_threads(), h}, x.options());
+      acc = at::zeros({nblk, h}, x.options());
       accp = acc.data_ptr<float>();
     }
     const float *gp = gy.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(),
                 *rp = rstd.data_ptr<float>();
     float* op = gx.data_ptr<float>();
-    at::parallel_for(0, rows, grain_rows(h), [&](int64_t b, int64_t end) {
-      float* a = accp == nullptr ? nullptr : accp + at::get_thread_num() * h;
-      vtk_rms_bwd(gp, xp, wp, rp, op, a, b, end, h);
+    at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t end) {
+      for (int64_t k = b; k < end; ++k) {
+        float* a = accp == nullptr ? nullptr : accp + k * h;
+        vtk_rms_bwd(gp, xp, wp, rp, op, a, k * rows / nblk, (k + 1) * rows / nblk, h);
+      }
     });
     at::Tensor gw = need_w ? acc.sum(0).view(w.sizes()) : at::Tensor();
     return {gx, gw, at::Tensor()};
