@@ -106,8 +106,9 @@ fn ptr(t: &Tensor) -> CTensor {
     t.as_ptr() as CTensor
 }
 
-/// Runs a shim call that returns a new tensor.
+/// Runs a shim call that returns a new tensor (an error when the fused kernels are off).
 fn new_tensor(what: &str, f: impl FnOnce(RawTensor, *mut *mut c_char) -> c_int) -> Result<Tensor> {
+    check_enabled(what)?;
     let mut out: CTensor = std::ptr::null_mut();
     ffi::call(what, |err| f(&mut out, err)).map_err(Error::InvalidArgument)?;
     if out.is_null() {
@@ -134,7 +135,6 @@ fn check_enabled(what: &str) -> Result<()> {
 /// `weight * (x * rsqrt(mean(x^2, -1) + eps))` (transformers' `LlamaRMSNorm` in fp32), `x`
 /// `[..., h]` and `weight` `[h]`, with gradients for both.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    check_enabled("fused rms_norm")?;
     // SAFETY: the tensors are live for the call; the shim returns a new tensor.
     new_tensor("fused rms_norm", |out, err| unsafe {
         vt_fused_rms_norm(ptr(x), ptr(weight), eps, out, err)
@@ -143,7 +143,6 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `silu(gate) * up` (the SwiGLU MLP's product), with gradients for both.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    check_enabled("fused swiglu")?;
     // SAFETY: as in rms_norm.
     new_tensor("fused swiglu", |out, err| unsafe {
         vt_fused_swiglu(ptr(gate), ptr(up), out, err)
@@ -154,7 +153,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// as the projections produce them) with `cos`, `sin` `[1 or batch, seq, head_dim]`:
 /// `x * cos + rotate_half(x) * sin`. Gradient for `x` only.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    check_enabled("fused rope")?;
     // SAFETY: as in rms_norm.
     new_tensor("fused rope", |out, err| unsafe {
         vt_fused_rope(ptr(x), ptr(cos), ptr(sin), out, err)
@@ -175,7 +173,6 @@ pub fn linear_cross_entropy(
     ignore_index: i64,
     scale: f64,
 ) -> Result<(Tensor, f64)> {
-    check_enabled("fused cross-entropy")?;
     let mut sum = f64::NAN;
     // SAFETY: as in rms_norm; `sum` outlives the call.
     let loss = new_tensor("fused cross-entropy", |out, err| unsafe {
@@ -221,15 +218,14 @@ pub(crate) fn fused_adamw(
     max_exp_avg_sq: Option<&Tensor>,
     h: &FusedAdamW,
 ) -> Result<()> {
-    let c = |t: &Tensor| t.as_ptr() as CTensor;
-    let vm = max_exp_avg_sq.map_or(std::ptr::null_mut(), c);
+    let vm = max_exp_avg_sq.map_or(std::ptr::null_mut(), ptr);
     // SAFETY: every tensor is live for the call; the shim updates them in place.
     ffi::check("fused_adamw", |err| unsafe {
         vt_fused_adamw(
-            c(param),
-            c(grad),
-            c(exp_avg),
-            c(exp_avg_sq),
+            ptr(param),
+            ptr(grad),
+            ptr(exp_avg),
+            ptr(exp_avg_sq),
             vm,
             h.step as f64,
             h.lr,
