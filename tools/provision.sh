@@ -25,6 +25,9 @@ REFERENCE_PKGS=(
   "tensorboard==2.21.0"
   "pyarrow==26.0.1"
   "tokenizers==0.23.3"
+  "trl==1.16.0"
+  "wandb==0.31.0"
+  "gguf==0.19.0"
 )
 
 want_reference=0
