@@ -97,6 +97,14 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+
+    /// Another live run holds the output directory's lock (`path` is the lock file).
+    #[error("{}: the output directory is in use by another run ({holder}); wait for it to end or stop it, or choose another `training.output_dir` (lock file {})", dir.display(), path.display())]
+    Locked {
+        path: PathBuf,
+        holder: String,
+        dir: PathBuf,
+    },
 }
 
 impl Error {

@@ -29,6 +29,7 @@ pub mod optim;
 pub mod perf;
 pub mod plugin;
 pub mod quant;
+pub mod run;
 pub mod sched;
 pub mod sft;
 pub mod trainer;

@@ -287,6 +287,14 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     let (pg, device) = dist_setup(cfg)?;
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
     let t = &cfg.training;
+    // One writer per output directory, no silent overwrite, resume only under the same math.
+    let _output_lock = crate::run::prepare_output_dir(
+        &t.output_dir,
+        t.overwrite_output_dir,
+        opts.resume,
+        &cfg.to_yaml()?,
+        rank == 0,
+    )?;
     let (mut model, tok, dcfg) = load_model_and_tokenizer(cfg, device)?;
 
     let train = SftDataset::load(&dcfg, &tok)?;
@@ -384,6 +392,7 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         .on_nonfinite(t.on_nonfinite)
         .resume(opts.resume)
         .checkpoint_every(t.checkpoint_every)
+        .checkpoint_file(crate::run::CHECKPOINT_CONFIG, config_yaml.clone())
         .saver(Box::new(SftSaver {
             lora,
             tokenizer: Arc::new(tok),

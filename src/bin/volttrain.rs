@@ -10,13 +10,12 @@ use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use volttrain::config::SftConfig;
 use volttrain::dist::DistEnv;
 use volttrain::dist::launch::spawn_self;
+use volttrain::run::StopSignals;
 use volttrain::sft::{RunOptions, run_eval, run_sft};
 use volttrain::{Error, Result};
 
@@ -105,32 +104,20 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
             args.push("--resume".into());
         }
         tracing::info!("starting {procs} data-parallel processes");
-        // A Ctrl-C reaches every rank (same process group); they agree on the step to stop
-        // after and rank 0 writes `last/`. The launcher waits for them instead of dying first.
-        if let Err(e) = ctrlc::set_handler(|| {
-            eprintln!("Ctrl-C: the ranks finish their step and write a resume checkpoint...");
-        }) {
-            tracing::warn!("no Ctrl-C handler: {e}");
+        // A stop signal (Ctrl-C, SIGTERM, SIGUSR1) is forwarded to every rank; they agree on
+        // the step to stop after and rank 0 writes `last/`. The launcher waits for them instead
+        // of dying first.
+        if let Err(e) = StopSignals::install_launcher() {
+            tracing::warn!("no stop-signal handlers: {e}");
         }
         return spawn_self(procs, &args, &[]);
     }
-    let interrupt = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupt.clone();
-        let res = ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("second Ctrl-C: exiting without a checkpoint");
-                std::process::exit(130);
-            }
-            eprintln!("Ctrl-C: finishing the current step and writing a resume checkpoint...");
-        });
-        if let Err(e) = res {
-            tracing::warn!("no Ctrl-C handler: {e}");
-        }
-    }
+    let signals = StopSignals::install()
+        .inspect_err(|e| tracing::warn!("no stop-signal handlers: {e}"))
+        .ok();
     let opts = RunOptions {
         resume,
-        interrupt: Some(interrupt),
+        interrupt: signals.as_ref().map(StopSignals::flag),
         base_dir: Some(base_dir(&config)),
     };
     match run_sft(&cfg, opts) {
@@ -143,11 +130,23 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
             Ok(())
         }
         Err(Error::Interrupted { step, dir }) => {
+            let nproc = worker
+                .as_ref()
+                .map(|w| format!(" --nproc {}", w.world_size))
+                .unwrap_or_default();
+            if signals.as_ref().is_some_and(StopSignals::preempted) {
+                // A preemption notice (SIGTERM, SIGUSR1): the checkpoint is written, the job
+                // did what it could; exit 0 so the scheduler requeues rather than reports.
+                if is_main {
+                    eprintln!(
+                        "preempted at step {step}; resume with --resume\nresume checkpoint in {}; command: volttrain sft --config {}{nproc} --resume",
+                        dir.display(),
+                        config.display()
+                    );
+                }
+                return Ok(());
+            }
             if is_main {
-                let nproc = worker
-                    .as_ref()
-                    .map(|w| format!(" --nproc {}", w.world_size))
-                    .unwrap_or_default();
                 eprintln!(
                     "interrupted at step {step}; resume checkpoint in {}.\nresume with: volttrain sft --config {}{nproc} --resume",
                     dir.display(),

@@ -1,7 +1,7 @@
 //! Metrics to `<output_dir>/metrics.jsonl`, one JSON object a line.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::PathBuf;
 
 use crate::callback::{Callback, Control, EvalMetrics, StepMetrics};
@@ -38,11 +38,25 @@ impl MetricsJsonl {
         let mut line = value.to_string();
         line.push('\n');
         if let Some(f) = self.file.as_mut() {
-            f.write_all(line.as_bytes())
-                .and_then(|_| f.flush())
-                .map_err(|e| Error::io(&self.path, e))?;
+            append_whole(f, line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
         }
         Ok(())
+    }
+}
+
+/// Appends `bytes` to `f`, or on failure (disk full, file size limit) cuts the file back to its
+/// length before, so a failed write never leaves half a line (or half a record) behind.
+pub(crate) fn append_whole(f: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+    let before = f.metadata()?.len();
+    match f.write_all(bytes).and_then(|_| f.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // The write's error is the one to report; a failed cut leaves the torn tail. The
+            // seek matters for files not opened in append mode (the next write goes there).
+            let _ = f.set_len(before);
+            let _ = f.seek(std::io::SeekFrom::Start(before));
+            Err(e)
+        }
     }
 }
 

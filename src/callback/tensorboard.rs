@@ -87,9 +87,7 @@ impl TensorBoardWriter {
         buf.extend_from_slice(&masked_crc(&len).to_le_bytes());
         buf.extend_from_slice(data);
         buf.extend_from_slice(&masked_crc(data).to_le_bytes());
-        self.file
-            .write_all(&buf)
-            .and_then(|_| self.file.flush())
+        crate::callback::metrics::append_whole(&mut self.file, &buf)
             .map_err(|e| Error::io(&self.path, e))
     }
 

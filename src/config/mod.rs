@@ -162,6 +162,11 @@ pub struct TrainingSection {
     /// what matters (QLoRA). Default `true`.
     #[serde(default = "yes")]
     pub keep_freed_memory: bool,
+    /// Train a new run (no `--resume`) into an `output_dir` that already holds checkpoints
+    /// (`last/`, `epoch-N/`), removing the old `last/`. Default `false`: such a run is refused,
+    /// as the Hugging Face Trainer's `overwrite_output_dir`.
+    #[serde(default)]
+    pub overwrite_output_dir: bool,
 }
 
 fn default_output() -> PathBuf {

@@ -20,6 +20,35 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// Signals waiting to be forwarded to the ranks of the running [`spawn_workers`].
+static FORWARD: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Asks the launcher to send `sig` to every live rank (within 20 ms). The command line's
+/// launcher forwards its stop signals this way (`run::StopSignals::install_launcher`), so a
+/// `SIGTERM` sent only to the launcher (Kubernetes) reaches the ranks.
+pub fn forward_signal(sig: i32) {
+    if let Ok(mut q) = FORWARD.lock() {
+        q.push(sig);
+    }
+}
+
+fn send_forwarded(children: &[Option<Child>]) {
+    let pending: Vec<i32> = match FORWARD.lock() {
+        Ok(mut q) => std::mem::take(&mut *q),
+        Err(_) => return,
+    };
+    for sig in pending {
+        for c in children.iter().flatten() {
+            // SAFETY: `kill` takes plain integers. The pid is that of a child this process has
+            // not reaped yet (reaped children are set to `None`), so it names that child.
+            #[cfg(unix)]
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, sig);
+            }
+        }
+    }
+}
+
 /// A TCP port on `127.0.0.1` that was free a moment ago (the OS picks it).
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")
@@ -106,6 +135,7 @@ fn wait_all(children: &mut [Option<Child>]) -> Result<()> {
     let n = children.len();
     let mut left = n;
     while left > 0 {
+        send_forwarded(children);
         let mut progressed = false;
         for rank in 0..n {
             let Some(child) = children[rank].as_mut() else {

@@ -72,6 +72,8 @@
 //! return an error (`Scheduler::factor`, `name`, `shape`, ...) must not panic.
 
 mod builtins;
+#[cfg(test)]
+mod declaration_fuzz;
 mod dylib;
 mod guard;
 mod registry;

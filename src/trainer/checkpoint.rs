@@ -47,6 +47,7 @@ pub fn save(
     state: &TrainState,
     trainable: &[(String, Tensor)],
     optim: &StateDict,
+    extra: &[(String, Vec<u8>)],
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
     let tmp = tempfile::Builder::new()
@@ -81,6 +82,9 @@ pub fn save(
         source: e,
     })?;
     write_atomic(&tmp.path().join(OPT_SCALARS), &scalars)?;
+    for (name, bytes) in extra {
+        write_atomic(&tmp.path().join(name), bytes)?;
+    }
     // The state file is written last: a directory without it is never trusted.
     let st = serde_json::to_vec_pretty(state).map_err(|e| Error::Json {
         path: tmp.path().join(STATE),
@@ -176,13 +180,13 @@ mod tests {
         sd.tensors
             .insert("a.weight.exp_avg".into(), Tensor::from_slice(&[0.5f32]));
         sd.scalars.insert("a.weight.step".into(), 7.0);
-        save(dir.path(), &st, &w, &sd).unwrap();
+        save(dir.path(), &st, &w, &sd, &[]).unwrap();
         // a second save replaces the first completely
         let st2 = TrainState {
             step: 8,
             ..st.clone()
         };
-        save(dir.path(), &st2, &w, &sd).unwrap();
+        save(dir.path(), &st2, &w, &sd, &[]).unwrap();
         let l = load(dir.path()).unwrap();
         assert_eq!(l.state, st2);
         assert_eq!(l.trainable.len(), 1);

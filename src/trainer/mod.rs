@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use tch::{Device, Tensor};
 
-pub use checkpoint::{TrainState, last_dir};
+pub use checkpoint::{Loaded, TrainState, last_dir, load as load_resume_checkpoint};
 pub use dist::C10dCollective;
 pub use step::{IGNORE_INDEX, Precision};
 
@@ -128,6 +128,7 @@ pub struct TrainerBuilder {
     interrupt: Option<Arc<AtomicBool>>,
     checkpoint_every: Option<u64>,
     keep_freed_memory: bool,
+    checkpoint_files: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for TrainerBuilder {
@@ -157,6 +158,7 @@ impl Default for TrainerBuilder {
             interrupt: None,
             checkpoint_every: None,
             keep_freed_memory: true,
+            checkpoint_files: Vec::new(),
         }
     }
 }
@@ -282,6 +284,13 @@ impl TrainerBuilder {
     /// on interrupt).
     pub fn checkpoint_every(mut self, n: Option<u64>) -> Self {
         self.checkpoint_every = n;
+        self
+    }
+
+    /// Also write `bytes` as `name` into every resume checkpoint (`last/`), e.g. the resolved
+    /// config, so a resumed run can be checked against what wrote the checkpoint.
+    pub fn checkpoint_file(mut self, name: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+        self.checkpoint_files.push((name.into(), bytes.into()));
         self
     }
 
@@ -416,6 +425,7 @@ impl TrainerBuilder {
             collective: self.collective,
             interrupt: self.interrupt,
             checkpoint_every: self.checkpoint_every,
+            checkpoint_files: self.checkpoint_files,
             state: TrainState {
                 seed: self.seed,
                 world_size: world,
@@ -500,6 +510,7 @@ pub struct Trainer {
     collective: Option<Box<dyn Collective>>,
     interrupt: Option<Arc<AtomicBool>>,
     checkpoint_every: Option<u64>,
+    checkpoint_files: Vec<(String, Vec<u8>)>,
     state: TrainState,
 }
 
@@ -649,7 +660,13 @@ impl Trainer {
 
     fn save_resume(&self) -> Result<PathBuf> {
         let sd = self.optimizer.state_dict()?;
-        checkpoint::save(&self.output_dir, &self.state, &self.trainable(), &sd)
+        checkpoint::save(
+            &self.output_dir,
+            &self.state,
+            &self.trainable(),
+            &sd,
+            &self.checkpoint_files,
+        )
     }
 
     fn fit_inner(&mut self) -> Result<FitSummary> {

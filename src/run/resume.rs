@@ -1,0 +1,206 @@
+//! Resume under a changed config: which differences between the config saved in `last/` and the
+//! new one are allowed.
+//!
+//! The rule: every key changes the math unless it is on [`HARMLESS_KEYS`], a short list of keys
+//! that only change logging, saving, evaluation or speed (`training.log_every`, the TensorBoard
+//! switch, `keep_last`, `checkpoint_every`, extra callbacks, thread count, ...). Anything else
+//! (model, adapter, optimizer, schedule, batch size, epochs, seed, data, precision, ...) that
+//! differs refuses the resume with every differing key named. The world size is checked by the
+//! trainer against `trainer_state.json`, so listing other GPUs is allowed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_yaml::Value;
+
+use crate::error::{Error, Result};
+
+/// File name of the resolved config inside a resume checkpoint.
+pub const CHECKPOINT_CONFIG: &str = "volttrain_config.yaml";
+
+/// Keys (and key prefixes, ending in `.`) a resumed run may change: they do not change what
+/// is trained or how.
+pub const HARMLESS_KEYS: &[&str] = &[
+    "training.log_every",
+    "training.tensorboard",
+    "training.keep_last",
+    "training.checkpoint_every",
+    "training.eval_every",
+    "training.eval_batch_size",
+    "training.threads",
+    "training.keep_freed_memory",
+    "training.overwrite_output_dir",
+    "training.output_dir",
+    "training.gpu_devices",
+    "training.on_nonfinite",
+    "dataset.eval_path",
+    "dataset.cache",
+    "callbacks",
+    "distributed.",
+];
+
+fn harmless(key: &str) -> bool {
+    HARMLESS_KEYS.iter().any(|h| {
+        if let Some(prefix) = h.strip_suffix('.') {
+            key == prefix || key.starts_with(h)
+        } else {
+            key == *h || key.starts_with(&format!("{h}.")) || key.starts_with(&format!("{h}["))
+        }
+    })
+}
+
+/// Flattens a YAML document into `dotted.key[i]` -> scalar (as YAML text). A missing section
+/// and an empty one flatten alike.
+pub fn flatten(v: &Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    walk(v, String::new(), &mut out);
+    out
+}
+
+fn walk(v: &Value, key: String, out: &mut BTreeMap<String, String>) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, child) in m {
+                let name = match k {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                };
+                let sub = if key.is_empty() {
+                    name
+                } else {
+                    format!("{key}.{name}")
+                };
+                walk(child, sub, out);
+            }
+        }
+        Value::Sequence(s) => {
+            if s.is_empty() {
+                out.insert(key, "[]".into());
+            }
+            for (i, child) in s.iter().enumerate() {
+                walk(child, format!("{key}[{i}]"), out);
+            }
+        }
+        Value::Tagged(t) => walk(&t.value, key, out),
+        Value::Null => {}
+        scalar => {
+            let text = serde_yaml::to_string(scalar)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            out.insert(key, text);
+        }
+    }
+}
+
+/// One key that differs: (key, saved value, new value); `None` where a side lacks the key.
+pub type Difference = (String, Option<String>, Option<String>);
+
+/// The keys whose values differ between two resolved configs, split into (math-changing,
+/// harmless).
+pub fn diff_configs(saved: &Value, new: &Value) -> (Vec<Difference>, Vec<Difference>) {
+    let (a, b) = (flatten(saved), flatten(new));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut math = Vec::new();
+    let mut ok = Vec::new();
+    for k in keys {
+        let (x, y) = (a.get(k), b.get(k));
+        if x == y {
+            continue;
+        }
+        let d = (k.clone(), x.cloned(), y.cloned());
+        if harmless(k) { ok.push(d) } else { math.push(d) }
+    }
+    (math, ok)
+}
+
+fn show(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "(unset)".into())
+}
+
+/// Checks the config of a resumed run against the one saved in the checkpoint `ckpt_dir`
+/// (`last/volttrain_config.yaml`). Refuses math-changing differences, naming each key with both
+/// values; logs the harmless ones. A checkpoint without a saved config (written before this
+/// check existed) is let through with a warning.
+pub fn check_resume_config(ckpt_dir: &Path, new_yaml: &str) -> Result<()> {
+    let path = ckpt_dir.join(CHECKPOINT_CONFIG);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                "{} has no {CHECKPOINT_CONFIG}: cannot check that the resumed config trains the same way",
+                ckpt_dir.display()
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let saved: Value = serde_yaml::from_str(&text)
+        .map_err(|e| Error::checkpoint(&path, format!("not valid YAML: {e}")))?;
+    let new: Value = serde_yaml::from_str(new_yaml)
+        .map_err(|e| Error::invalid(format!("resolved config is not valid YAML: {e}")))?;
+    let (math, ok) = diff_configs(&saved, &new);
+    for (k, a, b) in &ok {
+        tracing::info!("resume: `{k}` changed from {} to {}", show(a), show(b));
+    }
+    if math.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = math
+        .iter()
+        .map(|(k, a, b)| format!("`{k}`: {} -> {}", show(a), show(b)))
+        .collect();
+    Err(Error::checkpoint(
+        &path,
+        format!(
+            "cannot resume: the config changes what is trained ({}); restore these values, or \
+             start a new run in another training.output_dir (only logging, saving and eval keys \
+             may change on resume: {})",
+            list.join("; "),
+            HARMLESS_KEYS.join(", ")
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn y(s: &str) -> Value {
+        serde_yaml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn harmless_and_math_keys_are_told_apart() {
+        let a = y("training: {lr: 0.01, log_every: 1, batch_size: 4}\nlora: {rank: 8}\ncallbacks: []\n");
+        let b = y(
+            "training: {lr: 0.02, log_every: 5, batch_size: 4}\nlora: {rank: 16}\ncallbacks: [{name: x}]\n",
+        );
+        let (math, ok) = diff_configs(&a, &b);
+        let mk: Vec<&str> = math.iter().map(|d| d.0.as_str()).collect();
+        assert_eq!(mk, vec!["lora.rank", "training.lr"]);
+        let ok: Vec<&str> = ok.iter().map(|d| d.0.as_str()).collect();
+        assert_eq!(ok, vec!["callbacks", "callbacks[0].name", "training.log_every"]);
+    }
+
+    #[test]
+    fn refusal_names_keys_and_values() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CHECKPOINT_CONFIG),
+            "training: {lr: 0.01, seed: 7}\n",
+        )
+        .unwrap();
+        let e = check_resume_config(dir.path(), "training: {lr: 0.01, seed: 8}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`training.seed`: 7 -> 8"), "{e}");
+        assert!(e.contains(CHECKPOINT_CONFIG), "{e}");
+        check_resume_config(dir.path(), "training: {lr: 0.01, seed: 7, log_every: 9}\n").unwrap();
+    }
+}
