@@ -11,7 +11,26 @@ use super::records::{ReadOutcome, parse_record};
 use crate::error::{Error, Result};
 
 /// Reads all rows of a Parquet file. Row numbers in errors are 1-based.
+///
+/// The `parquet` crate panics on some corrupt files (negative column offsets in the footer,
+/// found by `tests/fuzz_readers.rs`); such a panic becomes an error naming the file.
 pub fn read_parquet(path: &Path, bytes: Vec<u8>) -> Result<ReadOutcome> {
+    let read = std::panic::AssertUnwindSafe(|| read_rows(path, bytes));
+    std::panic::catch_unwind(read).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        Err(Error::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            msg: format!("not a readable Parquet file (corrupt: {msg})"),
+        })
+    })
+}
+
+fn read_rows(path: &Path, bytes: Vec<u8>) -> Result<ReadOutcome> {
     let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).map_err(|e| Error::Data {
         path: path.to_path_buf(),
         line: 0,

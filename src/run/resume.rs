@@ -77,11 +77,11 @@ fn walk(v: &Value, key: String, out: &mut BTreeMap<String, String>) {
             }
         }
         Value::Sequence(s) => {
-            if s.is_empty() {
-                out.insert(key, "[]".into());
-            }
             for (i, child) in s.iter().enumerate() {
                 walk(child, format!("{key}[{i}]"), out);
+            }
+            if s.is_empty() {
+                out.insert(key, "[]".into());
             }
         }
         Value::Tagged(t) => walk(&t.value, key, out),
