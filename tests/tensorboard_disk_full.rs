@@ -90,9 +90,10 @@ fn tensorboard_write_past_the_limit_fails_whole_and_names_the_file() {
         .collect();
     assert_eq!(files.len(), 1, "{files:?}");
     let path: &Path = &files[0];
+    // (the harness prints the test name on the same line)
     let line = text
         .lines()
-        .find(|l| l.starts_with("write error: "))
+        .find_map(|l| l.split_once("write error: ").map(|x| x.1))
         .unwrap_or_else(|| panic!("no write error reported:\n{text}"));
     assert!(
         line.contains(&path.display().to_string()) && line.contains("File too large"),
