@@ -272,15 +272,15 @@ fn bad_config_names_file_and_key() {
 }
 
 /// Starts `volttrain sft` on `cfg` (plus `extra`), waits until `metrics.jsonl` shows `after`
-/// training steps, then sends `signals` to it (one after the other, `gap` apart) and waits
-/// for it. Returns the exit status and stderr.
+/// training steps, then sends `signals` to it and waits for it. Each signal after the first is
+/// sent once the process has said it got the one before (two pending signals of one kind would
+/// merge into one). Returns the exit status and stderr.
 #[cfg(unix)]
 fn signal_run(
     cfg: &Path,
     extra: &[&str],
     after: usize,
     signals: &[i32],
-    gap: std::time::Duration,
 ) -> (std::process::ExitStatus, String) {
     use std::time::{Duration, Instant};
     let out = cfg.parent().unwrap().join("out");
@@ -293,10 +293,15 @@ fn signal_run(
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = seen.clone();
     let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
-        s
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+        sink.lock().unwrap().clone()
     });
     let t0 = Instant::now();
     loop {
@@ -319,8 +324,9 @@ fn signal_run(
         std::thread::sleep(Duration::from_millis(5));
     }
     for (i, sig) in signals.iter().enumerate() {
-        if i > 0 {
-            std::thread::sleep(gap);
+        while i > 0 && !seen.lock().unwrap().contains("finishing the current step") {
+            assert!(t0.elapsed() < Duration::from_secs(120), "signal not acknowledged");
+            std::thread::sleep(Duration::from_millis(1));
         }
         // SAFETY: plain integers; the child is not reaped yet, so its pid is still its own.
         let r = unsafe { libc::kill(child.id() as libc::pid_t, *sig) };
@@ -382,7 +388,7 @@ fn sigterm_and_sigusr1_preempt_and_resume_bit_exactly() {
         let d2 = tempfile::tempdir().unwrap();
         let c2 = setup(d2.path(), 24, 2);
         let o = d2.path().join("out");
-        let (status, stderr) = signal_run(&c2, &[], 2, &[sig], Default::default());
+        let (status, stderr) = signal_run(&c2, &[], 2, &[sig]);
         assert_eq!(status.code(), Some(0), "{name}: exit status 0\n{stderr}");
         let st: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(o.join("last/trainer_state.json")).unwrap(),
@@ -461,13 +467,12 @@ fn assert_checkpoints_complete(out: &Path) {
 #[test]
 fn second_sigterm_exits_at_once_leaving_complete_checkpoints() {
     let d = tempfile::tempdir().unwrap();
-    let c = setup(d.path(), 24, 2);
+    let c = setup(d.path(), 16, 2);
     let (status, stderr) = signal_run(
         &c,
         &["--set", "training.checkpoint_every=1"],
         2,
         &[libc::SIGTERM, libc::SIGTERM],
-        std::time::Duration::from_millis(1),
     );
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     assert!(stderr.contains("exiting at once"), "{stderr}");
@@ -483,7 +488,7 @@ fn second_sigterm_exits_at_once_leaving_complete_checkpoints() {
 fn one_writer_no_silent_overwrite_and_resume_config_check() {
     use std::time::Duration;
     let d = tempfile::tempdir().unwrap();
-    let c = setup(d.path(), 24, 2);
+    let c = setup(d.path(), 16, 2);
     let o = d.path().join("out");
     let mut first = volttrain()
         .args(["sft", "--config"])
@@ -561,7 +566,7 @@ fn one_writer_no_silent_overwrite_and_resume_config_check() {
     let summary: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&res.stdout).lines().last().unwrap())
             .unwrap();
-    assert_eq!(summary["steps"], 12);
+    assert_eq!(summary["steps"], 8);
 
     // training over them when asked to
     let over = volttrain()
@@ -625,7 +630,7 @@ fn disk_full_during_saves_keeps_the_previous_checkpoint() {
     let c = setup(d.path(), 24, 2);
     let o = d.path().join("out");
     // a resume checkpoint inside epoch 1 (6 steps an epoch)
-    let (status, stderr) = signal_run(&c, &[], 1, &[libc::SIGTERM], Default::default());
+    let (status, stderr) = signal_run(&c, &[], 1, &[libc::SIGTERM]);
     assert_eq!(status.code(), Some(0), "{stderr}");
     let state_before = std::fs::read(o.join("last/trainer_state.json")).unwrap();
     let weights_before = std::fs::read(o.join("last/trainable.safetensors")).unwrap();
