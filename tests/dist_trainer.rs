@@ -281,12 +281,20 @@ fn nproc2_resume_with_the_same_world_size() {
     assert_eq!(steps, vec![1, 2, 3, 4]);
 }
 
-/// Ctrl-C during `--nproc 2`: every process of the job gets SIGINT (same process group, as from
-/// a terminal); the ranks agree on the step to stop after, rank 0 writes `last/` and `--resume`
-/// ends where an uninterrupted run ends.
+/// How a stop signal reaches a `--nproc 2` job.
 #[cfg(unix)]
-#[test]
-fn nproc2_ctrl_c_then_resume() {
+enum Delivery {
+    /// To every process of the job's process group, as Ctrl-C in a terminal (or Slurm).
+    Group,
+    /// To the launcher only, as Kubernetes does; the launcher forwards it to the ranks.
+    LauncherOnly,
+}
+
+/// Stops a `--nproc 2` run with `signal` after its third step, checks that the ranks agreed on
+/// the step to stop after and rank 0 wrote `last/`, then that `--resume` ends where an
+/// uninterrupted run ends. Returns the job's exit status and stderr.
+#[cfg(unix)]
+fn nproc2_stop_then_resume(signal: &str, delivery: Delivery) -> (std::process::ExitStatus, String) {
     use std::os::unix::process::CommandExt;
     use std::time::{Duration, Instant};
 
@@ -335,17 +343,17 @@ fn nproc2_ctrl_c_then_resume() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    let target = match delivery {
+        Delivery::Group => format!("-{}", child.id()),
+        Delivery::LauncherOnly => child.id().to_string(),
+    };
     let st = Command::new("kill")
-        .args(["-INT", "--", &format!("-{}", child.id())])
+        .args([&format!("-{signal}"), "--", &target])
         .status()
         .expect("run kill");
-    assert!(st.success(), "kill -INT failed");
+    assert!(st.success(), "kill -{signal} failed");
     let out = child.wait_with_output().expect("wait for volttrain");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "an interrupted run exits with an error"
-    );
     assert!(
         stderr.contains("--nproc 2 --resume"),
         "no resume hint:\n{stderr}"
@@ -356,7 +364,7 @@ fn nproc2_ctrl_c_then_resume() {
     )
     .expect("trainer_state JSON");
     let stopped = state["step"].as_u64().expect("step");
-    eprintln!("interrupted after step {stopped} of {steps}");
+    eprintln!("{signal}: stopped after step {stopped} of {steps}");
     assert!(stopped >= 3 && stopped < steps, "stopped at {stopped}");
     assert_eq!(state["world_size"], 2);
     assert_eq!(
@@ -373,8 +381,30 @@ fn nproc2_ctrl_c_then_resume() {
         &read(&out_a.join("last/trainable.safetensors")),
         &read(&out_b.join("last/trainable.safetensors")),
     );
-    eprintln!("interrupted + resumed vs straight: max |dW| = {d:.3e}");
+    eprintln!("{signal}: interrupted + resumed vs straight: max |dW| = {d:.3e}");
     assert!(d < 1e-6, "interrupted + resumed run differs by {d}");
+    (out.status, stderr)
+}
+
+/// Ctrl-C during `--nproc 2`: every process of the job gets SIGINT (same process group, as from
+/// a terminal); the ranks agree on the step to stop after, rank 0 writes `last/` and `--resume`
+/// ends where an uninterrupted run ends.
+#[cfg(unix)]
+#[test]
+fn nproc2_ctrl_c_then_resume() {
+    let (status, _) = nproc2_stop_then_resume("INT", Delivery::Group);
+    assert!(!status.success(), "an interrupted run exits with an error");
+}
+
+/// SIGTERM to the launcher only (Kubernetes signals the container's first process): the
+/// launcher forwards it, both ranks stop after the same step, the job exits 0 with the
+/// preemption message, and `--resume` ends where an uninterrupted run ends.
+#[cfg(unix)]
+#[test]
+fn nproc2_sigterm_to_the_launcher_preempts_all_ranks() {
+    let (status, stderr) = nproc2_stop_then_resume("TERM", Delivery::LauncherOnly);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("preempted at step"), "{stderr}");
 }
 
 /// Full fine-tuning (tied embeddings, Muon + AdamW), 2 micro-batches per step (hooks off for the
