@@ -34,11 +34,50 @@ fn runner() -> TestRunner {
 
 /// Tokens that make parsers take their rarer paths.
 const TOKENS: &[&str] = &[
-    "\"", "{", "}", "[", "]", ":", ",", "null", "-1", "0", "1e309", "-9223372036854775809",
-    "18446744073709551616", "NaN", "true", "\"\\u0000\"", "\"\\ud800\"", "\n", "  ", "~", "&a ",
-    "*a", "<<: ", "!!binary ", "- ", "? ", "|\n", "#", "\u{feff}", "\u{10ffff}", "\t", "\\",
-    "\"role\"", "\"content\"", "\"messages\"", "\"assistant\"", "\"text\"", "\"prompt\"",
-    "\"completion\"", "r: ", "lr: ", "dataset:", "training:", "lora:",
+    "\"",
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+    ",",
+    "null",
+    "-1",
+    "0",
+    "1e309",
+    "-9223372036854775809",
+    "18446744073709551616",
+    "NaN",
+    "true",
+    "\"\\u0000\"",
+    "\"\\ud800\"",
+    "\n",
+    "  ",
+    "~",
+    "&a ",
+    "*a",
+    "<<: ",
+    "!!binary ",
+    "- ",
+    "? ",
+    "|\n",
+    "#",
+    "\u{feff}",
+    "\u{10ffff}",
+    "\t",
+    "\\",
+    "\"role\"",
+    "\"content\"",
+    "\"messages\"",
+    "\"assistant\"",
+    "\"text\"",
+    "\"prompt\"",
+    "\"completion\"",
+    "r: ",
+    "lr: ",
+    "dataset:",
+    "training:",
+    "lora:",
 ];
 
 #[derive(Debug, Clone)]
@@ -55,7 +94,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), 1u8..=255).prop_map(|(i, x)| Mutation::Flip(i, x)),
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Set(i, b)),
-        (any::<usize>(), proptest::sample::select(TOKENS)).prop_map(|(i, t)| Mutation::Insert(i, t)),
+        (any::<usize>(), proptest::sample::select(TOKENS))
+            .prop_map(|(i, t)| Mutation::Insert(i, t)),
         (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..8))
             .prop_map(|(i, b)| Mutation::InsertBytes(i, b)),
         (any::<usize>(), 1usize..16).prop_map(|(i, n)| Mutation::Delete(i, n)),
@@ -116,9 +156,15 @@ fn fuzz(name: &str, seed: &[u8], check: impl Fn(&[u8]) -> Result<bool, TestCaseE
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    eprintln!("{name}: {CASES} mutated inputs, {} accepted, the rest clean errors", ok.get());
+    eprintln!(
+        "{name}: {CASES} mutated inputs, {} accepted, the rest clean errors",
+        ok.get()
+    );
     // The seed itself is valid: the property is not vacuous.
-    assert!(check(seed).expect("the unmutated seed passes"), "{name}: seed rejected");
+    assert!(
+        check(seed).expect("the unmutated seed passes"),
+        "{name}: seed rejected"
+    );
 }
 
 /// The error's message names `source`.
@@ -141,7 +187,9 @@ fn config_reader() {
         match SftConfig::from_yaml_str(&text, Some(&file), &[]) {
             Ok(c) => {
                 // what the reader accepted also serializes and reads back
-                let y = c.to_yaml().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let y = c
+                    .to_yaml()
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let back = SftConfig::from_yaml_str(&y, Some(&file), &[])
                     .map_err(|e| TestCaseError::fail(format!("round trip: {e}\n{y}")))?;
                 prop_assert_eq!(back, c);
@@ -259,9 +307,15 @@ fn parquet_records() {
     let path = PathBuf::from("/data/train.parquet");
     for snappy in [false, true] {
         let seed = parquet_seed(snappy);
-        let name = if snappy { "parquet (snappy)" } else { "parquet" };
-        fuzz(name, &seed, |bytes| {
-            match volttrain::data::parquet::read_parquet(&path, bytes.to_vec()) {
+        let name = if snappy {
+            "parquet (snappy)"
+        } else {
+            "parquet"
+        };
+        fuzz(
+            name,
+            &seed,
+            |bytes| match volttrain::data::parquet::read_parquet(&path, bytes.to_vec()) {
                 Ok(out) => {
                     for e in &out.errors {
                         names(e, &path)?;
@@ -269,8 +323,8 @@ fn parquet_records() {
                     Ok(out.errors.is_empty() && !out.records.is_empty())
                 }
                 Err(e) => names(&e, &path).map(|_| false),
-            }
-        });
+            },
+        );
     }
 }
 
@@ -358,7 +412,11 @@ fn trainer_state_json() {
         tch::Tensor::from_slice(&[1f32, 2., 3.]),
     )];
     tch::Tensor::write_safetensors(&w, last.join("trainable.safetensors")).unwrap();
-    std::fs::write(last.join("optimizer.json"), b"{\"a.lora_A.weight.step\": 3.0}").unwrap();
+    std::fs::write(
+        last.join("optimizer.json"),
+        b"{\"a.lora_A.weight.step\": 3.0}",
+    )
+    .unwrap();
     let state = TrainState {
         step: 3,
         epoch: 1,

@@ -325,7 +325,10 @@ fn signal_run(
     }
     for (i, sig) in signals.iter().enumerate() {
         while i > 0 && !seen.lock().unwrap().contains("finishing the current step") {
-            assert!(t0.elapsed() < Duration::from_secs(120), "signal not acknowledged");
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "signal not acknowledged"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         // SAFETY: plain integers; the child is not reaped yet, so its pid is still its own.
@@ -448,12 +451,20 @@ fn assert_checkpoints_complete(out: &Path) {
         let e = e.unwrap();
         let name = e.file_name().into_string().unwrap();
         if name == "last" || name == ".last.old" {
-            for f in ["trainer_state.json", "trainable.safetensors", "optimizer.json"] {
+            for f in [
+                "trainer_state.json",
+                "trainable.safetensors",
+                "optimizer.json",
+            ] {
                 assert!(e.path().join(f).exists(), "{name}/{f} missing");
             }
             read_tensors(&e.path().join("trainable.safetensors"));
         } else if name.starts_with("epoch-") {
-            for f in ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"] {
+            for f in [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "tokenizer.json",
+            ] {
                 assert!(e.path().join(f).exists(), "{name}/{f} missing");
             }
             read_tensors(&e.path().join("adapter_model.safetensors"));
@@ -540,7 +551,13 @@ fn one_writer_no_silent_overwrite_and_resume_config_check() {
     let changed = volttrain()
         .args(["sft", "--config"])
         .arg(&c)
-        .args(["--resume", "--set", "training.lr=0.05", "--set", "lora.rank=4"])
+        .args([
+            "--resume",
+            "--set",
+            "training.lr=0.05",
+            "--set",
+            "lora.rank=4",
+        ])
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&changed.stderr);
@@ -555,7 +572,12 @@ fn one_writer_no_silent_overwrite_and_resume_config_check() {
         .args(["sft", "--config"])
         .arg(&c)
         .args(["--resume", "--set", "training.log_every=5"])
-        .args(["--set", "training.keep_last=1", "--set", "training.tensorboard=false"])
+        .args([
+            "--set",
+            "training.keep_last=1",
+            "--set",
+            "training.tensorboard=false",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -564,8 +586,7 @@ fn one_writer_no_silent_overwrite_and_resume_config_check() {
         String::from_utf8_lossy(&res.stderr)
     );
     let summary: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&res.stdout).lines().last().unwrap())
-            .unwrap();
+        serde_json::from_str(String::from_utf8_lossy(&res.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(summary["steps"], 8);
 
     // training over them when asked to
@@ -584,7 +605,10 @@ fn one_writer_no_silent_overwrite_and_resume_config_check() {
     let st: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(o.join("last/trainer_state.json")).unwrap())
             .unwrap();
-    assert_eq!(st["step"], 1, "the new run's checkpoint replaced the old one");
+    assert_eq!(
+        st["step"], 1,
+        "the new run's checkpoint replaced the old one"
+    );
 }
 
 /// `volttrain sft` with a file size limit (RLIMIT_FSIZE, SIGXFSZ ignored): a write past
@@ -652,7 +676,11 @@ fn disk_full_during_saves_keeps_the_previous_checkpoint() {
     const LIMIT: u64 = 16 * 1024;
 
     // 1. the resume checkpoint (written every step here) does not fit
-    let r = sft_with_file_limit(&c, &["--resume", "--set", "training.checkpoint_every=1"], LIMIT);
+    let r = sft_with_file_limit(
+        &c,
+        &["--resume", "--set", "training.checkpoint_every=1"],
+        LIMIT,
+    );
     let e = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success());
     assert!(

@@ -82,7 +82,10 @@ fn tensorboard_write_past_the_limit_fails_whole_and_names_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the child test did not run:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the child test did not run:\n{text}"
+    );
 
     let files: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -111,7 +114,11 @@ fn tensorboard_write_past_the_limit_fails_whole_and_names_the_file() {
         "event file cut at {} bytes: {n} whole records, as written before the error",
         bytes.len()
     );
-    assert_eq!(n, written + 1, "the file_version record and every scalar written");
+    assert_eq!(
+        n,
+        written + 1,
+        "the file_version record and every scalar written"
+    );
 }
 
 #[test]

@@ -61,11 +61,7 @@ fn random_declarations_never_panic_and_errors_name_the_plugin() {
                         .map(|b| CString::new(b.clone()).expect("no NUL inside"))
                 })
                 .collect();
-            let ptr = |i: usize| {
-                owned[i]
-                    .as_ref()
-                    .map_or(std::ptr::null(), |c| c.as_ptr())
-            };
+            let ptr = |i: usize| owned[i].as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
             let mut d = PluginDeclaration::new("x\0", "0\0", never_called);
             d.abi_version = abi;
             d.rustc_version = ptr(0);

@@ -114,7 +114,11 @@ pub fn diff_configs(saved: &Value, new: &Value) -> (Vec<Difference>, Vec<Differe
             continue;
         }
         let d = (k.clone(), x.cloned(), y.cloned());
-        if harmless(k) { ok.push(d) } else { math.push(d) }
+        if harmless(k) {
+            ok.push(d)
+        } else {
+            math.push(d)
+        }
     }
     (math, ok)
 }
@@ -177,7 +181,9 @@ mod tests {
 
     #[test]
     fn harmless_and_math_keys_are_told_apart() {
-        let a = y("training: {lr: 0.01, log_every: 1, batch_size: 4}\nlora: {rank: 8}\ncallbacks: []\n");
+        let a = y(
+            "training: {lr: 0.01, log_every: 1, batch_size: 4}\nlora: {rank: 8}\ncallbacks: []\n",
+        );
         let b = y(
             "training: {lr: 0.02, log_every: 5, batch_size: 4}\nlora: {rank: 16}\ncallbacks: [{name: x}]\n",
         );
@@ -185,7 +191,10 @@ mod tests {
         let mk: Vec<&str> = math.iter().map(|d| d.0.as_str()).collect();
         assert_eq!(mk, vec!["lora.rank", "training.lr"]);
         let ok: Vec<&str> = ok.iter().map(|d| d.0.as_str()).collect();
-        assert_eq!(ok, vec!["callbacks", "callbacks[0].name", "training.log_every"]);
+        assert_eq!(
+            ok,
+            vec!["callbacks", "callbacks[0].name", "training.log_every"]
+        );
     }
 
     #[test]
