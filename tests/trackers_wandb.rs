@@ -2,7 +2,8 @@
 //! `wandb` package (no network), read back from the run's `.wandb` file with wandb's own
 //! protobuf records (`reference/wandb_read.py`) and compared with `metrics.jsonl` and
 //! `config.resolved.yaml`; the `training.use_wandb` shorthand; the missing-package error; a
-//! sidecar that dies or hangs costs dropped points, never the run (unless `on_error: fail`).
+//! sidecar that dies or hangs costs dropped points, never the run (unless `on_error: fail`);
+//! under data parallel only rank 0 logs.
 
 mod tracker_support;
 
@@ -10,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use tracker_support::{expected, job, ref_python, root, run, script, summary};
+use tracker_support::{expected, job, ref_python, root, run, run_args, script, summary};
 
 /// The offline run under `wandb_dir`, as `reference/wandb_read.py` reads it.
 fn read_back(wandb_dir: &Path) -> serde_json::Value {
@@ -39,7 +40,7 @@ fn offline_env(wandb_dir: &Path) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn env_refs(v: &[(&'static str, String)]) -> Vec<(&'static str, &str)> {
+fn env_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(k, s)| (*k, s.as_str())).collect()
 }
 
@@ -248,4 +249,31 @@ fn a_hung_sidecar_is_abandoned_after_the_finish_timeout() {
     // the run is not held by the hung sidecar (training itself takes a few seconds)
     println!("run with a hung sidecar: {:.1} s", t.elapsed().as_secs_f64());
     assert!(t.elapsed().as_secs() < 120);
+}
+
+#[test]
+fn only_rank_0_logs_under_data_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let wandb_dir = dir.path().join("wandb-dir");
+    std::fs::create_dir_all(&wandb_dir).unwrap();
+    let cfg = job(
+        dir.path(),
+        &format!(
+            "[{{name: wandb, project: dp, mode: offline, python: '{}'}}]",
+            ref_python()
+        ),
+        "  max_steps: 2",
+    );
+    let env = offline_env(&wandb_dir);
+    let out = run_args(&cfg, &["--nproc", "2"], &env_refs(&env));
+    let s = summary(&out);
+    assert_eq!(s["callbacks"]["wandb"]["dropped"], 0, "{s}");
+    // `read_back` asserts there is exactly one run: rank 1 started no sidecar
+    let r = read_back(&wandb_dir);
+    let (want, _) = expected(&dir.path().join("out"));
+    for (step, row) in &want {
+        for (k, v) in row {
+            assert_eq!(r["history"][step.to_string()][k].as_f64(), Some(*v), "{k}@{step}");
+        }
+    }
 }

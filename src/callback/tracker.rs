@@ -662,7 +662,7 @@ mod tests {
         }
         let r = w.finish(None).unwrap();
         assert_eq!((r.points, r.delivered, r.dropped), (5, 2, 3));
-        assert_eq!(r.error.as_deref(), Some("invalid input: sink is gone"));
+        assert_eq!(r.error.as_deref(), Some("sink is gone"));
 
         let opts = TrackerOptions {
             on_error: OnError::Fail,

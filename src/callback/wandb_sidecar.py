@@ -16,12 +16,17 @@ what it could not deliver, and trains on.
 """
 
 import json
+import os
 import sys
+
+# The protocol keeps a private copy of stdout; whatever wandb or user code prints goes to stderr.
+PROTO = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
 
 
 def say(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    PROTO.write(json.dumps(obj) + "\n")
+    PROTO.flush()
 
 
 def main():

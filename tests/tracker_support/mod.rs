@@ -61,9 +61,15 @@ callbacks: {callbacks}
 
 /// Runs `volttrain sft --config cfg` with extra environment variables.
 pub fn run(cfg: &Path, env: &[(&str, &str)]) -> Output {
+    run_args(cfg, &[], env)
+}
+
+/// [`run`] with extra command-line arguments (`--nproc 2`).
+pub fn run_args(cfg: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_volttrain"))
         .args(["sft", "--config"])
         .arg(cfg)
+        .args(args)
         .envs(env.iter().copied())
         .output()
         .unwrap()
