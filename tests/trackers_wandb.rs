@@ -119,10 +119,10 @@ fn training_shorthand_uses_the_reference_keys() {
     let dir = tempfile::tempdir().unwrap();
     let wandb_dir = dir.path().join("wandb-dir");
     std::fs::create_dir_all(&wandb_dir).unwrap();
-    // the shorthand has no `python:`; `python3` on PATH is the reference stack's
+    // the shorthand has no `python:`; `python3` on PATH runs the reference stack's
     let bin = dir.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    std::os::unix::fs::symlink(ref_python(), bin.join("python3")).unwrap();
+    script(&bin, "python3", &format!("exec '{}' \"$@\"", ref_python()));
     let path = format!(
         "{}:{}",
         bin.display(),
