@@ -4,7 +4,7 @@ Usage: mlflow_read.py TRACKING_URI EXPERIMENT RUN_NAME CONFIG_RESOLVED_YAML
 Prints one JSON object: {"run_id", "status", "params": {...}, "tags": {...},
 "metrics": {key: [[step, value], ...]}, "artifacts": [paths], "expected_params": {...}}.
 `expected_params` is the resolved config flattened here, independently of VoltTrain: nested keys
-joined with ".", strings as they are, everything else as JSON.
+joined with ".", strings as they are, everything else as compact JSON with sorted keys.
 """
 import json
 import sys
@@ -20,7 +20,7 @@ def flatten(prefix, v, out):
     elif isinstance(v, str):
         out[prefix] = v
     else:
-        out[prefix] = json.dumps(v, separators=(",", ":"))
+        out[prefix] = json.dumps(v, separators=(",", ":"), sort_keys=True)
 
 
 def artifacts(client, run_id, path=None):

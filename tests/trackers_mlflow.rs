@@ -257,7 +257,7 @@ fn a_hung_server_is_abandoned_after_the_finish_timeout() {
     let cfg = job(
         dir.path(),
         &format!(
-            "[{{name: mlflow, tracking_uri: 'http://127.0.0.1:{port}', timeout_secs: 60, \
+            "[{{name: mlflow, tracking_uri: 'http://127.0.0.1:{port}', timeout_secs: 3600, \
              finish_timeout_secs: 1}}]"
         ),
         "",
@@ -270,6 +270,6 @@ fn a_hung_server_is_abandoned_after_the_finish_timeout() {
     assert_eq!(m["dropped"], 11, "{s}");
     assert!(m["error"].as_str().unwrap().contains("did not finish"), "{s}");
     println!("run with a hung server: {:.1} s", t.elapsed().as_secs_f64());
-    // the 60 s request timeout never held the run
-    assert!(t.elapsed().as_secs() < 55, "{:?}", t.elapsed());
+    // the request that never gets an answer (3600 s timeout) did not hold the run
+    assert!(t.elapsed().as_secs() < 1800, "{:?}", t.elapsed());
 }
