@@ -163,7 +163,9 @@ fn real_server_holds_params_metrics_tags_and_the_adapter() {
     let mut checked = 0;
     for (step, row) in &want {
         for (k, v) in row {
-            let hist = r["metrics"][k].as_array().unwrap_or_else(|| panic!("no {k}: {r}"));
+            let hist = r["metrics"][k]
+                .as_array()
+                .unwrap_or_else(|| panic!("no {k}: {r}"));
             let at: Vec<f64> = hist
                 .iter()
                 .filter(|p| p[0].as_u64() == Some(*step))
@@ -199,7 +201,10 @@ fn real_server_holds_params_metrics_tags_and_the_adapter() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
         assert!(arts.contains(&f), "{arts:?}");
     }
     let run_id = r["run_id"].as_str().unwrap();
@@ -221,9 +226,7 @@ fn a_dead_server_costs_points_not_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port(); // nothing listens there any more
     let cb = |extra: &str| {
-        format!(
-            "[{{name: mlflow, tracking_uri: 'http://127.0.0.1:{port}', experiment: x{extra}}}]"
-        )
+        format!("[{{name: mlflow, tracking_uri: 'http://127.0.0.1:{port}', experiment: x{extra}}}]")
     };
     let out = run(&job(dir.path(), &cb(""), ""), &[]);
     let s = summary(&out);
@@ -239,7 +242,10 @@ fn a_dead_server_costs_points_not_the_run() {
     let out = run(&job(dir.path(), &cb(", on_error: fail"), ""), &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("mlflow") && err.contains("on_error: fail"), "{err}");
+    assert!(
+        err.contains("mlflow") && err.contains("on_error: fail"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -268,7 +274,10 @@ fn a_hung_server_is_abandoned_after_the_finish_timeout() {
     assert_eq!(s["steps"], 6);
     assert_eq!(m["points"], 11, "{s}");
     assert_eq!(m["dropped"], 11, "{s}");
-    assert!(m["error"].as_str().unwrap().contains("did not finish"), "{s}");
+    assert!(
+        m["error"].as_str().unwrap().contains("did not finish"),
+        "{s}"
+    );
     println!("run with a hung server: {:.1} s", t.elapsed().as_secs_f64());
     // the request that never gets an answer (3600 s timeout) did not hold the run
     assert!(t.elapsed().as_secs() < 1800, "{:?}", t.elapsed());

@@ -34,9 +34,18 @@ fn offline_env(wandb_dir: &Path) -> Vec<(&'static str, String)> {
         ("WANDB_DIR", wandb_dir.display().to_string()),
         ("WANDB_SILENT", "true".into()),
         // no network, and nothing written outside the test's directory
-        ("WANDB_CONFIG_DIR", wandb_dir.join("config").display().to_string()),
-        ("WANDB_CACHE_DIR", wandb_dir.join("cache").display().to_string()),
-        ("WANDB_DATA_DIR", wandb_dir.join("data").display().to_string()),
+        (
+            "WANDB_CONFIG_DIR",
+            wandb_dir.join("config").display().to_string(),
+        ),
+        (
+            "WANDB_CACHE_DIR",
+            wandb_dir.join("cache").display().to_string(),
+        ),
+        (
+            "WANDB_DATA_DIR",
+            wandb_dir.join("data").display().to_string(),
+        ),
     ]
 }
 
@@ -76,7 +85,10 @@ fn offline_run_holds_every_metric_at_every_step_and_the_config() {
     assert_eq!(r["exit_code"], 0);
 
     // every metric at every step, exactly (both sides are shortest round-trip decimals)
-    assert_eq!(want.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        want.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4, 5, 6]
+    );
     let mut checked = 0;
     for (step, row) in &want {
         let got = &r["history"][step.to_string()];
@@ -167,7 +179,10 @@ fn missing_wandb_names_the_package_and_the_install_command() {
     );
     let cfg = job(
         dir.path(),
-        &format!("[{{name: wandb, mode: offline, python: '{}'}}]", py.display()),
+        &format!(
+            "[{{name: wandb, mode: offline, python: '{}'}}]",
+            py.display()
+        ),
         "  max_steps: 1",
     );
     let out = run(&cfg, &[]);
@@ -219,7 +234,10 @@ fn a_dead_sidecar_costs_points_not_the_run() {
     let out = run(&cfg, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("wandb") && err.contains("on_error: fail"), "{err}");
+    assert!(
+        err.contains("wandb") && err.contains("on_error: fail"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -247,7 +265,10 @@ fn a_hung_sidecar_is_abandoned_after_the_finish_timeout() {
         "{s}"
     );
     // the run is not held by the hung sidecar (training itself takes a few seconds)
-    println!("run with a hung sidecar: {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "run with a hung sidecar: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     assert!(t.elapsed().as_secs() < 120);
 }
 
@@ -273,7 +294,11 @@ fn only_rank_0_logs_under_data_parallel() {
     let (want, _) = expected(&dir.path().join("out"));
     for (step, row) in &want {
         for (k, v) in row {
-            assert_eq!(r["history"][step.to_string()][k].as_f64(), Some(*v), "{k}@{step}");
+            assert_eq!(
+                r["history"][step.to_string()][k].as_f64(),
+                Some(*v),
+                "{k}@{step}"
+            );
         }
     }
 }

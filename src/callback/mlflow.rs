@@ -235,7 +235,9 @@ impl Rest {
             )));
         }
         serde_json::from_str(&text).map_err(|e| {
-            Error::invalid(format!("mlflow: POST {path}: unreadable answer ({e}): {text}"))
+            Error::invalid(format!(
+                "mlflow: POST {path}: unreadable answer ({e}): {text}"
+            ))
         })
     }
 
@@ -303,7 +305,10 @@ impl Rest {
             .as_str()
             .ok_or_else(|| Error::invalid(format!("mlflow: runs/create answered {v}")))?
             .to_string();
-        let uri = info["artifact_uri"].as_str().unwrap_or_default().to_string();
+        let uri = info["artifact_uri"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         tracing::info!("mlflow: run {id} in experiment {exp} at {}", self.base);
         self.run = Some((id.clone(), uri));
         Ok(id)
@@ -312,7 +317,8 @@ impl Rest {
     fn log_batch(&mut self, body: serde_json::Value) -> Result<()> {
         let mut body = body;
         body["run_id"] = self.run_id()?.into();
-        self.call("/api/2.0/mlflow/runs/log-batch", body).map(|_| ())
+        self.call("/api/2.0/mlflow/runs/log-batch", body)
+            .map(|_| ())
     }
 
     fn upload_dir(&mut self, dir: &Path) -> Result<()> {

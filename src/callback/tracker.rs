@@ -623,7 +623,10 @@ mod tests {
         for i in 1..=10 {
             w.push(point(i)).unwrap();
         }
-        assert!(t.elapsed() < Duration::from_millis(500), "push never blocks");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "push never blocks"
+        );
         let r = w.finish(None).unwrap();
         // 4 queued behind the hung one, 6 dropped at once; nothing confirmed by a run that
         // never closed: all 11 dropped

@@ -413,7 +413,11 @@ impl Wandb {
                 }
             });
         }
-        tracing::info!("wandb: sidecar `{}` started (pid {})", self.cfg.python, child.id());
+        tracing::info!(
+            "wandb: sidecar `{}` started (pid {})",
+            self.cfg.python,
+            child.id()
+        );
         let child = Arc::new(Mutex::new(child));
         self.child = Some(child.clone());
         self.script = Some(script);

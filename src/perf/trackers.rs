@@ -104,7 +104,12 @@ struct Sample {
     dropped: u64,
 }
 
-fn one_run(root: &Path, opts: &PerfOpts, out: &Path, tracker: Option<ComponentSection>) -> Result<Sample> {
+fn one_run(
+    root: &Path,
+    opts: &PerfOpts,
+    out: &Path,
+    tracker: Option<ComponentSection>,
+) -> Result<Sample> {
     let abs = |p: &str| root.join(p).display().to_string();
     let sets = vec![
         format!("model.path={}", abs("assets/tiny-llama")),
@@ -168,7 +173,10 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
             "mlflow",
             Some(section(
                 "mlflow",
-                &format!("{{tracking_uri: '{}', experiment: volttrain-bench}}", server.uri),
+                &format!(
+                    "{{tracking_uri: '{}', experiment: volttrain-bench}}",
+                    server.uri
+                ),
             )?),
         ),
     ];
