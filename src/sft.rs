@@ -444,6 +444,15 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
             &cb_ctx,
         )?);
     }
+    if let Some(section) = crate::callback::wandb_shorthand(t)? {
+        if cfg.callbacks.iter().any(|c| c.name == "wandb") {
+            return Err(Error::config(
+                "training.use_wandb",
+                "W&B is set up twice (training.use_wandb and a `wandb` callback); keep one",
+            ));
+        }
+        callbacks.push(plugin::build_callback("wandb", &section, &cb_ctx)?);
+    }
     for c in callbacks {
         builder = builder.callback(c);
     }

@@ -4,6 +4,10 @@
 # Python reference stack (transformers, peft, bitsandbytes, ...) that parity tests and
 # benchmarks compare against.
 #
+# With --reference also a second venv holding MLflow (its own, because mlflow's dependency pins
+# conflict with the reference stack's pyarrow/datasets): the tracker tests start `mlflow server`
+# from it and read runs back with its client.
+#
 # Idempotent: a venv whose marker file names the wanted versions is trusted and nothing is done.
 # A venv without its marker (an interrupted install) is deleted and built again, so a half-built
 # venv is never used. The marker is written last.
@@ -12,6 +16,7 @@
 #   VOLTTRAIN_CACHE   cache root            (default: $HOME/.cache/volttrain)
 #   VOLTTRAIN_VENV    the venv itself       (default: $VOLTTRAIN_CACHE/venv-torch-2.11.0)
 #   VOLTTRAIN_PYTHON  interpreter to use    (default: python3)
+#   VOLTTRAIN_MLFLOW_VENV  the MLflow venv  (default: $VOLTTRAIN_CACHE/venv-mlflow-<version>)
 set -euo pipefail
 
 TORCH_VERSION="2.11.0"
@@ -30,6 +35,9 @@ REFERENCE_PKGS=(
   "gguf==0.19.0"
 )
 
+# MLflow for the tracker tests (tests/trackers_mlflow.rs), in a venv of its own.
+MLFLOW_VERSION="3.17.2"
+
 want_reference=0
 print_env=0
 for arg in "$@"; do
@@ -46,6 +54,8 @@ VENV="${VOLTTRAIN_VENV:-$CACHE/venv-torch-$TORCH_VERSION}"
 PY="${VOLTTRAIN_PYTHON:-python3}"
 MARK_TORCH="$VENV/.volttrain-torch-ok"
 MARK_REF="$VENV/.volttrain-reference-ok"
+MLFLOW_VENV="${VOLTTRAIN_MLFLOW_VENV:-$CACHE/venv-mlflow-$MLFLOW_VERSION}"
+MARK_MLFLOW="$MLFLOW_VENV/.volttrain-mlflow-ok"
 REF_STAMP="$(printf '%s\n' "${REFERENCE_PKGS[@]}" | sha256sum | cut -c1-16)"
 
 log() { echo "provision: $*" >&2; }
@@ -124,9 +134,30 @@ if [ "$want_reference" = 1 ] && { [ ! -f "$MARK_REF" ] || [ "$(cat "$MARK_REF")"
   log "reference stack ready"
 fi
 
+if [ "$want_reference" = 1 ] && { [ ! -f "$MARK_MLFLOW" ] || [ "$(cat "$MARK_MLFLOW")" != "$MLFLOW_VERSION" ]; }; then
+  if [ -e "$MLFLOW_VENV" ]; then
+    log "removing incomplete environment $MLFLOW_VENV (no completion marker)"
+    rm -rf "$MLFLOW_VENV"
+  fi
+  mkdir -p "$(dirname "$MLFLOW_VENV")"
+  log "creating $MLFLOW_VENV with mlflow==$MLFLOW_VERSION (about 0.9 GB)"
+  "$PY" -m venv "$MLFLOW_VENV" || { rm -rf "$MLFLOW_VENV"; die "'$PY -m venv' failed for the MLflow venv"; }
+  if ! "$MLFLOW_VENV/bin/python" -m pip install --disable-pip-version-check -q "mlflow==$MLFLOW_VERSION"; then
+    rm -rf "$MLFLOW_VENV"
+    die "pip could not install mlflow==$MLFLOW_VERSION into $MLFLOW_VENV; check network access to PyPI and run again."
+  fi
+  "$MLFLOW_VENV/bin/python" -c "import mlflow; assert mlflow.__version__ == '$MLFLOW_VERSION', mlflow.__version__" \
+    || { rm -rf "$MLFLOW_VENV"; die "mlflow installed but does not import as $MLFLOW_VERSION"; }
+  echo "$MLFLOW_VERSION" > "$MARK_MLFLOW"
+  log "mlflow $MLFLOW_VERSION ready in $MLFLOW_VENV"
+fi
+
 if [ "$print_env" = 1 ]; then
   libtorch="$(cat "$VENV/.volttrain-libtorch")"
   echo "export LIBTORCH='$libtorch'"
   echo "export VOLTTRAIN_VENV='$VENV'"
   echo "export VOLTTRAIN_PYTHON_REF='$VENV/bin/python'"
+  if [ -f "$MARK_MLFLOW" ] && [ "$(cat "$MARK_MLFLOW")" = "$MLFLOW_VERSION" ]; then
+    echo "export VOLTTRAIN_MLFLOW_PYTHON='$MLFLOW_VENV/bin/python'"
+  fi
 fi

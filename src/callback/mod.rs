@@ -122,14 +122,24 @@ pub trait Callback: Send {
     }
     /// The run failed with `error`; the last chance to flush logs.
     fn on_error(&mut self, error: &Error) {}
+    /// What this callback adds to the run summary after `on_fit_end` (under its name in
+    /// `FitSummary::callbacks`), e.g. a tracker's delivered and dropped points.
+    fn summary(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 mod metrics;
+mod mlflow;
 mod progress;
 mod saver;
 mod tensorboard;
+pub mod tracker;
+mod wandb;
 
 pub use metrics::MetricsJsonl;
+pub use mlflow::{Mlflow, MlflowConfig};
 pub use progress::Progress;
 pub use saver::{EpochSaver, epoch_dirs};
 pub use tensorboard::{TensorBoard, TensorBoardWriter};
+pub use wandb::{Wandb, WandbConfig, WandbMode, shorthand_section as wandb_shorthand};

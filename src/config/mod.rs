@@ -167,6 +167,21 @@ pub struct TrainingSection {
     /// as the Hugging Face Trainer's `overwrite_output_dir`.
     #[serde(default)]
     pub overwrite_output_dir: bool,
+    /// The reference system's W&B keys, a shorthand for `callbacks: [{name: wandb, ...}]`
+    /// (`wandb_project` -> `project`, `wandb_entity` -> `entity`, `wandb_run_name` ->
+    /// `run_name`, `wandb_mode` -> `mode`, `wandb_tags` -> `tags`); on when `use_wandb`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_wandb: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wandb_project: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wandb_entity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wandb_run_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wandb_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wandb_tags: Vec<String>,
 }
 
 fn default_output() -> PathBuf {

@@ -10,6 +10,7 @@ pub mod model;
 pub mod optim;
 pub mod quant;
 pub mod sft;
+pub mod trackers;
 
 use std::path::PathBuf;
 use std::process::Command;

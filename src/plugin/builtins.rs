@@ -7,7 +7,7 @@
 //! | quantizer | `nf4`, `fp4`, `int8`, `fp8_e4m3`, `fp8_e5m2` |
 //! | adapter | `lora` |
 //! | grouper | `reference` |
-//! | callback | `epoch_saver`, `metrics_jsonl`, `tensorboard` |
+//! | callback | `epoch_saver`, `metrics_jsonl`, `tensorboard`, `wandb`, `mlflow` |
 //!
 //! Schedules take their step counts from the run: `total_steps` comes from the trainer, and
 //! every other option from the section (`{name: cosine, warmup_steps: 10, min_lr_ratio: 0.1}`).
@@ -18,7 +18,9 @@ use serde_yaml::Value;
 
 use super::{CallbackCtx, SchedulerCtx, parse_config};
 use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector};
-use crate::callback::{Callback, EpochSaver, MetricsJsonl, TensorBoard};
+use crate::callback::{
+    Callback, EpochSaver, MetricsJsonl, Mlflow, MlflowConfig, TensorBoard, Wandb, WandbConfig,
+};
 use crate::error::{Error, Result};
 use crate::optim::{AdamW, Muon, ParamGrouper, ReferenceGrouper, ReferenceGrouperConfig};
 use crate::quant::{QuantConfig, Quantizer};
@@ -152,6 +154,18 @@ fn tensorboard(cfg: &Value, ctx: &CallbackCtx) -> Result<Box<dyn Callback>> {
     )))
 }
 crate::register_callback!("tensorboard", tensorboard);
+
+fn wandb(cfg: &Value, _: &CallbackCtx) -> Result<Box<dyn Callback>> {
+    let c: WandbConfig = parse_config("callbacks.wandb", cfg)?;
+    Ok(Box::new(Wandb::new(c)?))
+}
+crate::register_callback!("wandb", wandb);
+
+fn mlflow(cfg: &Value, _: &CallbackCtx) -> Result<Box<dyn Callback>> {
+    let c: MlflowConfig = parse_config("callbacks.mlflow", cfg)?;
+    Ok(Box::new(Mlflow::new(c)?))
+}
+crate::register_callback!("mlflow", mlflow);
 
 #[cfg(test)]
 mod tests {

@@ -129,6 +129,9 @@ impl Callback for Guarded<dyn Callback> {
         // Nothing to report a panic to: the run is already failing with `error`.
         let _ = catch_unwind(AssertUnwindSafe(|| self.inner.on_error(error)));
     }
+    fn summary(&self) -> Option<serde_json::Value> {
+        catch_unwind(AssertUnwindSafe(|| self.inner.summary())).unwrap_or(None)
+    }
 }
 
 impl AdapterInjector for Guarded<dyn AdapterInjector> {

@@ -98,6 +98,10 @@ pub struct FitSummary {
     pub elapsed_secs: f64,
     /// Why the run stopped early, if a callback asked.
     pub stopped_by: Option<String>,
+    /// What callbacks report, by callback name (`Callback::summary`): e.g. `wandb` and `mlflow`
+    /// give their delivered and dropped points.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub callbacks: BTreeMap<String, serde_json::Value>,
 }
 
 type SchedulerFactory = Box<dyn FnOnce(u64) -> Result<Box<dyn Scheduler>>>;
@@ -904,6 +908,11 @@ impl Trainer {
             skipped_steps: self.state.skipped_steps,
             elapsed_secs: elapsed,
             stopped_by: stop,
+            callbacks: self
+                .callbacks
+                .iter()
+                .filter_map(|c| c.summary().map(|s| (c.name().to_string(), s)))
+                .collect(),
         })
     }
 

@@ -1,0 +1,545 @@
+//! Weights & Biases, through the user's own `wandb` Python package run as a sidecar process.
+//!
+//! Why a sidecar: W&B has no Rust SDK, and what `wandb` writes (the `.wandb` transaction log of
+//! protobuf records, the run files, the sync protocol with the server) is internal to it and
+//! changes between releases. Driving the installed package keeps every W&B feature the user
+//! configured (login, `WANDB_*` variables, offline mode and `wandb sync`, self-hosted servers)
+//! working as in a Python script. The sidecar is a small script shipped inside VoltTrain
+//! (`wandb_sidecar.py`, written to a temporary file at run time) that reads JSON lines on its
+//! stdin: the resolved config once, one line per logged step or eval, the run summary, finish.
+//!
+//! The pipe is written by a worker thread behind a bounded queue ([`super::tracker`]): a slow,
+//! dead or hung sidecar costs dropped (and counted) points, never a stalled step.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::tracker::{
+    OnError, Point, Sink, SummaryTally, TrackerOptions, TrackerReport, Worker, eval_values,
+    resolved_config, step_values,
+};
+use crate::callback::{Callback, Control, EvalMetrics, StepMetrics};
+use crate::error::{Error, Result};
+
+const SIDECAR: &str = include_str!("wandb_sidecar.py");
+const PYTHON_KEY: &str = "callbacks.wandb.python";
+
+/// `wandb.init(mode=...)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WandbMode {
+    Online,
+    Offline,
+    Disabled,
+}
+
+fn default_python() -> String {
+    "python3".into()
+}
+fn default_queue() -> usize {
+    TrackerOptions::default().queue_size
+}
+fn default_finish_timeout() -> f64 {
+    TrackerOptions::default().finish_timeout_secs
+}
+fn default_start_timeout() -> f64 {
+    60.0
+}
+
+/// `callbacks: [{name: wandb, ...}]`. Unset keys are left to `wandb` (and its `WANDB_*`
+/// environment variables).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WandbConfig {
+    pub project: Option<String>,
+    pub entity: Option<String>,
+    /// The run's display name (`wandb.init(name=...)`).
+    pub run_name: Option<String>,
+    /// `online`, `offline` or `disabled`; default: `WANDB_MODE`, else online.
+    pub mode: Option<WandbMode>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub group: Option<String>,
+    pub notes: Option<String>,
+    /// Where `wandb/` is written; default `WANDB_DIR` when set, else the run's output
+    /// directory.
+    pub dir: Option<PathBuf>,
+    /// The Python interpreter that has `wandb` installed (default `python3`).
+    #[serde(default = "default_python")]
+    pub python: String,
+    /// Seconds to wait for the sidecar to import `wandb` at the start (default 60).
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout_secs: f64,
+    /// `warn` (default): drop and count what cannot be delivered; `fail`: stop the run.
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default = "default_queue")]
+    pub queue_size: usize,
+    #[serde(default = "default_finish_timeout")]
+    pub finish_timeout_secs: f64,
+}
+
+impl Default for WandbConfig {
+    fn default() -> Self {
+        WandbConfig {
+            project: None,
+            entity: None,
+            run_name: None,
+            mode: None,
+            tags: Vec::new(),
+            group: None,
+            notes: None,
+            dir: None,
+            python: default_python(),
+            start_timeout_secs: default_start_timeout(),
+            on_error: OnError::Warn,
+            queue_size: default_queue(),
+            finish_timeout_secs: default_finish_timeout(),
+        }
+    }
+}
+
+impl WandbConfig {
+    fn tracker(&self) -> TrackerOptions {
+        TrackerOptions {
+            on_error: self.on_error,
+            queue_size: self.queue_size,
+            finish_timeout_secs: self.finish_timeout_secs,
+        }
+    }
+
+    /// Checks the values (the section name is `callbacks.wandb` in messages).
+    pub fn validate(&self) -> Result<()> {
+        self.tracker().validate("callbacks.wandb")?;
+        if !(self.start_timeout_secs.is_finite() && self.start_timeout_secs > 0.0) {
+            return Err(Error::config(
+                "callbacks.wandb.start_timeout_secs",
+                "must be a number of seconds > 0",
+            ));
+        }
+        if self.python.trim().is_empty() {
+            return Err(Error::config(
+                "callbacks.wandb.python",
+                "empty; name a Python interpreter that has `wandb` installed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The reference system's W&B keys under `training:` (`use_wandb`, `wandb_project`,
+/// `wandb_entity`, `wandb_run_name`, `wandb_mode`, `wandb_tags`) as a `wandb` callback section.
+/// `None` when `use_wandb` is false; an error when W&B keys are set without it (they would be
+/// silently ignored).
+pub fn shorthand_section(t: &crate::config::TrainingSection) -> Result<Option<serde_yaml::Value>> {
+    if !t.use_wandb {
+        let set = [
+            ("wandb_project", t.wandb_project.is_some()),
+            ("wandb_entity", t.wandb_entity.is_some()),
+            ("wandb_run_name", t.wandb_run_name.is_some()),
+            ("wandb_mode", t.wandb_mode.is_some()),
+            ("wandb_tags", !t.wandb_tags.is_empty()),
+        ];
+        if let Some((k, _)) = set.iter().find(|(_, s)| *s) {
+            return Err(Error::config(
+                format!("training.{k}"),
+                "W&B settings without `training.use_wandb: true` would be ignored; set \
+                 `use_wandb: true` to log to W&B, or remove them",
+            ));
+        }
+        return Ok(None);
+    }
+    let mut m = serde_yaml::Mapping::new();
+    let mut put = |k: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            m.insert(k.into(), v.as_str().into());
+        }
+    };
+    put("project", &t.wandb_project);
+    put("entity", &t.wandb_entity);
+    put("run_name", &t.wandb_run_name);
+    put("mode", &t.wandb_mode);
+    if !t.wandb_tags.is_empty() {
+        m.insert(
+            "tags".into(),
+            serde_yaml::Value::Sequence(t.wandb_tags.iter().map(|s| s.as_str().into()).collect()),
+        );
+    }
+    Ok(Some(serde_yaml::Value::Mapping(m)))
+}
+
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Op<'a> {
+    Init {
+        settings: serde_json::Value,
+    },
+    Log {
+        step: u64,
+        data: &'a BTreeMap<String, f64>,
+    },
+    Summary {
+        data: &'a BTreeMap<String, serde_json::Value>,
+    },
+    Finish {
+        exit_code: i32,
+    },
+}
+
+#[derive(Deserialize)]
+struct Event {
+    event: String,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    detail: Option<String>,
+    #[serde(default)]
+    logged: Option<u64>,
+}
+
+/// Writes the ops to the sidecar's stdin (on the worker thread).
+struct Pipe {
+    stdin: Option<ChildStdin>,
+    events: Receiver<String>,
+    settings: serde_json::Value,
+    python: String,
+    start_timeout: Duration,
+}
+
+impl Pipe {
+    fn write(&mut self, op: &Op<'_>) -> Result<()> {
+        let mut line = serde_json::to_string(op).map_err(|e| Error::invalid(e.to_string()))?;
+        line.push('\n');
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Error::invalid("the sidecar's stdin is closed"))?;
+        stdin
+            .write_all(line.as_bytes())
+            .and_then(|_| stdin.flush())
+            .map_err(|e| Error::invalid(format!("the wandb sidecar stopped reading: {e}")))
+    }
+}
+
+impl Sink for Pipe {
+    /// Waits for the sidecar's first word: `ready`, or `missing` (a config error: the run
+    /// stops, naming the package and the install command).
+    fn start(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.start_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match self.events.recv_timeout(left) {
+                Ok(l) => l,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::invalid(format!(
+                        "the W&B sidecar (`{}`) did not import `wandb` within {:.0} s \
+                         (start_timeout_secs)",
+                        self.python,
+                        self.start_timeout.as_secs_f64()
+                    )));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::invalid(format!(
+                        "the W&B sidecar (`{}`) exited at start; see its messages above",
+                        self.python
+                    )));
+                }
+            };
+            // anything else is a stray line printed on import
+            let Ok(ev) = serde_json::from_str::<Event>(&line) else {
+                continue;
+            };
+            match ev.event.as_str() {
+                "ready" => {
+                    tracing::info!(
+                        "wandb: sidecar ready (wandb {})",
+                        ev.version.as_deref().unwrap_or("?")
+                    );
+                    return Ok(());
+                }
+                "missing" => {
+                    return Err(Error::config(
+                        PYTHON_KEY,
+                        format!(
+                            "W&B logging needs the Python package `wandb`, which `{}` cannot \
+                             import ({}). Install it with `pip install wandb` (into that \
+                             interpreter), or set `python:` to an interpreter that has it",
+                            self.python,
+                            ev.detail.unwrap_or_default()
+                        ),
+                    ));
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    fn send(&mut self, point: &Point) -> Result<()> {
+        match point {
+            Point::Config(cfg) => {
+                let mut settings = self.settings.clone();
+                if let Some(o) = settings.as_object_mut() {
+                    o.insert("config".into(), cfg.clone());
+                }
+                self.write(&Op::Init { settings })
+            }
+            Point::Metrics { step, values, .. } => self.write(&Op::Log {
+                step: *step,
+                data: values,
+            }),
+            Point::Summary(s) => self.write(&Op::Summary { data: s }),
+            Point::Artifact(_) => Ok(()),
+        }
+    }
+
+    fn finish(&mut self, failed: bool) -> Result<Option<u64>> {
+        self.write(&Op::Finish {
+            exit_code: i32::from(failed),
+        })?;
+        drop(self.stdin.take());
+        // The sidecar answers after `run.finish()`; the worker's deadline bounds the wait.
+        for line in self.events.iter() {
+            if let Ok(ev) = serde_json::from_str::<Event>(&line)
+                && ev.event == "finished"
+            {
+                return Ok(ev.logged);
+            }
+        }
+        Err(Error::invalid(
+            "the wandb sidecar exited before confirming `run.finish()` (see its messages above)",
+        ))
+    }
+
+    fn sends_are_final(&self) -> bool {
+        false
+    }
+}
+
+/// The W&B callback. Only the main process (rank 0) starts a sidecar and logs.
+pub struct Wandb {
+    cfg: WandbConfig,
+    config: Option<serde_json::Value>,
+    script: Option<tempfile::TempPath>,
+    child: Option<Arc<Mutex<Child>>>,
+    worker: Option<Worker>,
+    tally: SummaryTally,
+}
+
+impl Wandb {
+    pub fn new(cfg: WandbConfig) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Wandb {
+            cfg,
+            config: None,
+            script: None,
+            child: None,
+            worker: None,
+            tally: SummaryTally::default(),
+        })
+    }
+
+    /// Logs `config` (instead of the run's `config.resolved.yaml`) as the run config.
+    pub fn with_config(mut self, config: serde_json::Value) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    fn settings(&self, output_dir: &Path) -> serde_json::Value {
+        let dir = self.cfg.dir.clone().or_else(|| {
+            std::env::var_os("WANDB_DIR")
+                .is_none()
+                .then(|| output_dir.to_path_buf())
+        });
+        serde_json::json!({
+            "project": self.cfg.project,
+            "entity": self.cfg.entity,
+            "name": self.cfg.run_name,
+            "mode": self.cfg.mode,
+            "tags": (!self.cfg.tags.is_empty()).then_some(&self.cfg.tags),
+            "group": self.cfg.group,
+            "notes": self.cfg.notes,
+            "dir": dir,
+        })
+    }
+
+    /// Starts the sidecar and its worker; the worker waits (at most `start_timeout_secs`) for
+    /// the sidecar to import `wandb`, so training does not wait for Python.
+    fn start(&mut self, output_dir: &Path) -> Result<()> {
+        let script = tempfile::Builder::new()
+            .prefix("volttrain-wandb-")
+            .suffix(".py")
+            .tempfile()
+            .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        std::fs::write(script.path(), SIDECAR).map_err(|e| Error::io(script.path(), e))?;
+        let script = script.into_temp_path();
+        let dir = self.cfg.dir.as_deref().unwrap_or(output_dir);
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut child = Command::new(&self.cfg.python)
+            .arg(&*script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| {
+                Error::config(
+                    PYTHON_KEY,
+                    format!(
+                        "cannot start `{}` for the W&B sidecar: {e}; set `python:` to an \
+                         interpreter that has `wandb` installed",
+                        self.cfg.python
+                    ),
+                )
+            })?;
+        let stdin = child.stdin.take();
+        let (tx, events) = channel::<String>();
+        if let Some(out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    match line {
+                        Ok(l) => {
+                            if tx.send(l).is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+        tracing::info!(
+            "wandb: sidecar `{}` started (pid {})",
+            self.cfg.python,
+            child.id()
+        );
+        let child = Arc::new(Mutex::new(child));
+        self.child = Some(child.clone());
+        self.script = Some(script);
+        let pipe = Pipe {
+            stdin,
+            events,
+            settings: self.settings(output_dir),
+            python: self.cfg.python.clone(),
+            start_timeout: Duration::from_secs_f64(self.cfg.start_timeout_secs),
+        };
+        let kill_handle = child;
+        let kill: Box<dyn FnOnce() + Send> = Box::new(move || {
+            if let Ok(mut c) = kill_handle.lock() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        });
+        self.worker = Some(Worker::spawn(
+            "wandb",
+            self.cfg.tracker(),
+            Box::new(pipe),
+            Some(kill),
+        )?);
+        Ok(())
+    }
+
+    fn kill_child(&mut self) {
+        if let Some(c) = self.child.take()
+            && let Ok(mut c) = c.lock()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Lets the sidecar exit on its own for a moment after `finish`, then ends it.
+    fn reap(&mut self) {
+        if let Some(c) = self.child.take()
+            && let Ok(mut c) = c.lock()
+        {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => return,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Ok(None) => break,
+                }
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn finish(&mut self, timeout: Option<Duration>) -> Result<()> {
+        let r = match self.worker.as_mut() {
+            Some(w) => w.finish(timeout).map(|_| ()),
+            None => Ok(()),
+        };
+        self.reap();
+        r
+    }
+
+    /// Counts of delivered and dropped points (after the run).
+    pub fn report(&self) -> Option<&TrackerReport> {
+        self.worker.as_ref().and_then(Worker::report)
+    }
+}
+
+impl Callback for Wandb {
+    fn name(&self) -> &str {
+        "wandb"
+    }
+    fn on_fit_start(&mut self, ctl: &mut Control<'_>) -> Result<()> {
+        if !ctl.is_main || self.worker.is_some() {
+            return Ok(());
+        }
+        self.start(ctl.output_dir)?;
+        let config = match self.config.clone() {
+            Some(c) => c,
+            None => resolved_config(ctl.output_dir)?.unwrap_or(serde_json::json!({})),
+        };
+        if let Some(w) = self.worker.as_mut() {
+            w.push(Point::Config(config))?;
+        }
+        Ok(())
+    }
+    fn on_step_end(&mut self, _: &mut Control<'_>, m: &StepMetrics) -> Result<()> {
+        if let Some(w) = self.worker.as_mut() {
+            self.tally.step(m);
+            w.push(Point::metrics(m.step, step_values(m)))?;
+        }
+        Ok(())
+    }
+    fn on_eval_end(&mut self, _: &mut Control<'_>, m: &EvalMetrics) -> Result<()> {
+        if let Some(w) = self.worker.as_mut() {
+            self.tally.eval(m);
+            w.push(Point::metrics(m.step, eval_values(m)))?;
+        }
+        Ok(())
+    }
+    fn on_fit_end(&mut self, _: &mut Control<'_>) -> Result<()> {
+        if let Some(w) = self.worker.as_mut() {
+            let dropped = w.dropped_so_far();
+            w.push(Point::Summary(self.tally.values(dropped)))?;
+        }
+        self.finish(None)
+    }
+    fn on_error(&mut self, _: &Error) {
+        let _ = self.finish(Some(Duration::from_secs(10)));
+    }
+    fn summary(&self) -> Option<serde_json::Value> {
+        self.report().and_then(|r| serde_json::to_value(r).ok())
+    }
+}
+
+impl Drop for Wandb {
+    fn drop(&mut self) {
+        if self.worker.as_ref().is_some_and(|w| w.report().is_none()) {
+            let _ = self.finish(Some(Duration::from_secs(5)));
+        }
+        self.kill_child();
+    }
+}
