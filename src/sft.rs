@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::adapter::{
     AdapterInjector, LoraConfig, LoraInjector, load_peft_adapter, save_peft_adapter,

@@ -11,7 +11,8 @@ use tch::{Device, Kind, Tensor};
 use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use volttrain::amp::Precision;
 use volttrain::config::SftConfig;
-use volttrain::model::{CausalLm, LoadOptions, ModelDtype, load_model};
+use volttrain::model::{LoadOptions, ModelDtype, load_model};
+use volttrain::optim::Optimizer;
 use volttrain::perf::load::{
     CheckpointShape, LoadMode, LoadRun, SLACK_BYTES, file_sizes, measure, write_checkpoint,
 };

@@ -14,7 +14,7 @@ use volttrain::Error;
 use volttrain::amp::{LossScalerConfig, Precision};
 use volttrain::callback::{Callback, Control, EvalMetrics, ModelSaver, StepMetrics};
 use volttrain::model::CausalLm;
-use volttrain::optim::DynOptimizer;
+use volttrain::optim::{DynOptimizer, Optimizer};
 use volttrain::trainer::{FINAL_DIR, Trainer, TrainerBuilder};
 
 fn sgd(model: &dyn CausalLm, lr: f64, momentum: f64) -> Box<dyn DynOptimizer> {

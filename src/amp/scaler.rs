@@ -115,9 +115,9 @@ impl LossScaler {
         cfg.validate()?;
         let ctx = "loss scaler";
         Ok(LossScaler {
-            scale: Tensor::f_full([], cfg.init_scale, (Kind::Float, device)).ctx(ctx)?,
-            growth_tracker: Tensor::f_zeros([], (Kind::Int, device)).ctx(ctx)?,
-            found_inf: Tensor::f_zeros([], (Kind::Float, device)).ctx(ctx)?,
+            scale: Tensor::f_full([0i64; 0], cfg.init_scale, (Kind::Float, device)).ctx(ctx)?,
+            growth_tracker: Tensor::f_zeros([0i64; 0], (Kind::Int, device)).ctx(ctx)?,
+            found_inf: Tensor::f_zeros([0i64; 0], (Kind::Float, device)).ctx(ctx)?,
             cfg,
         })
     }
