@@ -193,9 +193,9 @@ fn loss_scaler_equals_grad_scaler_with_injected_infs() {
 
 #[test]
 fn loss_scaler_equals_grad_scaler_on_real_fp32_overflow() {
-    // 2^127 (the largest fp32 power of two) and targets x10: the scaled gradients overflow fp32
+    // 2^127 (the largest fp32 power of two) and targets x1000: the scaled gradients overflow fp32
     // by themselves until the scale has backed off, and again when it grows back
-    scaler_case(2f64.powi(127), 2, serde_json::json!({}), 16, 10.0);
+    scaler_case(2f64.powi(127), 2, serde_json::json!({}), 16, 1000.0);
 }
 
 // ------------------------------------------------------------------------------ bf16 parity
@@ -297,15 +297,17 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-30)
 }
 
-/// bf16 keeps 8 significant bits (7 stored): one rounding is a relative error up to 2^-8. The two
-/// sides run the same libtorch kernels, so they differ only where the graphs differ (the order
-/// of a sum, where a cast happens); such a difference flips single bf16 roundings, which move
-/// the loss by far less than one bf16 step of it and a gradient by a few bf16 steps. Bounds:
-/// loss within 2^-9 relative (one bf16 ulp), each LoRA gradient within 2^-5 (3%) relative L2
-/// error, and at most a quarter of the error an fp32 step has against the same bf16 reference
-/// (so the test fails if the step did not run in bf16 as PyTorch's does).
-const LOSS_TOL: f64 = 1.0 / 512.0;
-const GRAD_TOL: f64 = 1.0 / 32.0;
+/// bf16 keeps 8 significant bits (7 stored): one rounding is a relative error of up to 2^-8.
+/// Both sides run the same libtorch 2.11 CPU kernels on the same casts, so they agree far
+/// better than that: measured on this machine, the LoRA gradients are bit-identical and the
+/// loss differs by 8e-9 relative (the order of the fp32 cross-entropy sum over label positions).
+/// Bounds, with room for other reduction orders (thread counts): each LoRA gradient within one
+/// bf16 rounding (2^-8) relative L2 error, the loss within 1e-5 relative (the loss is summed in
+/// fp32 from bf16 logits), and each gradient at most a quarter of the error an fp32 step has
+/// against the same bf16 reference (measured 3.6e-2): the test fails if the step did not run in
+/// bf16 as PyTorch's does.
+const LOSS_TOL: f64 = 1e-5;
+const GRAD_TOL: f64 = 1.0 / 256.0;
 
 #[test]
 fn bf16_cpu_step_matches_transformers_autocast() {
@@ -451,12 +453,13 @@ fn cuda_bf16_step_matches_the_cpu_bf16_step() {
         &dir.path().join("g"),
     );
     eprintln!("cuda bf16 loss {lg:.6} vs cpu bf16 {lc:.6}");
-    assert!((lg - lc).abs() / lc.abs() <= 4.0 * LOSS_TOL);
+    // CUDA's bf16 kernels round differently from the CPU's: a few bf16 roundings apart
+    assert!((lg - lc).abs() / lc.abs() <= 1.0 / 256.0);
     let mut worst = 0f64;
     for (name, g) in &gc {
         let e = rel_err(&gg[name], g);
         worst = worst.max(e);
-        assert!(e <= 2.0 * GRAD_TOL, "{name}: cuda vs cpu bf16 grad rel error {e:.3e}");
+        assert!(e <= 8.0 * GRAD_TOL, "{name}: cuda vs cpu bf16 grad rel error {e:.3e}");
     }
     eprintln!("cuda vs cpu bf16 LoRA grads: worst rel error {worst:.2e}");
 }

@@ -20,7 +20,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 /// for wide, tall and scaled inputs.
 fn spectral_on(device: Device) {
     tch::manual_seed(3);
-    for (m, n, factor) in [(64i64, 160i64, 1.0), (160, 64, 0.7), (48, 48, 2.0)] {
+    for (m, n, factor) in [(64i64, 160i64, 1.0), (160, 64, 0.7), (48, 96, 2.0)] {
         let g = Tensor::randn([m, n], (Kind::Float, Device::Cpu));
         let truth = newton_schulz(&g.to_kind(Kind::Double).unsqueeze(0), 5, COEFFS, 1e-7, Kind::Double)
             .unwrap()
@@ -41,7 +41,7 @@ fn muon_step_on(device: Device) {
     let p0 = Tensor::randn([96, 40], (Kind::Float, Device::Cpu));
     let g0 = Tensor::randn([96, 40], (Kind::Float, Device::Cpu));
     let run = |method: NsMethod| -> Tensor {
-        let p = p0.to_device(device).set_requires_grad(true);
+        let p = p0.to_device(device).copy().set_requires_grad(true);
         let mut grad = p.zeros_like();
         let _ = grad.copy_(&g0);
         // set the gradient through a backward: p.grad = g0
