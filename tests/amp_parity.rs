@@ -62,7 +62,12 @@ fn volttrain_scaler(spec: &serde_json::Value) -> ScalerRun {
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+            })
             .collect()
     };
     let (rows, ins, outs) = (8, 3, 2);
@@ -167,12 +172,7 @@ fn scaler_case(
         "the case must have both skipped and taken steps: {:?}",
         got.skipped
     );
-    for (i, (a, b)) in got
-        .w
-        .iter()
-        .zip(want["w"].as_array().unwrap())
-        .enumerate()
-    {
+    for (i, (a, b)) in got.w.iter().zip(want["w"].as_array().unwrap()).enumerate() {
         let b = b.as_f64().unwrap() as f32;
         assert!((a - b).abs() <= 1e-6, "w[{i}]: {a} vs {b}");
     }
@@ -375,7 +375,11 @@ fn bf16_cpu_step_matches_transformers_autocast() {
         let r = want
             .get(&format!("grad.{name}"))
             .unwrap_or_else(|| panic!("no reference gradient for {name}"));
-        assert_eq!(g.kind(), Kind::Float, "{name}: gradients of trainable weights are fp32");
+        assert_eq!(
+            g.kind(),
+            Kind::Float,
+            "{name}: gradients of trainable weights are fp32"
+        );
         let (e16, e32) = (rel_err(g, r), rel_err(&g32[name], r));
         worst16 = worst16.max(e16);
         worst32 = worst32.max(e32);
@@ -389,7 +393,9 @@ fn bf16_cpu_step_matches_transformers_autocast() {
     let want_n = want.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(n, want_n, "every LoRA gradient compared");
     assert_eq!(n, 4 * 7 * 2, "4 layers x 7 projections x (A, B)");
-    eprintln!("LoRA grads: worst rel error bf16 {worst16:.2e}, fp32-vs-bf16-reference {worst32:.2e}");
+    eprintln!(
+        "LoRA grads: worst rel error bf16 {worst16:.2e}, fp32-vs-bf16-reference {worst32:.2e}"
+    );
 }
 
 // ------------------------------------------------------------------------------ CUDA only
@@ -443,7 +449,13 @@ fn cuda_bf16_step_matches_the_cpu_bf16_step() {
         ..VecSource::random(1, 2, 24, 815, 3)
     };
     let (m, _) = model_with_lora(Device::Cpu);
-    let (lc, gc) = trainer_step(m, Device::Cpu, Precision::Bf16, data(), &dir.path().join("c"));
+    let (lc, gc) = trainer_step(
+        m,
+        Device::Cpu,
+        Precision::Bf16,
+        data(),
+        &dir.path().join("c"),
+    );
     let (m, _) = model_with_lora(Device::Cuda(0));
     let (lg, gg) = trainer_step(
         m,
@@ -459,7 +471,10 @@ fn cuda_bf16_step_matches_the_cpu_bf16_step() {
     for (name, g) in &gc {
         let e = rel_err(&gg[name], g);
         worst = worst.max(e);
-        assert!(e <= 8.0 * GRAD_TOL, "{name}: cuda vs cpu bf16 grad rel error {e:.3e}");
+        assert!(
+            e <= 8.0 * GRAD_TOL,
+            "{name}: cuda vs cpu bf16 grad rel error {e:.3e}"
+        );
     }
     eprintln!("cuda vs cpu bf16 LoRA grads: worst rel error {worst:.2e}");
 }
@@ -497,10 +512,9 @@ fn cuda_fp16_training_scales_the_loss_and_trains() {
         .build()
         .unwrap();
     let s = t.fit().unwrap();
-    let st: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("last/trainer_state.json")).unwrap(),
-    )
-    .unwrap();
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("last/trainer_state.json")).unwrap())
+            .unwrap();
     let scale = st["loss_scaler"]["scale"].as_f64().unwrap();
     eprintln!(
         "cuda fp16: {} steps, {} skipped, final scale {scale}, loss {:?}",

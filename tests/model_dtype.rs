@@ -46,9 +46,18 @@ fn bf16_base_loads_within_converted_size_plus_largest_tensor() {
     };
     let r = measure(exe(), tmp.path(), &run(LoadMode::Convert), 1).unwrap();
     // the model really is bf16: half the fp32 bytes (every tensor converted)
-    assert_eq!(2 * r.held, sizes.fp32_bytes, "held {} vs fp32 {}", r.held, sizes.fp32_bytes);
+    assert_eq!(
+        2 * r.held,
+        sizes.fp32_bytes,
+        "held {} vs fp32 {}",
+        r.held,
+        sizes.fp32_bytes
+    );
     let bound = r.held + sizes.largest_fp32_bytes + SLACK_BYTES;
-    assert!(2 * bound < 3 * sizes.fp32_bytes / 2, "shape too small for the bound to mean anything");
+    assert!(
+        2 * bound < 3 * sizes.fp32_bytes / 2,
+        "shape too small for the bound to mean anything"
+    );
     let peak = r.peak_above_baseline();
     eprintln!(
         "bf16 load: peak {:.1} MiB above baseline, bound {:.1} MiB (held {:.1} + largest {:.1} ({}) + slack {:.0}); fp32 model {:.1} MiB",
@@ -60,7 +69,11 @@ fn bf16_base_loads_within_converted_size_plus_largest_tensor() {
         SLACK_BYTES as f64 / 1048576.0,
         sizes.fp32_bytes as f64 / 1048576.0,
     );
-    assert!(peak >= r.held, "the sampler missed the load: {peak} < {}", r.held);
+    assert!(
+        peak >= r.held,
+        "the sampler missed the load: {peak} < {}",
+        r.held
+    );
     assert!(peak <= bound, "peak {peak} > bound {bound}");
     // and the bound can fail: loading fp32 and converting afterwards exceeds it
     let c = measure(exe(), tmp.path(), &run(LoadMode::Fp32ThenConvert), 1).unwrap();
@@ -167,7 +180,10 @@ fn config(extra: &str) -> volttrain::Result<SftConfig> {
 fn config_rejects_half_base_without_autocast_or_with_full_fine_tuning() {
     // LoRA (the default section is absent: full fine-tuning) -> refused
     let e = config(", precision: bf16").unwrap_err().to_string();
-    assert!(e.contains("model.dtype") && e.contains("full fine-tuning"), "{e}");
+    assert!(
+        e.contains("model.dtype") && e.contains("full fine-tuning"),
+        "{e}"
+    );
     let with_lora = |extra: &str| {
         let text = format!(
             "model: {{path: assets/tiny-llama, device: cpu, dtype: bf16}}\n\
@@ -179,7 +195,10 @@ fn config_rejects_half_base_without_autocast_or_with_full_fine_tuning() {
     };
     // precision auto on the CPU is fp32: a bf16 base has no autocast to run in
     let e = with_lora("").unwrap_err().to_string();
-    assert!(e.contains("job.yaml") && e.contains("model.dtype") && e.contains("precision"), "{e}");
+    assert!(
+        e.contains("job.yaml") && e.contains("model.dtype") && e.contains("precision"),
+        "{e}"
+    );
     assert!(with_lora(", precision: bf16").is_ok());
     assert!(with_lora(", precision: fp16").is_ok());
     let e = with_lora(", precision: fp16, loss_scaler: {backoff_factor: 2.0}")
@@ -187,7 +206,9 @@ fn config_rejects_half_base_without_autocast_or_with_full_fine_tuning() {
         .to_string();
     assert!(e.contains("training.loss_scaler.backoff_factor"), "{e}");
     assert_eq!(
-        ModelDtype::Auto.resolve(Precision::Bf16, Device::Cpu, true).unwrap(),
+        ModelDtype::Auto
+            .resolve(Precision::Bf16, Device::Cpu, true)
+            .unwrap(),
         Kind::Float,
         "auto keeps fp32 on the CPU"
     );

@@ -22,9 +22,15 @@ fn spectral_on(device: Device) {
     tch::manual_seed(3);
     for (m, n, factor) in [(64i64, 160i64, 1.0), (160, 64, 0.7), (48, 96, 2.0)] {
         let g = Tensor::randn([m, n], (Kind::Float, Device::Cpu));
-        let truth = newton_schulz(&g.to_kind(Kind::Double).unsqueeze(0), 5, COEFFS, 1e-7, Kind::Double)
-            .unwrap()
-            .squeeze_dim(0)
+        let truth = newton_schulz(
+            &g.to_kind(Kind::Double).unsqueeze(0),
+            5,
+            COEFFS,
+            1e-7,
+            Kind::Double,
+        )
+        .unwrap()
+        .squeeze_dim(0)
             * factor;
         let out = newton_schulz_spectral(&g.to_device(device), 5, COEFFS, 1e-7, factor).unwrap();
         assert_eq!(out.device(), device, "{m}x{n}: result device");
@@ -65,7 +71,10 @@ fn muon_step_on(device: Device) {
     let spectral = run(NsMethod::Spectral);
     let iterative = run(NsMethod::Iterative);
     assert_eq!(spectral.device(), device);
-    let (d_s, d_i) = (&spectral - &p0.to_device(device), &iterative - &p0.to_device(device));
+    let (d_s, d_i) = (
+        &spectral - &p0.to_device(device),
+        &iterative - &p0.to_device(device),
+    );
     let e = rel(&d_s, &d_i);
     assert!(e < 1e-4, "{device:?}: spectral vs iterative update {e:e}");
 }
@@ -79,7 +88,9 @@ fn spectral_path_stays_on_the_cpu_and_matches_fp64() {
 #[test]
 fn spectral_path_on_cuda() {
     if !tch::Cuda::is_available() {
-        eprintln!("spectral_path_on_cuda: skipped, no CUDA device (tch::Cuda::is_available() is false)");
+        eprintln!(
+            "spectral_path_on_cuda: skipped, no CUDA device (tch::Cuda::is_available() is false)"
+        );
         return;
     }
     spectral_on(Device::Cuda(0));

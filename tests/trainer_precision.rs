@@ -135,7 +135,10 @@ fn fp16_loss_scaler_state_survives_resume() {
     got.extend(second.steps.lock().unwrap().iter().copied());
     assert_eq!(got, full_steps, "applied steps and their losses");
     assert_eq!(s_res.skipped_steps, s_full.skipped_steps);
-    assert_eq!(trainer_state(d2.path())["loss_scaler"], st_full["loss_scaler"]);
+    assert_eq!(
+        trainer_state(d2.path())["loss_scaler"],
+        st_full["loss_scaler"]
+    );
     for ((n, x), (_, y)) in p_full.iter().zip(params(t.model()).iter()) {
         assert_eq!(max_abs_diff(x, y), 0.0, "{n}");
     }
@@ -237,7 +240,10 @@ fn check_final(dir: &Path, model_params: &[(String, Tensor)]) {
             .collect();
     assert_eq!(saved.len(), model_params.len());
     for (n, p) in model_params {
-        assert!(saved[n].equal(p), "{n}: final/ is not the last step's weights");
+        assert!(
+            saved[n].equal(p),
+            "{n}: final/ is not the last step's weights"
+        );
     }
     let names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -266,7 +272,10 @@ fn max_steps_mid_epoch_evaluates_and_saves_final() {
     assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 3]);
     assert_eq!(s.final_eval_loss, Some(evals[1].1));
     assert_eq!(s.final_eval_loss, Some(fresh));
-    assert_ne!(evals[0].1, evals[1].1, "the step-0 eval is not the final one");
+    assert_ne!(
+        evals[0].1, evals[1].1,
+        "the step-0 eval is not the final one"
+    );
     check_final(d.path(), &p);
     assert!(d.path().join("last/trainer_state.json").exists());
 }

@@ -63,9 +63,13 @@ impl Default for LossScalerConfig {
 impl LossScalerConfig {
     /// GradScaler's own checks, with the config key in the message.
     pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, msg: String| Err(Error::config(format!("training.loss_scaler.{k}"), msg));
+        let bad =
+            |k: &str, msg: String| Err(Error::config(format!("training.loss_scaler.{k}"), msg));
         if !(self.init_scale.is_finite() && self.init_scale > 0.0) {
-            return bad("init_scale", format!("must be > 0, got {}", self.init_scale));
+            return bad(
+                "init_scale",
+                format!("must be > 0, got {}", self.init_scale),
+            );
         }
         if !(self.growth_factor.is_finite() && self.growth_factor > 1.0) {
             return bad(

@@ -72,20 +72,28 @@ mod tests {
     fn resolution_rules() {
         let cpu = Device::Cpu;
         assert_eq!(
-            ModelDtype::Auto.resolve(Precision::Auto, cpu, true).unwrap(),
+            ModelDtype::Auto
+                .resolve(Precision::Auto, cpu, true)
+                .unwrap(),
             Kind::Float
         );
         // auto follows autocast only on CUDA
         assert_eq!(
-            ModelDtype::Auto.resolve(Precision::Bf16, cpu, true).unwrap(),
+            ModelDtype::Auto
+                .resolve(Precision::Bf16, cpu, true)
+                .unwrap(),
             Kind::Float
         );
         assert_eq!(
-            ModelDtype::Bf16.resolve(Precision::Bf16, cpu, true).unwrap(),
+            ModelDtype::Bf16
+                .resolve(Precision::Bf16, cpu, true)
+                .unwrap(),
             Kind::BFloat16
         );
         assert_eq!(
-            ModelDtype::Fp16.resolve(Precision::Fp16, cpu, true).unwrap(),
+            ModelDtype::Fp16
+                .resolve(Precision::Fp16, cpu, true)
+                .unwrap(),
             Kind::Half
         );
         let e = ModelDtype::Bf16
@@ -99,7 +107,9 @@ mod tests {
             .to_string();
         assert!(e.contains("full fine-tuning"), "{e}");
         assert_eq!(
-            ModelDtype::Fp32.resolve(Precision::Bf16, cpu, false).unwrap(),
+            ModelDtype::Fp32
+                .resolve(Precision::Bf16, cpu, false)
+                .unwrap(),
             Kind::Float
         );
     }

@@ -400,7 +400,9 @@ pub fn child(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
     let model = match run.mode {
         LoadMode::QuantizeWhileLoading => load_model(dir, &opts.with_quantizer(q))?,
         LoadMode::Convert | LoadMode::Fp32ThenConvert => {
-            return Err(Error::invalid("convert modes are measured by child_convert"));
+            return Err(Error::invalid(
+                "convert modes are measured by child_convert",
+            ));
         }
         LoadMode::Fp32ThenQuantize => {
             let mut m = load_model(dir, &opts)?;

@@ -53,9 +53,9 @@ impl Trainer {
     /// fp32/bf16 run, starts the scaler afresh).
     pub(super) fn restore_scaler(&mut self) -> Result<()> {
         match (self.scaler.as_mut(), &self.state.loss_scaler) {
-            (Some(s), Some(st)) => s.load_state(st).map_err(|e| {
-                Error::checkpoint(super::last_dir(&self.output_dir), e.to_string())
-            }),
+            (Some(s), Some(st)) => s
+                .load_state(st)
+                .map_err(|e| Error::checkpoint(super::last_dir(&self.output_dir), e.to_string())),
             (Some(s), None) => {
                 tracing::warn!(
                     "the resume checkpoint has no loss scaler state; fp16 starts at scale {}",

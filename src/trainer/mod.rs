@@ -32,8 +32,8 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 pub use checkpoint::{TrainState, last_dir};
-pub use finish::{FINAL_DIR, final_dir};
 pub use dist::C10dCollective;
+pub use finish::{FINAL_DIR, final_dir};
 pub use step::{IGNORE_INDEX, Precision};
 
 use crate::amp::{Autocast, LossScaler, LossScalerConfig};
@@ -783,7 +783,9 @@ impl Trainer {
                 let grad_norm = crate::optim::grad_norm_clipped(&params, self.clip_norm)?;
                 let step_no = self.state.step + 1;
                 if found_inf && loss.is_finite() {
-                    tracing::info!("step {step_no}: fp16 gradients overflowed; step skipped, loss scale lowered");
+                    tracing::info!(
+                        "step {step_no}: fp16 gradients overflowed; step skipped, loss scale lowered"
+                    );
                     self.optimizer.zero_grad();
                     self.end_scaler_step(true)?;
                     self.state.skipped_steps += 1;
