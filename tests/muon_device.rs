@@ -48,10 +48,8 @@ fn muon_step_on(device: Device) {
     let g0 = Tensor::randn([96, 40], (Kind::Float, Device::Cpu));
     let run = |method: NsMethod| -> Tensor {
         let p = p0.to_device(device).copy().set_requires_grad(true);
-        let mut grad = p.zeros_like();
-        let _ = grad.copy_(&g0);
         // set the gradient through a backward: p.grad = g0
-        (&p * grad).sum(Kind::Float).backward();
+        (&p * g0.to_device(device)).sum(Kind::Float).backward();
         let groups = vec![ParamGroup {
             name: "muon".into(),
             params: vec![NamedParam::new("w", &p)],
