@@ -71,6 +71,7 @@ fn main() {
 fn build_dist_shim() {
     println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/fused.cpp");
+    println!("cargo:rerun-if-changed=csrc/amp.cpp");
     println!("cargo:rerun-if-changed=csrc/shim_common.h");
     println!("cargo:rerun-if-changed=csrc/kernels.c");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
@@ -119,6 +120,7 @@ fn build_dist_shim() {
         .cpp(true)
         .file("csrc/dist_shim.cpp")
         .file("csrc/fused.cpp")
+        .file("csrc/amp.cpp")
         .include(&inc)
         .include(&api_inc)
         .include(&gloo_inc)

@@ -22,7 +22,8 @@
 //! [`applies`] says whether a tensor takes the fused path: fp32 on the CPU, the shim's kernels
 //! usable on this CPU (AVX2 and FMA on x86-64, checked at run time because `kernels.c` is
 //! built with them), and not switched off with `VOLTTRAIN_FUSED_KERNELS=0` (read once). Other
-//! tensors (CUDA, bf16) keep the composite ops, so callers branch on [`applies`].
+//! tensors (CUDA, bf16, and every tensor while CPU autocast is on) keep the composite ops, so
+//! callers branch on [`applies`].
 
 use std::ffi::{c_char, c_int};
 use std::sync::OnceLock;
@@ -97,9 +98,16 @@ fn cpu_supported() -> bool {
     true
 }
 
-/// Whether `t` takes the fused path: [`enabled`], on the CPU, fp32.
+/// Whether `t` takes the fused path: [`enabled`], on the CPU, fp32, and CPU autocast off.
+///
+/// Under autocast (`precision: bf16 | fp16`) the composite ops run instead: the LM head's fused
+/// cross-entropy holds a matrix product that autocast computes in the half kind, and the
+/// composite ops are the code a CUDA device runs (see [`crate::amp`]).
 pub fn applies(t: &Tensor) -> bool {
-    t.device() == Device::Cpu && t.kind() == Kind::Float && enabled()
+    t.device() == Device::Cpu
+        && t.kind() == Kind::Float
+        && enabled()
+        && !crate::amp::autocast_active(Device::Cpu)
 }
 
 fn ptr(t: &Tensor) -> CTensor {

@@ -16,6 +16,7 @@
 //! dense or quantized frozen weight plus an optional trainable adapter.
 
 pub mod adapter;
+pub mod amp;
 pub mod callback;
 pub mod config;
 pub mod data;

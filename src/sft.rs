@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::adapter::{
     AdapterInjector, LoraConfig, LoraInjector, load_peft_adapter, save_peft_adapter,
@@ -144,7 +144,7 @@ pub fn lora_config(cfg: &SftConfig) -> Option<LoraConfig> {
 }
 
 /// Loads the tokenizer (with the dataset's custom template, if any) and the model (quantized
-/// while loading when asked) onto `device`.
+/// while loading when asked; in `model.dtype`, converted tensor by tensor) onto `device`.
 pub fn load_model_and_tokenizer(
     cfg: &SftConfig,
     device: Device,
@@ -152,17 +152,23 @@ pub fn load_model_and_tokenizer(
     let dcfg = dataset_config(cfg)?;
     let mut tok = Tokenizer::from_dir(&cfg.model.path)?;
     dcfg.apply_chat_template(&mut tok)?;
-    let mut opts = LoadOptions::new(Kind::Float, device);
+    let frozen = lora_config(cfg).is_some();
+    let kind = cfg
+        .model
+        .dtype
+        .resolve(cfg.training.precision, device, frozen)?;
+    let mut opts = LoadOptions::new(kind, device);
     if let Some(q) = quant_config(cfg)? {
         opts = opts.with_quantizer(q.quantizer()?);
     }
     let model = load_model(&cfg.model.path, &opts)?;
     tracing::info!(
-        "model {} ({}, {} layers) on {:?}",
+        "model {} ({}, {} layers) on {:?}, base in {:?}",
         cfg.model.path.display(),
         model.architecture(),
         model.num_layers(),
-        device
+        device,
+        kind
     );
     Ok((model, tok, dcfg))
 }
@@ -380,6 +386,7 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         .base_lr(t.lr)
         .device(device)
         .precision(t.precision)
+        .loss_scaler(t.loss_scaler.clone())
         .grad_accum(t.gradient_accumulation)
         .epochs(t.epochs)
         .max_steps(t.max_steps)
@@ -517,5 +524,10 @@ pub fn run_eval(cfg: &SftConfig, adapter: Option<&Path>) -> Result<EvalMetrics> 
             ..LoaderOptions::default()
         },
     )?;
-    crate::trainer::evaluate_model(model.as_ref(), &mut LoaderSource::new(l), device)
+    crate::trainer::evaluate_model_in(
+        model.as_ref(),
+        &mut LoaderSource::new(l),
+        device,
+        cfg.training.precision,
+    )
 }

@@ -352,7 +352,10 @@ impl AdapterInjector for LoraInjector {
         let cfg = &self.config;
         cfg.validate()?;
         let matcher = Matcher::new(&cfg.target)?;
-        let (kind, device) = (model.kind(), model.device());
+        // trainable weights stay fp32 over a half-precision base (`model.dtype`): autocast
+        // computes the products in the half kind, the optimizer updates fp32
+        let kind = trainable_kind(model.kind());
+        let device = model.device();
         model.freeze_base();
         let mut out = Vec::new();
         let mut seen = Vec::new();
@@ -396,12 +399,29 @@ impl AdapterInjector for LoraInjector {
                     format!("`{m}` matches no module with parameters"),
                 ));
             }
-            for (n, t) in params {
+            for (n, mut t) in params {
+                if t.kind() != trainable_kind(t.kind()) {
+                    // the module's own tensor, converted in place (PyTorch's `param.data = ...`)
+                    let _g = tch::no_grad_guard();
+                    let f = t
+                        .f_to_kind(trainable_kind(t.kind()))
+                        .ctx(format!("`{n}` to fp32"))?;
+                    t.f_set_data(&f).ctx(format!("`{n}` to fp32"))?;
+                }
                 let _ = t.set_requires_grad(true);
                 out.push((n, t));
             }
         }
         Ok(out)
+    }
+}
+
+/// The kind trainable weights get over a base of `base` kind: fp32 for a half-precision base,
+/// the base's kind otherwise.
+fn trainable_kind(base: Kind) -> Kind {
+    match base {
+        Kind::Half | Kind::BFloat16 => Kind::Float,
+        k => k,
     }
 }
 

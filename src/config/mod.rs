@@ -49,6 +49,10 @@ pub struct ModelSection {
     /// `cpu`, `cuda` or `cuda:N`; default: CUDA when available, else CPU.
     #[serde(default)]
     pub device: Option<String>,
+    /// Kind of the frozen base (`auto | fp32 | bf16 | fp16`, see `model::ModelDtype`),
+    /// converted tensor by tensor while loading.
+    #[serde(default)]
+    pub dtype: crate::model::ModelDtype,
 }
 
 /// `lora:` adapter settings (reference key names).
@@ -145,6 +149,9 @@ pub struct TrainingSection {
     pub gpu_devices: Vec<usize>,
     #[serde(default)]
     pub precision: Precision,
+    /// fp16's dynamic loss scaling (`torch.amp.GradScaler`'s defaults).
+    #[serde(default)]
+    pub loss_scaler: crate::amp::LossScalerConfig,
     #[serde(default)]
     pub on_nonfinite: NonFinitePolicy,
     /// Plain log line every N steps when stderr is not a terminal.
@@ -403,6 +410,17 @@ impl SftConfig {
         if let Some(d) = &self.model.device {
             parse_device(d).map_err(|m| cfg_err(file, "model.device", m))?;
         }
+        // precision, model.dtype and the loss scaler (issue #14), with this file in the message
+        let with_file = |e: Error| match e {
+            Error::Config { key, msg, .. } => cfg_err(file, key, msg),
+            other => other,
+        };
+        t.loss_scaler.validate().map_err(with_file)?;
+        let frozen = self.lora.as_ref().is_some_and(|l| l.enabled);
+        self.model
+            .dtype
+            .resolve(t.precision, self.device()?, frozen)
+            .map_err(with_file)?;
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::nn::Linear;
 
 mod config;
+mod dtype;
 pub mod llama;
 mod loader;
 pub mod mistral;
@@ -22,6 +23,7 @@ pub mod qwen2;
 pub mod safetensors;
 
 pub use config::DecoderConfig;
+pub use dtype::ModelDtype;
 pub use llama::DecoderLm;
 
 pub use loader::{

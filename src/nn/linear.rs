@@ -65,10 +65,14 @@ impl LowRank<'_> {
         self.a.f_mul_scalar(self.scaling).ctx("lora scaling")
     }
 
-    /// Whether the fused products apply to input `x`: CPU (no autocast there), and factors of
-    /// the input's kind (otherwise the adapter's own casting forward runs).
+    /// Whether the fused products apply to input `x`: CPU with autocast off (the in-place
+    /// accumulation is not an autocast op), and factors of the input's kind (otherwise the
+    /// adapter's own casting forward runs, as PEFT's does).
     fn fits(&self, x: &Tensor) -> bool {
-        x.device() == Device::Cpu && self.a.kind() == x.kind() && self.b.kind() == x.kind()
+        x.device() == Device::Cpu
+            && self.a.kind() == x.kind()
+            && self.b.kind() == x.kind()
+            && !crate::amp::autocast_active(Device::Cpu)
     }
 }
 

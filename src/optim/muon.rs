@@ -302,29 +302,39 @@ pub fn newton_schulz_spectral(
     } else {
         g.shallow_clone()
     };
-    // X0 = g / (||g|| + eps); G = X0 X0^T; the result is q(G) X0.
-    let norm = g.f_norm().ctx(ctx)?.f_double_value(&[]).ctx(ctx)? + eps;
+    // X0 = g / (||g|| + eps); G = X0 X0^T; the result is q(G) X0. Every tensor stays on g's
+    // device (the norm too: no host round trip), so this one code path serves CPU and CUDA.
+    let norm = g
+        .f_norm()
+        .and_then(|n| n.f_to_kind(Kind::Double))
+        .and_then(|n| n.f_add_scalar(eps))
+        .ctx(ctx)?;
+    let inv_norm = norm.f_reciprocal().ctx(ctx)?;
     let gram = x
         .f_mm(&x.f_mt().ctx(ctx)?)
-        .and_then(|mut t| t.f_mul_scalar_(1.0 / (norm * norm)))
+        .and_then(|t| t.f_mul(&inv_norm.f_square()?.f_to_kind(g.kind())?))
         .ctx(ctx)?;
     let (lambda, v) = gram.f_linalg_eigh("L").ctx(ctx)?;
-    let lambda = Vec::<f64>::try_from(lambda.f_to_kind(Kind::Double).ctx(ctx)?)
-        .map_err(|e| Error::invalid(format!("{ctx}: reading eigenvalues: {e}")))?;
-    // The iteration on one squared singular value (lambda >= 0 in exact arithmetic).
-    let q: Vec<f64> = lambda
-        .iter()
-        .map(|&l| {
-            let (mut q, mut r) = (1.0, l.max(0.0));
-            for _ in 0..steps {
-                let z = a + b * r + c * r * r;
-                q *= z;
-                r *= z * z;
-            }
-            q * factor / norm
-        })
-        .collect();
-    let q = Tensor::f_from_slice(&q)
+    // The iteration on each squared singular value (lambda >= 0 in exact arithmetic), in fp64
+    // on the device: q(l) = prod_k z_k with z = a + b r + c r^2, r <- r z^2.
+    let mut r = lambda
+        .f_to_kind(Kind::Double)
+        .and_then(|l| l.f_clamp_min(0.0))
+        .ctx(ctx)?;
+    let mut q = r.f_ones_like().ctx(ctx)?;
+    for _ in 0..steps {
+        let z = r
+            .f_mul_scalar(c)
+            .and_then(|t| t.f_add_scalar(b))
+            .and_then(|t| t.f_mul(&r))
+            .and_then(|t| t.f_add_scalar(a))
+            .ctx(ctx)?;
+        q = q.f_mul(&z).ctx(ctx)?;
+        r = r.f_mul(&z.f_square().ctx(ctx)?).ctx(ctx)?;
+    }
+    let q = q
+        .f_mul(&inv_norm)
+        .and_then(|t| t.f_mul_scalar(factor))
         .and_then(|t| t.f_to_kind(g.kind()))
         .ctx(ctx)?;
     let poly = v

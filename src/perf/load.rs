@@ -246,6 +246,11 @@ pub enum LoadMode {
     QuantizeWhileLoading,
     /// Load everything in fp32, then quantize the linears one by one (the contrast).
     Fp32ThenQuantize,
+    /// `model.dtype` (issue #14): every tensor converted to the format's kind (`bf16`, `fp16`,
+    /// `fp32`) as it is read, no quantizer.
+    Convert,
+    /// Load everything in fp32, then convert the model (the contrast).
+    Fp32ThenConvert,
 }
 
 /// One child run: mode, format (a name of [`formats`]) and loader threads.
@@ -262,6 +267,8 @@ impl LoadRun {
         let m = match self.mode {
             LoadMode::QuantizeWhileLoading => "quantize",
             LoadMode::Fp32ThenQuantize => "fp32-then",
+            LoadMode::Convert => "convert",
+            LoadMode::Fp32ThenConvert => "fp32-then-convert",
         };
         format!("{m},{},{}", self.format, self.loader_threads)
     }
@@ -277,6 +284,8 @@ impl LoadRun {
         let mode = match it.next().ok_or_else(bad)? {
             "quantize" => LoadMode::QuantizeWhileLoading,
             "fp32-then" => LoadMode::Fp32ThenQuantize,
+            "convert" => LoadMode::Convert,
+            "fp32-then-convert" => LoadMode::Fp32ThenConvert,
             _ => return Err(bad()),
         };
         let format = it.next().ok_or_else(bad)?.to_string();
@@ -284,7 +293,14 @@ impl LoadRun {
         if it.next().is_some() || loader_threads == 0 {
             return Err(bad());
         }
-        quantizer(&format)?;
+        match mode {
+            LoadMode::Convert | LoadMode::Fp32ThenConvert => {
+                convert_kind(&format)?;
+            }
+            _ => {
+                quantizer(&format)?;
+            }
+        }
         Ok(LoadRun {
             mode,
             format,
@@ -300,6 +316,18 @@ pub fn formats() -> [(&'static str, QuantType); 3] {
         ("int8", QuantType::Int8),
         ("fp8_e4m3", QuantType::Fp8E4m3),
     ]
+}
+
+/// The kind of a [`LoadMode::Convert`] format name.
+pub fn convert_kind(format: &str) -> Result<Kind> {
+    match format {
+        "bf16" => Ok(Kind::BFloat16),
+        "fp16" => Ok(Kind::Half),
+        "fp32" => Ok(Kind::Float),
+        _ => Err(Error::invalid(format!(
+            "unknown load dtype `{format}` (known: bf16, fp16, fp32)"
+        ))),
+    }
 }
 
 fn quantizer(format: &str) -> Result<Arc<dyn Quantizer>> {
@@ -342,6 +370,9 @@ impl ChildReport {
 /// The child's side: loads `dir` as `run` says and measures. Call it in a fresh process (the
 /// bench binary's `--child-load`), so that nothing else is in its anonymous memory.
 pub fn child(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
+    if matches!(run.mode, LoadMode::Convert | LoadMode::Fp32ThenConvert) {
+        return child_convert(run, dir);
+    }
     let _g = tch::no_grad_guard();
     let q = quantizer(&run.format)?;
     // initialize libtorch (allocator, intra-op pool) before the baseline
@@ -368,6 +399,11 @@ pub fn child(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
     let baseline = rss_anon_bytes()?;
     let model = match run.mode {
         LoadMode::QuantizeWhileLoading => load_model(dir, &opts.with_quantizer(q))?,
+        LoadMode::Convert | LoadMode::Fp32ThenConvert => {
+            return Err(Error::invalid(
+                "convert modes are measured by child_convert",
+            ));
+        }
         LoadMode::Fp32ThenQuantize => {
             let mut m = load_model(dir, &opts)?;
             for (name, lin) in m.linears_mut() {
@@ -394,6 +430,48 @@ pub fn child(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
         held,
         after,
         workspace,
+    })
+}
+
+/// [`child`] for the `model.dtype` modes: no quantizer, workspace 0.
+fn child_convert(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
+    let _g = tch::no_grad_guard();
+    let kind = convert_kind(&run.format)?;
+    // initialize libtorch (allocator, intra-op pool, conversion kernels) before the baseline
+    let w = Tensor::f_randn([64, 64], (Kind::Float, Device::Cpu)).ctx("warm-up randn")?;
+    drop(w.f_to_kind(kind).ctx("warm-up convert")?);
+    drop(w);
+    crate::malloc::release_freed_memory();
+    let sampler = PeakSampler::start()?;
+    let baseline = rss_anon_bytes()?;
+    let model = match run.mode {
+        LoadMode::Convert => {
+            let mut opts = LoadOptions::new(kind, Device::Cpu);
+            opts.threads = run.loader_threads;
+            load_model(dir, &opts)?
+        }
+        _ => {
+            let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
+            opts.threads = run.loader_threads;
+            let m = load_model(dir, &opts)?;
+            // what a caller without `model.dtype` would do: convert every parameter afterwards
+            for (_, mut p) in m.named_parameters() {
+                let c = p.f_to_kind(kind).ctx("convert parameter")?;
+                p.f_set_data(&c).ctx("convert parameter")?;
+            }
+            m
+        }
+    };
+    let peak = sampler.finish()?;
+    let held = held_bytes(model.as_ref());
+    let after = rss_anon_bytes()?;
+    drop(model);
+    Ok(ChildReport {
+        baseline,
+        peak,
+        held,
+        after,
+        workspace: 0,
     })
 }
 

@@ -34,6 +34,9 @@ pub struct TrainState {
     pub seed: u64,
     /// Data-parallel world size the checkpoint was written with.
     pub world_size: usize,
+    /// fp16's loss scaler (scale and clean-step count), when the run scales the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::amp::LossScalerState>,
 }
 
 /// The resume directory of an output directory.

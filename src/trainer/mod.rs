@@ -19,6 +19,7 @@
 
 mod checkpoint;
 mod dist;
+mod finish;
 
 mod step;
 
@@ -32,8 +33,10 @@ use tch::{Device, Tensor};
 
 pub use checkpoint::{Loaded, TrainState, last_dir, load as load_resume_checkpoint};
 pub use dist::C10dCollective;
+pub use finish::{FINAL_DIR, final_dir};
 pub use step::{IGNORE_INDEX, Precision};
 
+use crate::amp::{Autocast, LossScaler, LossScalerConfig};
 use crate::callback::{Callback, Control, EvalMetrics, ModelSaver, StepMetrics};
 use crate::data::Batch;
 use crate::error::{Error, Result, TchResultExt};
@@ -118,6 +121,7 @@ pub struct TrainerBuilder {
     saver: Option<Box<dyn ModelSaver>>,
     device: Device,
     precision: Precision,
+    loss_scaler: LossScalerConfig,
     grad_accum: usize,
     epochs: usize,
     max_steps: Option<u64>,
@@ -148,6 +152,7 @@ impl Default for TrainerBuilder {
             saver: None,
             device: Device::Cpu,
             precision: Precision::Auto,
+            loss_scaler: LossScalerConfig::default(),
             grad_accum: 1,
             epochs: 1,
             max_steps: None,
@@ -219,6 +224,11 @@ impl TrainerBuilder {
     }
     pub fn precision(mut self, p: Precision) -> Self {
         self.precision = p;
+        self
+    }
+    /// Dynamic loss scaling of `precision: fp16` (`torch.amp.GradScaler`'s defaults unless set).
+    pub fn loss_scaler(mut self, c: LossScalerConfig) -> Self {
+        self.loss_scaler = c;
         self
     }
     pub fn grad_accum(mut self, n: usize) -> Self {
@@ -336,11 +346,12 @@ impl TrainerBuilder {
             )));
         }
         check_device(self.device)?;
-        if self.precision == Precision::Bf16 && !self.device.is_cuda() {
-            return Err(Error::invalid(
-                "Trainer: precision bf16 needs a CUDA device; on CPU use fp32 (bf16 matmul is ~200x slower here)",
-            ));
-        }
+        let amp = Autocast::new(self.precision, self.device);
+        let scaler = if self.precision.loss_scaling(self.device) {
+            Some(LossScaler::new(self.loss_scaler, self.device)?)
+        } else {
+            None
+        };
         if model.device() != self.device {
             return Err(Error::invalid(format!(
                 "Trainer: the model is on {:?} but the trainer device is {:?}",
@@ -405,7 +416,11 @@ impl TrainerBuilder {
             Some(f) => f(total_steps)?,
             None => Box::new(ConstantSchedule),
         };
+        let save_final = self.saver.is_some();
         Ok(Trainer {
+            amp,
+            scaler,
+            save_final,
             model,
             train,
             eval: self.eval,
@@ -415,7 +430,6 @@ impl TrainerBuilder {
             callbacks: self.callbacks,
             saver: self.saver.unwrap_or_else(|| Box::new(NoSaver)),
             device: self.device,
-            precision: self.precision,
             grad_accum: self.grad_accum,
             epochs,
             total_steps,
@@ -491,6 +505,12 @@ impl ModelSaver for NoSaver {
 
 /// The training loop. Made by [`Trainer::builder`].
 pub struct Trainer {
+    /// The autocast setting `precision` resolved to on `device`.
+    amp: Autocast,
+    /// fp16's dynamic loss scaling.
+    scaler: Option<LossScaler>,
+    /// Whether a saver was given: the end of the run writes `final/` (see [`FINAL_DIR`]).
+    save_final: bool,
     model: Box<dyn CausalLm>,
     train: Box<dyn BatchSource>,
     eval: Option<Box<dyn BatchSource>>,
@@ -500,7 +520,6 @@ pub struct Trainer {
     callbacks: Vec<Box<dyn Callback>>,
     saver: Box<dyn ModelSaver>,
     device: Device,
-    precision: Precision,
     grad_accum: usize,
     epochs: usize,
     total_steps: u64,
@@ -653,6 +672,7 @@ impl Trainer {
         let seed = self.state.seed;
         self.state = loaded.state;
         self.state.seed = seed;
+        self.restore_scaler()?;
         tracing::info!(
             step = self.state.step,
             epoch = self.state.epoch,
@@ -662,8 +682,9 @@ impl Trainer {
         Ok(())
     }
 
-    fn save_resume(&self) -> Result<PathBuf> {
+    fn save_resume(&mut self) -> Result<PathBuf> {
         let sd = self.optimizer.state_dict()?;
+        self.state.loss_scaler = self.scaler.as_ref().map(LossScaler::state).transpose()?;
         checkpoint::save(
             &self.output_dir,
             &self.state,
@@ -700,10 +721,12 @@ impl Trainer {
         let mut last_eval = None;
         let input_tokens_at_start = self.state.input_tokens;
         let mut saved_at: Option<u64> = None;
+        let mut evaluated_at: Option<u64> = None;
         self.call(Hook::FitStart, &mut stop)?;
         if self.eval.is_some() && self.state.step == 0 {
             // The starting point, so the log shows how far training moved the eval loss.
             last_eval = Some(self.run_eval(&mut stop)?);
+            evaluated_at = Some(0);
         }
 
         'epochs: while self.state.epoch < self.epochs && self.state.step < self.total_steps {
@@ -739,7 +762,12 @@ impl Trainer {
                     0.0
                 };
                 let mut loss_sum = 0.0;
-                let use_autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
+                let amp = self.amp;
+                // fp16: the loss times the loss scale (exact: a power of two)
+                let scale = match &self.scaler {
+                    Some(s) => scale * s.scale()?,
+                    None => scale,
+                };
                 let n_micro = prepared.len();
                 for (micro, p) in prepared.iter().enumerate() {
                     if let Some(c) = self.collective.as_mut() {
@@ -750,9 +778,7 @@ impl Trainer {
                     let model = self.model.as_ref();
                     let ckpt = self.gradient_checkpointing;
                     let seed = (self.state.seed, self.state.step, micro);
-                    loss_sum += tch::autocast(use_autocast, || {
-                        step::forward_backward(model, p, scale, ckpt, seed)
-                    })?;
+                    loss_sum += step::forward_backward(model, p, scale, ckpt, seed, amp)?;
                 }
                 let mut params: Vec<Tensor> = Vec::new();
                 for g in self.optimizer.groups() {
@@ -770,8 +796,24 @@ impl Trainer {
                 } else {
                     0.0
                 };
+                // fp16: gradients unscaled before clipping; inf/NaN ones skip the step
+                let found_inf = match self.scaler.as_mut() {
+                    Some(s) => s.unscale(&params)?,
+                    None => false,
+                };
                 let grad_norm = crate::optim::grad_norm_clipped(&params, self.clip_norm)?;
                 let step_no = self.state.step + 1;
+                if found_inf && loss.is_finite() {
+                    tracing::info!(
+                        "step {step_no}: fp16 gradients overflowed; step skipped, loss scale lowered"
+                    );
+                    self.optimizer.zero_grad();
+                    self.end_scaler_step(true)?;
+                    self.state.skipped_steps += 1;
+                    self.state.batch_in_epoch = last;
+                    self.state.step += 1;
+                    continue;
+                }
                 if !loss.is_finite() || !grad_norm.is_finite() {
                     let what = if loss.is_finite() {
                         format!("gradient norm ({grad_norm})")
@@ -789,6 +831,7 @@ impl Trainer {
                         NonFinitePolicy::Skip => {
                             tracing::warn!("step {step_no}: non-finite {what}; step skipped");
                             self.optimizer.zero_grad();
+                            self.end_scaler_step(true)?;
                             self.state.skipped_steps += 1;
                             self.state.batch_in_epoch = last;
                             self.state.step += 1;
@@ -804,6 +847,7 @@ impl Trainer {
                 );
                 self.optimizer.step()?;
                 self.optimizer.zero_grad();
+                self.end_scaler_step(false)?;
                 self.state.step = step_no;
                 self.state.batch_in_epoch = last;
                 self.state.label_tokens += n_labels as u64;
@@ -830,6 +874,7 @@ impl Trainer {
                     && step_no.is_multiple_of(n)
                 {
                     last_eval = Some(self.run_eval(&mut stop)?);
+                    evaluated_at = Some(step_no);
                 }
                 if let Some(n) = self.checkpoint_every
                     && n > 0
@@ -856,6 +901,8 @@ impl Trainer {
                     } else {
                         last_dir(&self.output_dir)
                     };
+                    // the end of the run: one more eval, the final adapter (as at max_steps)
+                    self.finish(&mut evaluated_at, &mut stop)?;
                     if let Some(c) = self.collective.as_mut() {
                         // No rank exits before rank 0 has written `last/`: a launcher stops
                         // the other ranks as soon as one exits with an error.
@@ -873,6 +920,7 @@ impl Trainer {
             if self.state.batch_in_epoch >= n_batches {
                 if self.eval.is_some() {
                     last_eval = Some(self.run_eval(&mut stop)?);
+                    evaluated_at = Some(self.state.step);
                 }
                 self.call(Hook::EpochEnd, &mut stop)?;
                 self.state.epoch += 1;
@@ -886,6 +934,11 @@ impl Trainer {
                     break;
                 }
             }
+        }
+        // The end of the run (also mid-epoch: max_steps, a callback's stop): eval after the last
+        // step unless it just ran, and the final weights in `final/`.
+        if let Some(l) = self.finish(&mut evaluated_at, &mut stop)? {
+            last_eval = Some(l);
         }
         // A run that ends mid-epoch (max_steps, a callback's stop) still leaves `last/`.
         if self.is_main() && self.state.step > 0 && saved_at != Some(self.state.step) {
@@ -926,8 +979,7 @@ impl Trainer {
         let Some(eval) = self.eval.as_mut() else {
             return Err(Error::invalid("evaluate: no eval data was given"));
         };
-        let autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
-        let mut sums = eval_sums(self.model.as_ref(), eval.as_mut(), self.device, autocast)?;
+        let mut sums = eval_sums(self.model.as_ref(), eval.as_mut(), self.device, self.amp)?;
         if let Some(c) = self.collective.as_mut() {
             let r = c.all_reduce_f64(&sums)?;
             sums = [r[0], r[1]];
@@ -960,26 +1012,37 @@ fn eval_sums(
     model: &dyn CausalLm,
     data: &mut dyn BatchSource,
     device: Device,
-    autocast: bool,
+    amp: Autocast,
 ) -> Result<[f64; 2]> {
     let mut sums = [0.0, 0.0];
     for i in 0..data.num_batches(0) {
         let b = data.batch(0, i)?;
         let p = step::prepare(&b, device)?;
-        sums[0] += tch::autocast(autocast, || step::eval_loss(model, &p))?;
+        sums[0] += step::eval_loss(model, &p, amp)?;
         sums[1] += p.n_labels as f64;
     }
     Ok(sums)
 }
 
 /// Mean loss over all label tokens of `data` (epoch 0), without a trainer: what
-/// `volttrain eval` prints. bf16 autocast on CUDA, fp32 on CPU.
+/// `volttrain eval` prints. `precision: auto`: bf16 autocast on CUDA devices with native bf16,
+/// fp32 elsewhere.
 pub fn evaluate_model(
     model: &dyn CausalLm,
     data: &mut dyn BatchSource,
     device: Device,
 ) -> Result<EvalMetrics> {
-    let sums = eval_sums(model, data, device, device.is_cuda())?;
+    evaluate_model_in(model, data, device, Precision::Auto)
+}
+
+/// [`evaluate_model`] in `precision` (what `volttrain eval` runs with `training.precision`).
+pub fn evaluate_model_in(
+    model: &dyn CausalLm,
+    data: &mut dyn BatchSource,
+    device: Device,
+    precision: Precision,
+) -> Result<EvalMetrics> {
+    let sums = eval_sums(model, data, device, Autocast::new(precision, device))?;
     if sums[1] == 0.0 {
         return Err(Error::invalid("evaluate: the eval data has no label token"));
     }

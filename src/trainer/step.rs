@@ -10,6 +10,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::amp::Autocast;
 use crate::data::Batch;
 use crate::error::{Result, TchResultExt};
 use crate::model::{CausalLm, ForwardInput};
@@ -17,18 +18,7 @@ use crate::model::{CausalLm, ForwardInput};
 /// Label id ignored by the loss (PyTorch's `ignore_index` default).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Mixed precision policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    /// bf16 autocast on CUDA, fp32 on CPU.
-    #[default]
-    Auto,
-    /// Everything in fp32.
-    Fp32,
-    /// CUDA autocast (errors on CPU, where bf16 matmul is ~200x slower).
-    Bf16,
-}
+pub use crate::amp::Precision;
 
 /// A batch moved to the device, with the positions that carry a label.
 pub(crate) struct Prepared {
@@ -155,31 +145,38 @@ pub(crate) fn seed_for(seed: u64, step: u64, micro: usize, layer: usize) {
 /// Forward, loss (summed over label tokens) times `scale`, and backward. Returns the unscaled
 /// summed loss. With `checkpoint`, each decoder layer's activations are dropped after the
 /// forward pass and recomputed during backward.
+///
+/// Forward passes (and recomputations) run inside `amp`'s autocast region, backward passes
+/// outside it, as PyTorch's recipe (`with torch.autocast(...): loss = ...; loss.backward()`) and
+/// `torch.utils.checkpoint` do.
 pub(crate) fn forward_backward(
     model: &dyn CausalLm,
     p: &Prepared,
     scale: f64,
     checkpoint: bool,
     seed: (u64, u64, usize),
+    amp: Autocast,
 ) -> Result<f64> {
     let (run_seed, step, micro) = seed;
     let ctx = model.prepare(&input(p))?;
-    let emb = model.embed(&p.input_ids)?;
     let n = model.num_layers();
     if !checkpoint {
-        let mut h = emb;
-        for i in 0..n {
-            seed_for(run_seed, step, micro, i);
-            h = model.layer(i, &h, &ctx, true)?;
-        }
-        let (loss, value) = head_loss(model, &h, p, scale)?;
+        let (loss, value) = amp.run(|| {
+            let mut h = model.embed(&p.input_ids)?;
+            for i in 0..n {
+                seed_for(run_seed, step, micro, i);
+                h = model.layer(i, &h, &ctx, true)?;
+            }
+            head_loss(model, &h, p, scale)
+        })?;
         loss.f_backward().ctx("backward")?;
         return Ok(value);
     }
 
+    let emb = amp.run(|| model.embed(&p.input_ids))?;
     // Pass 1, no graph: keep only each layer's input.
     let mut inputs = Vec::with_capacity(n + 1);
-    {
+    amp.run(|| {
         let _g = tch::no_grad_guard();
         let mut h = emb.f_detach().ctx("detach embeddings")?;
         for i in 0..n {
@@ -189,17 +186,18 @@ pub(crate) fn forward_backward(
             h = next;
         }
         inputs.push(h);
-    }
+        Ok(())
+    })?;
     // Head: gradient with respect to the last hidden state.
     let last = inputs[n].f_detach().ctx("detach")?.set_requires_grad(true);
-    let (loss, value) = head_loss(model, &last, p, scale)?;
+    let (loss, value) = amp.run(|| head_loss(model, &last, p, scale))?;
     loss.f_backward().ctx("backward head")?;
     let mut grad = last.grad();
     // Layers in reverse: recompute with a graph, back-propagate the incoming gradient.
     for i in (0..n).rev() {
         let x = inputs[i].f_detach().ctx("detach")?.set_requires_grad(true);
         seed_for(run_seed, step, micro, i);
-        let y = model.layer(i, &x, &ctx, true)?;
+        let y = amp.run(|| model.layer(i, &x, &ctx, true))?;
         y.f_mul(&grad)
             .ctx("grad surrogate")?
             .f_sum(y.kind())
@@ -221,12 +219,14 @@ pub(crate) fn forward_backward(
 }
 
 /// Summed loss of a batch without gradients (evaluation).
-pub(crate) fn eval_loss(model: &dyn CausalLm, p: &Prepared) -> Result<f64> {
+pub(crate) fn eval_loss(model: &dyn CausalLm, p: &Prepared, amp: Autocast) -> Result<f64> {
     let _g = tch::no_grad_guard();
     let ctx = model.prepare(&input(p))?;
-    let mut h = model.embed(&p.input_ids)?;
-    for i in 0..model.num_layers() {
-        h = model.layer(i, &h, &ctx, false)?;
-    }
-    Ok(head_loss(model, &h, p, 1.0)?.1)
+    amp.run(|| {
+        let mut h = model.embed(&p.input_ids)?;
+        for i in 0..model.num_layers() {
+            h = model.layer(i, &h, &ctx, false)?;
+        }
+        Ok(head_loss(model, &h, p, 1.0)?.1)
+    })
 }
