@@ -20,10 +20,11 @@ pub use signals::{STOP_SIGNALS, SignalAction, SignalCounter, StopSignals, signal
 use crate::error::{Error, Result};
 
 /// Checkpoints in `dir` that a new run would train over: `last/` (or `.last.old/`, its copy
-/// during a swap) and `epoch-N/` directories.
+/// during a swap), `final/` (the end-of-run weights, or `.final.old/`) and `epoch-N/`
+/// directories.
 pub fn existing_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
-    for name in ["last", ".last.old"] {
+    for name in ["last", ".last.old", "final", ".final.old"] {
         let d = dir.join(name);
         if d.is_dir() {
             found.push(d);
@@ -112,8 +113,9 @@ pub fn prepare_output_dir(
     Ok(lock)
 }
 
-/// Removes the temporary directories (`.last.tmp-*`, `.epoch-N.tmp-*`) a killed run left in
-/// `dir`. Call only while holding the directory's [`OutputLock`]: then no live writer owns them.
+/// Removes the temporary directories (`.last.tmp-*`, `.final.tmp-*`, `.epoch-N.tmp-*`) a killed
+/// run left in `dir`. Call only while holding the directory's [`OutputLock`]: then no live writer
+/// owns them.
 pub fn remove_stale_temporaries(dir: &Path) -> Result<()> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -125,6 +127,7 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<()> {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         let stale = name.starts_with(".last.tmp-")
+            || name.starts_with(".final.tmp-")
             || (name.starts_with(".epoch-") && name.contains(".tmp-"));
         if stale && entry.path().is_dir() {
             tracing::info!("removing {} (left by an interrupted save)", name);
