@@ -138,12 +138,13 @@ fn legacy_rope_scaling_config_form_matches() {
         "llama3 (legacy rope_scaling)",
     );
 
-    // an unsupported rope type names the key
-    cfg["rope_scaling"]["type"] = serde_json::json!("yarn");
+    // an unsupported rope type names the key (yarn is supported since issue 16; transformers'
+    // `proportional` is not)
+    cfg["rope_scaling"]["type"] = serde_json::json!("proportional");
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
     let msg = load_err(d.path());
     assert!(
-        msg.contains("rope_scaling.rope_type") && msg.contains("yarn"),
+        msg.contains("rope_scaling.rope_type") && msg.contains("proportional"),
         "{msg}"
     );
 }

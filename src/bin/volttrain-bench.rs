@@ -27,7 +27,8 @@ struct Args {
     /// Intra-op threads on both sides (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load, quant-load).
+    /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load, quant-load,
+    /// families).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -71,6 +72,7 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("data", perf::data::run),
         ("load", perf::model::load_135m),
         ("quant-load", perf::load::run),
+        ("families", perf::families::run),
     ]
 }
 

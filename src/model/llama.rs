@@ -157,6 +157,7 @@ struct DecoderLayer {
 }
 
 /// What a layer's norms are at their positions in [`DecoderLayer::norms`].
+#[derive(Debug)]
 struct NormIndex {
     pre_ff: Option<usize>,
     post_ff: Option<usize>,
@@ -442,7 +443,7 @@ impl DecoderLm {
         if train && dropout > 0.0 {
             probs = probs.f_dropout(dropout, true).ctx("attention dropout")?;
         }
-        probs.f_matmul(v).ctx("attention values")
+        probs.f_matmul(&v).ctx("attention values")
     }
 
     fn mlp(&self, l: &DecoderLayer, x: &Tensor, train: bool) -> Result<Tensor> {
