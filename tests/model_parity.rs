@@ -37,6 +37,7 @@ fn fixtures() -> &'static Path {
         let out = Command::new(python())
             .arg(&script)
             .arg(dir.path())
+            .args(VARIANTS)
             .output()
             .expect("run the reference python");
         assert!(
