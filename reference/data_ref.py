@@ -2,8 +2,9 @@
 """Reference for VoltTrain's data module, run live from `tests/data_*.rs`.
 
   chat    --tok DIR --input IN.json [--template FILE] [--kwargs JSON]
-                                      for each case {messages, add_generation_prompt}: the text and
-                                      ids of transformers' apply_chat_template, or its error
+                                      for each case {messages, add_generation_prompt, [template],
+                                      [kwargs]}: the text and ids of transformers'
+                                      apply_chat_template, or its error
   sft     --tok DIR --input IN.jsonl [--all] [--max-len N] [--template FILE] [--kwargs JSON]
                                       input_ids/labels per record, computed with transformers:
                                       full conversation tokenized once (apply_chat_template), each
@@ -37,16 +38,20 @@ def cmd_chat(args):
         kw["chat_template"] = open(args.template, encoding="utf-8").read()
     out = []
     for c in cases:
+        # a case may bring its own template file and keyword arguments
+        ckw = dict(kw, **c.get("kwargs", {}))
+        if c.get("template"):
+            ckw["chat_template"] = open(c["template"], encoding="utf-8").read()
         try:
             text = tok.apply_chat_template(
-                c["messages"], tokenize=False, add_generation_prompt=c["add_generation_prompt"], **kw
+                c["messages"], tokenize=False, add_generation_prompt=c["add_generation_prompt"], **ckw
             )
             ids = tok.apply_chat_template(
                 c["messages"],
                 tokenize=True,
                 return_dict=False,
                 add_generation_prompt=c["add_generation_prompt"],
-                **kw,
+                **ckw,
             )
             out.append({"text": text, "ids": list(ids)})
         except Exception as e:  # the template's raise_exception

@@ -91,59 +91,69 @@ fn conversations() -> Vec<(Vec<Message>, bool)> {
     ]
 }
 
-fn check_render(name: &str, kwargs: serde_json::Value) -> usize {
-    let tok = tokenizer(name, &kwargs);
+/// Every (template, kwargs) pair on every conversation, in one Python run; returns the number
+/// of renders compared per pair.
+fn check_render(pairs: &[(&str, serde_json::Value)]) -> Vec<usize> {
     let cases = conversations();
-    let json: Vec<serde_json::Value> = cases
-        .iter()
-        .map(|(msgs, g)| serde_json::json!({"messages": msgs, "add_generation_prompt": g}))
-        .collect();
+    let mut json = Vec::new();
+    for (name, kwargs) in pairs {
+        for (msgs, g) in &cases {
+            json.push(serde_json::json!({"messages": msgs, "add_generation_prompt": g,
+                "template": template(name), "kwargs": kwargs}));
+        }
+    }
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("cases.json");
     std::fs::write(&input, serde_json::to_string(&json).unwrap()).unwrap();
-    let t = template(name);
-    let kw = kwargs.to_string();
     let reference = data_ref(&[
         "chat",
         "--tok",
         root().join("assets/tiny-llama").to_str().unwrap(),
         "--input",
         input.to_str().unwrap(),
-        "--template",
-        t.to_str().unwrap(),
-        "--kwargs",
-        &kw,
     ]);
     let reference = reference.as_array().unwrap();
-    let mut rendered = 0;
-    for (i, ((msgs, gen_prompt), r)) in cases.iter().zip(reference).enumerate() {
-        let ours = tok.apply_chat_template(msgs, *gen_prompt);
-        if let Some(err) = r.get("error") {
-            let e = ours.expect_err(&format!("{name} case {i}: transformers raised {err}"));
-            assert!(
-                e.to_string().contains(err.as_str().unwrap()),
-                "{name} case {i}: {e} vs {err}"
-            );
-            continue;
+    assert_eq!(reference.len(), pairs.len() * cases.len());
+    let mut counts = Vec::new();
+    for (p, (name, kwargs)) in pairs.iter().enumerate() {
+        let tok = tokenizer(name, kwargs);
+        let mut rendered = 0;
+        for (i, (msgs, gen_prompt)) in cases.iter().enumerate() {
+            let r = &reference[p * cases.len() + i];
+            let ours = tok.apply_chat_template(msgs, *gen_prompt);
+            if let Some(err) = r.get("error") {
+                let e = ours.expect_err(&format!("{name} case {i}: transformers raised {err}"));
+                assert!(
+                    e.to_string().contains(err.as_str().unwrap()),
+                    "{name} case {i}: {e} vs {err}"
+                );
+                continue;
+            }
+            let text = ours.unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
+            assert_eq!(text, r["text"].as_str().unwrap(), "{name} {kwargs} case {i}");
+            rendered += 1;
         }
-        let text = ours.unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
-        assert_eq!(text, r["text"].as_str().unwrap(), "{name} {kw} case {i}");
-        rendered += 1;
+        counts.push(rendered);
     }
-    rendered
+    counts
 }
 
 #[test]
 fn family_templates_render_byte_equal_to_transformers() {
     let none = serde_json::json!({});
-    assert!(check_render("qwen3", none.clone()) >= 5);
-    assert!(check_render("qwen3", serde_json::json!({"enable_thinking": false})) >= 5);
-    assert!(check_render("qwen3", serde_json::json!({"enable_thinking": true})) >= 5);
-    // Gemma 2 refuses a system turn (as transformers does); Gemma 3 folds it into the first
-    // user turn
-    assert!(check_render("gemma2", none.clone()) >= 3);
-    assert!(check_render("gemma3", none.clone()) >= 5);
-    assert!(check_render("phi4_mini", none) >= 5);
+    let pairs = [
+        ("qwen3", none.clone()),
+        ("qwen3", serde_json::json!({"enable_thinking": false})),
+        ("qwen3", serde_json::json!({"enable_thinking": true})),
+        // Gemma 2 refuses a system turn (as transformers does); Gemma 3 folds it into the
+        // first user turn
+        ("gemma2", none.clone()),
+        ("gemma3", none.clone()),
+        ("phi4_mini", none),
+    ];
+    let counts = check_render(&pairs);
+    println!("renders compared per (template, kwargs): {counts:?}");
+    assert_eq!(counts, [6, 6, 6, 3, 5, 6]);
 }
 
 #[test]
