@@ -58,7 +58,10 @@ fn tokenizer(name: &str, kwargs: &serde_json::Value) -> Tokenizer {
 
 fn conversations() -> Vec<(Vec<Message>, bool)> {
     vec![
-        (vec![m("user", "What is 2 + 3?"), m("assistant", "2 + 3 = 5.")], false),
+        (
+            vec![m("user", "What is 2 + 3?"), m("assistant", "2 + 3 = 5.")],
+            false,
+        ),
         (vec![m("user", "What is 2 + 3?")], true),
         (
             vec![
@@ -98,8 +101,10 @@ fn check_render(pairs: &[(&str, serde_json::Value)]) -> Vec<usize> {
     let mut json = Vec::new();
     for (name, kwargs) in pairs {
         for (msgs, g) in &cases {
-            json.push(serde_json::json!({"messages": msgs, "add_generation_prompt": g,
-                "template": template(name), "kwargs": kwargs}));
+            json.push(
+                serde_json::json!({"messages": msgs, "add_generation_prompt": g,
+                "template": template(name), "kwargs": kwargs}),
+            );
         }
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -130,7 +135,11 @@ fn check_render(pairs: &[(&str, serde_json::Value)]) -> Vec<usize> {
                 continue;
             }
             let text = ours.unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
-            assert_eq!(text, r["text"].as_str().unwrap(), "{name} {kwargs} case {i}");
+            assert_eq!(
+                text,
+                r["text"].as_str().unwrap(),
+                "{name} {kwargs} case {i}"
+            );
             rendered += 1;
         }
         counts.push(rendered);
@@ -210,7 +219,11 @@ fn check_masks(name: &str, kwargs: serde_json::Value, records: &[Vec<Message>], 
     let r = r.as_array().unwrap();
     assert_eq!(ds.len(), r.len());
     let ids = |v: &serde_json::Value| -> Vec<i64> {
-        v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
     };
     for (i, (ex, want)) in ds.examples.iter().zip(r).enumerate() {
         assert_eq!(ex.input_ids, ids(&want["input_ids"]), "{name} {i} ids");

@@ -80,7 +80,12 @@ fn max_err(a: &Tensor, b: &Tensor, keep: &Tensor) -> f64 {
     (a - b).abs().masked_select(&keep).max().double_value(&[])
 }
 
-fn compare(model: &dyn CausalLm, exp: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, what: &str) {
+fn compare(
+    model: &dyn CausalLm,
+    exp: &HashMap<String, Tensor>,
+    want: &HashMap<String, Tensor>,
+    what: &str,
+) {
     for side in ["left", "right"] {
         let input = ForwardInput {
             input_ids: &exp[&format!("{side}_ids")],
@@ -149,8 +154,10 @@ fn peft_round_trips_and_all_linear_match_per_family() {
     let mut jobs = Vec::new();
     for name in FAMILIES {
         let base = fixtures().join(name);
-        jobs.push(json!({"op": "make", "base": base, "adapter": work.path().join(format!("peft_{name}")),
-            "config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}));
+        jobs.push(
+            json!({"op": "make", "base": base, "adapter": work.path().join(format!("peft_{name}")),
+            "config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}),
+        );
         jobs.push(json!({"op": "all_linear", "base": base, "out": work.path().join(format!("all_linear_{name}.json"))}));
     }
     let jobs_file = work.path().join("jobs1.json");
@@ -169,7 +176,12 @@ fn peft_round_trips_and_all_linear_match_per_family() {
         let mut model = load_model(&base, &LoadOptions::default()).unwrap();
         let (_, params) = load_peft_adapter(model.as_mut(), &peft_dir).unwrap();
         let want = load_safetensors(&peft_dir.join("peft_logits.safetensors")).unwrap();
-        compare(model.as_ref(), &exp, &want, &format!("peft -> volttrain {name}"));
+        compare(
+            model.as_ref(),
+            &exp,
+            &want,
+            &format!("peft -> volttrain {name}"),
+        );
 
         // all-linear: the same modules as PEFT's
         let peft_all: Vec<String> = serde_json::from_str(
@@ -209,7 +221,12 @@ fn peft_round_trips_and_all_linear_match_per_family() {
     for (name, model, out) in ours {
         let exp = expected(&fixtures().join(name));
         let want = load_safetensors(&out).unwrap();
-        compare(model.as_ref(), &exp, &want, &format!("volttrain -> peft {name}"));
+        compare(
+            model.as_ref(),
+            &exp,
+            &want,
+            &format!("volttrain -> peft {name}"),
+        );
     }
 }
 
@@ -311,7 +328,11 @@ fn train(name: &str, mode: Mode) -> (f64, f64) {
         model.freeze_base();
         LoraInjector::new(cfg).inject(model.as_mut()).unwrap();
     }
-    let lr = if matches!(mode, Mode::Full) { 0.05 } else { 0.5 };
+    let lr = if matches!(mode, Mode::Full) {
+        0.05
+    } else {
+        0.5
+    };
     let opt = <common::Sgd as volttrain::optim::Optimizer>::new(
         common::one_group(model.as_ref(), lr),
         common::SgdConfig { momentum: 0.0 },
@@ -347,11 +368,17 @@ fn eval_loss_matches_transformers_and_full_lora_qlora_training_lower_it() {
         );
         assert!(after < before, "{name} full: {before} -> {after}");
         let (b, a) = train(name, Mode::Lora);
-        assert!((b - want).abs() < 1e-5 * want.abs().max(1.0), "{name} lora start");
+        assert!(
+            (b - want).abs() < 1e-5 * want.abs().max(1.0),
+            "{name} lora start"
+        );
         assert!(a < b, "{name} lora: {b} -> {a}");
         let (b, a) = train(name, Mode::Qlora);
         // NF4 rounds the base weights: the start is near, not equal
-        assert!((b - want).abs() < 0.05 * want.abs(), "{name} qlora start {b} vs {want}");
+        assert!(
+            (b - want).abs() < 0.05 * want.abs(),
+            "{name} qlora start {b} vs {want}"
+        );
         assert!(a < b, "{name} qlora: {b} -> {a}");
     }
 }

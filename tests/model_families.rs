@@ -80,8 +80,8 @@ fn packed_mask(seg: &Tensor) -> Tensor {
 
 fn load(name: &str) -> (Box<dyn CausalLm>, HashMap<String, Tensor>) {
     let dir = fixtures().join(name);
-    let model = load_model(&dir, &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    let model =
+        load_model(&dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("loading {name}: {e}"));
     (model, expected(&dir))
 }
 
@@ -302,7 +302,11 @@ os.remove(os.path.join(d, "model.safetensors"))
         .arg(d.path())
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let msg = load_err(d.path());
     let start = msg.find("python -c \"").unwrap() + "python -c \"".len();
     let end = msg.rfind('"').unwrap();
@@ -310,7 +314,11 @@ os.remove(os.path.join(d, "model.safetensors"))
         .args(["-c", &msg[start..end]])
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let model = load_model(d.path(), &LoadOptions::default()).unwrap();
     assert_eq!(model.architecture(), "Phi3ForCausalLM");
 }
@@ -323,9 +331,21 @@ fn unsupported_config_values_name_key_and_value() {
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     let cases: [(&str, serde_json::Value, &str); 4] = [
         ("hidden_activation", serde_json::json!("relu2"), "relu2"),
-        ("layer_types", serde_json::json!(["sliding_attention", "chunked_attention"]), "chunked_attention"),
-        ("use_bidirectional_attention", serde_json::json!(true), "true"),
-        ("rope_parameters", serde_json::json!({"rope_type": "mrope", "rope_theta": 10000.0}), "mrope"),
+        (
+            "layer_types",
+            serde_json::json!(["sliding_attention", "chunked_attention"]),
+            "chunked_attention",
+        ),
+        (
+            "use_bidirectional_attention",
+            serde_json::json!(true),
+            "true",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "mrope", "rope_theta": 10000.0}),
+            "mrope",
+        ),
     ];
     for (key, value, shown) in cases {
         let mut cfg = orig.clone();

@@ -229,8 +229,7 @@ fn every_rope_type_matches_transformers_init_function() {
             })
         })
         .collect();
-    let python =
-        std::env::var("VOLTTRAIN_PYTHON_REF").unwrap_or_else(|_| "python3".to_string());
+    let python = std::env::var("VOLTTRAIN_PYTHON_REF").unwrap_or_else(|_| "python3".to_string());
     let mut child = Command::new(python)
         .args(["-c", SCRIPT])
         .stdin(std::process::Stdio::piped())

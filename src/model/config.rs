@@ -416,8 +416,12 @@ pub(crate) fn rope_from_params(
         dim
     };
     let need = |p: &Json<'_>, k: &str| -> Result<f64> {
-        p.opt_f64(k)?
-            .ok_or_else(|| j.err(&format!("{key}.{k}"), format!("missing for rope_type `{rope_type}`")))
+        p.opt_f64(k)?.ok_or_else(|| {
+            j.err(
+                &format!("{key}.{k}"),
+                format!("missing for rope_type `{rope_type}`"),
+            )
+        })
     };
     let max_pos = j.opt_i64("max_position_embeddings")?;
     // transformers' `standardize_rope_params`: a top-level `original_max_position_embeddings`
@@ -464,7 +468,10 @@ pub(crate) fn rope_from_params(
                 attention_factor: p.opt_f64("attention_factor")?,
                 mscale: p.opt_f64("mscale")?,
                 mscale_all_dim: p.opt_f64("mscale_all_dim")?,
-                beta_fast: p.opt_f64("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0),
+                beta_fast: p
+                    .opt_f64("beta_fast")?
+                    .filter(|&b| b != 0.0)
+                    .unwrap_or(32.0),
                 beta_slow: p.opt_f64("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
                 truncate: p.opt_bool("truncate")?.unwrap_or(true),
             }
@@ -476,12 +483,20 @@ pub(crate) fn rope_from_params(
                     j.err(&format!("{key}.{k}"), "missing for rope_type `longrope`")
                 })?;
                 let xs: Vec<f64> = serde_json::from_value(v.clone()).map_err(|e| {
-                    j.err(&format!("{key}.{k}"), format!("expected a list of numbers: {e}"))
+                    j.err(
+                        &format!("{key}.{k}"),
+                        format!("expected a list of numbers: {e}"),
+                    )
                 })?;
                 if xs.len() as i64 != dim / 2 {
                     return Err(j.err(
                         &format!("{key}.{k}"),
-                        format!("has {} entries; {} rotary dimensions need {}", xs.len(), dim, dim / 2),
+                        format!(
+                            "has {} entries; {} rotary dimensions need {}",
+                            xs.len(),
+                            dim,
+                            dim / 2
+                        ),
                     ));
                 }
                 Ok(xs)

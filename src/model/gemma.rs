@@ -32,7 +32,13 @@ fn defaults() -> Defaults {
 }
 
 /// What Gemma 2 and 3 share; `pattern` is the default sliding-window period.
-fn common(path: &Path, v: &Value, arch: &str, d: &Defaults, pattern: usize) -> Result<DecoderConfig> {
+fn common(
+    path: &Path,
+    v: &Value,
+    arch: &str,
+    d: &Defaults,
+    pattern: usize,
+) -> Result<DecoderConfig> {
     let j = Json { path, v };
     let mut cfg = family_config(path, v, arch, d)?;
     if j.opt_bool("use_bidirectional_attention")?.unwrap_or(false) {
@@ -58,9 +64,14 @@ fn common(path: &Path, v: &Value, arch: &str, d: &Defaults, pattern: usize) -> R
     };
     let sliding = match layer_types(&j, cfg.num_layers)? {
         Some(t) => t,
-        None => (0..cfg.num_layers).map(|i| (i + 1) % pattern != 0).collect(),
+        None => (0..cfg.num_layers)
+            .map(|i| (i + 1) % pattern != 0)
+            .collect(),
     };
-    cfg.sliding_windows = sliding.iter().map(|&s| if s { window } else { None }).collect();
+    cfg.sliding_windows = sliding
+        .iter()
+        .map(|&s| if s { window } else { None })
+        .collect();
     Ok(cfg)
 }
 
@@ -102,9 +113,7 @@ pub fn config3(path: &Path, v: &Value) -> Result<DecoderConfig> {
     }
     let mut cfg = common(path, &flat, "Gemma3ForCausalLM", &d, pattern)?;
     cfg.qk_norm = true;
-    cfg.final_softcap = j
-        .opt_f64("final_logit_softcapping")?
-        .filter(|&c| c > 0.0);
+    cfg.final_softcap = j.opt_f64("final_logit_softcapping")?.filter(|&c| c > 0.0);
     let local_theta = j.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0);
     if nested {
         let rp = &v["rope_parameters"];
@@ -128,15 +137,30 @@ pub fn config3(path: &Path, v: &Value) -> Result<DecoderConfig> {
     } else {
         // older files: `rope_theta` + `rope_scaling` for global layers, `rope_local_base_freq`
         // (default RoPE) for sliding ones
-        cfg.rope_local = Some(rope_from_params(&j, "rope_local_base_freq", None, local_theta, cfg.head_dim, &d)?);
+        cfg.rope_local = Some(rope_from_params(
+            &j,
+            "rope_local_base_freq",
+            None,
+            local_theta,
+            cfg.head_dim,
+            &d,
+        )?);
     }
     cfg.layer_rope = cfg
         .sliding_windows
         .iter()
         .zip(layer_types(&j, cfg.num_layers)?.unwrap_or_else(|| {
-            (0..cfg.num_layers).map(|i| (i + 1) % pattern != 0).collect()
+            (0..cfg.num_layers)
+                .map(|i| (i + 1) % pattern != 0)
+                .collect()
         }))
-        .map(|(_, sliding)| if sliding { LayerRope::Local } else { LayerRope::Global })
+        .map(|(_, sliding)| {
+            if sliding {
+                LayerRope::Local
+            } else {
+                LayerRope::Global
+            }
+        })
         .collect();
     Ok(cfg)
 }

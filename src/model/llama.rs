@@ -633,8 +633,8 @@ impl CausalLm for DecoderLm {
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         // `nn.Embedding(padding_idx=pad_token_id)`: the pad row gets no gradient
         let pad = self.cfg.pad_token_id.unwrap_or(-1);
-        let e = Tensor::f_embedding(&self.embed, input_ids, pad, false, false)
-            .ctx("embed_tokens")?;
+        let e =
+            Tensor::f_embedding(&self.embed, input_ids, pad, false, false).ctx("embed_tokens")?;
         match self.cfg.embed_scale {
             // Gemma: `embed * tensor(sqrt(hidden)).to(dtype)`
             Some(s) => e
@@ -699,15 +699,18 @@ impl CausalLm for DecoderLm {
                 .ctx("position_ids max")?
                 + 1)
         };
-        let tables = |rope: &crate::nn::RopeConfig, built: &(Tensor, f64)| -> Result<(Tensor, Tensor)> {
-            if rope.depends_on_length() {
-                let (inv, a) = rope.inv_freq_at(Some(seq_len()?))?;
-                let inv = inv.f_to_device(self.device).ctx("rope inv_freq to device")?;
-                rope_tables_scaled(&inv, &position_ids, self.kind, a)
-            } else {
-                rope_tables_scaled(&built.0, &position_ids, self.kind, built.1)
-            }
-        };
+        let tables =
+            |rope: &crate::nn::RopeConfig, built: &(Tensor, f64)| -> Result<(Tensor, Tensor)> {
+                if rope.depends_on_length() {
+                    let (inv, a) = rope.inv_freq_at(Some(seq_len()?))?;
+                    let inv = inv
+                        .f_to_device(self.device)
+                        .ctx("rope inv_freq to device")?;
+                    rope_tables_scaled(&inv, &position_ids, self.kind, a)
+                } else {
+                    rope_tables_scaled(&built.0, &position_ids, self.kind, built.1)
+                }
+            };
         let (cos, sin) = tables(&self.cfg.rope, &self.inv_freq)?;
         let local = match (&self.cfg.rope_local, &self.inv_freq_local) {
             (Some(r), Some(built)) => Some(tables(r, built)?),

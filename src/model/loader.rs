@@ -158,10 +158,7 @@ impl Checkpoint {
             .iter()
             .find(|f| dir.join(f).is_file())
         {
-            return Err(Error::checkpoint(
-                dir,
-                bin_only_message(dir, bin),
-            ));
+            return Err(Error::checkpoint(dir, bin_only_message(dir, bin)));
         } else {
             return Err(Error::checkpoint(
                 dir,

@@ -24,8 +24,8 @@ pub mod mistral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
-pub mod smollm3;
 pub mod safetensors;
+pub mod smollm3;
 
 pub use config::{Activation, DecoderConfig, LayerRope};
 pub use llama::DecoderLm;

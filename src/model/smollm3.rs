@@ -41,7 +41,13 @@ pub fn config(path: &Path, v: &Value) -> Result<DecoderConfig> {
     };
     cfg.layer_rope = use_rope
         .iter()
-        .map(|&r| if r { LayerRope::Global } else { LayerRope::None })
+        .map(|&r| {
+            if r {
+                LayerRope::Global
+            } else {
+                LayerRope::None
+            }
+        })
         .collect();
     let use_sliding = j.opt_bool("use_sliding_window")?.unwrap_or(false);
     let window = j.opt_i64("sliding_window")?.filter(|&w| w > 0);

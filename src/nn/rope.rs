@@ -291,7 +291,9 @@ impl RopeConfig {
                     .f_mul_scalar(self.theta)
                     .ctx("dynamic")?;
                 let inv = if seq_len.is_some_and(|s| s > *maxp) {
-                    Self::base_pow(&base, &exps)?.f_reciprocal().ctx("dynamic")?
+                    Self::base_pow(&base, &exps)?
+                        .f_reciprocal()
+                        .ctx("dynamic")?
                 } else {
                     plain()?
                 };

@@ -131,7 +131,11 @@ pub fn child(mode: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
     // the reference's batch shape (BATCH x SEQ here; the family benchmark writes its own)
     let (b, t) = match ids.size().as_slice() {
         [b, t] => (*b, *t),
-        s => return Err(Error::invalid(format!("benchmark batch: input_ids is {s:?}"))),
+        s => {
+            return Err(Error::invalid(format!(
+                "benchmark batch: input_ids is {s:?}"
+            )));
+        }
     };
     let batch = Batch {
         attention_mask: Tensor::ones([b, t], (Kind::Int64, Device::Cpu)),
