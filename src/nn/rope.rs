@@ -57,7 +57,10 @@ pub enum RopeScaling {
         attention_factor: Option<f64>,
     },
     /// Dynamic NTK: the base grows with the batch's length once it passes
-    /// `max_position_embeddings`.
+    /// `max_position_embeddings`. Computed per batch from `max(position_ids) + 1`; transformers
+    /// caches the grown table in the module and resets it only for a batch shorter than
+    /// `max_position_embeddings`, so the two differ only for a batch exactly that long right
+    /// after a longer one.
     Dynamic {
         factor: f64,
         max_position_embeddings: i64,
