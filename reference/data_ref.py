@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Reference for VoltTrain's data module, run live from `tests/data_*.rs`.
 
-  chat    --tok DIR --input IN.json [--template FILE]
-                                      for each case {messages, add_generation_prompt}: the text and
-                                      ids of transformers' apply_chat_template, or its error
-  sft     --tok DIR --input IN.jsonl [--all] [--max-len N]
+  chat    --tok DIR --input IN.json [--template FILE] [--kwargs JSON]
+                                      for each case {messages, add_generation_prompt, [template],
+                                      [kwargs]}: the text and ids of transformers'
+                                      apply_chat_template, or its error
+  sft     --tok DIR --input IN.jsonl [--all] [--max-len N] [--template FILE] [--kwargs JSON]
                                       input_ids/labels per record, computed with transformers:
                                       full conversation tokenized once (apply_chat_template), each
                                       assistant turn's span found by rendering prefixes (as TRL),
@@ -32,21 +33,25 @@ def load_tok(path):
 def cmd_chat(args):
     tok = load_tok(args.tok)
     cases = json.load(open(args.input, encoding="utf-8"))
-    kw = {}
+    kw = json.loads(args.kwargs) if args.kwargs else {}
     if args.template:
         kw["chat_template"] = open(args.template, encoding="utf-8").read()
     out = []
     for c in cases:
+        # a case may bring its own template file and keyword arguments
+        ckw = dict(kw, **c.get("kwargs", {}))
+        if c.get("template"):
+            ckw["chat_template"] = open(c["template"], encoding="utf-8").read()
         try:
             text = tok.apply_chat_template(
-                c["messages"], tokenize=False, add_generation_prompt=c["add_generation_prompt"], **kw
+                c["messages"], tokenize=False, add_generation_prompt=c["add_generation_prompt"], **ckw
             )
             ids = tok.apply_chat_template(
                 c["messages"],
                 tokenize=True,
                 return_dict=False,
                 add_generation_prompt=c["add_generation_prompt"],
-                **kw,
+                **ckw,
             )
             out.append({"text": text, "ids": list(ids)})
         except Exception as e:  # the template's raise_exception
@@ -54,11 +59,12 @@ def cmd_chat(args):
     return out
 
 
-def sft_record(tok, rec, all_tokens, max_len):
+def sft_record(tok, rec, all_tokens, max_len, kw=None):
+    kw = kw or {}
     eos = tok.eos_token_id
     if "messages" in rec:
         msgs = rec["messages"]
-        full = tok.apply_chat_template(msgs, tokenize=False)
+        full = tok.apply_chat_template(msgs, tokenize=False, **kw)
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         if all_tokens:
@@ -68,8 +74,8 @@ def sft_record(tok, rec, all_tokens, max_len):
             for i, m in enumerate(msgs):
                 if m["role"] != "assistant":
                     continue
-                before = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
-                upto = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+                before = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True, **kw) if i else ""
+                upto = tok.apply_chat_template(msgs[: i + 1], tokenize=False, **kw)
                 assert full.startswith(before) and full.startswith(upto)
                 # offsets from the fast tokenizer are character offsets: convert spans to chars
                 spans.append((len(before), len(upto)))
@@ -98,11 +104,14 @@ def sft_record(tok, rec, all_tokens, max_len):
 
 def cmd_sft(args):
     tok = load_tok(args.tok)
+    kw = json.loads(args.kwargs) if args.kwargs else {}
+    if args.template:
+        kw["chat_template"] = open(args.template, encoding="utf-8").read()
     out = []
     with open(args.input, encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                out.append(sft_record(tok, json.loads(line), args.all, args.max_len))
+                out.append(sft_record(tok, json.loads(line), args.all, args.max_len, kw))
     return out
 
 
@@ -145,6 +154,7 @@ def main():
     ap.add_argument("--input", required=True)
     ap.add_argument("--out")
     ap.add_argument("--template", help="chat template file to use instead of the tokenizer's")
+    ap.add_argument("--kwargs", help="JSON object of extra apply_chat_template keyword arguments")
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--max-len", type=int, default=1 << 30)
     ap.add_argument("--messages-as-string", action="store_true")

@@ -22,12 +22,22 @@ import torch
 from safetensors.torch import save_file
 import transformers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 COMMON = dict(
@@ -88,6 +98,119 @@ def variants():
             Qwen2ForCausalLM,
             Qwen2Config(
                 **COMMON, rope_theta=1000000.0, use_sliding_window=True, sliding_window=4, max_window_layers=1
+            ),
+            torch.float32,
+            None,
+        ),
+        # ---- the families of issue 16 (tests/model_families.rs) ----
+        # Qwen3: q/k norms, explicit head_dim (transformers' default is 128), sliding window on
+        # layer 1 via max_window_layers
+        "qwen3": (
+            Qwen3ForCausalLM,
+            Qwen3Config(
+                **COMMON,
+                head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                use_sliding_window=True,
+                sliding_window=4,
+                max_window_layers=1,
+            ),
+            torch.float32,
+            None,
+        ),
+        # Gemma 2: small soft-caps so that tanh bends the scores and logits, query_pre_attn_scalar
+        # != head_dim, sliding layer 0, tied head, pad 0
+        "gemma2": (
+            Gemma2ForCausalLM,
+            Gemma2Config(
+                **{**COMMON, "tie_word_embeddings": True},
+                head_dim=16,
+                query_pre_attn_scalar=24,
+                sliding_window=4,
+                attn_logit_softcapping=2.0,
+                final_logit_softcapping=3.0,
+                pad_token_id=0,
+            ),
+            torch.bfloat16,
+            None,
+        ),
+        # Gemma 3 (text): q/k norms, linear-scaled global RoPE and a local base for the
+        # sliding layer, final soft-cap, untied head
+        "gemma3": (
+            Gemma3ForCausalLM,
+            Gemma3TextConfig(
+                **COMMON,
+                head_dim=16,
+                query_pre_attn_scalar=16,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                },
+                final_logit_softcapping=3.0,
+                pad_token_id=0,
+            ),
+            torch.float32,
+            "40KB",
+        ),
+        # Phi-3: fused qkv/gate_up, half the head rotary, LongRoPE with original context 8 (the
+        # 9-token padded batches take the long factors, the packed pieces the short ones),
+        # sliding window 5
+        "phi3": (
+            Phi3ForCausalLM,
+            Phi3Config(
+                **{**COMMON, "max_position_embeddings": 64},
+                original_max_position_embeddings=8,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.5,
+                    "short_factor": [1.0, 1.1, 1.3, 1.7],
+                    "long_factor": [1.0, 2.0, 4.5, 9.0],
+                },
+                sliding_window=5,
+                pad_token_id=0,
+            ),
+            torch.float32,
+            None,
+        ),
+        # Phi-4 style: fused projections, full rotary, default RoPE
+        "phi4": (
+            Phi3ForCausalLM,
+            Phi3Config(**COMMON, rope_parameters={"rope_type": "default", "rope_theta": 250000.0}, pad_token_id=0),
+            torch.float32,
+            None,
+        ),
+        # SmolLM3: layer 1 has no RoPE, tied head
+        "smollm3": (
+            SmolLM3ForCausalLM,
+            SmolLM3Config(**{**COMMON, "tie_word_embeddings": True}, no_rope_layers=[1, 0], pad_token_id=0),
+            torch.float32,
+            None,
+        ),
+        # YaRN on Llama: factor 4 over an original context of 16
+        "llama_yarn": (
+            LlamaForCausalLM,
+            LlamaConfig(
+                **COMMON,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+            ),
+            torch.float32,
+            None,
+        ),
+        # dynamic NTK on Llama with max_position_embeddings 8: the 9-token padded batches grow
+        # the base, the packed pieces do not
+        "llama_dynamic": (
+            LlamaForCausalLM,
+            LlamaConfig(
+                **{**COMMON, "max_position_embeddings": 8},
+                rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
             ),
             torch.float32,
             None,

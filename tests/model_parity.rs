@@ -37,6 +37,7 @@ fn fixtures() -> &'static Path {
         let out = Command::new(python())
             .arg(&script)
             .arg(dir.path())
+            .args(VARIANTS)
             .output()
             .expect("run the reference python");
         assert!(
@@ -138,12 +139,13 @@ fn legacy_rope_scaling_config_form_matches() {
         "llama3 (legacy rope_scaling)",
     );
 
-    // an unsupported rope type names the key
-    cfg["rope_scaling"]["type"] = serde_json::json!("yarn");
+    // an unsupported rope type names the key (yarn is supported since issue 16; transformers'
+    // `proportional` is not)
+    cfg["rope_scaling"]["type"] = serde_json::json!("proportional");
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
     let msg = load_err(d.path());
     assert!(
-        msg.contains("rope_scaling.rope_type") && msg.contains("yarn"),
+        msg.contains("rope_scaling.rope_type") && msg.contains("proportional"),
         "{msg}"
     );
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::AdapterInjector;
-use super::presets::get_targets;
+use super::presets::{get_targets, module_targets};
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::CausalLm;
 use crate::nn::{Linear, LinearAdapter, LowRank};
@@ -30,7 +30,8 @@ pub enum Targets {
     Regex(String),
     /// Every linear layer except the LM head (PEFT's `all-linear`).
     AllLinear,
-    /// A named preset, see [`super::presets::get_targets`].
+    /// A named preset, see [`super::presets::get_targets`] (with the fused projections of
+    /// [`super::presets::module_targets`]).
     Preset(String),
 }
 
@@ -124,7 +125,7 @@ impl Matcher {
             }
             Targets::AllLinear => Matcher::AllLinear,
             Targets::Preset(p) => {
-                Matcher::Names(get_targets(p)?.into_iter().map(String::from).collect())
+                Matcher::Names(module_targets(p)?.into_iter().map(String::from).collect())
             }
         })
     }

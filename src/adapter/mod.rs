@@ -10,7 +10,7 @@ pub mod presets;
 
 pub use lora::{LoraAdapter, LoraConfig, LoraInjector, Targets, merge_adapters, unmerge_adapters};
 pub use peft::{load_peft_adapter, read_peft_config, save_peft_adapter};
-pub use presets::{PRESETS, get_targets};
+pub use presets::{PRESETS, get_targets, module_targets};
 
 /// Wraps the matching linear modules of a model with adapters and returns the new trainable
 /// parameters (full names). The base weights are left frozen.

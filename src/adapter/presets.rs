@@ -3,12 +3,21 @@
 //! Attention and MLP projections use the Llama names; the Mamba presets name the Mamba mixer's
 //! projections (`in_proj`, `x_proj`, `dt_proj`, `out_proj`, as in transformers' `MambaMixer`), so
 //! they apply once such architectures load. Names are module-name suffixes (PEFT list semantics).
+//!
+//! A preset means the same projections on every architecture: where a family fuses them (Phi-3's
+//! `qkv_proj` for q/k/v and `gate_up_proj` for gate/up), [`module_targets`] adds the fused names,
+//! so `llama` adapts every attention and MLP projection whatever they are called.
 
 use crate::error::{Error, Result};
 
 const ATTN: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 const MAMBA: [&str; 4] = ["in_proj", "x_proj", "dt_proj", "out_proj"];
+/// Fused projections and the separate ones each stands for.
+const FUSED: [(&str, &[&str]); 2] = [
+    ("qkv_proj", &["q_proj", "k_proj", "v_proj"]),
+    ("gate_up_proj", &["gate_proj", "up_proj"]),
+];
 
 /// The known preset names.
 pub const PRESETS: [&str; 5] = [
@@ -36,6 +45,18 @@ pub fn get_targets(preset: &str) -> Result<Vec<&'static str>> {
         }
     };
     Ok(parts.iter().flat_map(|p| p.iter().copied()).collect())
+}
+
+/// The module-name suffixes a preset adapts on any architecture: [`get_targets`] plus the fused
+/// projections (`qkv_proj`, `gate_up_proj`) whose parts the preset names.
+pub fn module_targets(preset: &str) -> Result<Vec<&'static str>> {
+    let mut out = get_targets(preset)?;
+    for (fused, parts) in FUSED {
+        if parts.iter().any(|p| out.contains(p)) {
+            out.push(fused);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -69,6 +90,22 @@ mod tests {
         for p in PRESETS {
             assert!(get_targets(p).is_ok());
         }
+    }
+
+    #[test]
+    fn presets_cover_fused_projections() {
+        let l = module_targets("llama").unwrap();
+        assert_eq!(&l[..7], get_targets("llama").unwrap().as_slice());
+        assert_eq!(&l[7..], ["qkv_proj", "gate_up_proj"]);
+        assert_eq!(
+            module_targets("mlp_only").unwrap(),
+            ["gate_proj", "up_proj", "down_proj", "gate_up_proj"]
+        );
+        assert_eq!(
+            module_targets("mamba_only").unwrap(),
+            get_targets("mamba_only").unwrap()
+        );
+        assert!(module_targets("nope").is_err());
     }
 
     #[test]

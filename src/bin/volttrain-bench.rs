@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load, quant-load,
-    /// trackers).
+    /// trackers, families).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -73,6 +73,7 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("load", perf::model::load_135m),
         ("quant-load", perf::load::run),
         ("trackers", perf::trackers::run),
+        ("families", perf::families::run),
     ]
 }
 

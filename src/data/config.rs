@@ -70,6 +70,10 @@ pub struct DatasetConfig {
     /// built-in ChatML template.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// Extra chat template variables, as `apply_chat_template(**kwargs)` passes them, e.g.
+    /// `{enable_thinking: false}` for Qwen3 (issue 16).
+    #[serde(default)]
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
     /// Which side padding goes (right by default).
     #[serde(default)]
     pub padding_side: PaddingSide,
@@ -100,6 +104,7 @@ impl Default for DatasetConfig {
             skip_invalid: false,
             eval_path: None,
             chat_template: None,
+            chat_template_kwargs: Default::default(),
             padding_side: PaddingSide::Right,
             cache: true,
             cache_dir: None,
@@ -152,8 +157,17 @@ impl DatasetConfig {
         }
     }
 
-    /// Applies `chat_template` (text or a `.jinja` path) to `tok`, if set.
+    /// Applies `chat_template` (text or a `.jinja` path) to `tok`, if set, and
+    /// `chat_template_kwargs`.
     pub fn apply_chat_template(&self, tok: &mut super::Tokenizer) -> Result<()> {
+        if !self.chat_template_kwargs.is_empty() {
+            tok.set_chat_template_kwargs(
+                self.chat_template_kwargs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            );
+        }
         let Some(t) = &self.chat_template else {
             return Ok(());
         };

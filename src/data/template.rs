@@ -118,6 +118,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &[(&str, &str)],
     ) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, special, &[])
+    }
+
+    /// [`ChatTemplate::render`] with extra template variables, as the keyword arguments of
+    /// `apply_chat_template(..., **kwargs)` (Qwen3's `enable_thinking=False`).
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        special: &[(&str, &str)],
+        kwargs: &[(String, serde_json::Value)],
+    ) -> Result<String> {
         let msgs: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -133,6 +145,9 @@ impl ChatTemplate {
         ctx.push(("add_generation_prompt", Value::from(add_generation_prompt)));
         ctx.push(("tools", Value::from(())));
         ctx.push(("documents", Value::from(())));
+        for (k, v) in kwargs {
+            ctx.push((k.as_str(), json_to_value(v)));
+        }
         let tmpl = self.env.get_template(NAME).map_err(|e| self.err(&e))?;
         tmpl.render(Value::from_pairs(ctx))
             .map_err(|e| self.err(&e))
@@ -142,6 +157,23 @@ impl ChatTemplate {
         Error::Tokenizer {
             path: self.origin.clone(),
             msg: format!("chat template: {}", describe(e)),
+        }
+    }
+}
+
+/// A JSON value (template keyword arguments) as a template value.
+fn json_to_value(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::from(i),
+            None => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(a) => Value::from(a.iter().map(json_to_value).collect::<Vec<_>>()),
+        serde_json::Value::Object(o) => {
+            Value::from_pairs(o.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct Tokenizer {
     /// Whether the template came from a `chat_template.jinja` file or a custom config; such a
     /// template is written as `chat_template.jinja` by [`Tokenizer::save_to`].
     template_in_file: bool,
+    /// Extra template variables (`apply_chat_template(**kwargs)`, e.g. `enable_thinking`).
+    template_kwargs: Vec<(String, serde_json::Value)>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -130,6 +132,7 @@ impl Tokenizer {
             pad_is_eos_fallback: false,
             template: None,
             template_in_file: false,
+            template_kwargs: Vec::new(),
         };
         let special = |key: &str| -> Result<Option<SpecialToken>> {
             let (path, v) = match cfg.get(key) {
@@ -271,7 +274,24 @@ impl Tokenizer {
                 "cannot apply the chat template to an empty conversation (as transformers)".into(),
             ));
         }
-        t.render(messages, add_generation_prompt, &self.template_vars())
+        t.render_with(
+            messages,
+            add_generation_prompt,
+            &self.template_vars(),
+            &self.template_kwargs,
+        )
+    }
+
+    /// Extra variables every chat template render gets, as transformers'
+    /// `apply_chat_template(messages, **kwargs)` passes them (Qwen3's `enable_thinking`).
+    /// Replaces the earlier set.
+    pub fn set_chat_template_kwargs(&mut self, kwargs: Vec<(String, serde_json::Value)>) {
+        self.template_kwargs = kwargs;
+    }
+
+    /// The extra template variables (see [`Tokenizer::set_chat_template_kwargs`]).
+    pub fn chat_template_kwargs(&self) -> &[(String, serde_json::Value)] {
+        &self.template_kwargs
     }
 
     /// Token ids of `text`, with or without the post-processor's special tokens.
@@ -325,6 +345,12 @@ impl Tokenizer {
         h.update(b"template\0");
         if let Some(t) = &self.template {
             h.update(t.source().as_bytes());
+        }
+        if !self.template_kwargs.is_empty() {
+            h.update(b"\0template_kwargs\0");
+            for (k, v) in &self.template_kwargs {
+                h.update(format!("{k}={v}\0").as_bytes());
+            }
         }
         hex(&h.finalize())
     }

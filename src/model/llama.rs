@@ -1,19 +1,25 @@
 //! The Llama decoder (`LlamaForCausalLM`, SmolLM, Llama 3): grouped-query attention with RoPE,
-//! RMSNorm, SwiGLU MLP, optional tied embeddings. Mistral and Qwen2 reuse it with their own
-//! configuration rules ([`super::mistral`], [`super::qwen2`]).
+//! RMSNorm, SwiGLU MLP, optional tied embeddings. Every other supported family reuses it with
+//! its own configuration rules ([`super::mistral`], [`super::qwen2`], [`super::qwen3`],
+//! [`super::gemma`], [`super::phi3`], [`super::smollm3`]); the [`DecoderConfig`] switches say
+//! what differs (q/k norms, Gemma's norms, GeGLU and soft-capping, Phi-3's fused projections and
+//! partial rotary, layers without RoPE, per-layer RoPE bases).
 //!
-//! Numerics follow transformers 5.23 `models/llama/modeling_llama.py`; attention runs through
-//! libtorch's `scaled_dot_product_attention`.
+//! Numerics follow transformers 5.23 `models/llama/modeling_llama.py` and the families' own
+//! modeling files; attention runs through libtorch's `scaled_dot_product_attention`, or, with
+//! Gemma 2's score soft-capping, through the eager product transformers uses.
 
 use std::path::Path;
 
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::config::{DecoderConfig, base_config};
+use super::config::{Activation, DecoderConfig, LayerRope, base_config};
 use super::{CausalLm, ForwardInput, LayerCtx};
 use crate::error::{Error, Result, TchResultExt};
-use crate::nn::{Linear, LinearWeight, apply_rope, rms_norm, rope_tables};
+use crate::nn::{
+    Linear, LinearWeight, apply_rope, rms_norm, rms_norm_plus_one, rope_tables_scaled,
+};
 
 /// The configuration rules of `LlamaForCausalLM`.
 pub fn config(path: &Path, v: &Value) -> Result<DecoderConfig> {
@@ -30,29 +36,22 @@ pub(crate) trait WeightSource {
 
 /// Every tensor a checkpoint of `cfg` holds, with its shape, by Hugging Face name.
 pub fn expected_tensors(cfg: &DecoderConfig) -> Vec<(String, Vec<i64>)> {
-    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-    let (q, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let h = cfg.hidden_size;
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
         vec![cfg.vocab_size, h],
     )];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        let mut lin = |m: &str, o: i64, n: i64, bias: bool| {
+        for (m, o, n, bias) in layer_linear_shapes(cfg) {
             out.push((format!("{p}.{m}.weight"), vec![o, n]));
             if bias {
                 out.push((format!("{p}.{m}.bias"), vec![o]));
             }
-        };
-        lin("self_attn.q_proj", q, h, cfg.qkv_bias);
-        lin("self_attn.k_proj", kv, h, cfg.qkv_bias);
-        lin("self_attn.v_proj", kv, h, cfg.qkv_bias);
-        lin("self_attn.o_proj", h, q, cfg.o_bias);
-        lin("mlp.gate_proj", i, h, cfg.mlp_bias);
-        lin("mlp.up_proj", i, h, cfg.mlp_bias);
-        lin("mlp.down_proj", h, i, cfg.mlp_bias);
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        }
+        for (n, size) in layer_norm_shapes(cfg) {
+            out.push((format!("{p}.{n}.weight"), vec![size]));
+        }
     }
     out.push(("model.norm.weight".to_string(), vec![h]));
     if !cfg.tie_word_embeddings {
@@ -63,12 +62,9 @@ pub fn expected_tensors(cfg: &DecoderConfig) -> Vec<(String, Vec<i64>)> {
 
 /// The linear module names of a model of `cfg` (`lm_head` unless tied).
 pub(crate) fn linear_modules(cfg: &DecoderConfig) -> Vec<String> {
+    let names = layer_linears(cfg);
     let mut out: Vec<String> = (0..cfg.num_layers)
-        .flat_map(|l| {
-            LAYER_LINEARS
-                .iter()
-                .map(move |m| format!("model.layers.{l}.{m}"))
-        })
+        .flat_map(|l| names.iter().map(move |m| format!("model.layers.{l}.{m}")))
         .collect();
     if !cfg.tie_word_embeddings {
         out.push("lm_head".to_string());
@@ -86,13 +82,109 @@ const LAYER_LINEARS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// Phi-3's projections: queries, keys and values in one product, gate and up in another.
+const FUSED_LINEARS: [&str; 4] = [
+    "self_attn.qkv_proj",
+    "self_attn.o_proj",
+    "mlp.gate_up_proj",
+    "mlp.down_proj",
+];
+
+/// The linear modules of one layer, relative to it, in the order [`DecoderLayer::linears`]
+/// holds them.
+pub(crate) fn layer_linears(cfg: &DecoderConfig) -> &'static [&'static str] {
+    if cfg.fused_projections {
+        &FUSED_LINEARS
+    } else {
+        &LAYER_LINEARS
+    }
+}
+
+/// `(module, out, in, bias)` of each linear of one layer.
+fn layer_linear_shapes(cfg: &DecoderConfig) -> Vec<(&'static str, i64, i64, bool)> {
+    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (q, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    layer_linears(cfg)
+        .iter()
+        .map(|&m| {
+            let (o, n) = match m {
+                "self_attn.q_proj" => (q, h),
+                "self_attn.k_proj" | "self_attn.v_proj" => (kv, h),
+                "self_attn.qkv_proj" => (q + 2 * kv, h),
+                "self_attn.o_proj" => (h, q),
+                "mlp.gate_proj" | "mlp.up_proj" => (i, h),
+                "mlp.gate_up_proj" => (2 * i, h),
+                _ => (h, i), // down_proj
+            };
+            (m, o, n, linear_bias(cfg, m))
+        })
+        .collect()
+}
+
+fn linear_bias(cfg: &DecoderConfig, m: &str) -> bool {
+    match m {
+        "self_attn.o_proj" => cfg.o_bias,
+        m if m.starts_with("self_attn") => cfg.qkv_bias,
+        _ => cfg.mlp_bias,
+    }
+}
+
+/// `(name, size)` of each norm weight of one layer, relative to it.
+fn layer_norm_shapes(cfg: &DecoderConfig) -> Vec<(&'static str, i64)> {
+    let h = cfg.hidden_size;
+    let mut out = vec![("input_layernorm", h), ("post_attention_layernorm", h)];
+    if cfg.sandwich_norms {
+        out.push(("pre_feedforward_layernorm", h));
+        out.push(("post_feedforward_layernorm", h));
+    }
+    if cfg.qk_norm {
+        out.push(("self_attn.q_norm", cfg.head_dim));
+        out.push(("self_attn.k_norm", cfg.head_dim));
+    }
+    out
+}
+
 #[derive(Debug)]
 struct DecoderLayer {
-    /// q, k, v, o, gate, up, down in [`LAYER_LINEARS`] order.
+    /// q, k, v, o, gate, up, down in [`LAYER_LINEARS`] order, or qkv, o, gate_up, down in
+    /// [`FUSED_LINEARS`] order.
     linears: Vec<Linear>,
-    input_layernorm: Tensor,
-    post_attention_layernorm: Tensor,
+    /// The norm weights in [`layer_norm_shapes`] order: input, post-attention, then
+    /// pre/post-feedforward (Gemma), then q/k norms.
+    norms: Vec<Tensor>,
     sliding_window: Option<i64>,
+    rope: LayerRope,
+}
+
+/// What a layer's norms are at their positions in [`DecoderLayer::norms`].
+#[derive(Debug)]
+struct NormIndex {
+    pre_ff: Option<usize>,
+    post_ff: Option<usize>,
+    q: Option<usize>,
+    k: Option<usize>,
+}
+
+impl NormIndex {
+    fn of(cfg: &DecoderConfig) -> Self {
+        let mut next = 2;
+        let mut take = |on: bool| {
+            on.then(|| {
+                next += 1;
+                next - 1
+            })
+        };
+        let pre_ff = take(cfg.sandwich_norms);
+        let post_ff = take(cfg.sandwich_norms);
+        let q = take(cfg.qk_norm);
+        let k = take(cfg.qk_norm);
+        NormIndex {
+            pre_ff,
+            post_ff,
+            q,
+            k,
+        }
+    }
 }
 
 /// A Llama-family decoder-only language model with Hugging Face parameter names.
@@ -105,7 +197,12 @@ pub struct DecoderLm {
     norm: Tensor,
     /// `None` when the head is tied to the embedding.
     lm_head: Option<Linear>,
-    inv_freq: Tensor,
+    /// The global RoPE's inverse frequencies and cos/sin scaling as built (length-dependent
+    /// types recompute them per batch).
+    inv_freq: (Tensor, f64),
+    /// Gemma 3's sliding-layer RoPE.
+    inv_freq_local: Option<(Tensor, f64)>,
+    norm_index: NormIndex,
     device: Device,
     kind: Kind,
 }
@@ -123,21 +220,19 @@ impl DecoderLm {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
-            let mut linears = Vec::with_capacity(LAYER_LINEARS.len());
-            for m in LAYER_LINEARS {
-                let bias = match m {
-                    "self_attn.o_proj" => cfg.o_bias,
-                    m if m.starts_with("self_attn") => cfg.qkv_bias,
-                    _ => cfg.mlp_bias,
-                };
-                linears.push(src.linear(&format!("{p}.{m}"), bias)?);
+            let mut linears = Vec::new();
+            for &m in layer_linears(&cfg) {
+                linears.push(src.linear(&format!("{p}.{m}"), linear_bias(&cfg, m))?);
+            }
+            let mut norms = Vec::new();
+            for (n, _) in layer_norm_shapes(&cfg) {
+                norms.push(src.tensor(&format!("{p}.{n}.weight"))?);
             }
             layers.push(DecoderLayer {
                 linears,
-                input_layernorm: src.tensor(&format!("{p}.input_layernorm.weight"))?,
-                post_attention_layernorm: src
-                    .tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+                norms,
                 sliding_window: cfg.sliding_windows.get(l).copied().flatten(),
+                rope: cfg.layer_rope.get(l).copied().unwrap_or(LayerRope::Global),
             });
         }
         let norm = src.tensor("model.norm.weight")?;
@@ -146,7 +241,15 @@ impl DecoderLm {
         } else {
             Some(src.linear("lm_head", false)?)
         };
-        let inv_freq = cfg.rope.inv_freq(device)?;
+        let on_device = |(t, a): (Tensor, f64)| -> Result<(Tensor, f64)> {
+            Ok((t.f_to_device(device).ctx("rope inv_freq to device")?, a))
+        };
+        let inv_freq = on_device(cfg.rope.inv_freq_at(None)?)?;
+        let inv_freq_local = match &cfg.rope_local {
+            Some(r) => Some(on_device(r.inv_freq_at(None)?)?),
+            None => None,
+        };
+        let norm_index = NormIndex::of(&cfg);
         let model = DecoderLm {
             cfg,
             hf_config,
@@ -155,6 +258,8 @@ impl DecoderLm {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_local,
+            norm_index,
             device,
             kind,
         };
@@ -167,6 +272,15 @@ impl DecoderLm {
     /// The parsed configuration.
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
+    }
+
+    /// The family's RMSNorm (Gemma scales by `1 + w`).
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.cfg.norm_plus_one {
+            rms_norm_plus_one(x, w, self.cfg.rms_norm_eps)
+        } else {
+            rms_norm(x, w, self.cfg.rms_norm_eps)
+        }
     }
 
     fn attention(
@@ -185,27 +299,61 @@ impl DecoderLm {
             }
         };
         let hd = self.cfg.head_dim;
+        let (nq, nkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
         let split = |y: Tensor, n: i64| -> Result<Tensor> {
             y.f_view([b, t, n, hd]).ctx("attention split heads")
         };
         let heads =
             |y: Tensor| -> Result<Tensor> { y.f_transpose(1, 2).ctx("attention transpose") };
-        // [b, t, n, hd] -> rotated [b, n, t, hd]; fp32 on the CPU rotates in the projection's
-        // own layout in one fused pass
-        let rotated = |y: Tensor, n: i64| -> Result<Tensor> {
-            let y = split(y, n)?;
-            if crate::fused::applies(&y) && crate::fused::applies(&ctx.cos) {
-                heads(crate::fused::rope(&y, &ctx.cos, &ctx.sin)?)
+        let tables = match l.rope {
+            LayerRope::Global => Some((&ctx.cos, &ctx.sin)),
+            LayerRope::Local => match &ctx.local {
+                Some((c, s)) => Some((c, s)),
+                None => {
+                    return Err(Error::invalid(
+                        "a layer with the local RoPE, but no local tables were prepared",
+                    ));
+                }
+            },
+            LayerRope::None => None,
+        };
+        // [b, t, n, hd] -> (normed, rotated) [b, n, t, hd]; fp32 on the CPU rotates in the
+        // projection's own layout in one fused pass
+        let rotated = |y: Tensor, n: i64, norm: Option<usize>| -> Result<Tensor> {
+            let mut y = split(y, n)?;
+            if let Some(i) = norm {
+                y = self.norm(&y, &l.norms[i])?;
+            }
+            let Some((cos, sin)) = tables else {
+                return heads(y);
+            };
+            let full = cos.size().last() == Some(&hd);
+            if full && crate::fused::applies(&y) && crate::fused::applies(cos) {
+                heads(crate::fused::rope(&y, cos, sin)?)
             } else {
-                apply_rope(&heads(y)?, &ctx.cos, &ctx.sin)
+                apply_rope(&heads(y)?, cos, sin)
             }
         };
-        let q = rotated(l.linears[0].forward(x, train)?, self.cfg.num_heads)?;
-        let k = rotated(l.linears[1].forward(x, train)?, self.cfg.num_kv_heads)?;
-        let v = heads(split(
-            l.linears[2].forward(x, train)?,
-            self.cfg.num_kv_heads,
-        )?)?;
+        let (q, k, v) = if self.cfg.fused_projections {
+            let qkv = l.linears[0].forward(x, train)?;
+            let q = qkv.f_narrow(-1, 0, nq * hd).ctx("qkv split")?;
+            let k = qkv.f_narrow(-1, nq * hd, nkv * hd).ctx("qkv split")?;
+            let v = qkv
+                .f_narrow(-1, (nq + nkv) * hd, nkv * hd)
+                .ctx("qkv split")?;
+            // views of the fused output are not contiguous: make them so for the head view
+            let c = |y: Tensor| y.f_contiguous().ctx("qkv contiguous");
+            (c(q)?, c(k)?, c(v)?)
+        } else {
+            (
+                l.linears[0].forward(x, train)?,
+                l.linears[1].forward(x, train)?,
+                l.linears[2].forward(x, train)?,
+            )
+        };
+        let q = rotated(q, nq, self.norm_index.q)?;
+        let k = rotated(k, nkv, self.norm_index.k)?;
+        let v = heads(split(v, nkv)?)?;
         let mask = if l.sliding_window.is_some() {
             ctx.sliding_mask.as_ref()
         } else {
@@ -216,38 +364,127 @@ impl DecoderLm {
         } else {
             0.0
         };
-        let gqa = self.cfg.num_heads != self.cfg.num_kv_heads;
-        let y = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask,
-            dropout,
-            mask.is_none(),
-            None,
-            gqa,
-        )
-        .ctx("scaled_dot_product_attention")?;
+        let y = match self.cfg.attn_softcap {
+            Some(cap) => self.eager_softcapped(&q, &k, &v, mask, cap, dropout, train)?,
+            None => {
+                let default_scale = (hd as f64).powf(-0.5);
+                let scale = (self.cfg.attn_scale != default_scale).then_some(self.cfg.attn_scale);
+                Tensor::f_scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    mask,
+                    dropout,
+                    mask.is_none(),
+                    scale,
+                    nq != nkv,
+                )
+                .ctx("scaled_dot_product_attention")?
+            }
+        };
         let y = y
             .f_transpose(1, 2)
             .ctx("attention merge heads")?
-            .f_reshape([b, t, self.cfg.num_heads * hd])
+            .f_reshape([b, t, nq * hd])
             .ctx("attention merge heads")?;
-        l.linears[3].forward(&y, train)
+        l.linears[if self.cfg.fused_projections { 1 } else { 3 }].forward(&y, train)
+    }
+
+    /// Gemma 2's eager attention: `softmax(tanh(q k^T * scale / cap) * cap + mask) v`, the
+    /// softmax in fp32 (transformers' `eager_attention_forward` with `softcap`).
+    #[allow(clippy::too_many_arguments)]
+    fn eager_softcapped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        cap: f64,
+        dropout: f64,
+        train: bool,
+    ) -> Result<Tensor> {
+        let rep = self.cfg.num_heads / self.cfg.num_kv_heads;
+        let repeat = |x: &Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                Ok(x.shallow_clone())
+            } else {
+                x.f_repeat_interleave_self_int(rep, Some(1), None)
+                    .ctx("repeat_kv")
+            }
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scores = q
+            .f_matmul(&k.f_transpose(2, 3).ctx("k^T")?)
+            .ctx("q k^T")?
+            .f_mul_scalar(self.cfg.attn_scale)
+            .ctx("attention scale")?
+            .f_div_scalar(cap)
+            .ctx("softcap")?
+            .f_tanh()
+            .ctx("softcap tanh")?
+            .f_mul_scalar(cap)
+            .ctx("softcap")?;
+        let t = q.size()[2];
+        let keep = match mask {
+            Some(m) => m.shallow_clone(),
+            None => Tensor::f_ones([t, t], (Kind::Bool, q.device()))
+                .ctx("causal mask")?
+                .f_tril(0)
+                .ctx("causal mask")?,
+        };
+        let scores = scores
+            .f_masked_fill(&keep.f_logical_not().ctx("mask not")?, f64::NEG_INFINITY)
+            .ctx("attention mask")?;
+        let mut probs = scores
+            .f_softmax(-1, Kind::Float)
+            .ctx("attention softmax")?
+            .f_to_kind(q.kind())
+            .ctx("attention softmax kind")?;
+        if train && dropout > 0.0 {
+            probs = probs.f_dropout(dropout, true).ctx("attention dropout")?;
+        }
+        probs.f_matmul(&v).ctx("attention values")
     }
 
     fn mlp(&self, l: &DecoderLayer, x: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = l.linears[4].forward(x, train)?;
-        let up = l.linears[5].forward(x, train)?;
-        let act = if crate::fused::applies(&gate) && crate::fused::applies(&up) {
-            crate::fused::swiglu(&gate, &up)?
+        let (gate, up, down) = if self.cfg.fused_projections {
+            let gu = l.linears[2].forward(x, train)?;
+            let i = self.cfg.intermediate_size;
+            let c = |y: Tensor| y.f_contiguous().ctx("gate_up contiguous");
+            (
+                c(gu.f_narrow(-1, 0, i).ctx("gate_up split")?)?,
+                c(gu.f_narrow(-1, i, i).ctx("gate_up split")?)?,
+                &l.linears[3],
+            )
         } else {
-            gate.f_silu()
+            (
+                l.linears[4].forward(x, train)?,
+                l.linears[5].forward(x, train)?,
+                &l.linears[6],
+            )
+        };
+        let act = match self.cfg.hidden_act {
+            Activation::Silu if crate::fused::applies(&gate) && crate::fused::applies(&up) => {
+                crate::fused::swiglu(&gate, &up)?
+            }
+            Activation::Silu => gate
+                .f_silu()
                 .ctx("mlp silu")?
                 .f_mul(&up)
-                .ctx("mlp gate*up")?
+                .ctx("mlp gate*up")?,
+            Activation::GeluTanh | Activation::Gelu => {
+                let approx = if self.cfg.hidden_act == Activation::GeluTanh {
+                    "tanh"
+                } else {
+                    "none"
+                };
+                gate.f_gelu(approx)
+                    .ctx("mlp gelu")?
+                    .f_mul(&up)
+                    .ctx("mlp gate*up")?
+            }
         };
-        l.linears[6].forward(&act, train)
+        down.forward(&act, train)
     }
 
     /// The base model's tensors by Hugging Face name, as a dense checkpoint holds them:
@@ -264,18 +501,14 @@ impl DecoderLm {
             }
             Ok(())
         };
+        let norm_names = layer_norm_shapes(&self.cfg);
         for (i, l) in self.layers.iter().enumerate() {
-            for (m, lin_mod) in LAYER_LINEARS.iter().zip(&l.linears) {
+            for (m, lin_mod) in layer_linears(&self.cfg).iter().zip(&l.linears) {
                 lin(&mut out, format!("model.layers.{i}.{m}"), lin_mod)?;
             }
-            out.push((
-                format!("model.layers.{i}.input_layernorm.weight"),
-                l.input_layernorm.shallow_clone(),
-            ));
-            out.push((
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.shallow_clone(),
-            ));
+            for ((n, _), w) in norm_names.iter().zip(&l.norms) {
+                out.push((format!("model.layers.{i}.{n}.weight"), w.shallow_clone()));
+            }
         }
         out.push(("model.norm.weight".to_string(), self.norm.shallow_clone()));
         if let Some(h) = &self.lm_head {
@@ -398,7 +631,23 @@ impl CausalLm for DecoderLm {
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        Tensor::f_embedding(&self.embed, input_ids, -1, false, false).ctx("embed_tokens")
+        // `nn.Embedding(padding_idx=pad_token_id)`: the pad row gets no gradient
+        let pad = self.cfg.pad_token_id.unwrap_or(-1);
+        let e =
+            Tensor::f_embedding(&self.embed, input_ids, pad, false, false).ctx("embed_tokens")?;
+        match self.cfg.embed_scale {
+            // Gemma: `embed * tensor(sqrt(hidden)).to(dtype)`
+            Some(s) => e
+                .f_mul(
+                    &Tensor::from(s as f32)
+                        .f_to_kind(self.kind)
+                        .ctx("embed scale")?
+                        .f_to_device(self.device)
+                        .ctx("embed scale")?,
+                )
+                .ctx("embed scale"),
+            None => Ok(e),
+        }
     }
 
     fn prepare(&self, input: &ForwardInput<'_>) -> Result<LayerCtx> {
@@ -441,7 +690,32 @@ impl CausalLm for DecoderLm {
                 .f_view([1, t])
                 .ctx("position_ids view")?,
         };
-        let (cos, sin) = rope_tables(&self.inv_freq, &position_ids, self.kind)?;
+        // length-dependent RoPE types (dynamic, longrope) look at `max(position_ids) + 1`
+        let seq_len = || -> Result<i64> {
+            Ok(position_ids
+                .f_max()
+                .ctx("position_ids max")?
+                .f_int64_value(&[])
+                .ctx("position_ids max")?
+                + 1)
+        };
+        let tables =
+            |rope: &crate::nn::RopeConfig, built: &(Tensor, f64)| -> Result<(Tensor, Tensor)> {
+                if rope.depends_on_length() {
+                    let (inv, a) = rope.inv_freq_at(Some(seq_len()?))?;
+                    let inv = inv
+                        .f_to_device(self.device)
+                        .ctx("rope inv_freq to device")?;
+                    rope_tables_scaled(&inv, &position_ids, self.kind, a)
+                } else {
+                    rope_tables_scaled(&built.0, &position_ids, self.kind, built.1)
+                }
+            };
+        let (cos, sin) = tables(&self.cfg.rope, &self.inv_freq)?;
+        let local = match (&self.cfg.rope_local, &self.inv_freq_local) {
+            (Some(r), Some(built)) => Some(tables(r, built)?),
+            _ => None,
+        };
         let mask = build_mask(input, b, t, self.device, None)?;
         let window = self.layers.iter().find_map(|l| l.sliding_window);
         let sliding_mask = match window {
@@ -462,6 +736,7 @@ impl CausalLm for DecoderLm {
             sin,
             mask,
             sliding_mask,
+            local,
         })
     }
 
@@ -472,18 +747,39 @@ impl CausalLm for DecoderLm {
                 self.layers.len()
             ))
         })?;
-        let eps = self.cfg.rms_norm_eps;
-        let a = self.attention(l, &rms_norm(hidden, &l.input_layernorm, eps)?, ctx, train)?;
-        let h = hidden.f_add(&a).ctx("attention residual")?;
-        let m = self.mlp(l, &rms_norm(&h, &l.post_attention_layernorm, eps)?, train)?;
-        h.f_add(&m).ctx("mlp residual")
+        let resid_drop = |y: Tensor| -> Result<Tensor> {
+            if train && self.cfg.resid_dropout > 0.0 {
+                y.f_dropout(self.cfg.resid_dropout, true)
+                    .ctx("residual dropout")
+            } else {
+                Ok(y)
+            }
+        };
+        let ni = &self.norm_index;
+        let mut a = self.attention(l, &self.norm(hidden, &l.norms[0])?, ctx, train)?;
+        if self.cfg.sandwich_norms {
+            a = self.norm(&a, &l.norms[1])?;
+        }
+        let h = hidden.f_add(&resid_drop(a)?).ctx("attention residual")?;
+        let m = match (ni.pre_ff, ni.post_ff) {
+            (Some(pre), Some(post)) => {
+                let m = self.mlp(l, &self.norm(&h, &l.norms[pre])?, train)?;
+                self.norm(&m, &l.norms[post])?
+            }
+            _ => self.mlp(l, &self.norm(&h, &l.norms[1])?, train)?,
+        };
+        h.f_add(&resid_drop(m)?).ctx("mlp residual")
     }
 
     fn head_norm(&self, hidden: &Tensor) -> Result<Tensor> {
-        rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)
+        self.norm(hidden, &self.norm)
     }
 
     fn head_weight(&self) -> Option<Tensor> {
+        if self.cfg.final_softcap.is_some() {
+            // the logits are soft-capped: the head is not a plain product
+            return None;
+        }
         match &self.lm_head {
             None => Some(self.embed.shallow_clone()),
             Some(Linear {
@@ -498,9 +794,21 @@ impl CausalLm for DecoderLm {
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         let h = self.head_norm(hidden)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h, false),
-            None => h.f_linear::<&Tensor>(&self.embed, None).ctx("tied lm_head"),
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&h, false)?,
+            None => h
+                .f_linear::<&Tensor>(&self.embed, None)
+                .ctx("tied lm_head")?,
+        };
+        match self.cfg.final_softcap {
+            Some(cap) => logits
+                .f_div_scalar(cap)
+                .ctx("final softcap")?
+                .f_tanh()
+                .ctx("final softcap")?
+                .f_mul_scalar(cap)
+                .ctx("final softcap"),
+            None => Ok(logits),
         }
     }
 
@@ -509,20 +817,16 @@ impl CausalLm for DecoderLm {
             "model.embed_tokens.weight".to_string(),
             self.embed.shallow_clone(),
         )];
+        let norm_names = layer_norm_shapes(&self.cfg);
         for (i, l) in self.layers.iter().enumerate() {
-            for (m, lin) in LAYER_LINEARS.iter().zip(&l.linears) {
+            for (m, lin) in layer_linears(&self.cfg).iter().zip(&l.linears) {
                 for (n, t) in lin.named_parameters() {
                     out.push((format!("model.layers.{i}.{m}.{n}"), t));
                 }
             }
-            out.push((
-                format!("model.layers.{i}.input_layernorm.weight"),
-                l.input_layernorm.shallow_clone(),
-            ));
-            out.push((
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.shallow_clone(),
-            ));
+            for ((n, _), w) in norm_names.iter().zip(&l.norms) {
+                out.push((format!("model.layers.{i}.{n}.weight"), w.shallow_clone()));
+            }
         }
         out.push(("model.norm.weight".to_string(), self.norm.shallow_clone()));
         if let Some(h) = &self.lm_head {
@@ -535,8 +839,9 @@ impl CausalLm for DecoderLm {
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
+        let names = layer_linears(&self.cfg);
         for (i, l) in self.layers.iter_mut().enumerate() {
-            for (m, lin) in LAYER_LINEARS.iter().zip(l.linears.iter_mut()) {
+            for (m, lin) in names.iter().zip(l.linears.iter_mut()) {
                 out.push((format!("model.layers.{i}.{m}"), lin));
             }
         }
@@ -548,8 +853,9 @@ impl CausalLm for DecoderLm {
 
     fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
+        let names = layer_linears(&self.cfg);
         for (i, l) in self.layers.iter().enumerate() {
-            for (m, lin) in LAYER_LINEARS.iter().zip(l.linears.iter()) {
+            for (m, lin) in names.iter().zip(l.linears.iter()) {
                 out.push((format!("model.layers.{i}.{m}"), lin));
             }
         }

@@ -96,8 +96,27 @@ impl LoadOptions {
 }
 
 /// The architectures [`load_model`] knows, with their configuration rules.
-pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
-    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 8] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "SmolLM3ForCausalLM",
+];
+
+/// What to tell a user whose checkpoint holds only PyTorch pickles (`found`): VoltTrain reads
+/// safetensors, and transformers converts in one line (its `save_pretrained` writes safetensors).
+fn bin_only_message(dir: &Path, found: &str) -> String {
+    let d = dir.display().to_string().replace('\'', "\\'");
+    format!(
+        "only PyTorch `.bin` weights here ({found}); VoltTrain reads safetensors (never pickles). \
+         Convert once with transformers: python -c \"from transformers import AutoModelForCausalLM as M; \
+         M.from_pretrained('{d}', dtype='auto').save_pretrained('{d}')\""
+    )
+}
 
 /// The checkpoint's tensors: name to (file index), over one or more shard files.
 struct Checkpoint {
@@ -135,6 +154,11 @@ impl Checkpoint {
                 files.insert(f.to_string());
             }
             files.into_iter().collect()
+        } else if let Some(bin) = ["pytorch_model.bin", "pytorch_model.bin.index.json"]
+            .iter()
+            .find(|f| dir.join(f).is_file())
+        {
+            return Err(Error::checkpoint(dir, bin_only_message(dir, bin)));
         } else {
             return Err(Error::checkpoint(
                 dir,
@@ -377,6 +401,11 @@ pub fn decoder_config(path: &Path, v: &Value) -> Result<DecoderConfig> {
         "LlamaForCausalLM" => super::llama::config(path, v),
         "MistralForCausalLM" => super::mistral::config(path, v),
         "Qwen2ForCausalLM" => super::qwen2::config(path, v),
+        "Qwen3ForCausalLM" => super::qwen3::config(path, v),
+        "Gemma2ForCausalLM" => super::gemma::config2(path, v),
+        "Gemma3ForCausalLM" => super::gemma::config3(path, v),
+        "Phi3ForCausalLM" => super::phi3::config(path, v),
+        "SmolLM3ForCausalLM" => super::smollm3::config(path, v),
         other => Err(Error::Config {
             file: Some(path.to_path_buf()),
             key: "architectures".into(),

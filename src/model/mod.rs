@@ -6,7 +6,9 @@
 //! they are needed.
 //!
 //! Architectures: `LlamaForCausalLM` (SmolLM, Llama 3), `MistralForCausalLM`, `Qwen2ForCausalLM`,
-//! all through [`DecoderLm`] with their configuration rules in [`llama`], [`mistral`], [`qwen2`].
+//! `Qwen3ForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` (text), `Phi3ForCausalLM` (Phi-3,
+//! Phi-4) and `SmolLM3ForCausalLM`, all through [`DecoderLm`] with their configuration rules in
+//! [`llama`], [`mistral`], [`qwen2`], [`qwen3`], [`gemma`], [`phi3`], [`smollm3`].
 //! [`load_model`] reads a Hugging Face directory, [`save_model`] writes one.
 
 use tch::{Device, Kind, Tensor};
@@ -16,13 +18,17 @@ use crate::nn::Linear;
 
 mod config;
 mod dtype;
+pub mod gemma;
 pub mod llama;
 mod loader;
 pub mod mistral;
+pub mod phi3;
 pub mod qwen2;
+pub mod qwen3;
 pub mod safetensors;
+pub mod smollm3;
 
-pub use config::DecoderConfig;
+pub use config::{Activation, DecoderConfig, LayerRope};
 pub use dtype::ModelDtype;
 pub use llama::DecoderLm;
 
@@ -55,6 +61,9 @@ pub struct LayerCtx {
     pub mask: Option<Tensor>,
     /// The mask of sliding-window layers (Mistral, Qwen2), when the model has any.
     pub sliding_mask: Option<Tensor>,
+    /// The `(cos, sin)` of layers with a second RoPE (Gemma 3's sliding layers), when the model
+    /// has them.
+    pub local: Option<(Tensor, Tensor)>,
 }
 
 /// A decoder-only language model.

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::config::{DecoderConfig, Json, base_config};
-use crate::error::{Error, Result};
+use super::config::{DecoderConfig, Json, base_config, layer_types};
+use crate::error::Result;
 
 /// The configuration rules of `Qwen2ForCausalLM`.
 pub fn config(path: &Path, v: &Value) -> Result<DecoderConfig> {
@@ -15,48 +15,34 @@ pub fn config(path: &Path, v: &Value) -> Result<DecoderConfig> {
     cfg.qkv_bias = true;
     cfg.o_bias = false;
     cfg.mlp_bias = false;
+    cfg.sliding_windows = qwen_sliding_windows(path, v, cfg.num_layers)?;
+    Ok(cfg)
+}
+
+/// Qwen2/Qwen3 sliding windows: `sliding_window` (when `use_sliding_window`) on the layers
+/// `layer_types` marks `sliding_attention`, or without `layer_types` on the layers from
+/// `max_window_layers` (default 28) on.
+pub(crate) fn qwen_sliding_windows(
+    path: &Path,
+    v: &Value,
+    num_layers: usize,
+) -> Result<Vec<Option<i64>>> {
     let j = Json { path, v };
     let window = if j.opt_bool("use_sliding_window")?.unwrap_or(false) {
         j.opt_i64("sliding_window")?.filter(|&w| w > 0)
     } else {
         None
     };
-    let layer_types: Option<Vec<String>> = match v.get("layer_types").filter(|x| !x.is_null()) {
-        None => None,
-        Some(x) => Some(
-            serde_json::from_value(x.clone()).map_err(|e| Error::Config {
-                file: Some(path.to_path_buf()),
-                key: "layer_types".into(),
-                msg: format!("expected a list of strings: {e}"),
-            })?,
-        ),
-    };
-    cfg.sliding_windows = match layer_types {
-        Some(types) => {
-            if types.len() != cfg.num_layers {
-                return Err(Error::Config {
-                    file: Some(path.to_path_buf()),
-                    key: "layer_types".into(),
-                    msg: format!("has {} entries for {} layers", types.len(), cfg.num_layers),
-                });
-            }
-            types
-                .iter()
-                .map(|t| {
-                    if t == "sliding_attention" {
-                        window
-                    } else {
-                        None
-                    }
-                })
-                .collect()
-        }
+    Ok(match layer_types(&j, num_layers)? {
+        Some(types) => types
+            .iter()
+            .map(|&sliding| if sliding { window } else { None })
+            .collect(),
         None => {
             let from = j.opt_i64("max_window_layers")?.unwrap_or(28) as usize;
-            (0..cfg.num_layers)
+            (0..num_layers)
                 .map(|i| if i >= from { window } else { None })
                 .collect()
         }
-    };
-    Ok(cfg)
+    })
 }

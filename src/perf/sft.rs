@@ -128,13 +128,22 @@ pub fn child(mode: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
         .find(|(n, _)| n == "input_ids")
         .map(|(_, t)| t)
         .ok_or_else(|| Error::invalid("benchmark batch has no input_ids"))?;
+    // the reference's batch shape (BATCH x SEQ here; the family benchmark writes its own)
+    let (b, t) = match ids.size().as_slice() {
+        [b, t] => (*b, *t),
+        s => {
+            return Err(Error::invalid(format!(
+                "benchmark batch: input_ids is {s:?}"
+            )));
+        }
+    };
     let batch = Batch {
-        attention_mask: Tensor::ones([BATCH, SEQ], (Kind::Int64, Device::Cpu)),
+        attention_mask: Tensor::ones([b, t], (Kind::Int64, Device::Cpu)),
         labels: ids.shallow_clone(),
         input_ids: ids,
         position_ids: None,
-        num_tokens: (BATCH * SEQ) as usize,
-        num_label_tokens: (BATCH * SEQ) as usize,
+        num_tokens: (b * t) as usize,
+        num_label_tokens: (b * t) as usize,
     };
     let times = Arc::new(Mutex::new(vec![Instant::now()]));
     let steps = (opts.warmup + opts.runs) as u64;
@@ -189,6 +198,27 @@ fn spawn_child_env(
         cmd.arg("--cuda");
     }
     parse(&run_json(&mut cmd, &format!("sft child {mode}"))?)
+}
+
+/// Runs one child configuration on `dir`'s model and batch and returns its raw report
+/// (`step_seconds`, `peak_rss_mb`).
+pub(crate) fn spawn_child_json(
+    mode: &str,
+    dir: &Path,
+    opts: &PerfOpts,
+) -> Result<serde_json::Value> {
+    let exe = std::env::current_exe().map_err(|e| Error::invalid(format!("current_exe: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["--child-sft", mode, "--child-model"])
+        .arg(dir)
+        .args(["--threads", &opts.threads.to_string()]);
+    if !opts.quick {
+        cmd.arg("--full");
+    }
+    if opts.device.is_cuda() {
+        cmd.arg("--cuda");
+    }
+    run_json(&mut cmd, &format!("child {mode} on {}", dir.display()))
 }
 
 fn parse(v: &serde_json::Value) -> Result<(Stats, f64)> {

@@ -70,6 +70,7 @@ impl CausalLm for ToyLm {
             sin: z,
             mask: None,
             sliding_mask: None,
+            local: None,
         })
     }
     fn layer(&self, i: usize, h: &Tensor, _ctx: &LayerCtx, train: bool) -> Result<Tensor> {

@@ -1,0 +1,303 @@
+//! The chat templates of Qwen3, Gemma 2, Gemma 3 and Phi-4-mini (as the models ship them, stored
+//! in `tests/fixtures/templates/`, sources in its README) render byte-equal to transformers'
+//! `apply_chat_template`, Qwen3 with `enable_thinking` on and off, Gemma 3 folding the system turn
+//! into the first user turn, and give the assistant-only loss masks transformers + TRL's prefix
+//! rendering gives (`reference/data_ref.py`, run live through `$VOLTTRAIN_PYTHON_REF`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use volttrain::data::{DatasetConfig, Message, SftDataset, Tokenizer};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python() -> String {
+    std::env::var("VOLTTRAIN_PYTHON_REF").unwrap_or_else(|_| "python3".into())
+}
+
+fn data_ref(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg(root().join("reference/data_ref.py"))
+        .args(args)
+        .output()
+        .expect("run reference/data_ref.py");
+    assert!(
+        out.status.success(),
+        "data_ref.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(s.lines().last().unwrap()).unwrap()
+}
+
+fn m(role: &str, content: &str) -> Message {
+    Message::new(role, content)
+}
+
+fn template(name: &str) -> PathBuf {
+    root().join(format!("tests/fixtures/templates/{name}.jinja"))
+}
+
+fn tokenizer(name: &str, kwargs: &serde_json::Value) -> Tokenizer {
+    let mut tok = Tokenizer::from_dir(root().join("assets/tiny-llama")).unwrap();
+    let t = template(name);
+    tok.set_chat_template(&std::fs::read_to_string(&t).unwrap(), &t)
+        .unwrap();
+    tok.set_chat_template_kwargs(
+        kwargs
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    tok
+}
+
+fn conversations() -> Vec<(Vec<Message>, bool)> {
+    vec![
+        (
+            vec![m("user", "What is 2 + 3?"), m("assistant", "2 + 3 = 5.")],
+            false,
+        ),
+        (vec![m("user", "What is 2 + 3?")], true),
+        (
+            vec![
+                m("system", "You are VoltBot, a friendly tutor."),
+                m("user", "Reverse the words: red fox owl"),
+                m("assistant", "owl fox red"),
+            ],
+            false,
+        ),
+        (
+            vec![
+                m("system", "Answer briefly."),
+                m("user", "  héllo wörld — ünïcode ✓ \"quotes\"\n"),
+                m("assistant", "<think>\nThe user greets.\n</think>\n\nHello!"),
+                m("user", "And again?"),
+            ],
+            true,
+        ),
+        (
+            vec![
+                m("user", "a"),
+                m("assistant", "b"),
+                m("user", "c"),
+                m("assistant", "  d  "),
+            ],
+            false,
+        ),
+        // bad role order: the Gemma templates raise
+        (vec![m("user", "a"), m("user", "b")], true),
+    ]
+}
+
+/// Every (template, kwargs) pair on every conversation, in one Python run; returns the number
+/// of renders compared per pair.
+fn check_render(pairs: &[(&str, serde_json::Value)]) -> Vec<usize> {
+    let cases = conversations();
+    let mut json = Vec::new();
+    for (name, kwargs) in pairs {
+        for (msgs, g) in &cases {
+            json.push(
+                serde_json::json!({"messages": msgs, "add_generation_prompt": g,
+                "template": template(name), "kwargs": kwargs}),
+            );
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("cases.json");
+    std::fs::write(&input, serde_json::to_string(&json).unwrap()).unwrap();
+    let reference = data_ref(&[
+        "chat",
+        "--tok",
+        root().join("assets/tiny-llama").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    let reference = reference.as_array().unwrap();
+    assert_eq!(reference.len(), pairs.len() * cases.len());
+    let mut counts = Vec::new();
+    for (p, (name, kwargs)) in pairs.iter().enumerate() {
+        let tok = tokenizer(name, kwargs);
+        let mut rendered = 0;
+        for (i, (msgs, gen_prompt)) in cases.iter().enumerate() {
+            let r = &reference[p * cases.len() + i];
+            let ours = tok.apply_chat_template(msgs, *gen_prompt);
+            if let Some(err) = r.get("error") {
+                let e = ours.expect_err(&format!("{name} case {i}: transformers raised {err}"));
+                assert!(
+                    e.to_string().contains(err.as_str().unwrap()),
+                    "{name} case {i}: {e} vs {err}"
+                );
+                continue;
+            }
+            let text = ours.unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
+            assert_eq!(
+                text,
+                r["text"].as_str().unwrap(),
+                "{name} {kwargs} case {i}"
+            );
+            rendered += 1;
+        }
+        counts.push(rendered);
+    }
+    counts
+}
+
+#[test]
+fn family_templates_render_byte_equal_to_transformers() {
+    let none = serde_json::json!({});
+    let pairs = [
+        ("qwen3", none.clone()),
+        ("qwen3", serde_json::json!({"enable_thinking": false})),
+        ("qwen3", serde_json::json!({"enable_thinking": true})),
+        // Gemma 2 refuses a system turn (as transformers does); Gemma 3 folds it into the
+        // first user turn
+        ("gemma2", none.clone()),
+        ("gemma3", none.clone()),
+        ("phi4_mini", none),
+    ];
+    let counts = check_render(&pairs);
+    println!("renders compared per (template, kwargs): {counts:?}");
+    assert_eq!(counts, [6, 6, 6, 3, 5, 6]);
+}
+
+#[test]
+fn qwen3_enable_thinking_and_gemma3_system_folding_render_as_documented() {
+    let msgs = vec![m("user", "hi")];
+    let off = tokenizer("qwen3", &serde_json::json!({"enable_thinking": false}));
+    assert_eq!(
+        off.apply_chat_template(&msgs, true).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    );
+    let on = tokenizer("qwen3", &serde_json::json!({}));
+    assert_eq!(
+        on.apply_chat_template(&msgs, true).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let g = tokenizer("gemma3", &serde_json::json!({}));
+    let bos = g.bos().unwrap().content.clone();
+    assert_eq!(
+        g.apply_chat_template(&[m("system", "Be brief."), m("user", "hi")], true)
+            .unwrap(),
+        format!("{bos}<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n")
+    );
+}
+
+/// Assistant-only labels equal the reference's, and the labelled text is exactly each assistant
+/// turn's content and end-of-turn marker.
+fn check_masks(name: &str, kwargs: serde_json::Value, records: &[Vec<Message>], turn_end: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("chats.jsonl");
+    let lines: Vec<String> = records
+        .iter()
+        .map(|msgs| serde_json::json!({ "messages": msgs }).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let tok = tokenizer(name, &kwargs);
+    let cfg = DatasetConfig {
+        cache: false,
+        ..DatasetConfig::new(&data)
+    };
+    let ds = SftDataset::load(&cfg, &tok).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let t = template(name);
+    let kw = kwargs.to_string();
+    let r = data_ref(&[
+        "sft",
+        "--tok",
+        root().join("assets/tiny-llama").to_str().unwrap(),
+        "--input",
+        data.to_str().unwrap(),
+        "--template",
+        t.to_str().unwrap(),
+        "--kwargs",
+        &kw,
+    ]);
+    let r = r.as_array().unwrap();
+    assert_eq!(ds.len(), r.len());
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    for (i, (ex, want)) in ds.examples.iter().zip(r).enumerate() {
+        assert_eq!(ex.input_ids, ids(&want["input_ids"]), "{name} {i} ids");
+        assert_eq!(ex.labels, ids(&want["labels"]), "{name} {i} labels");
+        // what carries a label, decoded: the assistant turns and their end markers (+ EOS)
+        let labelled: Vec<u32> = ex
+            .labels
+            .iter()
+            .filter(|&&l| l >= 0)
+            .map(|&l| l as u32)
+            .collect();
+        let text = tok.decode(&labelled, false).unwrap();
+        let eos = tok.eos().unwrap().content.clone();
+        let want_text: String = records[i]
+            .iter()
+            .filter(|m| m.role == "assistant")
+            .map(|m| format!("{}{turn_end}", m.content.trim()))
+            .collect::<String>();
+        let got = text.strip_suffix(&eos).unwrap_or(&text);
+        assert_eq!(
+            got.replace(' ', ""),
+            want_text.replace(' ', ""),
+            "{name} {i}: labelled text"
+        );
+    }
+}
+
+#[test]
+fn assistant_only_masks_match_transformers_prefix_rendering() {
+    let single = vec![
+        vec![m("user", "What is 2 + 3?"), m("assistant", "5")],
+        vec![
+            m("system", "Be brief."),
+            m("user", "Name a color."),
+            m("assistant", "Blue"),
+        ],
+    ];
+    // Gemma 3: system folded into the first user turn; multi-turn
+    let mut gemma = single.clone();
+    gemma.push(vec![
+        m("user", "a"),
+        m("assistant", "b"),
+        m("user", "c"),
+        m("assistant", "d"),
+    ]);
+    check_masks("gemma3", serde_json::json!({}), &gemma, "<end_of_turn>\n");
+    // Qwen3 with thinking off: the empty think block is part of the prompt, not of the labels
+    check_masks(
+        "qwen3",
+        serde_json::json!({"enable_thinking": false}),
+        &single,
+        "<|im_end|>\n",
+    );
+}
+
+#[test]
+fn template_kwargs_come_from_the_dataset_config() {
+    let yaml = format!(
+        "path: x.jsonl\nchat_template: {}\nchat_template_kwargs: {{enable_thinking: false}}\n",
+        template("qwen3").display()
+    );
+    let cfg: DatasetConfig = serde_yaml::from_str(&yaml).unwrap();
+    let mut tok = Tokenizer::from_dir(root().join("assets/tiny-llama")).unwrap();
+    let before = tok.fingerprint();
+    cfg.apply_chat_template(&mut tok).unwrap();
+    assert_eq!(
+        tok.chat_template_kwargs(),
+        [("enable_thinking".to_string(), serde_json::json!(false))]
+    );
+    assert!(
+        tok.apply_chat_template(&[m("user", "hi")], true)
+            .unwrap()
+            .ends_with("<think>\n\n</think>\n\n")
+    );
+    // the dataset cache keys on the kwargs too
+    assert_ne!(tok.fingerprint(), before);
+}
