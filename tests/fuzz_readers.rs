@@ -426,6 +426,11 @@ fn trainer_state_json() {
         skipped_steps: 0,
         seed: 7,
         world_size: 1,
+        // Present, so the mutations reach the fp16 loss scaler's fields too.
+        loss_scaler: Some(volttrain::amp::LossScalerState {
+            scale: 65536.0,
+            growth_tracker: 12,
+        }),
     };
     let seed = serde_json::to_vec_pretty(&state).unwrap();
     let path = last.join("trainer_state.json");
