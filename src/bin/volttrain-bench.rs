@@ -27,7 +27,8 @@ struct Args {
     /// Intra-op threads on both sides (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load, quant-load).
+    /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load, quant-load,
+    /// qlora, qlora-1b).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -44,6 +45,9 @@ struct Args {
     /// Internal: measure one load (MODE,FORMAT,THREADS) in this process (see perf::load).
     #[arg(long, hide = true)]
     child_load: Option<String>,
+    /// Internal: one QLoRA memory/speed configuration in this process (see perf::qlora).
+    #[arg(long, hide = true)]
+    child_qlora: Option<String>,
 }
 
 type Workload = fn(&PerfOpts) -> volttrain::Result<Vec<Measurement>>;
@@ -71,6 +75,8 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("data", perf::data::run),
         ("load", perf::model::load_135m),
         ("quant-load", perf::load::run),
+        ("qlora", perf::qlora::run),
+        ("qlora-1b", perf::qlora::run_1b),
     ]
 }
 
@@ -126,6 +132,18 @@ fn main() -> std::process::ExitCode {
             }
             Err(e) => {
                 eprintln!("child load {spec}: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let (Some(spec), Some(dir)) = (&args.child_qlora, &args.child_model) {
+        return match perf::qlora::child(spec, dir, &opts) {
+            Ok(v) => {
+                println!("{v}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("child qlora {spec}: {e}");
                 std::process::ExitCode::FAILURE
             }
         };

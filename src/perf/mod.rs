@@ -8,6 +8,7 @@ pub mod data;
 pub mod load;
 pub mod model;
 pub mod optim;
+pub mod qlora;
 pub mod quant;
 pub mod sft;
 
