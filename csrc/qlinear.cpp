@@ -112,15 +112,40 @@ at::Tensor block_absmax(const QWeight& q, int64_t b0, int64_t b1) {
   return vals.mul(absmax2.reshape({-1}).index_select(0, which)).add(q.offset);
 }
 
+// block_absmax on the CPU as one loop: the same two fp32 operations per block (product, then
+// the offset added), without the five small libtorch ops and their temporaries.
+at::Tensor cpu_block_absmax(const QWeight& q, int64_t b0, int64_t b1) {
+  if (q.parts.size() == 3) {
+    return block_absmax(q, b0, b1).contiguous();
+  }
+  const at::Tensor codes = q.parts[2].reshape({-1}).contiguous();
+  const at::Tensor absmax2 = q.parts[3].reshape({-1}).contiguous();
+  const at::Tensor code = q.parts[4].contiguous();
+  TORCH_CHECK(codes.device().is_cpu() && absmax2.device().is_cpu() && code.device().is_cpu() &&
+                  absmax2.scalar_type() == at::kFloat && code.scalar_type() == at::kFloat &&
+                  code.numel() == 256 && absmax2.numel() * kNestedBlock >= codes.numel(),
+              "double-quantized statistics do not fit");
+  at::Tensor out = at::empty({b1 - b0}, absmax2.options());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float *a2 = absmax2.data_ptr<float>(), *c2 = code.data_ptr<float>();
+  const float off = static_cast<float>(q.offset);
+  float* op = out.data_ptr<float>();
+  for (int64_t b = b0; b < b1; ++b) {
+    const float m = c2[cp[b]] * a2[b / kNestedBlock];
+    op[b - b0] = m + off;
+  }
+  return out;
+}
+
 // Rows [r0, r1) of the dense fp32 four-bit weight.
 at::Tensor four_bit_rows(const QWeight& q, int64_t r0, int64_t r1) {
   const int64_t s = r0 * q.cols, e = r1 * q.cols, bs = q.bs;
   TORCH_CHECK(s % bs == 0 && e % bs == 0, "rows ", r0, "..", r1, " are not whole blocks of ", bs);
   const int64_t b0 = s / bs, b1 = e / bs;
   at::Tensor bytes = q.parts[0].reshape({-1}).slice(0, s / 2, e / 2);
-  at::Tensor absmax = block_absmax(q, b0, b1).contiguous();
   const at::Tensor& code = q.parts[1];
   if (q.fast && bytes.device().is_cpu()) {
+    at::Tensor absmax = cpu_block_absmax(q, b0, b1);
     at::Tensor bc = bytes.contiguous();
     at::Tensor cc = code.contiguous();
     at::Tensor out = at::empty({e - s}, absmax.options());
@@ -132,6 +157,7 @@ at::Tensor four_bit_rows(const QWeight& q, int64_t r0, int64_t r1) {
     });
     return out.view({r1 - r0, q.cols});
   }
+  at::Tensor absmax = block_absmax(q, b0, b1).contiguous();
   at::Tensor hi = bytes.bitwise_right_shift(4);
   at::Tensor lo = bytes.bitwise_and(15);
   at::Tensor idx = at::stack({hi, lo}, 1).reshape({-1}).to(at::kLong);
@@ -206,17 +232,23 @@ QWeight load(AutogradContext* ctx) {
   return q;
 }
 
+// The FP8 product's input (not autograd inputs: no gradient flows through the quantization).
+struct Fp8In {
+  at::Tensor xb, xs;  // x in e4m3 and its scale
+  bool scaled_mm = false;
+  int64_t out_dtype = 0;
+};
+
 struct QLinear : public torch::autograd::Function<QLinear> {
-  // `xb`, `xs`: the input in e4m3 and its scale (FP8 weights only; undefined otherwise).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const QWeight& q,
-                            const at::Tensor& xb, const at::Tensor& xs, bool scaled_mm,
-                            int64_t out_dtype) {
+                            const Fp8In& f) {
     save(ctx, q, x.scalar_type());
     if (q.fmt == kFp8) {
       std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
       shape.back() = q.rows;
       at::Tensor y =
-          fp8_product(q, xb, xs, scaled_mm, static_cast<at::ScalarType>(out_dtype)).view(shape);
+          fp8_product(q, f.xb, f.xs, f.scaled_mm, static_cast<at::ScalarType>(f.out_dtype))
+              .view(shape);
       return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
     }
     at::Tensor w = dequant_rows(q, 0, q.rows, x.scalar_type());
@@ -224,7 +256,7 @@ struct QLinear : public torch::autograd::Function<QLinear> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(6);
+    variable_list out(3);
     if (!grads[0].defined()) {
       return out;
     }
@@ -303,16 +335,16 @@ int vt_qweight_linear(at::Tensor* x, int64_t fmt, at::Tensor** parts, int64_t np
     const QWeight q = make(fmt, parts, nparts, rows, cols, bs, offset, fast);
     TORCH_CHECK(xv.dim() >= 1 && xv.size(-1) == cols, "input ", xv.sizes(),
                 " does not fit a weight [", rows, ", ", cols, "]");
-    at::Tensor xbv, xsv;
-    int64_t odt = static_cast<int64_t>(at::kFloat);
+    Fp8In f;
     if (fmt == kFp8) {
-      xbv = deref(xb, "fp8 input");
-      xsv = deref(xs, "fp8 input scale");
-      TORCH_CHECK(xbv.dim() == 2 && xbv.size(1) == cols && xbv.size(0) * cols == xv.numel(),
-                  "fp8 input ", xbv.sizes(), " does not fit x ", xv.sizes());
-      odt = static_cast<int64_t>(dtype_of(out_dtype));
+      f.xb = deref(xb, "fp8 input");
+      f.xs = deref(xs, "fp8 input scale");
+      TORCH_CHECK(f.xb.dim() == 2 && f.xb.size(1) == cols && f.xb.size(0) * cols == xv.numel(),
+                  "fp8 input ", f.xb.sizes(), " does not fit x ", xv.sizes());
+      f.scaled_mm = scaled_mm != 0;
+      f.out_dtype = static_cast<int64_t>(dtype_of(out_dtype));
     }
-    *out = new at::Tensor(QLinear::apply(xv, q, xbv, xsv, scaled_mm != 0, odt));
+    *out = new at::Tensor(QLinear::apply(xv, q, f));
   });
 }
 

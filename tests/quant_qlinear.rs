@@ -5,9 +5,10 @@
 //! with and without gradient checkpointing). The CUDA tests skip themselves without a GPU.
 
 use tch::{Device, Kind, Tensor};
+use volttrain::quant::nf4::AbsMax;
 use volttrain::quant::qlinear::{dequantize_4bit_kernel, fast_kernel};
 use volttrain::quant::{
-    FourBitQuantizer, FourBitType, Fp8Format, Fp8Quantizer, Fp8Scaling,
+    FourBitQuantizer, FourBitTensor, FourBitType, Fp8Format, Fp8Quantizer, Fp8Scaling,
     Int8Quantizer, QuantizedTensor, Quantizer,
 };
 
@@ -126,6 +127,47 @@ fn four_bit_kernel_vector_loop_equals_scalar_loop_and_the_formula() {
                 v.equal(&want.view([-1])),
                 "{ty:?} bs {bs}: kernel differs from code[nibble] * absmax"
             );
+        }
+    }
+}
+
+/// The whole dequantization (the kernel plus the double-quantized absmax decoded in the
+/// shim's loop) gives the bits of `code[nibble] * absmax` with the absmax decoded by libtorch
+/// ops (`FourBitTensor::absmax`, checked against bitsandbytes in tests/quant_bnb.rs).
+#[test]
+fn four_bit_dequantize_equals_the_formula_bit_for_bit() {
+    tch::manual_seed(13);
+    let w = Tensor::randn([80, 192], (Kind::Float, Device::Cpu)) * 0.3;
+    for (ty, bs) in [(FourBitType::Nf4, 64i64), (FourBitType::Fp4, 32)] {
+        for dq in [false, true] {
+            let qt = FourBitQuantizer::new(ty, bs, dq).unwrap().quantize(&w).unwrap();
+            let parts: std::collections::HashMap<String, Tensor> =
+                qt.named_tensors().into_iter().collect();
+            let stats = if dq {
+                AbsMax::Nested {
+                    codes: parts["absmax"].shallow_clone(),
+                    absmax2: parts["nested_absmax"].shallow_clone(),
+                    code: parts["nested_quant_map"].shallow_clone(),
+                    offset: parts["nested_offset"].double_value(&[0]) as f32,
+                }
+            } else {
+                AbsMax::Full(parts["absmax"].shallow_clone())
+            };
+            let t = FourBitTensor::new(ty, (80, 192), bs, parts["packed"].shallow_clone(), stats)
+                .unwrap();
+            let p = t.packed().view([-1]).to_kind(Kind::Int64);
+            let idx = Tensor::stack(&[p.divide_scalar_mode(16, "floor"), p.remainder(16)], 1)
+                .view([-1]);
+            let code = Tensor::from_slice(&ty.code());
+            let want = (code.index_select(0, &idx).view([-1, bs])
+                * t.absmax().unwrap().view([-1, 1]))
+            .view([80, 192]);
+            let got = t.dequantize(Kind::Float).unwrap();
+            assert!(got.equal(&want), "{ty:?} bs {bs} dq {dq}: dequantization differs");
+            // rows in tiles equal the whole
+            let top = t.dequantize_rows(0, 20, Kind::Float).unwrap();
+            let bottom = t.dequantize_rows(20, 80, Kind::Float).unwrap();
+            assert!(Tensor::cat(&[top, bottom], 0).equal(&got), "{ty:?} tiles");
         }
     }
 }

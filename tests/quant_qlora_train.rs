@@ -55,7 +55,12 @@ fn lora_deltas(dir: &Path, quantized: bool, ckpt: bool) -> Vec<(String, Tensor)>
     } else {
         let mut m = load_model(dir, &LoadOptions::new(Kind::Float, Device::Cpu)).unwrap();
         let mut n = 0;
-        for (_, lin) in m.linears_mut() {
+        // the decoder's projections, as the quantizing loader's default filter picks them (the
+        // LM head stays dense)
+        for (name, lin) in m.linears_mut() {
+            if !name.contains(".layers.") {
+                continue;
+            }
             if let LinearWeight::Dense(w) = &lin.weight {
                 let qt: Box<dyn QuantizedTensor> = q.quantize(w).unwrap();
                 lin.weight = LinearWeight::Dense(qt.dequantize(Kind::Float).unwrap());

@@ -32,7 +32,7 @@ use crate::data::Batch;
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::{CausalLm, LoadOptions, load_model};
 use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
-use crate::quant::{QuantConfig, QuantType};
+use crate::quant::QuantConfig;
 use crate::trainer::{BatchSource, Trainer};
 
 /// A Llama shape and its batch.
