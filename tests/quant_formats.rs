@@ -211,7 +211,11 @@ fn fp8_linear_is_one_function_and_matches_torch() {
             );
             // per tensor: fp32 products of the same FP8 values, differing only in summation
             // order and where the scales are applied; per row: one bf16 rounding of those
-            let tol = if scaling == Fp8Scaling::PerRow { 8e-3 } else { 1e-6 };
+            let tol = if scaling == Fp8Scaling::PerRow {
+                8e-3
+            } else {
+                1e-6
+            };
             let e = rel(&y_eval, &reference[&format!("{key}.y")]);
             assert!(e < tol, "{key}: forward differs from torch by {e}");
             // the FP8 rounding of x is really there: it differs from x fq(W)^T
@@ -267,7 +271,12 @@ fn fp8_casts_equal_torch_bit_for_bit() {
         let ours = bits.view_dtype(Kind::Uint8);
         let theirs = &reference[&format!("{name}.{name}")];
         let differ = ours.ne_tensor(theirs).sum(Kind::Int64).int64_value(&[]);
-        assert_eq!(differ, 0, "{name}: {differ} of {} casts differ from torch", x.numel());
+        assert_eq!(
+            differ,
+            0,
+            "{name}: {differ} of {} casts differ from torch",
+            x.numel()
+        );
     }
 }
 

@@ -117,11 +117,14 @@ fn four_bit_kernel_vector_loop_equals_scalar_loop_and_the_formula() {
             let code = Tensor::from_slice(&ty.code());
             let v = dequantize_4bit_kernel(&packed, &absmax, &code, bs, true).unwrap();
             let s = dequantize_4bit_kernel(&packed, &absmax, &code, bs, false).unwrap();
-            assert!(v.equal(&s), "{ty:?} bs {bs}: vector and scalar loops differ");
+            assert!(
+                v.equal(&s),
+                "{ty:?} bs {bs}: vector and scalar loops differ"
+            );
             // code[nibble] * absmax[block] in libtorch ops, high nibble first
             let p = packed.to_kind(Kind::Int64);
-            let idx = Tensor::stack(&[p.divide_scalar_mode(16, "floor"), p.remainder(16)], 1)
-                .view([-1]);
+            let idx =
+                Tensor::stack(&[p.divide_scalar_mode(16, "floor"), p.remainder(16)], 1).view([-1]);
             let want = code.index_select(0, &idx).view([nb, bs]) * absmax.view([nb, 1]);
             assert!(
                 v.equal(&want.view([-1])),
@@ -140,7 +143,10 @@ fn four_bit_dequantize_equals_the_formula_bit_for_bit() {
     let w = Tensor::randn([80, 192], (Kind::Float, Device::Cpu)) * 0.3;
     for (ty, bs) in [(FourBitType::Nf4, 64i64), (FourBitType::Fp4, 32)] {
         for dq in [false, true] {
-            let qt = FourBitQuantizer::new(ty, bs, dq).unwrap().quantize(&w).unwrap();
+            let qt = FourBitQuantizer::new(ty, bs, dq)
+                .unwrap()
+                .quantize(&w)
+                .unwrap();
             let parts: std::collections::HashMap<String, Tensor> =
                 qt.named_tensors().into_iter().collect();
             let stats = if dq {
@@ -156,14 +162,17 @@ fn four_bit_dequantize_equals_the_formula_bit_for_bit() {
             let t = FourBitTensor::new(ty, (80, 192), bs, parts["packed"].shallow_clone(), stats)
                 .unwrap();
             let p = t.packed().view([-1]).to_kind(Kind::Int64);
-            let idx = Tensor::stack(&[p.divide_scalar_mode(16, "floor"), p.remainder(16)], 1)
-                .view([-1]);
+            let idx =
+                Tensor::stack(&[p.divide_scalar_mode(16, "floor"), p.remainder(16)], 1).view([-1]);
             let code = Tensor::from_slice(&ty.code());
             let want = (code.index_select(0, &idx).view([-1, bs])
                 * t.absmax().unwrap().view([-1, 1]))
             .view([80, 192]);
             let got = t.dequantize(Kind::Float).unwrap();
-            assert!(got.equal(&want), "{ty:?} bs {bs} dq {dq}: dequantization differs");
+            assert!(
+                got.equal(&want),
+                "{ty:?} bs {bs} dq {dq}: dequantization differs"
+            );
             // rows in tiles equal the whole
             let top = t.dequantize_rows(0, 20, Kind::Float).unwrap();
             let bottom = t.dequantize_rows(20, 80, Kind::Float).unwrap();
@@ -179,7 +188,9 @@ fn four_bit_dequantize_equals_the_formula_bit_for_bit() {
 #[test]
 fn cuda_quantized_linear_matches_cpu() {
     if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device (the CUDA path of the quantized linear is untested here)");
+        eprintln!(
+            "skipped: no CUDA device (the CUDA path of the quantized linear is untested here)"
+        );
         return;
     }
     let dev = Device::Cuda(0);
@@ -201,12 +212,18 @@ fn cuda_quantized_linear_matches_cpu() {
         let gpu = q.quantize(&w.to_device(dev)).unwrap();
         let dc = cpu.dequantize(Kind::Float).unwrap();
         let dg = gpu.dequantize(Kind::Float).unwrap().to_device(Device::Cpu);
-        assert!(dc.equal(&dg), "{name}: CUDA dequantization differs from the CPU's");
+        assert!(
+            dc.equal(&dg),
+            "{name}: CUDA dequantization differs from the CPU's"
+        );
         let run = |qt: &dyn QuantizedTensor, d: Device| {
             let xg = x.to_device(d).set_requires_grad(true);
             let y = qt.linear(&xg).unwrap();
             (&y * g.to_device(d)).sum(Kind::Float).backward();
-            (y.detach().to_device(Device::Cpu), xg.grad().to_device(Device::Cpu))
+            (
+                y.detach().to_device(Device::Cpu),
+                xg.grad().to_device(Device::Cpu),
+            )
         };
         let (yc, gc) = run(cpu.as_ref(), Device::Cpu);
         let (yg, gg) = run(gpu.as_ref(), dev);

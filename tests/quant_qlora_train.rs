@@ -25,7 +25,11 @@ fn write_llama(dir: &Path) {
         .arg("llama")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 struct One;
@@ -48,7 +52,11 @@ impl BatchSource for One {
 
 /// `quantized`: NF4 base; otherwise fp32 base holding the NF4-dequantized weights.
 fn lora_deltas(dir: &Path, quantized: bool, ckpt: bool) -> Vec<(String, Tensor)> {
-    let q = QuantConfig::from_legacy(true, false).unwrap().unwrap().quantizer().unwrap();
+    let q = QuantConfig::from_legacy(true, false)
+        .unwrap()
+        .unwrap()
+        .quantizer()
+        .unwrap();
     let mut model: Box<dyn CausalLm> = if quantized {
         let opts = LoadOptions::new(Kind::Float, Device::Cpu).with_quantizer(q);
         load_model(dir, &opts).unwrap()
@@ -138,9 +146,15 @@ fn qlora_gradients_equal_dense_dequantized_base_with_and_without_checkpointing()
         for ((n, a), (_, b)) in q.iter().zip(&dense) {
             let scale = b.abs().max().double_value(&[]).max(1e-12);
             let d = common::max_abs_diff(a, b) / scale;
-            assert!(d < 1e-4, "checkpointing {ckpt}: {n} differs by {d} (relative)");
+            assert!(
+                d < 1e-4,
+                "checkpointing {ckpt}: {n} differs by {d} (relative)"
+            );
         }
-        let moved = q.iter().filter(|(_, d)| d.abs().max().double_value(&[]) > 0.0).count();
+        let moved = q
+            .iter()
+            .filter(|(_, d)| d.abs().max().double_value(&[]) > 0.0)
+            .count();
         assert_eq!(moved, q.len(), "every LoRA parameter gets a gradient");
     }
 }

@@ -129,7 +129,8 @@ pub fn write_model(dir: &Path, shape: &Shape, layers: i64) -> Result<()> {
     let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
     let mut w = std::io::BufWriter::new(file);
     let io = |e| Error::io(&path, e);
-    w.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(head.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&head).map_err(io)?;
     tch::manual_seed(0);
     for (name, shape) in &tensors {
@@ -140,7 +141,10 @@ pub fn write_model(dir: &Path, shape: &Shape, layers: i64) -> Result<()> {
                 .and_then(|t| t.f_mul_scalar(0.02))
         }
         .ctx(format!("random {name}"))?;
-        let v: Vec<f32> = t.f_view([-1]).and_then(Vec::<f32>::try_from).ctx("to vec")?;
+        let v: Vec<f32> = t
+            .f_view([-1])
+            .and_then(Vec::<f32>::try_from)
+            .ctx("to vec")?;
         drop(t);
         let mut buf = Vec::with_capacity(v.len() * 4);
         for x in &v {
@@ -151,8 +155,12 @@ pub fn write_model(dir: &Path, shape: &Shape, layers: i64) -> Result<()> {
     }
     w.flush().map_err(io)?;
     tch::manual_seed(1);
-    let ids = Tensor::f_randint(shape.vocab, [shape.batch, shape.seq], (Kind::Int64, Device::Cpu))
-        .ctx("random tokens")?;
+    let ids = Tensor::f_randint(
+        shape.vocab,
+        [shape.batch, shape.seq],
+        (Kind::Int64, Device::Cpu),
+    )
+    .ctx("random tokens")?;
     let bpath = dir.join("batch.safetensors");
     Tensor::write_safetensors(&[("input_ids", ids)], &bpath)
         .map_err(|e| Error::invalid(format!("{}: {e}", bpath.display())))
@@ -347,7 +355,11 @@ fn spawn(spec: &str, dir: &Path, opts: &PerfOpts, tokens: f64) -> Result<ChildRe
         v[k].as_f64()
             .ok_or_else(|| Error::invalid(format!("qlora child {spec}: no {k}")))
     };
-    let (base, start, peak) = (get("baseline_bytes")?, get("start_bytes")?, get("peak_bytes")?);
+    let (base, start, peak) = (
+        get("baseline_bytes")?,
+        get("start_bytes")?,
+        get("peak_bytes")?,
+    );
     const MIB: f64 = 1024.0 * 1024.0;
     Ok(ChildResult {
         tokens_per_s: Stats::from_samples(&secs)?.inverse(tokens),

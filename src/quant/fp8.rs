@@ -392,7 +392,14 @@ impl QuantizedTensor for Fp8Tensor {
     fn linear(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, cols) = self.shape();
         let backend = fp8_backend_for(x.device())?;
-        let ctx = || format!("{} linear {:?} x {:?}", self.format.name(), x.size(), (rows, cols));
+        let ctx = || {
+            format!(
+                "{} linear {:?} x {:?}",
+                self.format.name(),
+                x.size(),
+                (rows, cols)
+            )
+        };
         let (bits, scale) = {
             let _g = tch::no_grad_guard();
             let x2 = x.detach().f_reshape([-1, cols]).ctx(ctx())?;

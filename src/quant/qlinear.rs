@@ -181,9 +181,16 @@ pub(crate) fn linear(p: &Parts<'_>, x: &Tensor, fp8: Option<&Fp8Input>) -> Resul
     let (xb, xs, mm, odt) = match (p.format, fp8) {
         (Format::Fp8, Some(f)) => (ptr(&f.bits), ptr(&f.scale), f.scaled_mm, f.out_kind),
         (Format::Fp8, None) => {
-            return Err(Error::invalid(format!("{what}: FP8 product without an FP8 input")));
+            return Err(Error::invalid(format!(
+                "{what}: FP8 product without an FP8 input"
+            )));
         }
-        _ => (std::ptr::null_mut(), std::ptr::null_mut(), false, Kind::Float),
+        _ => (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            false,
+            Kind::Float,
+        ),
     };
     let odt = dtype_code(odt)?;
     // SAFETY: `x`, the parts and the FP8 input are borrowed for the call; the shim returns a
