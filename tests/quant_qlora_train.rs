@@ -98,7 +98,7 @@ fn lora_deltas(dir: &Path, quantized: bool, ckpt: bool) -> Vec<(String, Tensor)>
     for (n, p) in model.named_parameters() {
         if n.contains("lora_B") {
             let _g = tch::no_grad_guard();
-            let _ = p.shallow_clone().copy_(&(Tensor::randn_like(&p) * 0.1));
+            p.shallow_clone().copy_(&(Tensor::randn_like(&p) * 0.1));
         }
     }
     let names: Vec<(String, Tensor)> = model

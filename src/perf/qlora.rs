@@ -122,7 +122,7 @@ pub fn write_model(dir: &Path, shape: &Shape, layers: i64) -> Result<()> {
         offset += bytes;
     }
     let mut head = serde_json::Value::Object(header).to_string().into_bytes();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let path = dir.join("model.safetensors");
