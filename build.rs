@@ -74,6 +74,8 @@ fn build_dist_shim() {
     println!("cargo:rerun-if-changed=csrc/amp.cpp");
     println!("cargo:rerun-if-changed=csrc/shim_common.h");
     println!("cargo:rerun-if-changed=csrc/kernels.c");
+    println!("cargo:rerun-if-changed=csrc/qlinear.cpp");
+    println!("cargo:rerun-if-changed=csrc/dequant.c");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_NCCL_INCLUDE");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_CUDA_INCLUDE");
@@ -121,6 +123,7 @@ fn build_dist_shim() {
         .file("csrc/dist_shim.cpp")
         .file("csrc/fused.cpp")
         .file("csrc/amp.cpp")
+        .file("csrc/qlinear.cpp")
         .include(&inc)
         .include(&api_inc)
         .include(&gloo_inc)
@@ -174,6 +177,7 @@ fn build_dist_shim() {
 fn build_kernels(torch_include: &Path) {
     let mut k = cc::Build::new();
     k.file("csrc/kernels.c")
+        .file("csrc/dequant.c")
         .include(torch_include)
         .flag("-std=c11")
         .flag("-fopenmp-simd")

@@ -22,6 +22,16 @@ file and writes the reference results to another safetensors file:
       Emulated FP8 training linear (torchao Float8Linear recipe, tensorwise): x and w quantized
       to e4m3 for the forward, the output gradient to e5m2 for both backward matmuls. Inputs x,
       w, gy; outputs y, gx, gw.
+  fp8cast IN OUT
+      PyTorch's own float8 casts of each input tensor NAME, no scaling: NAME.{e4m3,e5m2} =
+      NAME.to(float8_e4m3fn / float8_e5m2) as uint8 bytes.
+  fp8qlinear IN OUT
+      The frozen-FP8-weight linear of src/quant/fp8.rs, written with the semantics above: for
+      each weight format F in {e4m3, e5m2} and scaling S in {per_tensor, per_row}, W is
+      quantized to F with scaling S, x (as [tokens, in]) to e4m3 with scaling S (per token row
+      for per_row), y = fq(x) @ fq(W)^T in fp32, rounded to bf16 for per_row (the dtype
+      `_scaled_mm` returns for row-wise scales); gx = gy @ fq(W) (straight-through for x).
+      Inputs x, w, gy; outputs F.S.y and F.S.gx.
 """
 
 import argparse
@@ -135,9 +145,35 @@ def run_fp8linear(tensors):
     }
 
 
+def run_fp8cast(tensors):
+    out = {}
+    for name, x in tensors.items():
+        for fmt, dtype in FP8.items():
+            out[f"{name}.{fmt}"] = x.to(dtype).view(torch.uint8).contiguous()
+    return out
+
+
+def run_fp8qlinear(tensors):
+    x, w, gy = tensors["x"], tensors["w"], tensors["gy"]
+    x2 = x.reshape(-1, x.shape[-1])
+    gy2 = gy.reshape(-1, gy.shape[-1])
+    out = {}
+    for fmt, dtype in FP8.items():
+        for scaling in ("per_tensor", "per_row"):
+            per_row = scaling == "per_row"
+            wq = fp8_fq(w, dtype, per_row)
+            xq = fp8_fq(x2, torch.float8_e4m3fn, per_row)
+            y = xq @ wq.t()
+            if per_row:
+                y = y.to(torch.bfloat16).float()
+            out[f"{fmt}.{scaling}.y"] = y.reshape(*x.shape[:-1], w.shape[0]).contiguous()
+            out[f"{fmt}.{scaling}.gx"] = (gy2 @ wq).reshape(x.shape).contiguous()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["4bit", "int8", "fp8", "fp8linear"])
+    ap.add_argument("mode", choices=["4bit", "int8", "fp8", "fp8linear", "fp8cast", "fp8qlinear"])
     ap.add_argument("input")
     ap.add_argument("output")
     ap.add_argument("--blocksizes", default="64")
@@ -149,6 +185,10 @@ def main():
         out = run_int8(tensors)
     elif a.mode == "fp8":
         out = run_fp8(tensors)
+    elif a.mode == "fp8cast":
+        out = run_fp8cast(tensors)
+    elif a.mode == "fp8qlinear":
+        out = run_fp8qlinear(tensors)
     else:
         out = run_fp8linear(tensors)
     save_file(out, a.output)

@@ -89,12 +89,12 @@ pub fn enabled() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn cpu_supported() -> bool {
+pub(crate) fn cpu_supported() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn cpu_supported() -> bool {
+pub(crate) fn cpu_supported() -> bool {
     true
 }
 

@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load, quant-load,
-    /// trackers, families).
+    /// trackers, families, qlora, qlora-1b).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -45,6 +45,9 @@ struct Args {
     /// Internal: measure one load (MODE,FORMAT,THREADS) in this process (see perf::load).
     #[arg(long, hide = true)]
     child_load: Option<String>,
+    /// Internal: one QLoRA memory/speed configuration in this process (see perf::qlora).
+    #[arg(long, hide = true)]
+    child_qlora: Option<String>,
 }
 
 type Workload = fn(&PerfOpts) -> volttrain::Result<Vec<Measurement>>;
@@ -74,6 +77,8 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("quant-load", perf::load::run),
         ("trackers", perf::trackers::run),
         ("families", perf::families::run),
+        ("qlora", perf::qlora::run),
+        ("qlora-1b", perf::qlora::run_1b),
     ]
 }
 
@@ -129,6 +134,18 @@ fn main() -> std::process::ExitCode {
             }
             Err(e) => {
                 eprintln!("child load {spec}: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let (Some(spec), Some(dir)) = (&args.child_qlora, &args.child_model) {
+        return match perf::qlora::child(spec, dir, &opts) {
+            Ok(v) => {
+                println!("{v}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("child qlora {spec}: {e}");
                 std::process::ExitCode::FAILURE
             }
         };

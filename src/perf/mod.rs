@@ -9,6 +9,7 @@ pub mod families;
 pub mod load;
 pub mod model;
 pub mod optim;
+pub mod qlora;
 pub mod quant;
 pub mod sft;
 pub mod trackers;

@@ -5,11 +5,24 @@
 //! and rounded to fp32, `bits = clamp(x * scale, -max, max)` cast to FP8 (round to nearest even),
 //! and `x ≈ bits / scale`. `amax` is the whole tensor's (`per_tensor`) or each row's (`per_row`).
 //!
-//! On CUDA devices with FP8 tensor cores (compute capability 8.9 or newer; detected once per
-//! device by running a tiny `_scaled_mm`), [`QuantizedTensor::linear`] multiplies in FP8 with
-//! `_scaled_mm` when no gradient is needed; everywhere else (CPU, or when autograd records) it
-//! dequantizes and multiplies in the input's dtype. The CUDA path is untested on this CPU-only
-//! build machine.
+//! # One FP8 linear
+//!
+//! [`QuantizedTensor::linear`] of an [`Fp8Tensor`] computes one function, whatever autograd
+//! records: training forward, evaluation and the recompute of gradient checkpointing all give
+//! `y = (Q(x) Q(W)^T) * (1 / s_x) * (1 / s_W)` rounded to the product dtype, where `Q(x)` is the
+//! input cast to e4m3 with its own dynamic scale `s_x` (same granularity as the weight's: per
+//! tensor, or per token row), `Q(W)` the stored FP8 weight. The product dtype is the input's
+//! for per-tensor scaling and bf16 for per-row scaling (what `_scaled_mm` returns for each), on
+//! every device. The input gradient treats the input's quantization as the identity
+//! (straight-through): `dL/dx = g (Q(W) / s_W)`; the weight is frozen.
+//!
+//! Where it runs ([`fp8_backend_for`]): libtorch's `_scaled_mm` on CUDA devices with FP8 tensor
+//! cores (compute capability 8.9 or newer, probed once per device with a tiny `_scaled_mm`) for
+//! e4m3 weights whose dimensions are multiples of 16; elsewhere on those devices and on the CPU
+//! the emulation: the very same FP8 values (libtorch's float8 casts, which round like PyTorch's
+//! `.to(torch.float8_e4m3fn)` because they are the same code) widened to fp32, multiplied and
+//! scaled in fp32. Other devices (CUDA without FP8, MPS, ...) are refused with an error. The
+//! product runs in the C++ shim as one autograd function ([`super::qlinear`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -155,57 +168,35 @@ pub fn fp8_kernels_available(device: Device) -> bool {
     ok
 }
 
-/// `x W^T` with libtorch's `_scaled_mm` for an e4m3 weight; `x` is quantized to e4m3 with the
-/// same scaling granularity. Requires the CUDA FP8 path (see [`fp8_kernels_available`]).
-pub(crate) fn scaled_mm_linear(
-    x: &Tensor,
-    w_bits: &Tensor,
-    w_scale: &Tensor,
-    scaling: Fp8Scaling,
-) -> Result<Tensor> {
-    let ctx = |what: &str| {
-        format!(
-            "fp8 _scaled_mm {:?} x {:?}: {what}",
-            x.size(),
-            w_bits.size()
-        )
-    };
-    let size = x.size();
-    let k = *size
-        .last()
-        .ok_or_else(|| Error::invalid(ctx("input is 0-D")))?;
-    let x2 = x.f_reshape([-1, k]).ctx(ctx("reshape"))?;
-    let (xb, xs) = quantize_fp8(&x2, Fp8Format::E4m3, scaling)?;
-    // _scaled_mm takes the dequantization multipliers (inverse scales): [] or [M, 1] and [1, N]
-    let inv_x = xs.f_reciprocal().ctx(ctx("scale"))?;
-    let inv_w = w_scale.f_reciprocal().ctx(ctx("scale"))?;
-    let inv_w = match scaling {
-        Fp8Scaling::PerTensor => inv_w,
-        Fp8Scaling::PerRow => inv_w.f_view([1, -1]).ctx(ctx("scale"))?,
-    };
-    // row-wise scaling requires a bf16 output; tensor-wise takes the input's float kind
-    let out_kind = match (scaling, x.kind()) {
+/// Where the FP8 products of a device run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Backend {
+    /// The emulation: FP8 values widened to fp32, fp32 products and scales.
+    Emulated,
+    /// libtorch `_scaled_mm` on a CUDA device with FP8 tensor cores.
+    CudaScaledMm,
+}
+
+/// The FP8 path for `device`: emulation on CPU, `_scaled_mm` on CUDA devices with FP8 kernels,
+/// and an error everywhere else.
+pub fn fp8_backend_for(device: Device) -> Result<Fp8Backend> {
+    match device {
+        Device::Cpu => Ok(Fp8Backend::Emulated),
+        Device::Cuda(_) if fp8_kernels_available(device) => Ok(Fp8Backend::CudaScaledMm),
+        other => Err(Error::invalid(format!(
+            "FP8 training requested on {other:?}, which has no FP8 kernels (libtorch \
+             `_scaled_mm` needs a CUDA GPU with compute capability 8.9 or newer, e.g. \
+             Ada or Hopper); train in bf16/fp32 there, or use the CPU emulation"
+        ))),
+    }
+}
+
+/// The dtype of the FP8 product for input kind `x` and `scaling` (what `_scaled_mm` returns):
+/// the input's float kind per tensor, bf16 per row.
+pub fn fp8_product_kind(x: Kind, scaling: Fp8Scaling) -> Kind {
+    match (scaling, x) {
         (Fp8Scaling::PerTensor, k @ (Kind::BFloat16 | Kind::Half | Kind::Float)) => k,
         _ => Kind::BFloat16,
-    };
-    let y = xb
-        .f_internal_scaled_mm::<&Tensor>(
-            &w_bits.f_tr().ctx(ctx("transpose"))?,
-            &inv_x,
-            &inv_w,
-            None,
-            None,
-            out_kind,
-            false,
-        )
-        .ctx(ctx("matmul"))?;
-    let mut out_shape = size[..size.len() - 1].to_vec();
-    out_shape.push(w_bits.size()[0]);
-    let y = y.f_reshape(out_shape).ctx(ctx("reshape"))?;
-    if y.kind() == x.kind() {
-        Ok(y)
-    } else {
-        y.f_to_kind(x.kind()).ctx(ctx("output kind"))
     }
 }
 
@@ -397,18 +388,42 @@ impl QuantizedTensor for Fp8Tensor {
         tensor_bytes(&self.bits) + tensor_bytes(&self.scale)
     }
 
+    /// The one FP8 linear of the module docs, the same function with or without a gradient.
     fn linear(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, cols) = self.shape();
-        let fast = self.format == Fp8Format::E4m3
-            && !x.requires_grad()
+        let backend = fp8_backend_for(x.device())?;
+        let ctx = || {
+            format!(
+                "{} linear {:?} x {:?}",
+                self.format.name(),
+                x.size(),
+                (rows, cols)
+            )
+        };
+        let (bits, scale) = {
+            let _g = tch::no_grad_guard();
+            let x2 = x.detach().f_reshape([-1, cols]).ctx(ctx())?;
+            quantize_fp8(&x2, Fp8Format::E4m3, self.scaling)?
+        };
+        let scaled_mm = backend == Fp8Backend::CudaScaledMm
+            && self.format == Fp8Format::E4m3
             && rows % 16 == 0
-            && cols % 16 == 0
-            && fp8_kernels_available(x.device());
-        if fast {
-            return scaled_mm_linear(x, &self.bits, &self.scale, self.scaling);
-        }
-        let w = self.dequantize(x.kind())?;
-        x.f_linear::<&Tensor>(&w, None).ctx("fp8 linear")
+            && cols % 16 == 0;
+        let input = super::qlinear::Fp8Input {
+            bits,
+            scale,
+            scaled_mm,
+            out_kind: fp8_product_kind(x.kind(), self.scaling),
+        };
+        let parts = super::qlinear::Parts {
+            format: super::qlinear::Format::Fp8,
+            tensors: vec![&self.bits, &self.scale],
+            rows,
+            cols,
+            block_size: 0,
+            offset: 0.0,
+        };
+        super::qlinear::linear(&parts, x, Some(&input))
     }
 
     /// `bits`: the FP8 bytes viewed as `uint8` (tch's safetensors writer has no FP8 dtype);

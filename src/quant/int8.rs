@@ -138,6 +138,26 @@ impl QuantizedTensor for Int8Tensor {
         tensor_bytes(&self.codes) + tensor_bytes(&self.stats)
     }
 
+    /// `x W^T`; with a gradient to record, through the shim's autograd function, which
+    /// dequantizes in forward and again in backward and keeps no dense weight
+    /// ([`super::qlinear`]).
+    fn linear(&self, x: &Tensor) -> Result<Tensor> {
+        if x.requires_grad() {
+            let (rows, cols) = self.shape();
+            let parts = super::qlinear::Parts {
+                format: super::qlinear::Format::Int8,
+                tensors: vec![&self.codes, &self.stats],
+                rows,
+                cols,
+                block_size: 0,
+                offset: 0.0,
+            };
+            return super::qlinear::linear(&parts, x, None);
+        }
+        let w = self.dequantize(x.kind())?;
+        x.f_linear::<&Tensor>(&w, None).ctx("int8 linear")
+    }
+
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
         vec![
             ("codes".to_string(), self.codes.shallow_clone()),

@@ -11,7 +11,10 @@
 //! | `fp8_e4m3`, `fp8_e5m2` | [`fp8`] | 1 (+ 4 per tensor or row) | torchao Float8Linear dynamic scaling |
 //!
 //! [`QuantConfig`] is the `quantization` config section and maps the legacy `model.train_4bit`
-//! / `model.train_8bit` switches; [`Fp8Linear`] trains a linear layer with FP8 numerics.
+//! / `model.train_8bit` switches. Products that need an input gradient run through one autograd
+//! function of the C++ shim ([`qlinear`]) that dequantizes in forward and again in backward, so
+//! training keeps no dense copy of a quantized weight; FP8 weights multiply FP8 copies of the
+//! input in training, evaluation and recompute alike ([`fp8`]).
 //! Every quantizer refuses weights that are not 2-D floating point or hold NaN/infinite values.
 
 use std::fmt;
@@ -50,13 +53,12 @@ pub trait Quantizer: Send + Sync + fmt::Debug {
 
 pub mod config;
 pub mod fp8;
-pub mod fp8_linear;
 pub mod int8;
 pub mod nf4;
+pub mod qlinear;
 
 pub use config::{ComputeDtype, QuantConfig, QuantType};
-pub use fp8::{Fp8Format, Fp8Quantizer, Fp8Scaling, Fp8Tensor};
-pub use fp8_linear::{Fp8Backend, Fp8Linear};
+pub use fp8::{Fp8Backend, Fp8Format, Fp8Quantizer, Fp8Scaling, Fp8Tensor, fp8_backend_for};
 pub use int8::{Int8Quantizer, Int8Tensor};
 pub use nf4::{FourBitQuantizer, FourBitTensor, FourBitType};
 

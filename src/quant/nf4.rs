@@ -18,9 +18,10 @@
 //!   a value within half a grid step (1.5e-5) of a midpoint between two codes can take the
 //!   farther one, exactly as bitsandbytes does.
 //!
-//! Dequantization is `code[nibble] * absmax[block]` in fp32, vectorised: each pair of packed
-//! bytes indexes a 65536-row table of four code values (`index_select`), then the blocks are
-//! scaled in place.
+//! Dequantization is `code[nibble] * absmax[block]` in fp32, in the C++ shim
+//! ([`super::qlinear`]): a vectorised kernel on the CPU (AVX2, checked at run time), libtorch
+//! ops on other devices, the same bits either way. Products that need a gradient for their input
+//! dequantize in forward and again in backward ([`super::qlinear`]), keeping no dense weight.
 
 use tch::{Device, Kind, Tensor};
 
@@ -360,16 +361,6 @@ impl FourBitQuantizer {
     }
 }
 
-/// The `[65536, 4]` table of the four code values of each pair of packed bytes (see
-/// [`super::byte_pair_table`]).
-fn quad_table(ty: FourBitType, device: Device) -> Tensor {
-    let code = ty.code();
-    super::byte_pair_table(ty.name(), device, 4, |byte, out| {
-        out.push(code[byte >> 4]);
-        out.push(code[byte & 15]);
-    })
-}
-
 /// Double quantization of the fp32 absmax vector, bitsandbytes' `compress_statistics=True`.
 fn nested_absmax(absmax: &Tensor) -> Result<AbsMax> {
     let device = absmax.device();
@@ -411,10 +402,8 @@ pub struct FourBitTensor {
     /// `uint8 [numel / 2, 1]`, high nibble first.
     packed: Tensor,
     absmax: AbsMax,
-    /// `[65536, 4]` fp32: the four code values of each pair of packed bytes, indexed by the two
-    /// bytes read as a little-endian `u16` (1 MiB, shared by all tensors of the format; derived
-    /// from the 16-value table and not counted as storage).
-    pairs: Tensor,
+    /// The 16-value fp32 code table on the packed codes' device (counted in storage).
+    code: Tensor,
 }
 
 impl FourBitTensor {
@@ -484,14 +473,14 @@ impl FourBitTensor {
         if stat_len as i64 != nblocks {
             return bad(format!("expected {nblocks} absmax values, got {stat_len}"));
         }
-        let pairs = quad_table(ty, packed.device());
+        let code = Tensor::from_slice(&ty.code()).to_device(packed.device());
         Ok(FourBitTensor {
             ty,
             shape,
             block_size,
             packed,
             absmax,
-            pairs,
+            code,
         })
     }
 
@@ -559,30 +548,34 @@ impl FourBitTensor {
                 self.block_size
             )));
         }
-        let bs = self.block_size;
-        let ctx = || format!("{} dequantize {:?}", self.ty.name(), self.shape);
-        let _g = tch::no_grad_guard();
-        let absmax = self
-            .absmax()?
-            .f_slice(0, s / bs, e / bs, 1)
-            .ctx(ctx())?
-            .f_view([-1, 1])
-            .ctx(ctx())?;
-        let bytes = self
-            .packed
-            .f_view([-1])
-            .ctx(ctx())?
-            .f_slice(0, s / 2, e / 2, 1)
-            .ctx(ctx())?;
-        let mut out = super::gather_byte_pairs(&self.pairs, &bytes)?
-            .f_view([-1, bs])
-            .ctx(ctx())?;
-        let _ = out.f_mul_(&absmax).ctx(ctx())?;
-        let out = out.f_view([end - start, cols]).ctx(ctx())?;
-        if kind == Kind::Float {
-            Ok(out)
-        } else {
-            out.f_to_kind(kind).ctx(ctx())
+        super::qlinear::dequantize_rows(&self.parts(), start, end, kind)
+    }
+
+    /// The packed weight as the shim takes it.
+    fn parts(&self) -> super::qlinear::Parts<'_> {
+        let mut tensors = vec![&self.packed, &self.code];
+        let offset = match &self.absmax {
+            AbsMax::Full(a) => {
+                tensors.push(a);
+                0.0
+            }
+            AbsMax::Nested {
+                codes,
+                absmax2,
+                code,
+                offset,
+            } => {
+                tensors.extend([codes, absmax2, code]);
+                f64::from(*offset)
+            }
+        };
+        super::qlinear::Parts {
+            format: super::qlinear::Format::FourBit,
+            tensors,
+            rows: self.shape.0,
+            cols: self.shape.1,
+            block_size: self.block_size,
+            offset,
         }
     }
 }
@@ -600,10 +593,11 @@ impl QuantizedTensor for FourBitTensor {
         self.dequantize_rows(0, self.shape.0, kind)
     }
 
-    /// `x W^T`. Without a gradient to record (inference, or a frozen layer below every adapter)
-    /// the weight is dequantized in tiles of about [`TILE_VALUES`] values, so a product never
-    /// holds more than one tile of the dense weight; otherwise the whole weight is dequantized
-    /// (autograd keeps it for the backward pass either way).
+    /// `x W^T`. Without a gradient to record (inference, the no-grad pass of gradient
+    /// checkpointing, or a frozen layer below every adapter) the weight is dequantized in tiles
+    /// of about [`TILE_VALUES`] values, so a product never holds more than one tile of the dense
+    /// weight; with one, the shim's autograd function dequantizes the whole weight for the
+    /// product and again in backward, keeping none of it in between ([`super::qlinear`]).
     fn linear(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, cols) = self.shape;
         let ctx = || {
@@ -614,7 +608,10 @@ impl QuantizedTensor for FourBitTensor {
                 self.shape
             )
         };
-        if x.requires_grad() || rows * cols <= TILE_VALUES {
+        if x.requires_grad() {
+            return super::qlinear::linear(&self.parts(), x, None);
+        }
+        if rows * cols <= TILE_VALUES {
             let w = self.dequantize(x.kind())?;
             return x.f_linear::<&Tensor>(&w, None).ctx(ctx());
         }
