@@ -31,6 +31,7 @@ pub mod plugin;
 pub mod quant;
 pub mod sched;
 pub mod sft;
+pub mod dpo;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@
 //! [`Measurement`]s. The `volttrain-bench` binary drives them and prints the table.
 
 pub mod data;
+pub mod dpo;
 pub mod load;
 pub mod model;
 pub mod optim;

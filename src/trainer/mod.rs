@@ -20,6 +20,7 @@
 mod checkpoint;
 mod dist;
 
+pub mod preference;
 mod step;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ use tch::{Device, Tensor};
 
 pub use checkpoint::{TrainState, last_dir};
 pub use dist::C10dCollective;
+pub use preference::{PreferenceConfig, PreferenceLoss, PreferenceObjective};
 pub use step::{IGNORE_INDEX, Precision};
 
 use crate::callback::{Callback, Control, EvalMetrics, ModelSaver, StepMetrics};
@@ -128,6 +130,7 @@ pub struct TrainerBuilder {
     interrupt: Option<Arc<AtomicBool>>,
     checkpoint_every: Option<u64>,
     keep_freed_memory: bool,
+    preference: Option<PreferenceObjective>,
 }
 
 impl Default for TrainerBuilder {
@@ -157,6 +160,7 @@ impl Default for TrainerBuilder {
             interrupt: None,
             checkpoint_every: None,
             keep_freed_memory: true,
+            preference: None,
         }
     }
 }
@@ -285,6 +289,14 @@ impl TrainerBuilder {
         self
     }
 
+    /// Train on preference pairs with this objective (DPO, IPO, hinge, robust, ORPO) instead of
+    /// the SFT cross-entropy; the data yields `2B` rows per batch of `B` pairs, chosen rows
+    /// first (see [`crate::data::preference`]).
+    pub fn preference(mut self, o: PreferenceObjective) -> Self {
+        self.preference = Some(o);
+        self
+    }
+
     /// Checks the combination and makes the trainer.
     pub fn build(self) -> Result<Trainer> {
         let model = self
@@ -374,6 +386,9 @@ impl TrainerBuilder {
                 join_names(&twice)
             )));
         }
+        if let Some(o) = &self.preference {
+            o.check(model.as_ref())?;
+        }
         let world = self.collective.as_ref().map_or(1, |c| c.world_size());
         let per_epoch = train.num_batches(0).div_ceil(self.grad_accum) as u64;
         if per_epoch == 0 {
@@ -416,6 +431,7 @@ impl TrainerBuilder {
             collective: self.collective,
             interrupt: self.interrupt,
             checkpoint_every: self.checkpoint_every,
+            preference: self.preference,
             state: TrainState {
                 seed: self.seed,
                 world_size: world,
@@ -500,6 +516,7 @@ pub struct Trainer {
     collective: Option<Box<dyn Collective>>,
     interrupt: Option<Arc<AtomicBool>>,
     checkpoint_every: Option<u64>,
+    preference: Option<PreferenceObjective>,
     state: TrainState,
 }
 
@@ -657,6 +674,16 @@ impl Trainer {
         if self.keep_freed_memory {
             crate::malloc::keep_freed_memory();
         }
+        if let Some(o) = self.preference.as_mut() {
+            // Before `restore`: the reference is the model as it was given.
+            preference::precompute_if_asked(
+                o,
+                self.model.as_ref(),
+                self.train.as_mut(),
+                self.eval.as_deref_mut(),
+                self.device,
+            )?;
+        }
         if self.resume {
             self.restore()?;
         }
@@ -700,23 +727,26 @@ impl Trainer {
                     let b = self.train.batch(epoch, i)?;
                     prepared.push(step::prepare(&b, self.device)?);
                 }
+                // The loss is a mean over units: label tokens (SFT) or pairs (preference).
+                let units = |p: &step::Prepared| match &self.preference {
+                    Some(_) => PreferenceObjective::units(p),
+                    None => p.n_labels as f64,
+                };
                 let mut counts = [
                     prepared.iter().map(|p| p.n_labels as f64).sum::<f64>(),
                     prepared.iter().map(|p| p.n_inputs as f64).sum::<f64>(),
+                    prepared.iter().map(units).sum::<f64>(),
                 ];
                 if let Some(c) = self.collective.as_mut() {
                     let r = c.all_reduce_f64(&counts)?;
-                    counts = [r[0], r[1]];
+                    counts = [r[0], r[1], r[2]];
                 }
                 let n_labels = counts[0];
+                let n_units = counts[2];
                 // Gradients are averaged over ranks afterwards, so each rank scales its summed
-                // loss by world / (label tokens of the step on all ranks).
+                // loss by world / (units of the step on all ranks).
                 let world = self.collective.as_ref().map_or(1, |c| c.world_size()) as f64;
-                let scale = if n_labels > 0.0 {
-                    world / n_labels
-                } else {
-                    0.0
-                };
+                let scale = if n_units > 0.0 { world / n_units } else { 0.0 };
                 let mut loss_sum = 0.0;
                 let use_autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
                 let n_micro = prepared.len();
@@ -729,8 +759,10 @@ impl Trainer {
                     let model = self.model.as_ref();
                     let ckpt = self.gradient_checkpointing;
                     let seed = (self.state.seed, self.state.step, micro);
-                    loss_sum += tch::autocast(use_autocast, || {
-                        step::forward_backward(model, p, scale, ckpt, seed)
+                    let pref = self.preference.as_mut();
+                    loss_sum += tch::autocast(use_autocast, || match pref {
+                        Some(o) => o.forward_backward(model, p, scale, ckpt, seed),
+                        None => step::forward_backward(model, p, scale, ckpt, seed),
                     })?;
                 }
                 let mut params: Vec<Tensor> = Vec::new();
@@ -739,13 +771,17 @@ impl Trainer {
                         params.push(p.tensor.shallow_clone());
                     }
                 }
+                let mut extra_sums = self.preference.as_mut().map(|o| o.take_sums().to_vec());
                 if let Some(c) = self.collective.as_mut() {
                     c.average_grads()?;
                     let r = c.all_reduce_f64(&[loss_sum])?;
                     loss_sum = r[0];
+                    if let Some(s) = extra_sums.as_mut() {
+                        *s = c.all_reduce_f64(s)?;
+                    }
                 }
-                let loss = if n_labels > 0.0 {
-                    loss_sum / n_labels
+                let loss = if n_units > 0.0 {
+                    loss_sum / n_units
                 } else {
                     0.0
                 };
@@ -802,6 +838,9 @@ impl Trainer {
                     grad_norm,
                     tokens: n_labels as u64,
                     tokens_per_sec: counts[1] / dt.max(1e-9),
+                    extra: extra_sums
+                        .map(|s| preference::metrics_from_sums(&s))
+                        .unwrap_or_default(),
                 };
                 self.call(Hook::Step(&metrics), &mut stop)?;
                 if let Some(n) = self.eval_every
@@ -901,19 +940,32 @@ impl Trainer {
             return Err(Error::invalid("evaluate: no eval data was given"));
         };
         let autocast = self.device.is_cuda() && self.precision != Precision::Fp32;
-        let mut sums = eval_sums(self.model.as_ref(), eval.as_mut(), self.device, autocast)?;
+        let model = self.model.as_ref();
+        let (mut sums, mut extra) = match self.preference.as_mut() {
+            // Loss summed over pairs, label tokens, and the metric sums (last: the pairs).
+            Some(o) => preference::eval_sums(o, model, eval.as_mut(), self.device, autocast)?,
+            None => {
+                let s = eval_sums(model, eval.as_mut(), self.device, autocast)?;
+                (vec![s[0], s[1]], Vec::new())
+            }
+        };
         if let Some(c) = self.collective.as_mut() {
-            let r = c.all_reduce_f64(&sums)?;
-            sums = [r[0], r[1]];
+            sums = c.all_reduce_f64(&sums)?;
+            if !extra.is_empty() {
+                extra = c.all_reduce_f64(&extra)?;
+            }
         }
         if sums[1] == 0.0 {
             return Err(Error::invalid("evaluate: the eval data has no label token"));
         }
+        // The loss is a mean over pairs for preference objectives, over label tokens otherwise.
+        let denom = extra.last().copied().unwrap_or(sums[1]);
         Ok(EvalMetrics {
             step: self.state.step,
             epoch: self.state.epoch,
-            eval_loss: sums[0] / sums[1],
+            eval_loss: sums[0] / denom,
             tokens: sums[1] as u64,
+            extra: preference::metrics_from_sums(&extra),
         })
     }
 
@@ -962,5 +1014,6 @@ pub fn evaluate_model(
         epoch: 0,
         eval_loss: sums[0] / sums[1],
         tokens: sums[1] as u64,
+        extra: BTreeMap::new(),
     })
 }
