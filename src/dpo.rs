@@ -223,8 +223,14 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
                     let warmup = warmup_fixed
                         .unwrap_or_else(|| (warmup_ratio * total as f64).round() as u64);
                     let mut m = serde_yaml::Mapping::new();
-                    m.insert("warmup_steps".into(), warmup.into());
-                    m.insert("min_lr_ratio".into(), min_lr_ratio.into());
+                    m.insert(
+                        "warmup_steps".into(),
+                        serde_yaml::Value::Number(warmup.into()),
+                    );
+                    m.insert(
+                        "min_lr_ratio".into(),
+                        serde_yaml::Value::Number(min_lr_ratio.into()),
+                    );
                     plugin::build_scheduler("cosine", &serde_yaml::Value::Mapping(m), &ctx)
                 }
             }

@@ -135,7 +135,8 @@ fn dpo_cli_runs_the_bundled_config() {
         .arg("--set")
         .arg(format!("training.output_dir={}", out.path().display()))
         .args(["--set", "dataset.path=tests/fixtures/pref/conv.jsonl"])
-        .args(["--set", "training.batch_size=2", "--set", "training.eval_every=1"])
+        .args(["--set", "dataset.eval_path=tests/fixtures/pref/text.jsonl"])
+        .args(["--set", "training.batch_size=2"])
         .output()
         .unwrap();
     assert!(

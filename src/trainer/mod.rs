@@ -680,7 +680,7 @@ impl Trainer {
                 o,
                 self.model.as_ref(),
                 self.train.as_mut(),
-                self.eval.as_deref_mut(),
+                self.eval.as_mut(),
                 self.device,
             )?;
         }

@@ -373,13 +373,19 @@ fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
 fn row_keys(p: &Prepared) -> Result<Vec<RowKey>> {
     let size = p.input_ids.size();
     let (b, t) = (size[0] as usize, size[1] as usize);
-    let ids: Vec<i64> = Vec::try_from(&p.input_ids.f_to(Device::Cpu).ctx("ids to cpu")?)
+    let ids: Vec<i64> = Vec::try_from(
+        &p.input_ids
+            .f_to(Device::Cpu)
+            .and_then(|x| x.f_reshape([-1]))
+            .ctx("ids to cpu")?,
+    )
         .map_err(|e| Error::invalid(format!("ids: {e}")))?;
     let mask: Vec<i64> = if p.attention_mask.dim() == 2 {
         Vec::try_from(
             &p.attention_mask
                 .f_to_kind(Kind::Int64)
                 .and_then(|m| m.f_to(Device::Cpu))
+                .and_then(|m| m.f_reshape([-1]))
                 .ctx("mask to cpu")?,
         )
         .map_err(|e| Error::invalid(format!("mask: {e}")))?
@@ -619,7 +625,7 @@ pub(crate) fn precompute_if_asked(
     o: &mut PreferenceObjective,
     model: &dyn CausalLm,
     train: &mut dyn BatchSource,
-    eval: Option<&mut dyn BatchSource>,
+    eval: Option<&mut Box<dyn BatchSource>>,
     device: Device,
 ) -> Result<()> {
     if !o.cfg.precompute_ref_log_probs || !o.table.is_empty() {
@@ -627,7 +633,7 @@ pub(crate) fn precompute_if_asked(
     }
     o.precompute(model, train, 0, device)?;
     if let Some(e) = eval {
-        o.precompute(model, e, 0, device)?;
+        o.precompute(model, e.as_mut(), 0, device)?;
     }
     tracing::info!(
         rows = o.table.len(),
