@@ -62,7 +62,8 @@ def make_init_adapter(model_dir, out):
 def lora_state(model):
     out = {}
     for n, p in model.named_parameters():
-        if "lora_" in n:
+        # TRL may add a frozen copy named "ref"; the trained adapter is "default"
+        if "lora_" in n and ".default." in n:
             k = n.removeprefix("base_model.model.").replace(".default", "")
             out[k] = p.detach().clone().contiguous()
     return out
