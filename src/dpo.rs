@@ -14,13 +14,13 @@ use std::sync::Arc;
 use crate::adapter::{AdapterInjector, LoraInjector};
 use crate::callback::{Callback, EpochSaver, MetricsJsonl, Progress, TensorBoard};
 use crate::config::SftConfig;
-use crate::data::{
-    Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, Tokenizer,
-};
+use crate::data::{Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, Tokenizer};
 use crate::error::{Error, Result, write_atomic};
 use crate::model::{LoadOptions, load_model};
 use crate::plugin::{self, CallbackCtx, SchedulerCtx};
-use crate::sft::{RunOptions, SftSaver, dist_setup, load_model_and_tokenizer, lora_config, make_optimizer};
+use crate::sft::{
+    RunOptions, SftSaver, dist_setup, load_model_and_tokenizer, lora_config, make_optimizer,
+};
 use crate::trainer::{
     BatchSource, C10dCollective, Collective, FitSummary, PreferenceConfig, PreferenceObjective,
     Trainer,
@@ -119,7 +119,11 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     let eval_loader = eval
         .as_ref()
         .map(|ds| {
-            PreferenceLoader::new(ds.clone(), collator.clone(), opts_for(eval_bs, false, rank, world))
+            PreferenceLoader::new(
+                ds.clone(),
+                collator.clone(),
+                opts_for(eval_bs, false, rank, world),
+            )
         })
         .transpose()?;
 
@@ -151,10 +155,8 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
                     "full fine-tuning: loading a frozen reference copy of {}",
                     cfg.model.path.display()
                 );
-                let reference = load_model(
-                    &cfg.model.path,
-                    &LoadOptions::new(tch::Kind::Float, device),
-                )?;
+                let reference =
+                    load_model(&cfg.model.path, &LoadOptions::new(tch::Kind::Float, device))?;
                 objective = objective.with_reference_model(reference);
             }
         }

@@ -20,6 +20,7 @@ pub mod callback;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod dpo;
 pub mod error;
 pub mod fused;
 mod malloc;
@@ -31,7 +32,6 @@ pub mod plugin;
 pub mod quant;
 pub mod sched;
 pub mod sft;
-pub mod dpo;
 pub mod trainer;
 
 pub use error::{Error, Result};

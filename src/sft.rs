@@ -192,7 +192,10 @@ fn loader(
 /// AdamW for embeddings at 2x, the LM head at 0.1x, 1-D parameters without weight decay), then
 /// either the built-in Muon + AdamW pair or, with an `optimizer: {name: ...}` section, that
 /// registered optimizer for every group.
-pub(crate) fn make_optimizer(cfg: &SftConfig, model: &dyn CausalLm) -> Result<Box<dyn DynOptimizer>> {
+pub(crate) fn make_optimizer(
+    cfg: &SftConfig,
+    model: &dyn CausalLm,
+) -> Result<Box<dyn DynOptimizer>> {
     let trainable: Vec<(String, Tensor)> = model
         .named_parameters()
         .into_iter()

@@ -16,7 +16,11 @@ fn tok() -> Tokenizer {
     Tokenizer::from_dir(root().join("assets/tiny-llama")).unwrap()
 }
 
-fn load(lines: &[&str], max_seq_len: usize, skip: bool) -> (volttrain::Result<PreferenceDataset>, tempfile::TempDir) {
+fn load(
+    lines: &[&str],
+    max_seq_len: usize,
+    skip: bool,
+) -> (volttrain::Result<PreferenceDataset>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pairs.jsonl");
     std::fs::write(&path, lines.join("\n")).unwrap();
@@ -33,7 +37,8 @@ const GOOD: &str = r#"{"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " 5"
 const GOOD_CHAT: &str = r#"{"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}"#;
 const NO_REJECTED: &str = r#"{"prompt": "Q: 3+3?\nA:", "chosen": " 6"}"#;
 const SAME: &str = r#"{"prompt": "Q: 1+1?\nA:", "chosen": " 2", "rejected": " 2"}"#;
-const MIXED: &str = r#"{"prompt": "Q", "chosen": [{"role": "assistant", "content": "4"}], "rejected": " 5"}"#;
+const MIXED: &str =
+    r#"{"prompt": "Q", "chosen": [{"role": "assistant", "content": "4"}], "rejected": " 5"}"#;
 
 fn data_err(e: Error) -> (usize, String) {
     match e {
@@ -79,7 +84,11 @@ fn skip_invalid_counts_every_bad_pair() {
         r#"{{"prompt": "{}", "chosen": " yes", "rejected": " no"}}"#,
         "word ".repeat(40)
     );
-    let (r, _d) = load(&[GOOD, NO_REJECTED, SAME, &long, MIXED, GOOD_CHAT], 16, true);
+    let (r, _d) = load(
+        &[GOOD, NO_REJECTED, SAME, &long, MIXED, GOOD_CHAT],
+        16,
+        true,
+    );
     let ds = r.unwrap();
     assert_eq!(ds.len(), 2);
     assert_eq!(ds.skipped.len(), 4, "{:?}", ds.skipped);
@@ -87,7 +96,11 @@ fn skip_invalid_counts_every_bad_pair() {
         assert!(s.contains(&format!("pairs.jsonl:{line}")), "{s}");
     }
     // Without skip_invalid the first of the four stops the load and the others are counted.
-    let (r, _d) = load(&[GOOD, NO_REJECTED, SAME, &long, MIXED, GOOD_CHAT], 16, false);
+    let (r, _d) = load(
+        &[GOOD, NO_REJECTED, SAME, &long, MIXED, GOOD_CHAT],
+        16,
+        false,
+    );
     let (line, msg) = data_err(r.unwrap_err());
     assert_eq!(line, 2);
     assert!(msg.contains("3 more bad records"), "{msg}");
@@ -118,8 +131,8 @@ fn bad_preference_section_names_the_key() {
     let e = SftConfig::from_yaml_str(&text, None, &["preference.label_smoothing=0.1".into()])
         .unwrap_err();
     assert!(e.to_string().contains("preference.label_smoothing"), "{e}");
-    let e = SftConfig::from_yaml_str(&text, None, &["preference.loss_type=kto".into()])
-        .unwrap_err();
+    let e =
+        SftConfig::from_yaml_str(&text, None, &["preference.loss_type=kto".into()]).unwrap_err();
     assert!(e.to_string().contains("preference"), "{e}");
 }
 
@@ -172,7 +185,11 @@ fn dpo_cli_runs_the_bundled_config() {
     assert!(out.path().join("tensorboard").exists());
     assert!(out.path().join("last").exists());
     let epoch = out.path().join("epoch-1");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+    ] {
         assert!(epoch.join(f).exists(), "{} has no {f}", epoch.display());
     }
 }

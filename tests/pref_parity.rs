@@ -220,7 +220,13 @@ fn ids_of(v: &serde_json::Value) -> Vec<Vec<i64>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -237,14 +243,31 @@ fn check_batch(data: &str, reference: &Path) {
     let ids = ids_of(&want["input_ids"]);
     let mask = ids_of(&want["attention_mask"]);
     let comp = ids_of(&want["completion_mask"]);
-    assert_eq!(rows_of(&b.input_ids), ids, "{data}: input_ids differ from TRL's");
-    assert_eq!(rows_of(&b.attention_mask), mask, "{data}: attention_mask differs");
+    assert_eq!(
+        rows_of(&b.input_ids),
+        ids,
+        "{data}: input_ids differ from TRL's"
+    );
+    assert_eq!(
+        rows_of(&b.attention_mask),
+        mask,
+        "{data}: attention_mask differs"
+    );
     let labels: Vec<Vec<i64>> = ids
         .iter()
         .zip(&comp)
-        .map(|(r, c)| r.iter().zip(c).map(|(&i, &m)| if m == 1 { i } else { -100 }).collect())
+        .map(|(r, c)| {
+            r.iter()
+                .zip(c)
+                .map(|(&i, &m)| if m == 1 { i } else { -100 })
+                .collect()
+        })
         .collect();
-    assert_eq!(rows_of(&b.labels), labels, "{data}: completion tokens differ");
+    assert_eq!(
+        rows_of(&b.labels),
+        labels,
+        "{data}: completion tokens differ"
+    );
 }
 
 #[test]
@@ -263,7 +286,13 @@ fn string_pairs_collate_as_trl_and_train_alike() {
         PreferenceLoss::Sigmoid,
         STEPS,
     );
-    check_metrics(1, &steps[0], &want["metrics"], want["loss"].as_f64().unwrap(), 1e-5);
+    check_metrics(
+        1,
+        &steps[0],
+        &want["metrics"],
+        want["loss"].as_f64().unwrap(),
+        1e-5,
+    );
     check_params(model.as_ref(), &r.join("sigmoid_final.safetensors"));
 }
 
@@ -280,7 +309,10 @@ fn check_params(model: &dyn CausalLm, file: &Path) {
         let w = want.get(n).unwrap_or_else(|| panic!("TRL has no {n}"));
         let d = (t - w).abs().max().double_value(&[]);
         worst = worst.max(d);
-        assert!(d <= 1e-4, "{n}: max |VoltTrain - TRL| = {d} after {STEPS} steps");
+        assert!(
+            d <= 1e-4,
+            "{n}: max |VoltTrain - TRL| = {d} after {STEPS} steps"
+        );
     }
     // The steps moved the adapter (B starts at zero): the comparison is not vacuous.
     let moved = got
@@ -288,7 +320,10 @@ fn check_params(model: &dyn CausalLm, file: &Path) {
         .filter(|(n, _)| n.contains("lora_B"))
         .map(|(_, t)| t.abs().max().double_value(&[]))
         .fold(0.0, f64::max);
-    assert!(moved > 1e-4, "lora_B did not move ({moved}); worst diff {worst}");
+    assert!(
+        moved > 1e-4,
+        "lora_B did not move ({moved}); worst diff {worst}"
+    );
 }
 
 fn check_loss_type(name: &str, loss: PreferenceLoss) {
@@ -301,7 +336,13 @@ fn check_loss_type(name: &str, loss: PreferenceLoss) {
         STEPS,
     );
     assert_eq!(steps.len(), STEPS);
-    check_metrics(1, &steps[0], &want["metrics"], want["loss"].as_f64().unwrap(), 1e-5);
+    check_metrics(
+        1,
+        &steps[0],
+        &want["metrics"],
+        want["loss"].as_f64().unwrap(),
+        1e-5,
+    );
     let logged = want["steps"].as_array().unwrap();
     assert_eq!(logged.len(), STEPS, "TRL logged {} steps", logged.len());
     for (i, (m, w)) in steps.iter().zip(logged).enumerate() {
@@ -340,15 +381,20 @@ fn orpo_matches_trl_odds_ratio_loss() {
         PreferenceLoss::Orpo,
         1,
     );
-    check_metrics(1, &steps[0], &want["metrics"], want["loss"].as_f64().unwrap(), 1e-5);
+    check_metrics(
+        1,
+        &steps[0],
+        &want["metrics"],
+        want["loss"].as_f64().unwrap(),
+        1e-5,
+    );
 }
 
 /// A fresh adapter (B = 0) leaves the policy equal to the reference: the first sigmoid loss is
 /// ln 2 (to fp32 rounding), every reward 0; the eval before training reports the same keys.
 #[test]
 fn fresh_lora_first_loss_is_ln2_and_eval_reports_trl_keys() {
-    let mut model =
-        load_model(model_dir(), &LoadOptions::new(Kind::Float, Device::Cpu)).unwrap();
+    let mut model = load_model(model_dir(), &LoadOptions::new(Kind::Float, Device::Cpu)).unwrap();
     model.freeze_base();
     tch::manual_seed(7);
     let lora = volttrain::adapter::LoraConfig {
@@ -388,11 +434,19 @@ fn fresh_lora_first_loss_is_ln2_and_eval_reports_trl_keys() {
         "first loss {} is not ln 2",
         steps[0].loss
     );
-    for k in ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"] {
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+    ] {
         assert_eq!(steps[0].extra[k], 0.0, "{k} at step 1");
     }
     // After one update the policy differs from the reference.
-    assert!(steps[1].extra["rewards/margins"] != 0.0, "step 2: no reward margin");
+    assert!(
+        steps[1].extra["rewards/margins"] != 0.0,
+        "step 2: no reward margin"
+    );
     let evals = col.evals.lock().unwrap().clone();
     assert!(!evals.is_empty());
     assert!(
@@ -424,7 +478,10 @@ fn fresh_lora_first_loss_is_ln2_and_eval_reports_trl_keys() {
     assert_eq!((&off - &base).abs().max().double_value(&[]), 0.0);
     assert!((&on - &base).abs().max().double_value(&[]) > 0.0);
     assert_eq!(
-        (&m.forward(&input, false).unwrap() - &on).abs().max().double_value(&[]),
+        (&m.forward(&input, false).unwrap() - &on)
+            .abs()
+            .max()
+            .double_value(&[]),
         0.0,
         "adapters not re-enabled"
     );
@@ -464,8 +521,7 @@ fn full_finetuning_reference_copy_equals_precomputed() {
             .build()
             .unwrap();
         t.fit().unwrap();
-        let s = col.steps.lock().unwrap().clone();
-        s
+        col.steps.lock().unwrap().clone()
     };
     let a = run(false);
     let b = run(true);
@@ -494,8 +550,5 @@ fn full_finetuning_reference_copy_equals_precomputed() {
         .build()
         .err()
         .expect("no reference");
-    assert!(
-        e.to_string().contains("precompute_ref_log_probs"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("precompute_ref_log_probs"), "{e}");
 }

@@ -48,7 +48,9 @@ pub struct EvalMetrics {
 
 /// The numeric entries of the flattened rest of a metrics object (other keys, such as a
 /// `kind` tag, are left out).
-fn numbers_only<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<BTreeMap<String, f64>, D::Error> {
+fn numbers_only<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, f64>, D::Error> {
     let all: BTreeMap<String, serde_json::Value> = serde::Deserialize::deserialize(d)?;
     Ok(all
         .into_iter()

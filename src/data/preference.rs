@@ -113,15 +113,15 @@ pub fn parse_preference_record(
             chosen: c.clone(),
             rejected: r.clone(),
         },
-        (
-            serde_json::Value::Array(_),
-            serde_json::Value::Array(_),
-            serde_json::Value::Array(_),
-        ) => {
+        (serde_json::Value::Array(_), serde_json::Value::Array(_), serde_json::Value::Array(_)) => {
             let prompt = messages_from(p, "prompt")?;
             let chosen = messages_from(c, "chosen")?;
             let rejected = messages_from(r, "rejected")?;
-            for (k, m) in [("prompt", &prompt), ("chosen", &chosen), ("rejected", &rejected)] {
+            for (k, m) in [
+                ("prompt", &prompt),
+                ("chosen", &chosen),
+                ("rejected", &rejected),
+            ] {
                 if m.is_empty() {
                     return Err(format!("`{k}` has no messages"));
                 }
@@ -229,7 +229,8 @@ pub fn tokenize_pair(
             chosen,
             rejected,
         } => {
-            let join = |c: &[Message]| -> Vec<Message> { prompt.iter().chain(c).cloned().collect() };
+            let join =
+                |c: &[Message]| -> Vec<Message> { prompt.iter().chain(c).cloned().collect() };
             (
                 tok.chat_ids(prompt, true).map_err(msg)?,
                 tok.chat_ids(&join(chosen), false).map_err(msg)?,
@@ -239,7 +240,9 @@ pub fn tokenize_pair(
     };
     let n = common_prefix(&prompt, &pc).min(common_prefix(&prompt, &pr));
     if n == 0 {
-        return Err("the prompt has no tokens (a completion needs a prompt token before it)".into());
+        return Err(
+            "the prompt has no tokens (a completion needs a prompt token before it)".into(),
+        );
     }
     let pair = PreferencePair {
         prompt: to_i64(&prompt[..n]),
@@ -250,9 +253,11 @@ pub fn tokenize_pair(
         return Err("`chosen` or `rejected` tokenizes to no completion token".into());
     }
     if pair.chosen == pair.rejected {
-        return Err("`chosen` and `rejected` tokenize to the same ids: the pair states no \
+        return Err(
+            "`chosen` and `rejected` tokenize to the same ids: the pair states no \
                     preference"
-            .into());
+                .into(),
+        );
     }
     Ok(pair)
 }
@@ -287,7 +292,10 @@ fn read_values(
                 return Err(data_err(
                     path,
                     1,
-                    format!("a .json dataset must be an array of records, found {}", kind(&v)),
+                    format!(
+                        "a .json dataset must be an array of records, found {}",
+                        kind(&v)
+                    ),
                 ));
             };
             let lines = element_lines(text);
@@ -409,10 +417,7 @@ impl PreferenceDataset {
             );
         }
         if truncated > 0 {
-            tracing::info!(
-                "{}: {truncated} pair(s) cut at max_seq_len",
-                path.display()
-            );
+            tracing::info!("{}: {truncated} pair(s) cut at max_seq_len", path.display());
         }
         Ok(ds)
     }

@@ -45,7 +45,10 @@ fn bad(path: &Path, line: usize, msg: impl Into<String>) -> Error {
     }
 }
 
-pub(crate) fn messages_from(v: &serde_json::Value, key: &str) -> std::result::Result<Vec<Message>, String> {
+pub(crate) fn messages_from(
+    v: &serde_json::Value,
+    key: &str,
+) -> std::result::Result<Vec<Message>, String> {
     let arr = v
         .as_array()
         .ok_or_else(|| format!("`{key}` must be a list of {{role, content}} messages"))?;

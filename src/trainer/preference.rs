@@ -379,7 +379,7 @@ fn row_keys(p: &Prepared) -> Result<Vec<RowKey>> {
             .and_then(|x| x.f_reshape([-1]))
             .ctx("ids to cpu")?,
     )
-        .map_err(|e| Error::invalid(format!("ids: {e}")))?;
+    .map_err(|e| Error::invalid(format!("ids: {e}")))?;
     let mask: Vec<i64> = if p.attention_mask.dim() == 2 {
         Vec::try_from(
             &p.attention_mask
@@ -488,10 +488,7 @@ fn chosen_nll(model: &dyn CausalLm, hidden: &Tensor, p: &Prepared, pairs: i64) -
     let sel = chosen.f_index_select(0, &pos).ctx("select")?;
     let tgt = next.f_index_select(0, &pos).ctx("select targets")?;
     let tok = token_logps(model, &sel, &tgt)?;
-    tok.f_mean(Kind::Float)
-        .ctx("mean")?
-        .f_neg()
-        .ctx("nll")
+    tok.f_mean(Kind::Float).ctx("mean")?.f_neg().ctx("nll")
 }
 
 /// `log(1 - exp(x))` for `x < 0`, stable on both sides of `-ln 2` (TRL's `log1mexp`).
@@ -538,12 +535,20 @@ fn pair_loss(
     let (len_c, len_r) = split(&st.counts)?;
     let (loss, reward_c, reward_r, show_c, show_r) = if cfg.loss_type == PreferenceLoss::Orpo {
         // Per-token mean log-probabilities (TRL's `average_log_prob=True`).
-        let avg_c = logp_c.f_div(&len_c.f_clamp_min(1.0).ctx("len")?).ctx("avg")?;
-        let avg_r = logp_r.f_div(&len_r.f_clamp_min(1.0).ctx("len")?).ctx("avg")?;
+        let avg_c = logp_c
+            .f_div(&len_c.f_clamp_min(1.0).ctx("len")?)
+            .ctx("avg")?;
+        let avg_r = logp_r
+            .f_div(&len_r.f_clamp_min(1.0).ctx("len")?)
+            .ctx("avg")?;
         let log_odds = avg_c
             .f_sub(&avg_r)
             .ctx("log odds")?
-            .f_sub(&log1mexp(&avg_c)?.f_sub(&log1mexp(&avg_r)?).ctx("log odds")?)
+            .f_sub(
+                &log1mexp(&avg_c)?
+                    .f_sub(&log1mexp(&avg_r)?)
+                    .ctx("log odds")?,
+            )
             .ctx("log odds")?;
         let ratio = log_odds.f_log_sigmoid().ctx("logsigmoid")?;
         let nll = chosen_nll(model, hidden, p, n)?;
@@ -551,11 +556,31 @@ fn pair_loss(
         let loss = nll
             .f_mul_scalar(n as f64)
             .ctx("nll")?
-            .f_sub(&ratio.f_sum(Kind::Float).ctx("sum")?.f_mul_scalar(beta).ctx("beta")?)
+            .f_sub(
+                &ratio
+                    .f_sum(Kind::Float)
+                    .ctx("sum")?
+                    .f_mul_scalar(beta)
+                    .ctx("beta")?,
+            )
             .ctx("orpo loss")?;
-        let rc = avg_c.f_detach().ctx("detach")?.f_mul_scalar(beta).ctx("reward")?;
-        let rr = avg_r.f_detach().ctx("detach")?.f_mul_scalar(beta).ctx("reward")?;
-        (loss, rc, rr, avg_c.f_detach().ctx("detach")?, avg_r.f_detach().ctx("detach")?)
+        let rc = avg_c
+            .f_detach()
+            .ctx("detach")?
+            .f_mul_scalar(beta)
+            .ctx("reward")?;
+        let rr = avg_r
+            .f_detach()
+            .ctx("detach")?
+            .f_mul_scalar(beta)
+            .ctx("reward")?;
+        (
+            loss,
+            rc,
+            rr,
+            avg_c.f_detach().ctx("detach")?,
+            avg_r.f_detach().ctx("detach")?,
+        )
     } else {
         let (ref_c, ref_r) = split(ref_logps)?;
         let ratio_c = logp_c.f_sub(&ref_c).ctx("chosen log-ratio")?;
@@ -563,11 +588,25 @@ fn pair_loss(
         let delta = ratio_c.f_sub(&ratio_r).ctx("delta")?;
         let bd = delta.f_mul_scalar(beta).ctx("beta delta")?;
         let per_pair = reference_loss(cfg, &bd, [&ratio_c, &ratio_r], [&len_c, &len_r])
-        .ctx("preference loss")?;
+            .ctx("preference loss")?;
         let loss = per_pair.f_sum(Kind::Float).ctx("sum")?;
-        let rc = ratio_c.f_detach().ctx("detach")?.f_mul_scalar(beta).ctx("reward")?;
-        let rr = ratio_r.f_detach().ctx("detach")?.f_mul_scalar(beta).ctx("reward")?;
-        (loss, rc, rr, logp_c.f_detach().ctx("detach")?, logp_r.f_detach().ctx("detach")?)
+        let rc = ratio_c
+            .f_detach()
+            .ctx("detach")?
+            .f_mul_scalar(beta)
+            .ctx("reward")?;
+        let rr = ratio_r
+            .f_detach()
+            .ctx("detach")?
+            .f_mul_scalar(beta)
+            .ctx("reward")?;
+        (
+            loss,
+            rc,
+            rr,
+            logp_c.f_detach().ctx("detach")?,
+            logp_r.f_detach().ctx("detach")?,
+        )
     };
     let sum = |x: &Tensor| -> Result<f64> {
         x.f_sum(Kind::Double)
