@@ -21,6 +21,7 @@ pub mod callback;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod dpo;
 pub mod error;
 pub mod fused;
 mod malloc;

@@ -198,7 +198,10 @@ fn loader(
 /// AdamW for embeddings at 2x, the LM head at 0.1x, 1-D parameters without weight decay), then
 /// either the built-in Muon + AdamW pair or, with an `optimizer: {name: ...}` section, that
 /// registered optimizer for every group.
-fn make_optimizer(cfg: &SftConfig, model: &dyn CausalLm) -> Result<Box<dyn DynOptimizer>> {
+pub(crate) fn make_optimizer(
+    cfg: &SftConfig,
+    model: &dyn CausalLm,
+) -> Result<Box<dyn DynOptimizer>> {
     let trainable: Vec<(String, Tensor)> = model
         .named_parameters()
         .into_iter()
@@ -250,7 +253,7 @@ fn make_optimizer(cfg: &SftConfig, model: &dyn CausalLm) -> Result<Box<dyn DynOp
     }
 }
 
-fn dist_setup(cfg: &SftConfig) -> Result<(Option<ProcessGroup>, Device)> {
+pub(crate) fn dist_setup(cfg: &SftConfig) -> Result<(Option<ProcessGroup>, Device)> {
     let env = DistEnv::from_env()?;
     let dcfg: DistConfig = cfg.distributed.clone().unwrap_or_default();
     dcfg.validate()?;

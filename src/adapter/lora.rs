@@ -5,6 +5,7 @@
 //! `a = sqrt(5)` (bound `1 / sqrt(in)`), B at zero, so a fresh adapter leaves the model unchanged.
 
 use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -231,9 +232,23 @@ pub struct LoraAdapter {
     pub b: Tensor,
     pub scaling: f64,
     pub dropout: f64,
+    /// Off: the layer computes its base output alone (PEFT's `disable_adapter()`), e.g. for the
+    /// reference log-probs of preference tuning. Shared-reference switch, see
+    /// [`AdaptersDisabled`].
+    enabled: AtomicBool,
 }
 
 impl LoraAdapter {
+    /// Whether the adapter adds its update (true unless switched off).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Switches the update on or off (the parameters are kept).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
     /// A fresh adapter for a `[out, in]` layer in `kind` on `device`, trainable.
     pub fn new(
         out: i64,
@@ -264,12 +279,16 @@ impl LoraAdapter {
             b: b.set_requires_grad(true),
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
+            enabled: AtomicBool::new(true),
         })
     }
 }
 
 impl LinearAdapter for LoraAdapter {
     fn forward(&self, x: &Tensor, base_out: Tensor, train: bool) -> Result<Tensor> {
+        if !self.is_enabled() {
+            return Ok(base_out);
+        }
         let x = if train && self.dropout > 0.0 {
             x.f_dropout(self.dropout, true).ctx("lora dropout")?
         } else {
@@ -308,7 +327,7 @@ impl LinearAdapter for LoraAdapter {
     }
 
     fn low_rank(&self, train: bool) -> Option<LowRank<'_>> {
-        if train && self.dropout > 0.0 {
+        if (train && self.dropout > 0.0) || !self.is_enabled() {
             return None;
         }
         Some(LowRank {
@@ -442,6 +461,43 @@ pub fn unmerge_adapters(model: &mut dyn CausalLm) -> Result<()> {
             .map_err(|e| Error::invalid(format!("unmerging `{name}`: {e}")))?;
     }
     Ok(())
+}
+
+/// Switches every LoRA adapter of a model off until dropped (PEFT's `with
+/// model.disable_adapter():`): the model then computes its base outputs, as the frozen reference
+/// of preference tuning needs, without a second copy of the weights.
+pub struct AdaptersDisabled<'a> {
+    model: &'a dyn CausalLm,
+}
+
+impl<'a> AdaptersDisabled<'a> {
+    /// Switches the adapters of `model` off.
+    pub fn new(model: &'a dyn CausalLm) -> Self {
+        set_adapters_enabled(model, false);
+        AdaptersDisabled { model }
+    }
+}
+
+impl Drop for AdaptersDisabled<'_> {
+    fn drop(&mut self) {
+        set_adapters_enabled(self.model, true);
+    }
+}
+
+/// Switches every LoRA adapter of `model` on or off; returns how many it switched.
+pub fn set_adapters_enabled(model: &dyn CausalLm, on: bool) -> usize {
+    let mut n = 0;
+    for (_, l) in model.linears() {
+        if let Some(a) = l
+            .adapter
+            .as_ref()
+            .and_then(|a| a.as_any().downcast_ref::<LoraAdapter>())
+        {
+            a.set_enabled(on);
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Whether `l` carries a LoRA adapter.

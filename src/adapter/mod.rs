@@ -8,7 +8,10 @@ pub mod lora;
 pub mod peft;
 pub mod presets;
 
-pub use lora::{LoraAdapter, LoraConfig, LoraInjector, Targets, merge_adapters, unmerge_adapters};
+pub use lora::{
+    AdaptersDisabled, LoraAdapter, LoraConfig, LoraInjector, Targets, merge_adapters,
+    set_adapters_enabled, unmerge_adapters,
+};
 pub use peft::{load_peft_adapter, read_peft_config, save_peft_adapter};
 pub use presets::{PRESETS, get_targets, module_targets};
 

@@ -27,8 +27,8 @@ struct Args {
     /// Intra-op threads on both sides (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Only these workloads (comma-separated: matmul, optim, sft, quant, data, load, quant-load,
-    /// trackers, families, qlora, qlora-1b).
+    /// Only these workloads (comma-separated: matmul, optim, sft, dpo, quant, data, load,
+    /// quant-load, trackers, families, qlora, qlora-1b).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -71,6 +71,7 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("matmul", matmul as Workload),
         ("optim", perf::optim::run),
         ("sft", perf::sft::run),
+        ("dpo", perf::dpo::run),
         ("quant", perf::quant::run),
         ("data", perf::data::run),
         ("load", perf::model::load_135m),

@@ -3,6 +3,7 @@
 //! ```text
 //! volttrain sft  --config config/sft.yaml [--set key.path=value]... [--resume] [--nproc N]
 //! volttrain eval --config config/sft.yaml [--adapter DIR] [--set ...]
+//! volttrain dpo  --config config/dpo.yaml [--set key.path=value]... [--resume]
 //! volttrain plugins list [--plugin path/to/libplugin.so]...
 //! ```
 
@@ -42,6 +43,18 @@ enum Cmd {
         /// Data-parallel processes on CPU (Gloo); `training.gpu_devices` does the same on GPUs.
         #[arg(long)]
         nproc: Option<usize>,
+    },
+    /// Preference tuning (DPO, IPO, hinge, robust, ORPO) on {prompt, chosen, rejected} pairs.
+    Dpo {
+        /// The YAML config (see config/dpo.yaml): the SFT sections plus `preference:`.
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value: `--set preference.beta=0.2` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Continue from `<output_dir>/last/`.
+        #[arg(long)]
+        resume: bool,
     },
     /// Prints `{"eval_loss": ..., "tokens": ...}` on the config's eval set.
     Eval {
@@ -159,6 +172,29 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
     }
 }
 
+fn dpo(config: PathBuf, sets: Vec<String>, resume: bool) -> Result<()> {
+    let cfg = SftConfig::load(&config, &sets)?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    if let Err(e) = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("Ctrl-C: finishing the current step and writing a resume checkpoint...");
+    }) {
+        tracing::warn!("no Ctrl-C handler: {e}");
+    }
+    let opts = RunOptions {
+        resume,
+        interrupt: Some(interrupt),
+        base_dir: Some(base_dir(&config)),
+    };
+    let summary = volttrain::dpo::run_dpo(&cfg, opts)?;
+    let out = serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
+    println!("{out}");
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Sft {
@@ -167,6 +203,11 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             nproc,
         } => sft(config, sets, resume, nproc),
+        Cmd::Dpo {
+            config,
+            sets,
+            resume,
+        } => dpo(config, sets, resume),
         Cmd::Eval {
             config,
             adapter,

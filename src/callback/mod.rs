@@ -26,6 +26,10 @@ pub struct StepMetrics {
     pub tokens: u64,
     /// Input tokens per second over this step.
     pub tokens_per_sec: f64,
+    /// Objective-specific metrics by name (preference tuning: TRL's `rewards/chosen`, ...),
+    /// written beside the others (flattened into the same JSON object).
+    #[serde(flatten, deserialize_with = "numbers_only")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// Metrics of one evaluation.
@@ -37,6 +41,21 @@ pub struct EvalMetrics {
     pub eval_loss: f64,
     /// Label tokens evaluated.
     pub tokens: u64,
+    /// Objective-specific metrics by name, as in [`StepMetrics::extra`].
+    #[serde(flatten, deserialize_with = "numbers_only")]
+    pub extra: BTreeMap<String, f64>,
+}
+
+/// The numeric entries of the flattened rest of a metrics object (other keys, such as a
+/// `kind` tag, are left out).
+fn numbers_only<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, f64>, D::Error> {
+    let all: BTreeMap<String, serde_json::Value> = serde::Deserialize::deserialize(d)?;
+    Ok(all
+        .into_iter()
+        .filter_map(|(k, v)| v.as_f64().map(|x| (k, x)))
+        .collect())
 }
 
 /// Writes what a training run saves (adapter in PEFT format or full weights, tokenizer files,

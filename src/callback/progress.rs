@@ -51,21 +51,25 @@ impl Callback for Progress {
             Some(bar) => {
                 bar.set_position(m.step);
                 bar.set_message(format!(
-                    "loss {:.4} lr {:.2e} {:.0} tok/s",
-                    m.loss, lr, m.tokens_per_sec
+                    "loss {:.4} lr {:.2e} {:.0} tok/s{}",
+                    m.loss,
+                    lr,
+                    m.tokens_per_sec,
+                    extra_text(&m.extra)
                 ));
             }
             None => {
                 if m.step.is_multiple_of(self.log_every) || m.step == self.total_steps {
                     tracing::info!(
-                        "step {}/{} epoch {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s",
+                        "step {}/{} epoch {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s{}",
                         m.step,
                         self.total_steps,
                         m.epoch + 1,
                         m.loss,
                         lr,
                         m.grad_norm,
-                        m.tokens_per_sec
+                        m.tokens_per_sec,
+                        extra_text(&m.extra)
                     );
                 }
             }
@@ -74,7 +78,12 @@ impl Callback for Progress {
     }
     fn on_eval_end(&mut self, _ctl: &mut Control<'_>, m: &EvalMetrics) -> Result<()> {
         if let Some(bar) = &self.bar {
-            bar.println(format!("step {}: eval_loss {:.4}", m.step, m.eval_loss));
+            bar.println(format!(
+                "step {}: eval_loss {:.4}{}",
+                m.step,
+                m.eval_loss,
+                extra_text(&m.extra)
+            ));
         }
         Ok(())
     }
@@ -84,4 +93,9 @@ impl Callback for Progress {
         }
         Ok(())
     }
+}
+
+/// ` key value` for each objective metric (preference tuning: `rewards/margins 0.0123 ...`).
+fn extra_text(extra: &std::collections::BTreeMap<String, f64>) -> String {
+    extra.iter().map(|(k, v)| format!(" {k} {v:.4}")).collect()
 }

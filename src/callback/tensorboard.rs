@@ -147,14 +147,24 @@ impl Callback for TensorBoard {
         for (tag, v) in lr_tags.iter().zip(m.lr.values()) {
             vals.push((tag.as_str(), *v));
         }
+        // Objective metrics under `train/` as transformers' TensorBoard callback writes TRL's
+        // (`train/rewards/chosen`, ...).
+        let extra_tags: Vec<String> = m.extra.keys().map(|k| format!("train/{k}")).collect();
+        for (tag, v) in extra_tags.iter().zip(m.extra.values()) {
+            vals.push((tag.as_str(), *v));
+        }
         self.writer()?.scalars(m.step as i64, &vals)
     }
     fn on_eval_end(&mut self, ctl: &mut Control<'_>, m: &EvalMetrics) -> Result<()> {
         if !ctl.is_main {
             return Ok(());
         }
-        self.writer()?
-            .scalars(m.step as i64, &[("eval/loss", m.eval_loss)])
+        let extra_tags: Vec<String> = m.extra.keys().map(|k| format!("eval/{k}")).collect();
+        let mut vals: Vec<(&str, f64)> = vec![("eval/loss", m.eval_loss)];
+        for (tag, v) in extra_tags.iter().zip(m.extra.values()) {
+            vals.push((tag.as_str(), *v));
+        }
+        self.writer()?.scalars(m.step as i64, &vals)
     }
 }
 

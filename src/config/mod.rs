@@ -244,6 +244,10 @@ pub struct SftConfig {
     /// Data-parallel settings (backend, rendezvous, timeout, bucket size).
     #[serde(default)]
     pub distributed: Option<DistConfig>,
+    /// Preference tuning (`volttrain dpo`): loss type, beta, label smoothing, reference
+    /// precomputation (see `trainer::PreferenceConfig`).
+    #[serde(default)]
+    pub preference: Option<crate::trainer::PreferenceConfig>,
 }
 
 fn cfg_err(file: Option<&Path>, key: impl Into<String>, msg: impl Into<String>) -> Error {
@@ -334,6 +338,12 @@ impl SftConfig {
     pub fn validate(&self, file: Option<&Path>) -> Result<()> {
         let t = &self.training;
         let bad = |k: &str, m: String| Err(cfg_err(file, k, m));
+        if let Some(p) = &self.preference {
+            p.validate().map_err(|e| match e {
+                Error::Config { key, msg, .. } => cfg_err(file, key, msg),
+                e => e,
+            })?;
+        }
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return bad(
                 "training.lr",

@@ -45,7 +45,10 @@ fn bad(path: &Path, line: usize, msg: impl Into<String>) -> Error {
     }
 }
 
-fn messages_from(v: &serde_json::Value, key: &str) -> std::result::Result<Vec<Message>, String> {
+pub(crate) fn messages_from(
+    v: &serde_json::Value,
+    key: &str,
+) -> std::result::Result<Vec<Message>, String> {
     let arr = v
         .as_array()
         .ok_or_else(|| format!("`{key}` must be a list of {{role, content}} messages"))?;
@@ -81,7 +84,7 @@ fn messages_from(v: &serde_json::Value, key: &str) -> std::result::Result<Vec<Me
     Ok(out)
 }
 
-fn kind(v: &serde_json::Value) -> &'static str {
+pub(crate) fn kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",
@@ -209,7 +212,7 @@ pub fn read_json_array(path: &Path, text: &str) -> Result<ReadOutcome> {
 }
 
 /// The 1-based start line of each element of the top-level JSON array in `text` (valid JSON).
-fn element_lines(text: &str) -> Vec<usize> {
+pub(crate) fn element_lines(text: &str) -> Vec<usize> {
     let mut lines = Vec::new();
     let (mut depth, mut in_str, mut esc, mut line) = (0usize, false, false, 1usize);
     let mut expect_el = false;

@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod families;
+pub mod dpo;
 pub mod load;
 pub mod model;
 pub mod optim;

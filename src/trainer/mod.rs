@@ -21,6 +21,7 @@ mod checkpoint;
 mod dist;
 mod finish;
 
+pub mod preference;
 mod step;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ use tch::{Device, Tensor};
 pub use checkpoint::{Loaded, TrainState, last_dir, load as load_resume_checkpoint};
 pub use dist::C10dCollective;
 pub use finish::{FINAL_DIR, final_dir};
+pub use preference::{PreferenceConfig, PreferenceLoss, PreferenceObjective};
 pub use step::{IGNORE_INDEX, Precision};
 
 use crate::amp::{Autocast, LossScaler, LossScalerConfig};
@@ -137,6 +139,7 @@ pub struct TrainerBuilder {
     checkpoint_every: Option<u64>,
     keep_freed_memory: bool,
     checkpoint_files: Vec<(String, Vec<u8>)>,
+    preference: Option<PreferenceObjective>,
 }
 
 impl Default for TrainerBuilder {
@@ -168,6 +171,7 @@ impl Default for TrainerBuilder {
             checkpoint_every: None,
             keep_freed_memory: true,
             checkpoint_files: Vec::new(),
+            preference: None,
         }
     }
 }
@@ -308,6 +312,14 @@ impl TrainerBuilder {
         self
     }
 
+    /// Train on preference pairs with this objective (DPO, IPO, hinge, robust, ORPO) instead of
+    /// the SFT cross-entropy; the data yields `2B` rows per batch of `B` pairs, chosen rows
+    /// first (see [`crate::data::preference`]).
+    pub fn preference(mut self, o: PreferenceObjective) -> Self {
+        self.preference = Some(o);
+        self
+    }
+
     /// Checks the combination and makes the trainer.
     pub fn build(self) -> Result<Trainer> {
         let model = self
@@ -398,6 +410,9 @@ impl TrainerBuilder {
                 join_names(&twice)
             )));
         }
+        if let Some(o) = &self.preference {
+            o.check(model.as_ref())?;
+        }
         let world = self.collective.as_ref().map_or(1, |c| c.world_size());
         let per_epoch = train.num_batches(0).div_ceil(self.grad_accum) as u64;
         if per_epoch == 0 {
@@ -444,6 +459,7 @@ impl TrainerBuilder {
             interrupt: self.interrupt,
             checkpoint_every: self.checkpoint_every,
             checkpoint_files: self.checkpoint_files,
+            preference: self.preference,
             state: TrainState {
                 seed: self.seed,
                 world_size: world,
@@ -534,6 +550,7 @@ pub struct Trainer {
     interrupt: Option<Arc<AtomicBool>>,
     checkpoint_every: Option<u64>,
     checkpoint_files: Vec<(String, Vec<u8>)>,
+    preference: Option<PreferenceObjective>,
     state: TrainState,
 }
 
@@ -699,6 +716,16 @@ impl Trainer {
         if self.keep_freed_memory {
             crate::malloc::keep_freed_memory();
         }
+        if let Some(o) = self.preference.as_mut() {
+            // Before `restore`: the reference is the model as it was given.
+            preference::precompute_if_asked(
+                o,
+                self.model.as_ref(),
+                self.train.as_mut(),
+                self.eval.as_mut(),
+                self.device,
+            )?;
+        }
         if self.resume {
             self.restore()?;
         }
@@ -744,23 +771,26 @@ impl Trainer {
                     let b = self.train.batch(epoch, i)?;
                     prepared.push(step::prepare(&b, self.device)?);
                 }
+                // The loss is a mean over units: label tokens (SFT) or pairs (preference).
+                let units = |p: &step::Prepared| match &self.preference {
+                    Some(_) => PreferenceObjective::units(p),
+                    None => p.n_labels as f64,
+                };
                 let mut counts = [
                     prepared.iter().map(|p| p.n_labels as f64).sum::<f64>(),
                     prepared.iter().map(|p| p.n_inputs as f64).sum::<f64>(),
+                    prepared.iter().map(units).sum::<f64>(),
                 ];
                 if let Some(c) = self.collective.as_mut() {
                     let r = c.all_reduce_f64(&counts)?;
-                    counts = [r[0], r[1]];
+                    counts = [r[0], r[1], r[2]];
                 }
                 let n_labels = counts[0];
+                let n_units = counts[2];
                 // Gradients are averaged over ranks afterwards, so each rank scales its summed
-                // loss by world / (label tokens of the step on all ranks).
+                // loss by world / (units of the step on all ranks).
                 let world = self.collective.as_ref().map_or(1, |c| c.world_size()) as f64;
-                let scale = if n_labels > 0.0 {
-                    world / n_labels
-                } else {
-                    0.0
-                };
+                let scale = if n_units > 0.0 { world / n_units } else { 0.0 };
                 let mut loss_sum = 0.0;
                 let amp = self.amp;
                 // fp16: the loss times the loss scale (exact: a power of two)
@@ -778,7 +808,10 @@ impl Trainer {
                     let model = self.model.as_ref();
                     let ckpt = self.gradient_checkpointing;
                     let seed = (self.state.seed, self.state.step, micro);
-                    loss_sum += step::forward_backward(model, p, scale, ckpt, seed, amp)?;
+                    loss_sum += match self.preference.as_mut() {
+                        Some(o) => o.forward_backward(model, p, scale, ckpt, seed, amp)?,
+                        None => step::forward_backward(model, p, scale, ckpt, seed, amp)?,
+                    };
                 }
                 let mut params: Vec<Tensor> = Vec::new();
                 for g in self.optimizer.groups() {
@@ -786,13 +819,17 @@ impl Trainer {
                         params.push(p.tensor.shallow_clone());
                     }
                 }
+                let mut extra_sums = self.preference.as_mut().map(|o| o.take_sums().to_vec());
                 if let Some(c) = self.collective.as_mut() {
                     c.average_grads()?;
                     let r = c.all_reduce_f64(&[loss_sum])?;
                     loss_sum = r[0];
+                    if let Some(s) = extra_sums.as_mut() {
+                        *s = c.all_reduce_f64(s)?;
+                    }
                 }
-                let loss = if n_labels > 0.0 {
-                    loss_sum / n_labels
+                let loss = if n_units > 0.0 {
+                    loss_sum / n_units
                 } else {
                     0.0
                 };
@@ -867,6 +904,9 @@ impl Trainer {
                     grad_norm,
                     tokens: n_labels as u64,
                     tokens_per_sec: counts[1] / dt.max(1e-9),
+                    extra: extra_sums
+                        .map(|s| preference::metrics_from_sums(&s))
+                        .unwrap_or_default(),
                 };
                 self.call(Hook::Step(&metrics), &mut stop)?;
                 if let Some(n) = self.eval_every
@@ -979,19 +1019,33 @@ impl Trainer {
         let Some(eval) = self.eval.as_mut() else {
             return Err(Error::invalid("evaluate: no eval data was given"));
         };
-        let mut sums = eval_sums(self.model.as_ref(), eval.as_mut(), self.device, self.amp)?;
+        let amp = self.amp;
+        let model = self.model.as_ref();
+        let (mut sums, mut extra) = match self.preference.as_mut() {
+            // Loss summed over pairs, label tokens, and the metric sums (last: the pairs).
+            Some(o) => preference::eval_sums(o, model, eval.as_mut(), self.device, amp)?,
+            None => {
+                let s = eval_sums(model, eval.as_mut(), self.device, amp)?;
+                (vec![s[0], s[1]], Vec::new())
+            }
+        };
         if let Some(c) = self.collective.as_mut() {
-            let r = c.all_reduce_f64(&sums)?;
-            sums = [r[0], r[1]];
+            sums = c.all_reduce_f64(&sums)?;
+            if !extra.is_empty() {
+                extra = c.all_reduce_f64(&extra)?;
+            }
         }
         if sums[1] == 0.0 {
             return Err(Error::invalid("evaluate: the eval data has no label token"));
         }
+        // The loss is a mean over pairs for preference objectives, over label tokens otherwise.
+        let denom = extra.last().copied().unwrap_or(sums[1]);
         Ok(EvalMetrics {
             step: self.state.step,
             epoch: self.state.epoch,
-            eval_loss: sums[0] / sums[1],
+            eval_loss: sums[0] / denom,
             tokens: sums[1] as u64,
+            extra: preference::metrics_from_sums(&extra),
         })
     }
 
@@ -1051,5 +1105,6 @@ pub fn evaluate_model_in(
         epoch: 0,
         eval_loss: sums[0] / sums[1],
         tokens: sums[1] as u64,
+        extra: BTreeMap::new(),
     })
 }

@@ -157,6 +157,25 @@ pub(crate) fn forward_backward(
     seed: (u64, u64, usize),
     amp: Autocast,
 ) -> Result<f64> {
+    forward_backward_with(model, p, checkpoint, seed, amp, &mut |h| {
+        head_loss(model, h, p, scale)
+    })
+}
+
+/// What the last hidden states `[b, t, h]` become: the tensor to call backward on (the loss,
+/// already scaled) and the value to report.
+pub(crate) type HeadFn<'a> = dyn FnMut(&Tensor) -> Result<(Tensor, f64)> + 'a;
+
+/// [`forward_backward`] with any loss on the last hidden states (`head`), e.g. a preference
+/// objective's. Returns what `head` reports.
+pub(crate) fn forward_backward_with(
+    model: &dyn CausalLm,
+    p: &Prepared,
+    checkpoint: bool,
+    seed: (u64, u64, usize),
+    amp: Autocast,
+    head: &mut HeadFn<'_>,
+) -> Result<f64> {
     let (run_seed, step, micro) = seed;
     let ctx = model.prepare(&input(p))?;
     let n = model.num_layers();
@@ -167,7 +186,7 @@ pub(crate) fn forward_backward(
                 seed_for(run_seed, step, micro, i);
                 h = model.layer(i, &h, &ctx, true)?;
             }
-            head_loss(model, &h, p, scale)
+            head(&h)
         })?;
         loss.f_backward().ctx("backward")?;
         return Ok(value);
@@ -190,7 +209,7 @@ pub(crate) fn forward_backward(
     })?;
     // Head: gradient with respect to the last hidden state.
     let last = inputs[n].f_detach().ctx("detach")?.set_requires_grad(true);
-    let (loss, value) = amp.run(|| head_loss(model, &last, p, scale))?;
+    let (loss, value) = amp.run(|| head(&last))?;
     loss.f_backward().ctx("backward head")?;
     let mut grad = last.grad();
     // Layers in reverse: recompute with a graph, back-propagate the incoming gradient.
@@ -221,12 +240,18 @@ pub(crate) fn forward_backward(
 /// Summed loss of a batch without gradients (evaluation).
 pub(crate) fn eval_loss(model: &dyn CausalLm, p: &Prepared, amp: Autocast) -> Result<f64> {
     let _g = tch::no_grad_guard();
-    let ctx = model.prepare(&input(p))?;
     amp.run(|| {
-        let mut h = model.embed(&p.input_ids)?;
-        for i in 0..model.num_layers() {
-            h = model.layer(i, &h, &ctx, false)?;
-        }
+        let h = hidden_states(model, p, false)?;
         Ok(head_loss(model, &h, p, 1.0)?.1)
     })
+}
+
+/// The last hidden states `[b, t, h]` of a batch (with a graph unless under `no_grad`).
+pub(crate) fn hidden_states(model: &dyn CausalLm, p: &Prepared, train: bool) -> Result<Tensor> {
+    let ctx = model.prepare(&input(p))?;
+    let mut h = model.embed(&p.input_ids)?;
+    for i in 0..model.num_layers() {
+        h = model.layer(i, &h, &ctx, train)?;
+    }
+    Ok(h)
 }

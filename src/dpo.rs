@@ -1,0 +1,278 @@
+//! The preference-tuning job (`volttrain dpo`): the SFT job's model, LoRA, optimizer, schedule
+//! and callbacks, with preference pairs as data ([`crate::data::preference`]) and a
+//! [`PreferenceObjective`] (DPO, IPO, hinge, robust, ORPO) from the config's `preference:`
+//! section.
+//!
+//! The reference of the reference-based losses: with LoRA, the trained model with its adapters
+//! off; in full fine-tuning, a second frozen copy loaded from `model.path`, or, with
+//! `preference.precompute_ref_log_probs`, the log-probabilities of every pair computed once before
+//! the first step.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::adapter::{AdapterInjector, LoraInjector};
+use crate::callback::{Callback, EpochSaver, MetricsJsonl, Progress, TensorBoard};
+use crate::config::SftConfig;
+use crate::data::{Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, Tokenizer};
+use crate::error::{Error, Result, write_atomic};
+use crate::model::{LoadOptions, load_model};
+use crate::plugin::{self, CallbackCtx, SchedulerCtx};
+use crate::sft::{
+    RunOptions, SftSaver, dist_setup, load_model_and_tokenizer, lora_config, make_optimizer,
+};
+use crate::trainer::{
+    BatchSource, C10dCollective, Collective, FitSummary, PreferenceConfig, PreferenceObjective,
+    Trainer,
+};
+
+/// [`BatchSource`] over a [`PreferenceLoader`].
+pub struct PreferenceSource {
+    loader: PreferenceLoader,
+    epoch: Option<(usize, Vec<Vec<usize>>)>,
+}
+
+impl PreferenceSource {
+    pub fn new(loader: PreferenceLoader) -> Self {
+        PreferenceSource {
+            loader,
+            epoch: None,
+        }
+    }
+}
+
+impl BatchSource for PreferenceSource {
+    fn num_batches(&self, _epoch: usize) -> usize {
+        self.loader.num_batches().unwrap_or(0)
+    }
+
+    fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch> {
+        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let batches: Vec<Vec<usize>> = self.loader.batches(epoch as u64, 0)?.collect();
+            self.epoch = Some((epoch, batches));
+        }
+        let idx = self
+            .epoch
+            .as_ref()
+            .and_then(|(_, b)| b.get(index))
+            .ok_or_else(|| {
+                Error::invalid(format!("batch {index} of epoch {epoch} out of range"))
+            })?;
+        self.loader.collate(idx)
+    }
+}
+
+fn pad_id(tok: &Tokenizer) -> Result<i64> {
+    Ok(tok
+        .pad()
+        .or(tok.eos())
+        .ok_or_else(|| Error::Tokenizer {
+            path: tok.dir().to_path_buf(),
+            msg: "no pad and no eos token: set pad_token in tokenizer_config.json".into(),
+        })?
+        .id as i64)
+}
+
+/// Runs the preference-tuning job of `cfg` (its `preference:` section, or TRL's defaults).
+pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
+    let base_dir = opts.base_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    plugin::load_plugins(&cfg.plugins, &base_dir)?;
+    plugin::check_registry()?;
+    if cfg.training.threads > 0 {
+        tch::set_num_threads(cfg.training.threads as i32);
+    }
+    let pcfg: PreferenceConfig = cfg.preference.clone().unwrap_or_default();
+    pcfg.validate()?;
+    let (pg, device) = dist_setup(cfg)?;
+    let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
+    let t = &cfg.training;
+    let (mut model, tok, dcfg) = load_model_and_tokenizer(cfg, device)?;
+    if dcfg.packing {
+        return Err(Error::config(
+            "dataset.packing",
+            "preference tuning does not pack pairs; set `packing: false`",
+        ));
+    }
+    let train = Arc::new(PreferenceDataset::load(&dcfg, &tok)?);
+    let eval = PreferenceDataset::load_eval(&dcfg, &tok)?.map(Arc::new);
+    tracing::info!(
+        "{} preference pairs from {}",
+        train.len(),
+        dcfg.path.display()
+    );
+    let collator = Collator::new(pad_id(&tok)?, dcfg.padding_side);
+    let opts_for = |batch_size: usize, shuffle: bool, rank: usize, world: usize| LoaderOptions {
+        batch_size,
+        seed: t.seed,
+        shuffle,
+        drop_last: false,
+        rank,
+        world,
+        packing: None,
+    };
+    let train_loader = PreferenceLoader::new(
+        train.clone(),
+        collator.clone(),
+        opts_for(t.batch_size, true, rank, world),
+    )?;
+    let eval_bs = t.eval_batch_size.unwrap_or(t.batch_size);
+    let eval_loader = eval
+        .as_ref()
+        .map(|ds| {
+            PreferenceLoader::new(
+                ds.clone(),
+                collator.clone(),
+                opts_for(eval_bs, false, rank, world),
+            )
+        })
+        .transpose()?;
+
+    let lora = lora_config(cfg);
+    tch::manual_seed(t.seed as i64);
+    let mut objective = PreferenceObjective::new(pcfg.clone())?;
+    match &lora {
+        Some(l) => {
+            model.freeze_base();
+            let params = LoraInjector::new(l.clone()).inject(model.as_mut())?;
+            let n: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+            tracing::info!(
+                "LoRA r={} on {} tensors, {n} trainable parameters; the reference is the model \
+                 with its adapters off",
+                l.r,
+                params.len()
+            );
+        }
+        None => {
+            if cfg.model.train_4bit || cfg.model.train_8bit || cfg.quantization.is_some() {
+                return Err(Error::config(
+                    "lora",
+                    "a quantized base is frozen: full fine-tuning needs a dense model; enable \
+                     `lora` (QLoRA) or remove the quantization",
+                ));
+            }
+            if pcfg.needs_reference() && !pcfg.precompute_ref_log_probs {
+                tracing::info!(
+                    "full fine-tuning: loading a frozen reference copy of {}",
+                    cfg.model.path.display()
+                );
+                let reference =
+                    load_model(&cfg.model.path, &LoadOptions::new(tch::Kind::Float, device))?;
+                objective = objective.with_reference_model(reference);
+            }
+        }
+    }
+    if pcfg.precompute_ref_log_probs && world > 1 {
+        // Every rank needs the rows of every pair (shards change with the epoch).
+        let mut all = PreferenceSource::new(PreferenceLoader::new(
+            train.clone(),
+            collator.clone(),
+            opts_for(t.batch_size, false, 0, 1),
+        )?);
+        objective.precompute(model.as_ref(), &mut all, 0, device)?;
+        if let Some(ds) = &eval {
+            let mut all = PreferenceSource::new(PreferenceLoader::new(
+                ds.clone(),
+                collator.clone(),
+                opts_for(eval_bs, false, 0, 1),
+            )?);
+            objective.precompute(model.as_ref(), &mut all, 0, device)?;
+        }
+    }
+    let optimizer = make_optimizer(cfg, model.as_ref())?;
+
+    let config_yaml = cfg.to_yaml()?;
+    if rank == 0 {
+        std::fs::create_dir_all(&t.output_dir).map_err(|e| Error::io(&t.output_dir, e))?;
+        write_atomic(
+            &t.output_dir.join("config.resolved.yaml"),
+            config_yaml.as_bytes(),
+        )?;
+    }
+    let sched_section = cfg.scheduler.clone();
+    let warmup_ratio = t.warmup_ratio;
+    let warmup_fixed = t.warmup_steps;
+    let min_lr_ratio = t.min_lr_ratio;
+    let mut builder = Trainer::builder()
+        .model(model)
+        .train_data(Box::new(PreferenceSource::new(train_loader)))
+        .preference(objective)
+        .optimizer(optimizer)
+        .base_lr(t.lr)
+        .device(device)
+        .precision(t.precision)
+        .grad_accum(t.gradient_accumulation)
+        .epochs(t.epochs)
+        .max_steps(t.max_steps)
+        .clip_norm(t.grad_clip)
+        .gradient_checkpointing(t.gradient_checkpointing)
+        .keep_freed_memory(t.keep_freed_memory)
+        .seed(t.seed)
+        .eval_every(t.eval_every)
+        .output_dir(&t.output_dir)
+        .on_nonfinite(t.on_nonfinite)
+        .resume(opts.resume)
+        .checkpoint_every(t.checkpoint_every)
+        .saver(Box::new(SftSaver {
+            lora,
+            tokenizer: Arc::new(tok),
+            config_yaml,
+        }))
+        .scheduler_with(move |total| {
+            let ctx = SchedulerCtx { total_steps: total };
+            match sched_section {
+                Some(s) => plugin::build_scheduler(&s.name, &s.options_value(), &ctx),
+                None => {
+                    let warmup = warmup_fixed
+                        .unwrap_or_else(|| (warmup_ratio * total as f64).round() as u64);
+                    let mut m = serde_yaml::Mapping::new();
+                    m.insert(
+                        "warmup_steps".into(),
+                        serde_yaml::Value::Number(warmup.into()),
+                    );
+                    m.insert(
+                        "min_lr_ratio".into(),
+                        serde_yaml::Value::Number(min_lr_ratio.into()),
+                    );
+                    plugin::build_scheduler("cosine", &serde_yaml::Value::Mapping(m), &ctx)
+                }
+            }
+        });
+    if let Some(e) = eval_loader {
+        builder = builder.eval_data(Box::new(PreferenceSource::new(e)));
+    }
+    if let Some(pg) = pg {
+        let bucket = cfg.distributed.as_ref().map_or(25.0, |d| d.bucket_mb);
+        builder =
+            builder.collective(Box::new(C10dCollective::new(pg, bucket)) as Box<dyn Collective>);
+    }
+    if let Some(f) = opts.interrupt {
+        builder = builder.interrupt_flag(f);
+    }
+    let cb_ctx = CallbackCtx {
+        output_dir: t.output_dir.clone(),
+    };
+    let mut callbacks: Vec<Box<dyn Callback>> = vec![
+        Box::new(MetricsJsonl::new(t.output_dir.join("metrics.jsonl"))),
+        Box::new(EpochSaver {
+            keep_last: t.keep_last,
+            every: 1,
+        }),
+    ];
+    if t.tensorboard {
+        callbacks.push(Box::new(TensorBoard::new(t.output_dir.join("tensorboard"))));
+    }
+    for c in &cfg.callbacks {
+        callbacks.push(plugin::build_callback(
+            &c.name,
+            &c.options_value(),
+            &cb_ctx,
+        )?);
+    }
+    for c in callbacks {
+        builder = builder.callback(c);
+    }
+    let mut trainer = builder.build()?;
+    let total = trainer.total_steps();
+    trainer.add_callback(Box::new(Progress::new(total, t.log_every)));
+    trainer.fit()
+}
