@@ -86,6 +86,15 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     let (pg, device) = dist_setup(cfg)?;
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
     let t = &cfg.training;
+    // The same output-directory rules as `volttrain sft`: one writer, no silent overwrite,
+    // resume only under the same math.
+    let _output_lock = crate::run::prepare_output_dir(
+        &t.output_dir,
+        t.overwrite_output_dir,
+        opts.resume,
+        &cfg.to_yaml()?,
+        rank == 0,
+    )?;
     let (mut model, tok, dcfg) = load_model_and_tokenizer(cfg, device)?;
     if dcfg.packing {
         return Err(Error::config(
@@ -196,6 +205,7 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         .model(model)
         .train_data(Box::new(PreferenceSource::new(train_loader)))
         .preference(objective)
+        .checkpoint_file(crate::run::CHECKPOINT_CONFIG, config_yaml.clone())
         .optimizer(optimizer)
         .base_lr(t.lr)
         .device(device)

@@ -174,25 +174,40 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
 
 fn dpo(config: PathBuf, sets: Vec<String>, resume: bool) -> Result<()> {
     let cfg = SftConfig::load(&config, &sets)?;
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    if let Err(e) = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("Ctrl-C: finishing the current step and writing a resume checkpoint...");
-    }) {
-        tracing::warn!("no Ctrl-C handler: {e}");
-    }
+    // Ctrl-C, SIGTERM and SIGUSR1 as for `volttrain sft`: finish the step, write `last/`.
+    let signals = StopSignals::install()
+        .inspect_err(|e| tracing::warn!("no stop-signal handlers: {e}"))
+        .ok();
     let opts = RunOptions {
         resume,
-        interrupt: Some(interrupt),
+        interrupt: signals.as_ref().map(StopSignals::flag),
         base_dir: Some(base_dir(&config)),
     };
-    let summary = volttrain::dpo::run_dpo(&cfg, opts)?;
-    let out = serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
-    println!("{out}");
-    Ok(())
+    match volttrain::dpo::run_dpo(&cfg, opts) {
+        Ok(summary) => {
+            let out =
+                serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
+            println!("{out}");
+            Ok(())
+        }
+        Err(Error::Interrupted { step, dir }) => {
+            let what = if signals.as_ref().is_some_and(StopSignals::preempted) {
+                "preempted"
+            } else {
+                "interrupted"
+            };
+            eprintln!(
+                "{what} at step {step}; resume with --resume\nresume checkpoint in {}; command: volttrain dpo --config {} --resume",
+                dir.display(),
+                config.display()
+            );
+            if what == "preempted" {
+                return Ok(());
+            }
+            Err(Error::Interrupted { step, dir })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {

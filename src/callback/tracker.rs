@@ -696,6 +696,7 @@ mod tests {
             grad_norm: f64::NAN,
             tokens: 100,
             tokens_per_sec: 1e3,
+            extra: BTreeMap::from([("rewards/chosen".into(), 0.5)]),
         };
         let v = step_values(&m);
         let keys: Vec<&str> = v.keys().map(String::as_str).collect();
@@ -706,17 +707,22 @@ mod tests {
                 "train/loss",
                 "train/lr/adamw_embed",
                 "train/lr/muon",
+                "train/rewards/chosen",
                 "train/tokens",
                 "train/tokens_per_sec"
             ]
         );
         assert_eq!(v["train/lr/muon"], 0.02);
+        // Objective metrics (preference tuning) sit beside the others, as in metrics.jsonl.
+        assert_eq!(v["train/rewards/chosen"], 0.5);
         let e = eval_values(&EvalMetrics {
             step: 3,
             epoch: 1,
             eval_loss: 1.25,
             tokens: 7,
+            extra: BTreeMap::from([("rewards/margins".into(), -0.25)]),
         });
+        assert_eq!(e["eval/rewards/margins"], -0.25);
         assert_eq!(e["eval/eval_loss"], 1.25);
         assert_eq!(e["eval/tokens"], 7.0);
     }
