@@ -185,8 +185,7 @@ fn dpo(config: PathBuf, sets: Vec<String>, resume: bool) -> Result<()> {
     };
     match volttrain::dpo::run_dpo(&cfg, opts) {
         Ok(summary) => {
-            let out =
-                serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
+            let out = serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
             println!("{out}");
             Ok(())
         }

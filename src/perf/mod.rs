@@ -5,8 +5,8 @@
 //! [`Measurement`]s. The `volttrain-bench` binary drives them and prints the table.
 
 pub mod data;
-pub mod families;
 pub mod dpo;
+pub mod families;
 pub mod load;
 pub mod model;
 pub mod optim;

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 pub use lock::{LOCK_FILE, LockHolder, OutputLock, host_name};
 pub use resume::{
-    CHECKPOINT_CONFIG, Difference, HARMLESS_KEYS, check_resume_config, diff_configs, flatten,
+    CHECKPOINT_CONFIG, Difference, HARMLESS_KEYS, LENGTH_KEYS, check_resume_config, diff_configs,
+    flatten, length_free_schedule,
 };
 pub use signals::{STOP_SIGNALS, SignalAction, SignalCounter, StopSignals, signal_name};
 

@@ -123,6 +123,32 @@ pub fn diff_configs(saved: &Value, new: &Value) -> (Vec<Difference>, Vec<Differe
     (math, ok)
 }
 
+/// Keys that set the run's length. Changing them on resume changes the math only through a
+/// schedule that depends on the total number of steps (see [`length_free_schedule`]).
+pub const LENGTH_KEYS: &[&str] = &["training.max_steps", "training.epochs"];
+
+/// Whether the learning-rate schedule of a resolved config is the same at every step whatever
+/// the run's length: a `constant` or `constant_with_warmup` scheduler (warmup in steps), or,
+/// for the reference schedule (no `scheduler:` section: warmup + cosine), no decay
+/// (`min_lr_ratio: 1`) and a warmup given in steps or none (`warmup_ratio` scales with the
+/// total).
+pub fn length_free_schedule(cfg: &Value) -> bool {
+    let num = |v: Option<&Value>| v.and_then(Value::as_f64);
+    match cfg.get("scheduler") {
+        Some(s) if !s.is_null() => {
+            let name = s.get("name").and_then(Value::as_str);
+            return matches!(name, Some("constant" | "constant_with_warmup"));
+        }
+        _ => {}
+    }
+    let Some(t) = cfg.get("training") else {
+        return false;
+    };
+    let warmup_in_steps = t.get("warmup_steps").is_some_and(|v| !v.is_null());
+    num(t.get("min_lr_ratio")) == Some(1.0)
+        && (warmup_in_steps || num(t.get("warmup_ratio")).unwrap_or(0.0) == 0.0)
+}
+
 fn show(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| "(unset)".into())
 }
@@ -148,7 +174,21 @@ pub fn check_resume_config(ckpt_dir: &Path, new_yaml: &str) -> Result<()> {
         .map_err(|e| Error::checkpoint(&path, format!("not valid YAML: {e}")))?;
     let new: Value = serde_yaml::from_str(new_yaml)
         .map_err(|e| Error::invalid(format!("resolved config is not valid YAML: {e}")))?;
-    let (math, ok) = diff_configs(&saved, &new);
+    let (mut math, mut ok) = diff_configs(&saved, &new);
+    // The run's length may change (train longer or shorter) when the learning-rate schedule
+    // does not depend on it: the steps already taken are then the same steps.
+    if math
+        .iter()
+        .any(|(k, _, _)| LENGTH_KEYS.contains(&k.as_str()))
+        && length_free_schedule(&saved)
+        && length_free_schedule(&new)
+    {
+        let (len, rest): (Vec<Difference>, Vec<Difference>) = math
+            .into_iter()
+            .partition(|(k, _, _)| LENGTH_KEYS.contains(&k.as_str()));
+        ok.extend(len);
+        math = rest;
+    }
     for (k, a, b) in &ok {
         tracing::info!("resume: `{k}` changed from {} to {}", show(a), show(b));
     }
@@ -211,5 +251,49 @@ mod tests {
         assert!(e.contains("`training.seed`: 7 -> 8"), "{e}");
         assert!(e.contains(CHECKPOINT_CONFIG), "{e}");
         check_resume_config(dir.path(), "training: {lr: 0.01, seed: 7, log_every: 9}\n").unwrap();
+    }
+
+    #[test]
+    fn run_length_may_change_only_under_a_length_free_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = "training: {lr: 0.01, max_steps: 2, warmup_ratio: 0.0, min_lr_ratio: 1.0}\n";
+        std::fs::write(dir.path().join(CHECKPOINT_CONFIG), saved).unwrap();
+        // Constant rate (cosine to the same rate, no warmup): training longer is the same run.
+        check_resume_config(
+            dir.path(),
+            "training: {lr: 0.01, max_steps: 4, warmup_ratio: 0.0, min_lr_ratio: 1.0}\n",
+        )
+        .unwrap();
+        // A length change beside a math change: only the math change is named.
+        let e = check_resume_config(
+            dir.path(),
+            "training: {lr: 0.02, max_steps: 4, warmup_ratio: 0.0, min_lr_ratio: 1.0}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`training.lr`"), "{e}");
+        assert!(!e.contains("`training.max_steps`"), "{e}");
+
+        // Cosine decay over the total: a new length moves every step's rate.
+        let decaying = "training: {lr: 0.01, max_steps: 2, warmup_ratio: 0.0, min_lr_ratio: 0.1}\n";
+        std::fs::write(dir.path().join(CHECKPOINT_CONFIG), decaying).unwrap();
+        let e = check_resume_config(
+            dir.path(),
+            "training: {lr: 0.01, max_steps: 4, warmup_ratio: 0.0, min_lr_ratio: 0.1}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`training.max_steps`: 2 -> 4"), "{e}");
+        // A warmup given as a ratio of the total scales with the length too.
+        assert!(!length_free_schedule(&y(
+            "training: {warmup_ratio: 0.1, min_lr_ratio: 1.0}"
+        )));
+        assert!(length_free_schedule(&y(
+            "training: {warmup_steps: 5, warmup_ratio: 0.1, min_lr_ratio: 1.0}"
+        )));
+        assert!(length_free_schedule(&y(
+            "scheduler: {name: constant_with_warmup, warmup_steps: 3}"
+        )));
+        assert!(!length_free_schedule(&y("scheduler: {name: cosine}")));
     }
 }

@@ -32,8 +32,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::BatchSource;
 use super::step::{self, Prepared};
-use crate::amp::Autocast;
 use crate::adapter::{AdaptersDisabled, set_adapters_enabled};
+use crate::amp::Autocast;
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::CausalLm;
 
