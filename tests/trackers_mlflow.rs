@@ -239,7 +239,9 @@ fn a_dead_server_costs_points_not_the_run() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("WARN") && err.contains("mlflow"), "{err}");
 
-    let out = run(&job(dir.path(), &cb(", on_error: fail"), ""), &[]);
+    // A second run into the same output directory: over the first one's checkpoints.
+    let again = "  overwrite_output_dir: true";
+    let out = run(&job(dir.path(), &cb(", on_error: fail"), again), &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

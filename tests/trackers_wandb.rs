@@ -158,7 +158,12 @@ fn training_shorthand_uses_the_reference_keys() {
     assert!(r["history"]["2"]["train/loss"].is_f64(), "{r}");
 
     // W&B keys without `use_wandb` would do nothing: refused, naming the key
-    let cfg = job(dir.path(), "[]", "  wandb_project: ref-project");
+    // (a second run into the same output directory: over the first one's checkpoints)
+    let cfg = job(
+        dir.path(),
+        "[]",
+        "  wandb_project: ref-project\n  overwrite_output_dir: true",
+    );
     let out = run(&cfg, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -230,7 +235,12 @@ fn a_dead_sidecar_costs_points_not_the_run() {
     assert!(err.contains("WARN") && err.contains("wandb"), "{err}");
 
     // on_error: fail stops the run with the reason
-    let cfg = job(dir.path(), &cb(", on_error: fail"), "");
+    // A second run into the same output directory: over the first one's checkpoints.
+    let cfg = job(
+        dir.path(),
+        &cb(", on_error: fail"),
+        "  overwrite_output_dir: true",
+    );
     let out = run(&cfg, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
