@@ -12,19 +12,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::adapter::{AdapterInjector, LoraInjector};
-use crate::callback::{Callback, EpochSaver, MetricsJsonl, Progress, TensorBoard};
+use crate::callback::Progress;
 use crate::config::SftConfig;
 use crate::data::{Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, Tokenizer};
 use crate::error::{Error, Result, write_atomic};
 use crate::model::{LoadOptions, load_model};
-use crate::plugin::{self, CallbackCtx, SchedulerCtx};
+use crate::plugin::{self, SchedulerCtx};
 use crate::sft::{
     RunOptions, SftSaver, dist_setup, load_model_and_tokenizer, lora_config, make_optimizer,
 };
-use crate::trainer::{
-    BatchSource, C10dCollective, Collective, FitSummary, PreferenceConfig, PreferenceObjective,
-    Trainer,
-};
+use crate::trainer::{BatchSource, FitSummary, PreferenceConfig, PreferenceObjective, Trainer};
 
 /// [`BatchSource`] over a [`PreferenceLoader`].
 pub struct PreferenceSource {
@@ -250,37 +247,7 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     if let Some(e) = eval_loader {
         builder = builder.eval_data(Box::new(PreferenceSource::new(e)));
     }
-    if let Some(pg) = pg {
-        let bucket = cfg.distributed.as_ref().map_or(25.0, |d| d.bucket_mb);
-        builder =
-            builder.collective(Box::new(C10dCollective::new(pg, bucket)) as Box<dyn Collective>);
-    }
-    if let Some(f) = opts.interrupt {
-        builder = builder.interrupt_flag(f);
-    }
-    let cb_ctx = CallbackCtx {
-        output_dir: t.output_dir.clone(),
-    };
-    let mut callbacks: Vec<Box<dyn Callback>> = vec![
-        Box::new(MetricsJsonl::new(t.output_dir.join("metrics.jsonl"))),
-        Box::new(EpochSaver {
-            keep_last: t.keep_last,
-            every: 1,
-        }),
-    ];
-    if t.tensorboard {
-        callbacks.push(Box::new(TensorBoard::new(t.output_dir.join("tensorboard"))));
-    }
-    for c in &cfg.callbacks {
-        callbacks.push(plugin::build_callback(
-            &c.name,
-            &c.options_value(),
-            &cb_ctx,
-        )?);
-    }
-    for c in callbacks {
-        builder = builder.callback(c);
-    }
+    builder = crate::sft::with_run_wiring(builder, cfg, pg, opts.interrupt)?;
     let mut trainer = builder.build()?;
     let total = trainer.total_steps();
     trainer.add_callback(Box::new(Progress::new(total, t.log_every)));

@@ -30,7 +30,9 @@ use crate::optim::{
 };
 use crate::plugin::{self, CallbackCtx, SchedulerCtx};
 use crate::quant::QuantConfig;
-use crate::trainer::{BatchSource, C10dCollective, Collective, FitSummary, Trainer};
+use crate::trainer::{
+    BatchSource, C10dCollective, Collective, FitSummary, Trainer, TrainerBuilder,
+};
 
 /// How to run the job, besides the config.
 #[derive(Default)]
@@ -426,46 +428,7 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     if let Some(e) = eval_loader {
         builder = builder.eval_data(Box::new(LoaderSource::new(e)));
     }
-    if let Some(pg) = pg {
-        let bucket = cfg.distributed.as_ref().map_or(25.0, |d| d.bucket_mb);
-        builder =
-            builder.collective(Box::new(C10dCollective::new(pg, bucket)) as Box<dyn Collective>);
-    }
-    if let Some(f) = opts.interrupt {
-        builder = builder.interrupt_flag(f);
-    }
-    let cb_ctx = CallbackCtx {
-        output_dir: t.output_dir.clone(),
-    };
-    let mut callbacks: Vec<Box<dyn Callback>> = vec![
-        Box::new(MetricsJsonl::new(t.output_dir.join("metrics.jsonl"))),
-        Box::new(EpochSaver {
-            keep_last: t.keep_last,
-            every: 1,
-        }),
-    ];
-    if t.tensorboard {
-        callbacks.push(Box::new(TensorBoard::new(t.output_dir.join("tensorboard"))));
-    }
-    for c in &cfg.callbacks {
-        callbacks.push(plugin::build_callback(
-            &c.name,
-            &c.options_value(),
-            &cb_ctx,
-        )?);
-    }
-    if let Some(section) = crate::callback::wandb_shorthand(t)? {
-        if cfg.callbacks.iter().any(|c| c.name == "wandb") {
-            return Err(Error::config(
-                "training.use_wandb",
-                "W&B is set up twice (training.use_wandb and a `wandb` callback); keep one",
-            ));
-        }
-        callbacks.push(plugin::build_callback("wandb", &section, &cb_ctx)?);
-    }
-    for c in callbacks {
-        builder = builder.callback(c);
-    }
+    builder = with_run_wiring(builder, cfg, pg, opts.interrupt)?;
     let mut trainer = builder.build()?;
     let total = trainer.total_steps();
     trainer.add_callback(Box::new(Progress::new(total, t.log_every)));
@@ -533,4 +496,57 @@ pub fn run_eval(cfg: &SftConfig, adapter: Option<&Path>) -> Result<EvalMetrics> 
         device,
         cfg.training.precision,
     )
+}
+
+/// What every YAML job (`volttrain sft`, `volttrain dpo`) adds to its trainer alike: the
+/// data-parallel collective, the interrupt flag, and the callbacks (`metrics.jsonl`, the epoch
+/// saver, TensorBoard, the `callbacks:` list, the reference's W&B shorthand).
+pub(crate) fn with_run_wiring(
+    mut builder: TrainerBuilder,
+    cfg: &SftConfig,
+    pg: Option<ProcessGroup>,
+    interrupt: Option<Arc<AtomicBool>>,
+) -> Result<TrainerBuilder> {
+    let t = &cfg.training;
+    if let Some(pg) = pg {
+        let bucket = cfg.distributed.as_ref().map_or(25.0, |d| d.bucket_mb);
+        builder =
+            builder.collective(Box::new(C10dCollective::new(pg, bucket)) as Box<dyn Collective>);
+    }
+    if let Some(f) = interrupt {
+        builder = builder.interrupt_flag(f);
+    }
+    let cb_ctx = CallbackCtx {
+        output_dir: t.output_dir.clone(),
+    };
+    let mut callbacks: Vec<Box<dyn Callback>> = vec![
+        Box::new(MetricsJsonl::new(t.output_dir.join("metrics.jsonl"))),
+        Box::new(EpochSaver {
+            keep_last: t.keep_last,
+            every: 1,
+        }),
+    ];
+    if t.tensorboard {
+        callbacks.push(Box::new(TensorBoard::new(t.output_dir.join("tensorboard"))));
+    }
+    for c in &cfg.callbacks {
+        callbacks.push(plugin::build_callback(
+            &c.name,
+            &c.options_value(),
+            &cb_ctx,
+        )?);
+    }
+    if let Some(section) = crate::callback::wandb_shorthand(t)? {
+        if cfg.callbacks.iter().any(|c| c.name == "wandb") {
+            return Err(Error::config(
+                "training.use_wandb",
+                "W&B is set up twice (training.use_wandb and a `wandb` callback); keep one",
+            ));
+        }
+        callbacks.push(plugin::build_callback("wandb", &section, &cb_ctx)?);
+    }
+    for c in callbacks {
+        builder = builder.callback(c);
+    }
+    Ok(builder)
 }
