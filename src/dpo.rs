@@ -15,13 +15,11 @@ use crate::adapter::{AdapterInjector, LoraInjector};
 use crate::callback::Progress;
 use crate::config::SftConfig;
 use crate::data::{Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, Tokenizer};
-use crate::error::{Error, Result, write_atomic};
+use crate::error::{Error, Result};
 use crate::model::{LoadOptions, load_model};
-use crate::plugin::{self, SchedulerCtx};
-use crate::sft::{
-    RunOptions, SftSaver, dist_setup, load_model_and_tokenizer, lora_config, make_optimizer,
-};
-use crate::trainer::{BatchSource, FitSummary, PreferenceConfig, PreferenceObjective, Trainer};
+use crate::plugin;
+use crate::sft::{RunOptions, dist_setup, load_model_and_tokenizer, lora_config, make_optimizer};
+use crate::trainer::{BatchSource, FitSummary, PreferenceConfig, PreferenceObjective};
 
 /// [`BatchSource`] over a [`PreferenceLoader`].
 pub struct PreferenceSource {
@@ -186,64 +184,10 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     }
     let optimizer = make_optimizer(cfg, model.as_ref())?;
 
-    let config_yaml = cfg.to_yaml()?;
-    if rank == 0 {
-        std::fs::create_dir_all(&t.output_dir).map_err(|e| Error::io(&t.output_dir, e))?;
-        write_atomic(
-            &t.output_dir.join("config.resolved.yaml"),
-            config_yaml.as_bytes(),
-        )?;
-    }
-    let sched_section = cfg.scheduler.clone();
-    let warmup_ratio = t.warmup_ratio;
-    let warmup_fixed = t.warmup_steps;
-    let min_lr_ratio = t.min_lr_ratio;
-    let mut builder = Trainer::builder()
-        .model(model)
-        .train_data(Box::new(PreferenceSource::new(train_loader)))
-        .preference(objective)
-        .checkpoint_file(crate::run::CHECKPOINT_CONFIG, config_yaml.clone())
-        .optimizer(optimizer)
-        .base_lr(t.lr)
-        .device(device)
-        .precision(t.precision)
-        .grad_accum(t.gradient_accumulation)
-        .epochs(t.epochs)
-        .max_steps(t.max_steps)
-        .clip_norm(t.grad_clip)
-        .gradient_checkpointing(t.gradient_checkpointing)
-        .keep_freed_memory(t.keep_freed_memory)
-        .seed(t.seed)
-        .eval_every(t.eval_every)
-        .output_dir(&t.output_dir)
-        .on_nonfinite(t.on_nonfinite)
-        .resume(opts.resume)
-        .checkpoint_every(t.checkpoint_every)
-        .saver(Box::new(SftSaver {
-            lora,
-            tokenizer: Arc::new(tok),
-            config_yaml,
-        }))
-        .scheduler_with(move |total| {
-            let ctx = SchedulerCtx { total_steps: total };
-            match sched_section {
-                Some(s) => plugin::build_scheduler(&s.name, &s.options_value(), &ctx),
-                None => {
-                    let warmup = warmup_fixed
-                        .unwrap_or_else(|| (warmup_ratio * total as f64).round() as u64);
-                    let mut m = serde_yaml::Mapping::new();
-                    m.insert(
-                        "warmup_steps".into(),
-                        serde_yaml::Value::Number(warmup.into()),
-                    );
-                    m.insert(
-                        "min_lr_ratio".into(),
-                        serde_yaml::Value::Number(min_lr_ratio.into()),
-                    );
-                    plugin::build_scheduler("cosine", &serde_yaml::Value::Mapping(m), &ctx)
-                }
-            }
-        });
+    let mut builder =
+        crate::sft::job_builder(cfg, model, optimizer, device, opts.resume, lora, tok, rank)?
+            .train_data(Box::new(PreferenceSource::new(train_loader)))
+            .preference(objective);
     if let Some(e) = eval_loader {
         builder = builder.eval_data(Box::new(PreferenceSource::new(e)));
     }

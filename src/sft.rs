@@ -371,60 +371,8 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     }
     let optimizer = make_optimizer(cfg, model.as_ref())?;
 
-    let config_yaml = cfg.to_yaml()?;
-    if rank == 0 {
-        std::fs::create_dir_all(&t.output_dir).map_err(|e| Error::io(&t.output_dir, e))?;
-        write_atomic(
-            &t.output_dir.join("config.resolved.yaml"),
-            config_yaml.as_bytes(),
-        )?;
-    }
-
-    let sched_section = cfg.scheduler.clone();
-    let warmup_ratio = t.warmup_ratio;
-    let warmup_fixed = t.warmup_steps;
-    let min_lr_ratio = t.min_lr_ratio;
-    let mut builder = Trainer::builder()
-        .model(model)
-        .train_data(Box::new(LoaderSource::new(train_loader)))
-        .optimizer(optimizer)
-        .base_lr(t.lr)
-        .device(device)
-        .precision(t.precision)
-        .loss_scaler(t.loss_scaler.clone())
-        .grad_accum(t.gradient_accumulation)
-        .epochs(t.epochs)
-        .max_steps(t.max_steps)
-        .clip_norm(t.grad_clip)
-        .gradient_checkpointing(t.gradient_checkpointing)
-        .keep_freed_memory(t.keep_freed_memory)
-        .seed(t.seed)
-        .eval_every(t.eval_every)
-        .output_dir(&t.output_dir)
-        .on_nonfinite(t.on_nonfinite)
-        .resume(opts.resume)
-        .checkpoint_every(t.checkpoint_every)
-        .checkpoint_file(crate::run::CHECKPOINT_CONFIG, config_yaml.clone())
-        .saver(Box::new(SftSaver {
-            lora,
-            tokenizer: Arc::new(tok),
-            config_yaml,
-        }))
-        .scheduler_with(move |total| {
-            let ctx = SchedulerCtx { total_steps: total };
-            match sched_section {
-                Some(s) => plugin::build_scheduler(&s.name, &s.options_value(), &ctx),
-                None => {
-                    let warmup = warmup_fixed
-                        .unwrap_or_else(|| (warmup_ratio * total as f64).round() as u64);
-                    let v: serde_yaml::Value = serde_yaml::from_str(&format!(
-                        "{{warmup_steps: {warmup}, min_lr_ratio: {min_lr_ratio}}}"
-                    ))
-                    .map_err(|e| Error::invalid(e.to_string()))?;
-                    plugin::build_scheduler("cosine", &v, &ctx)
-                }
-            }
-        });
+    let mut builder = job_builder(cfg, model, optimizer, device, opts.resume, lora, tok, rank)?
+        .train_data(Box::new(LoaderSource::new(train_loader)));
     if let Some(e) = eval_loader {
         builder = builder.eval_data(Box::new(LoaderSource::new(e)));
     }
@@ -549,4 +497,73 @@ pub(crate) fn with_run_wiring(
         builder = builder.callback(c);
     }
     Ok(builder)
+}
+
+/// The trainer settings every YAML job (`volttrain sft`, `volttrain dpo`) takes from its config
+/// alike: the `training` keys, the resolved config (written to `config.resolved.yaml` by rank 0
+/// and into every resume checkpoint), the saver, and the schedule (`scheduler:` from the
+/// registry, or the reference warmup + cosine). The job adds its data (and objective).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn job_builder(
+    cfg: &SftConfig,
+    model: Box<dyn CausalLm>,
+    optimizer: Box<dyn DynOptimizer>,
+    device: Device,
+    resume: bool,
+    lora: Option<LoraConfig>,
+    tok: Tokenizer,
+    rank: usize,
+) -> Result<TrainerBuilder> {
+    let t = &cfg.training;
+    let config_yaml = cfg.to_yaml()?;
+    if rank == 0 {
+        std::fs::create_dir_all(&t.output_dir).map_err(|e| Error::io(&t.output_dir, e))?;
+        write_atomic(
+            &t.output_dir.join("config.resolved.yaml"),
+            config_yaml.as_bytes(),
+        )?;
+    }
+    let sched_section = cfg.scheduler.clone();
+    let warmup_ratio = t.warmup_ratio;
+    let warmup_fixed = t.warmup_steps;
+    let min_lr_ratio = t.min_lr_ratio;
+    Ok(Trainer::builder()
+        .model(model)
+        .optimizer(optimizer)
+        .base_lr(t.lr)
+        .device(device)
+        .precision(t.precision)
+        .loss_scaler(t.loss_scaler.clone())
+        .grad_accum(t.gradient_accumulation)
+        .epochs(t.epochs)
+        .max_steps(t.max_steps)
+        .clip_norm(t.grad_clip)
+        .gradient_checkpointing(t.gradient_checkpointing)
+        .keep_freed_memory(t.keep_freed_memory)
+        .seed(t.seed)
+        .eval_every(t.eval_every)
+        .output_dir(&t.output_dir)
+        .on_nonfinite(t.on_nonfinite)
+        .resume(resume)
+        .checkpoint_every(t.checkpoint_every)
+        .checkpoint_file(crate::run::CHECKPOINT_CONFIG, config_yaml.clone())
+        .saver(Box::new(SftSaver {
+            lora,
+            tokenizer: Arc::new(tok),
+            config_yaml,
+        }))
+        .scheduler_with(move |total| {
+            let ctx = SchedulerCtx { total_steps: total };
+            match sched_section {
+                Some(s) => plugin::build_scheduler(&s.name, &s.options_value(), &ctx),
+                None => {
+                    let warmup = warmup_fixed
+                        .unwrap_or_else(|| (warmup_ratio * total as f64).round() as u64);
+                    let mut m = serde_yaml::Mapping::new();
+                    m.insert("warmup_steps".into(), warmup.into());
+                    m.insert("min_lr_ratio".into(), min_lr_ratio.into());
+                    plugin::build_scheduler("cosine", &serde_yaml::Value::Mapping(m), &ctx)
+                }
+            }
+        }))
 }
