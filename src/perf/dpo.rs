@@ -4,6 +4,7 @@
 //! very same weights and tokens (`reference/bench_dpo.py`), in the same run. Both sides compute
 //! the reference log-probs with the adapters off, every step.
 
+use super::sft::{Clock, Repeat};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -11,43 +12,15 @@ use tch::{Device, Kind, Tensor};
 
 use super::{Measurement, PerfOpts, Stats, run_reference};
 use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
-use crate::callback::{Callback, Control, StepMetrics};
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, LoadOptions, load_model};
 use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
-use crate::trainer::{BatchSource, PreferenceConfig, PreferenceObjective, Trainer};
+use crate::trainer::{PreferenceConfig, PreferenceObjective, Trainer};
 
 const PAIRS: i64 = 2;
 const PROMPT: i64 = 128;
 const COMPLETION: i64 = 128;
-
-struct Repeat(Batch);
-impl BatchSource for Repeat {
-    fn num_batches(&self, _: usize) -> usize {
-        usize::MAX / 2
-    }
-    fn batch(&mut self, _: usize, _: usize) -> Result<Batch> {
-        Ok(Batch {
-            input_ids: self.0.input_ids.shallow_clone(),
-            attention_mask: self.0.attention_mask.shallow_clone(),
-            position_ids: None,
-            labels: self.0.labels.shallow_clone(),
-            num_tokens: self.0.num_tokens,
-            num_label_tokens: self.0.num_label_tokens,
-        })
-    }
-}
-
-struct Clock(Arc<Mutex<Vec<Instant>>>);
-impl Callback for Clock {
-    fn on_step_end(&mut self, _: &mut Control<'_>, _: &StepMetrics) -> Result<()> {
-        if let Ok(mut v) = self.0.lock() {
-            v.push(Instant::now());
-        }
-        Ok(())
-    }
-}
 
 /// Seconds of each measured VoltTrain DPO step on the model and rows in `dir`.
 fn ours(dir: &std::path::Path, opts: &PerfOpts) -> Result<Vec<f64>> {

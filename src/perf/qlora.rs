@@ -17,6 +17,7 @@
 //! weight twice per product under checkpointing' recompute (forward and backward), so its
 //! ratio to the fp32 step is the speed cost of that.
 
+use super::sft::{Clock, Repeat};
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
@@ -27,13 +28,12 @@ use tch::{Device, Kind, Tensor};
 
 use super::{Measurement, PerfOpts, Stats, run_json};
 use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
-use crate::callback::{Callback, Control, StepMetrics};
 use crate::data::Batch;
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::{CausalLm, LoadOptions, load_model};
 use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
 use crate::quant::QuantConfig;
-use crate::trainer::{BatchSource, Trainer};
+use crate::trainer::Trainer;
 
 /// A Llama shape and its batch.
 #[derive(Debug, Clone, Copy)]
@@ -164,33 +164,6 @@ pub fn write_model(dir: &Path, shape: &Shape, layers: i64) -> Result<()> {
     let bpath = dir.join("batch.safetensors");
     Tensor::write_safetensors(&[("input_ids", ids)], &bpath)
         .map_err(|e| Error::invalid(format!("{}: {e}", bpath.display())))
-}
-
-struct Repeat(Batch);
-impl BatchSource for Repeat {
-    fn num_batches(&self, _: usize) -> usize {
-        usize::MAX / 2
-    }
-    fn batch(&mut self, _: usize, _: usize) -> Result<Batch> {
-        Ok(Batch {
-            input_ids: self.0.input_ids.shallow_clone(),
-            attention_mask: self.0.attention_mask.shallow_clone(),
-            position_ids: None,
-            labels: self.0.labels.shallow_clone(),
-            num_tokens: self.0.num_tokens,
-            num_label_tokens: self.0.num_label_tokens,
-        })
-    }
-}
-
-struct Clock(Arc<Mutex<Vec<Instant>>>);
-impl Callback for Clock {
-    fn on_step_end(&mut self, _: &mut Control<'_>, _: &StepMetrics) -> Result<()> {
-        if let Ok(mut v) = self.0.lock() {
-            v.push(Instant::now());
-        }
-        Ok(())
-    }
 }
 
 /// A `kB` line of `/proc/self/status` in bytes.

@@ -49,7 +49,8 @@ pub fn flop_per_token(layers: usize, full: bool) -> f64 {
 
 /// The same tokens as `bench_sft.py`'s `torch.randint(0, vocab, (b, t),
 /// generator=torch.Generator().manual_seed(1))`: read back from the reference's file.
-struct Repeat(Batch);
+/// One batch served forever (the bench workloads train on it, `dpo` and `qlora` too).
+pub(crate) struct Repeat(pub(crate) Batch);
 impl BatchSource for Repeat {
     fn num_batches(&self, _: usize) -> usize {
         usize::MAX / 2
@@ -66,7 +67,8 @@ impl BatchSource for Repeat {
     }
 }
 
-struct Clock(Arc<Mutex<Vec<Instant>>>);
+/// Records the time of each step end (the bench workloads' step timer).
+pub(crate) struct Clock(pub(crate) Arc<Mutex<Vec<Instant>>>);
 impl Callback for Clock {
     fn on_step_end(&mut self, _: &mut Control<'_>, _: &StepMetrics) -> Result<()> {
         if let Ok(mut v) = self.0.lock() {
