@@ -15,7 +15,8 @@ base model) and VoltTrain's (the model with its adapters off) the same model:
 - `OUT/<loss>_final.safetensors`: the LoRA parameters after those steps (PEFT names, without the
   `base_model.model.` prefix and adapter name).
 
-ORPO (`orpo.json`): TRL's ORPOTrainer code (`concatenated_forward`, `odds_ratio_loss`) on the
+ORPO (`orpo.json`, `orpo_final.safetensors`): TRL's ORPOTrainer code (`concatenated_forward`,
+`odds_ratio_loss`), first without a gradient and then over `--steps` AdamW steps, on the
 same rows, called on the collated DPO batch, with the adapter as loaded (ORPO's own tokenizer path
 is not used: VoltTrain tokenizes pairs once, the DPO way).
 """
@@ -156,19 +157,37 @@ def orpo(model_dir, out, batch, args):
         concatenated_inputs=ORPOTrainer.concatenated_inputs,
         get_batch_logps=ORPOTrainer.get_batch_logps,
     )
-    with torch.no_grad():
+    def step_values():
         c_logps, r_logps, _, _, nll = ORPOTrainer.concatenated_forward(this, model, b)
         losses, c_rew, r_rew, _, _ = ORPOTrainer.odds_ratio_loss(this, c_logps, r_logps)
-    loss = nll - losses.mean()
-    metrics = {
-        "rewards/chosen": c_rew.mean().item(),
-        "rewards/rejected": r_rew.mean().item(),
-        "rewards/accuracies": (c_rew > r_rew).float().mean().item(),
-        "rewards/margins": (c_rew - r_rew).mean().item(),
-        "logps/chosen": c_logps.mean().item(),
-        "logps/rejected": r_logps.mean().item(),
-    }
-    (out / "orpo.json").write_text(json.dumps({"loss": loss.item(), "metrics": metrics}))
+        loss = nll - losses.mean()
+        metrics = {
+            "rewards/chosen": c_rew.mean().item(),
+            "rewards/rejected": r_rew.mean().item(),
+            "rewards/accuracies": (c_rew > r_rew).float().mean().item(),
+            "rewards/margins": (c_rew - r_rew).mean().item(),
+            "logps/chosen": c_logps.mean().item(),
+            "logps/rejected": r_logps.mean().item(),
+        }
+        return loss, metrics
+
+    with torch.no_grad():
+        loss, metrics = step_values()
+    first = {"loss": loss.item(), "metrics": metrics}
+    # `--steps` optimizer steps as the DPO runs take them (torch AdamW, constant lr, no weight
+    # decay, no clipping), each step's loss and metrics measured before its update, as TRL logs.
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    steps = []
+    for _ in range(args.steps):
+        opt.zero_grad()
+        loss, metrics = step_values()
+        loss.backward()
+        opt.step()
+        steps.append(dict(metrics, loss=loss.item()))
+    first["steps"] = steps
+    (out / "orpo.json").write_text(json.dumps(first))
+    save_file(lora_state(model), str(out / "orpo_final.safetensors"))
 
 
 def main():

@@ -1,6 +1,7 @@
 //! Preference tuning against TRL (trl 1.16.0), live: `reference/dpo_ref.py` runs TRL's
 //! DPOTrainer (sigmoid, ipo, hinge, robust) and ORPO code on the bundled tiny Llama with a fresh
-//! LoRA adapter, and VoltTrain runs the same pairs with the same adapter.
+//! LoRA adapter (ORPO: its loss functions in a plain AdamW loop), and VoltTrain runs the same
+//! pairs with the same adapter.
 //!
 //! Checked: the collated rows (TRL's tokenization of string and conversational pairs); the loss
 //! and TRL's six metrics of the first step to 1e-5 and of the later steps to 1e-4; the LoRA
@@ -372,15 +373,16 @@ fn robust_label_smoothing_matches_trl_over_three_steps() {
 }
 
 #[test]
-fn orpo_matches_trl_odds_ratio_loss() {
+fn orpo_matches_trl_odds_ratio_loss_over_three_steps() {
     let r = conv_ref();
     let want = read_json(&r.join("orpo.json"));
-    let (steps, _) = train(
+    let (steps, model) = train(
         "tests/fixtures/pref/conv.jsonl",
         &r.join("init_adapter"),
         PreferenceLoss::Orpo,
-        1,
+        STEPS,
     );
+    assert_eq!(steps.len(), STEPS);
     check_metrics(
         1,
         &steps[0],
@@ -388,6 +390,17 @@ fn orpo_matches_trl_odds_ratio_loss() {
         want["loss"].as_f64().unwrap(),
         1e-5,
     );
+    let logged = want["steps"].as_array().unwrap();
+    assert_eq!(
+        logged.len(),
+        STEPS,
+        "the reference took {} steps",
+        logged.len()
+    );
+    for (i, (m, w)) in steps.iter().zip(logged).enumerate() {
+        check_metrics(i + 1, m, w, w["loss"].as_f64().unwrap(), 1e-4);
+    }
+    check_params(model.as_ref(), &r.join("orpo_final.safetensors"));
 }
 
 /// A fresh adapter (B = 0) leaves the policy equal to the reference: the first sigmoid loss is

@@ -39,6 +39,9 @@ fn default_queue() -> usize {
 fn default_finish_timeout() -> f64 {
     TrackerOptions::default().finish_timeout_secs
 }
+fn default_flush() -> f64 {
+    TrackerOptions::default().flush_secs
+}
 fn default_timeout() -> f64 {
     30.0
 }
@@ -70,6 +73,9 @@ pub struct MlflowConfig {
     pub queue_size: usize,
     #[serde(default = "default_finish_timeout")]
     pub finish_timeout_secs: f64,
+    /// Seconds points are gathered before one batched delivery (default 1).
+    #[serde(default = "default_flush")]
+    pub flush_secs: f64,
 }
 
 impl Default for MlflowConfig {
@@ -84,6 +90,7 @@ impl Default for MlflowConfig {
             on_error: OnError::Warn,
             queue_size: default_queue(),
             finish_timeout_secs: default_finish_timeout(),
+            flush_secs: default_flush(),
         }
     }
 }
@@ -94,6 +101,7 @@ impl MlflowConfig {
             on_error: self.on_error,
             queue_size: self.queue_size,
             finish_timeout_secs: self.finish_timeout_secs,
+            flush_secs: self.flush_secs,
         }
     }
 
@@ -447,6 +455,43 @@ impl Sink for Rest {
             }
             Point::Artifact(dir) => self.upload_dir(dir),
         }
+    }
+
+    /// Consecutive metric points go in one `log-batch` request (up to MLflow's 1,000 metrics):
+    /// a second of training is one request, not one per logged step.
+    fn send_batch(&mut self, points: &[Point]) -> std::result::Result<(), (usize, Error)> {
+        let mut i = 0;
+        while i < points.len() {
+            let mut metrics: Vec<MetricJson<'_>> = Vec::new();
+            let mut j = i;
+            while let Some(Point::Metrics {
+                step,
+                values,
+                time_ms,
+            }) = points.get(j)
+            {
+                if metrics.len() + values.len() > MAX_METRICS_PER_BATCH {
+                    break;
+                }
+                metrics.extend(values.iter().map(|(k, v)| MetricJson {
+                    key: k,
+                    value: *v,
+                    timestamp: *time_ms,
+                    step: *step,
+                }));
+                j += 1;
+            }
+            if j == i {
+                // not a metric point, or one with more metrics than a request holds
+                self.send(&points[i]).map_err(|e| (i, e))?;
+                i += 1;
+                continue;
+            }
+            let body = serde_json::json!({ "metrics": metrics });
+            self.log_batch(body).map_err(|e| (i, e))?;
+            i = j;
+        }
+        Ok(())
     }
 
     fn finish(&mut self, failed: bool) -> Result<Option<u64>> {

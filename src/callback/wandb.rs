@@ -49,6 +49,9 @@ fn default_queue() -> usize {
 fn default_finish_timeout() -> f64 {
     TrackerOptions::default().finish_timeout_secs
 }
+fn default_flush() -> f64 {
+    TrackerOptions::default().flush_secs
+}
 fn default_start_timeout() -> f64 {
     60.0
 }
@@ -84,6 +87,9 @@ pub struct WandbConfig {
     pub queue_size: usize,
     #[serde(default = "default_finish_timeout")]
     pub finish_timeout_secs: f64,
+    /// Seconds points are gathered before one batched delivery (default 1).
+    #[serde(default = "default_flush")]
+    pub flush_secs: f64,
 }
 
 impl Default for WandbConfig {
@@ -102,6 +108,7 @@ impl Default for WandbConfig {
             on_error: OnError::Warn,
             queue_size: default_queue(),
             finish_timeout_secs: default_finish_timeout(),
+            flush_secs: default_flush(),
         }
     }
 }
@@ -112,6 +119,7 @@ impl WandbConfig {
             on_error: self.on_error,
             queue_size: self.queue_size,
             finish_timeout_secs: self.finish_timeout_secs,
+            flush_secs: self.flush_secs,
         }
     }
 
@@ -214,17 +222,47 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn write(&mut self, op: &Op<'_>) -> Result<()> {
+    /// The JSON line of `op`, newline included.
+    fn line(op: &Op<'_>) -> Result<String> {
         let mut line = serde_json::to_string(op).map_err(|e| Error::invalid(e.to_string()))?;
         line.push('\n');
+        Ok(line)
+    }
+
+    /// The op a point becomes (an artifact becomes none: the sidecar does not upload).
+    fn op<'a>(&self, point: &'a Point) -> Option<Op<'a>> {
+        match point {
+            Point::Config(cfg) => {
+                let mut settings = self.settings.clone();
+                if let Some(o) = settings.as_object_mut() {
+                    o.insert("config".into(), cfg.clone());
+                }
+                Some(Op::Init { settings })
+            }
+            Point::Metrics { step, values, .. } => Some(Op::Log {
+                step: *step,
+                data: values,
+            }),
+            Point::Summary(s) => Some(Op::Summary { data: s }),
+            Point::Artifact(_) => None,
+        }
+    }
+
+    /// Writes `text` (whole lines) to the sidecar's stdin in one write.
+    fn write_text(&mut self, text: &str) -> Result<()> {
         let stdin = self
             .stdin
             .as_mut()
             .ok_or_else(|| Error::invalid("the sidecar's stdin is closed"))?;
         stdin
-            .write_all(line.as_bytes())
+            .write_all(text.as_bytes())
             .and_then(|_| stdin.flush())
             .map_err(|e| Error::invalid(format!("the wandb sidecar stopped reading: {e}")))
+    }
+
+    fn write(&mut self, op: &Op<'_>) -> Result<()> {
+        let line = Self::line(op)?;
+        self.write_text(&line)
     }
 }
 
@@ -282,21 +320,21 @@ impl Sink for Pipe {
     }
 
     fn send(&mut self, point: &Point) -> Result<()> {
-        match point {
-            Point::Config(cfg) => {
-                let mut settings = self.settings.clone();
-                if let Some(o) = settings.as_object_mut() {
-                    o.insert("config".into(), cfg.clone());
-                }
-                self.write(&Op::Init { settings })
-            }
-            Point::Metrics { step, values, .. } => self.write(&Op::Log {
-                step: *step,
-                data: values,
-            }),
-            Point::Summary(s) => self.write(&Op::Summary { data: s }),
-            Point::Artifact(_) => Ok(()),
+        match self.op(point) {
+            Some(op) => self.write(&op),
+            None => Ok(()),
         }
+    }
+
+    /// The batch's lines in one pipe write.
+    fn send_batch(&mut self, points: &[Point]) -> std::result::Result<(), (usize, Error)> {
+        let mut text = String::new();
+        for p in points {
+            if let Some(op) = self.op(p) {
+                text.push_str(&Self::line(&op).map_err(|e| (0, e))?);
+            }
+        }
+        self.write_text(&text).map_err(|e| (0, e))
     }
 
     fn finish(&mut self, failed: bool) -> Result<Option<u64>> {
@@ -381,7 +419,8 @@ impl Wandb {
         let script = script.into_temp_path();
         let dir = self.cfg.dir.as_deref().unwrap_or(output_dir);
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut child = Command::new(&self.cfg.python)
+        let mut cmd = Command::new(&self.cfg.python);
+        let mut child = cmd
             .arg(&*script)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

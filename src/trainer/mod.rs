@@ -97,9 +97,14 @@ pub struct FitSummary {
     pub input_tokens: u64,
     pub final_train_loss: Option<f64>,
     pub final_eval_loss: Option<f64>,
-    /// Input tokens per second over the run.
+    /// Input tokens per second of training: over [`FitSummary::train_secs`].
     pub tokens_per_sec: f64,
     pub skipped_steps: u64,
+    /// Seconds of training: from the start of `fit` through the last step, the final eval and
+    /// the final save, before the fit-end callbacks (which close tracker runs and flush logs),
+    /// as transformers' `train_runtime` is measured before `on_train_end`.
+    pub train_secs: f64,
+    /// Seconds of the whole `fit`, the fit-end callbacks included.
     pub elapsed_secs: f64,
     /// Why the run stopped early, if a callback asked.
     pub stopped_by: Option<String>,
@@ -985,6 +990,7 @@ impl Trainer {
             let d = self.save_resume()?;
             self.call(Hook::Save(&d), &mut stop)?;
         }
+        let train_secs = start.elapsed().as_secs_f64();
         self.call(Hook::FitEnd, &mut stop)?;
         if let Some(reason) = &stop {
             tracing::info!("stopped early: {reason}");
@@ -997,8 +1003,9 @@ impl Trainer {
             final_train_loss: last_loss,
             final_eval_loss: last_eval,
             tokens_per_sec: (self.state.input_tokens - input_tokens_at_start) as f64
-                / elapsed.max(1e-9),
+                / train_secs.max(1e-9),
             skipped_steps: self.state.skipped_steps,
+            train_secs,
             elapsed_secs: elapsed,
             stopped_by: stop,
             callbacks: self
