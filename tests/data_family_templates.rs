@@ -1,8 +1,10 @@
-//! The chat templates of Qwen3, Gemma 2, Gemma 3 and Phi-4-mini (as the models ship them, stored
-//! in `tests/fixtures/templates/`, sources in its README) render byte-equal to transformers'
-//! `apply_chat_template`, Qwen3 with `enable_thinking` on and off, Gemma 3 folding the system turn
-//! into the first user turn, and give the assistant-only loss masks transformers + TRL's prefix
-//! rendering gives (`reference/data_ref.py`, run live through `$VOLTTRAIN_PYTHON_REF`).
+//! The chat templates of Qwen3, Gemma 2, Gemma 3, Phi-4-mini and Phi-3-mini (as the models ship
+//! them, stored in `tests/fixtures/templates/`, sources in its README) render byte-equal to
+//! transformers' `apply_chat_template`, Qwen3 with `enable_thinking` on and off, Gemma 3 folding
+//! the system turn into the first user turn, and give the assistant-only loss masks transformers +
+//! TRL's prefix rendering gives (`reference/data_ref.py`, run live through
+//! `$VOLTTRAIN_PYTHON_REF`). Multi-turn Qwen3 and Phi-3 chats, which prefix rendering cannot
+//! locate, get the input_ids and labels of TRL's `SFTTrainer` with `assistant_only_loss=True`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -158,11 +160,12 @@ fn family_templates_render_byte_equal_to_transformers() {
         // first user turn
         ("gemma2", none.clone()),
         ("gemma3", none.clone()),
-        ("phi4_mini", none),
+        ("phi4_mini", none.clone()),
+        ("phi3_mini", none),
     ];
     let counts = check_render(&pairs);
     println!("renders compared per (template, kwargs): {counts:?}");
-    assert_eq!(counts, [6, 6, 6, 3, 5, 6]);
+    assert_eq!(counts, [6, 6, 6, 3, 5, 6, 6]);
 }
 
 #[test]
@@ -277,6 +280,8 @@ fn assistant_only_masks_match_transformers_prefix_rendering() {
         &single,
         "<|im_end|>\n",
     );
+    // Phi-3-mini: the template renders the EOS itself, after the assistant turn
+    check_masks("phi3_mini", serde_json::json!({}), &single, "<|end|>\n");
 }
 
 #[test]
@@ -300,6 +305,74 @@ fn template_kwargs_come_from_the_dataset_config() {
     );
     // the dataset cache keys on the kwargs too
     assert_ne!(tok.fingerprint(), before);
+}
+
+/// One chat compared with TRL's `SFTTrainer`: ours, and TRL's input_ids and labels.
+struct TrlCase {
+    ours: volttrain::data::Example,
+    ids: Vec<i64>,
+    labels: Vec<i64>,
+}
+
+/// Loads `chats` with template `name` under each of `kwargs`, and tokenizes them with TRL's
+/// `SFTTrainer(assistant_only_loss=True)` (one Python run): per kwargs, per chat, both results.
+/// Asserts that TRL swapped in its training template for `name`.
+fn with_trl(name: &str, kwargs: &[serde_json::Value], chats: &[Vec<Message>]) -> Vec<Vec<TrlCase>> {
+    let tmp = tempfile::tempdir().unwrap();
+    let groups: Vec<serde_json::Value> = kwargs
+        .iter()
+        .map(|k| serde_json::json!({"conversations": chats, "kwargs": k}))
+        .collect();
+    let input = tmp.path().join("groups.json");
+    std::fs::write(&input, serde_json::to_string(&groups).unwrap()).unwrap();
+    let t = template(name);
+    let r = data_ref(&[
+        "trl-sft",
+        "--tok",
+        root().join("assets/tiny-llama").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--template",
+        t.to_str().unwrap(),
+    ]);
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    let data = tmp.path().join("chats.jsonl");
+    let lines: Vec<String> = chats
+        .iter()
+        .map(|msgs| serde_json::json!({ "messages": msgs }).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let cfg = DatasetConfig {
+        cache: false,
+        ..DatasetConfig::new(&data)
+    };
+    let mut out = Vec::new();
+    for (g, kw) in kwargs.iter().enumerate() {
+        let group = &r.as_array().unwrap()[g];
+        assert_eq!(group["swapped"], true, "TRL swapped in its {name} training template");
+        let trl = group["records"].as_array().unwrap();
+        let ds = SftDataset::load(&cfg, &tokenizer(name, kw)).unwrap();
+        assert_eq!(ds.len(), chats.len());
+        assert_eq!(trl.len(), chats.len());
+        out.push(
+            ds.examples
+                .into_iter()
+                .zip(trl)
+                .map(|(ours, want)| TrlCase {
+                    ours,
+                    ids: ids(&want["input_ids"]),
+                    labels: ids(&want["labels"]),
+                })
+                .collect(),
+        );
+    }
+    out
 }
 
 /// Multi-turn Qwen3 chats, which prefix rendering cannot locate (the template drops the `<think>`
@@ -351,55 +424,16 @@ fn qwen3_multi_turn_masks_equal_trl_sft_trainer() {
         serde_json::json!({}),
         serde_json::json!({"enable_thinking": false}),
     ];
-    let tmp = tempfile::tempdir().unwrap();
-    let groups: Vec<serde_json::Value> = kwargs
-        .iter()
-        .map(|k| serde_json::json!({"conversations": all, "kwargs": k}))
-        .collect();
-    let input = tmp.path().join("groups.json");
-    std::fs::write(&input, serde_json::to_string(&groups).unwrap()).unwrap();
-    let t = template("qwen3");
-    let r = data_ref(&[
-        "trl-sft",
-        "--tok",
-        root().join("assets/tiny-llama").to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--template",
-        t.to_str().unwrap(),
-    ]);
-    let ids = |v: &serde_json::Value| -> Vec<i64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_i64().unwrap())
-            .collect()
-    };
-    let data = tmp.path().join("chats.jsonl");
-    let lines: Vec<String> = all
-        .iter()
-        .map(|msgs| serde_json::json!({ "messages": msgs }).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let cfg = DatasetConfig {
-        cache: false,
-        ..DatasetConfig::new(&data)
-    };
+    let results = with_trl("qwen3", &kwargs, &all);
     let mut compared = 0;
-    for (g, kw) in kwargs.iter().enumerate() {
-        let group = &r.as_array().unwrap()[g];
-        assert_eq!(group["swapped"], true, "TRL swapped in its Qwen3 training template");
-        let trl = group["records"].as_array().unwrap();
+    for (kw, cases) in kwargs.iter().zip(&results) {
         let tok = tokenizer("qwen3", kw);
         let eos = tok.eos().unwrap().id as i64;
-        let ds = SftDataset::load(&cfg, &tok).unwrap();
-        assert_eq!(ds.len(), all.len());
-        for (i, (ex, want)) in ds.examples.iter().zip(trl).enumerate() {
-            let (want_ids, want_labels) = (ids(&want["input_ids"]), ids(&want["labels"]));
+        for (i, c) in cases.iter().enumerate() {
+            let (ex, n) = (&c.ours, c.ids.len());
             // TRL appends no EOS to conversational records; VoltTrain does, labelled after an
             // assistant turn
-            let n = want_ids.len();
-            assert_eq!(ex.input_ids[..n], want_ids[..], "{kw} chat {i}: input_ids");
+            assert_eq!(ex.input_ids[..n], c.ids[..], "{kw} chat {i}: input_ids");
             assert_eq!(ex.input_ids[n..], [eos], "{kw} chat {i}: appended EOS");
             let ends_with_assistant = all[i].last().unwrap().role == "assistant";
             assert_eq!(
@@ -414,13 +448,13 @@ fn qwen3_multi_turn_masks_equal_trl_sft_trainer() {
             let single_no_think =
                 i >= multi.len() && kw["enable_thinking"] == false && !reasoning;
             if !single_no_think {
-                assert_eq!(ex.labels[..n], want_labels[..], "{kw} chat {i}: labels");
+                assert_eq!(ex.labels[..n], c.labels[..], "{kw} chat {i}: labels");
             } else {
-                // single-turn chats keep prefix rendering: with enable_thinking=false the empty
-                // think block is part of the generation prompt, so it carries no label; TRL's
-                // generation span includes it. Everything else agrees.
+                // with enable_thinking=false the empty think block is part of the generation
+                // prompt, so prefix rendering gives it no label; TRL's generation span includes
+                // it. Everything else agrees.
                 let differ: Vec<u32> = (0..n)
-                    .filter(|&j| ex.labels[j] != want_labels[j])
+                    .filter(|&j| ex.labels[j] != c.labels[j])
                     .map(|j| {
                         assert_eq!(ex.labels[j], -100, "{kw} chat {i} token {j}");
                         ex.input_ids[j] as u32
@@ -437,6 +471,43 @@ fn qwen3_multi_turn_masks_equal_trl_sft_trainer() {
     }
     println!("chats compared with TRL's SFTTrainer: {compared}");
     assert_eq!(compared, 12);
+}
+
+/// Phi-3-mini's template ends every render with `eos_token`, so multi-turn chats cannot be
+/// located by prefix rendering either; they get TRL's Phi-3 training-template masks, and
+/// single-turn chats (prefix rendering) agree with TRL too.
+#[test]
+fn phi3_masks_equal_trl_sft_trainer() {
+    let chats = vec![
+        vec![m("user", "What is 2 + 3?"), m("assistant", "5")],
+        vec![
+            m("system", "Be brief."),
+            m("user", "Name a color."),
+            m("assistant", "Blue"),
+        ],
+        vec![
+            m("user", "a"),
+            m("assistant", "b"),
+            m("user", "c"),
+            m("assistant", "  d  "),
+        ],
+        vec![
+            m("system", "You are VoltBot."),
+            m("user", "Reverse: red fox"),
+            m("assistant", "fox red"),
+            m("user", "Thanks"),
+        ],
+    ];
+    let results = with_trl("phi3_mini", &[serde_json::json!({})], &chats);
+    let tok = tokenizer("phi3_mini", &serde_json::json!({}));
+    let eos = tok.eos().unwrap().id as i64;
+    for (i, c) in results[0].iter().enumerate() {
+        // the template renders the EOS itself, so nothing is appended
+        assert_eq!(c.ids.last(), Some(&eos), "chat {i}");
+        assert_eq!(c.ours.input_ids, c.ids, "chat {i}: input_ids");
+        assert_eq!(c.ours.labels, c.labels, "chat {i}: labels");
+        assert!(c.ours.num_label_tokens() > 0, "chat {i}");
+    }
 }
 
 #[test]

@@ -8,10 +8,10 @@
 //! error (the template and tokenizer disagree about where the turn starts).
 //!
 //! A template that is not prefix-stable cannot be read this way. When it is byte-equal to Qwen3's
-//! (which drops the `<think>` block of earlier assistant turns), conversations that prefix
-//! rendering cannot locate are rendered with its training variant instead, as TRL's `SFTTrainer`
-//! does with `assistant_only_loss=True` (see `training_template.rs`); any other such template is
-//! an error naming the turn.
+//! (which drops the `<think>` block of earlier assistant turns) or Phi-3's (which ends every
+//! render with `eos_token`), conversations that prefix rendering cannot locate are rendered with
+//! its training variant instead, as TRL's `SFTTrainer` does with `assistant_only_loss=True` (see
+//! `training_template.rs`); any other such template is an error naming the turn.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -168,10 +168,9 @@ impl SftDataset {
                 .count();
             if n > 0 {
                 tracing::info!(
-                    "{}: the chat template is {}'s, which is not prefix-stable; {n} multi-turn \
-                     conversation(s) rendered with its training variant ({}: every assistant \
-                     turn keeps its <think> block), as TRL's SFTTrainer does with \
-                     assistant_only_loss",
+                    "{}: the chat template is {}'s, which is not prefix-stable; {n} \
+                     conversation(s) rendered with its training variant ({}), as TRL's \
+                     SFTTrainer does with assistant_only_loss",
                     path.display(),
                     t.name,
                     t.source

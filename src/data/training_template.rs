@@ -11,13 +11,17 @@
 //! byte-equal to a known original, `SFTTrainer` swaps in a patched training template
 //! (`trl/chat_template_utils.py`, `get_training_chat_template`; the edits are listed in
 //! `trl/chat_templates/README.md`, "Training templates") and reads the assistant spans from its
-//! `{% generation %}` markers. This module does the same for Qwen3, deriving the variant from the
-//! original by applying the documented edits to its text:
+//! `{% generation %}` markers. This module does the same for Qwen3 and Phi-3, deriving each variant
+//! from the original by applying the documented edits to its text. For Qwen3:
 //!
 //! 1. the thinking block is always emitted (the `ns.last_query_index` / `loop.last` conditional
 //!    is dropped), so every assistant turn renders the same wherever it stands;
 //! 2. the assistant output after `<|im_start|>assistant\n` up to and including `<|im_end|>\n` is
 //!    the generation span.
+//!
+//! For Phi-3 (whose template appends `eos_token` to every render, so no assistant turn but the
+//! last renders as a prefix), the assistant content and `<|end|>\n` are the span, and the closing
+//! `eos_token` joins it when the conversation ends on an assistant turn.
 //!
 //! TRL 1.16.0's `qwen3_training.jinja` makes exactly these two edits; its README also lists a
 //! third (split the content on `</think>` only when `<think>` is present too), which the shipped
@@ -55,7 +59,7 @@ struct Known {
 const QWEN3: Known = Known {
     name: "Qwen3",
     sha256: "a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8",
-    source: "TRL's qwen3_training.jinja edits",
+    source: "TRL's qwen3_training.jinja edits: every assistant turn keeps its <think> block",
     edits: &[
         (
             r#"        {%- if loop.index0 > ns.last_query_index %}
@@ -83,7 +87,32 @@ const QWEN3: Known = Known {
     ],
 };
 
-const KNOWN: [Known; 1] = [QWEN3];
+/// Phi-3's template as `microsoft/Phi-3-mini-4k-instruct` ships it (TRL's
+/// `chat_templates/phi3.jinja`; the test fixture `tests/fixtures/templates/phi3_mini.jinja`). It
+/// ends every render without a generation prompt with `eos_token`, so a conversation's earlier
+/// assistant turns never render as a prefix of it. TRL's `phi3_training.jinja` marks each
+/// assistant turn's content and `<|end|>\n`, and the closing `eos_token` when the conversation
+/// ends on an assistant turn (adjacent spans are merged below).
+const PHI3: Known = Known {
+    name: "Phi-3",
+    sha256: "dcaee66df77bfbb789ec541fe713218da30225a526f1db97138fc39ee6dc56aa",
+    source: "TRL's phi3_training.jinja edits: the closing eos_token only after an assistant turn",
+    edits: &[
+        (
+            "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + \
+             '<|end|>\n'}}",
+            "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + '\u{F8F0}' + \
+             message['content'] + '<|end|>\n' + '\u{F8F1}'}}",
+        ),
+        (
+            "{% else %}{{ eos_token }}{% endif %}",
+            "{% elif messages[-1]['role'] == 'assistant' %}{{ '\u{F8F0}' + eos_token + \
+             '\u{F8F1}' }}{% else %}{{ eos_token }}{% endif %}",
+        ),
+    ],
+};
+
+const KNOWN: [Known; 2] = [QWEN3, PHI3];
 
 /// The training variant of a recognised chat template.
 pub(crate) struct TrainingTemplate {
@@ -165,7 +194,11 @@ impl TrainingTemplate {
             match (c, open) {
                 (GEN_START, None) => open = Some(text.len()),
                 (GEN_END, Some(s)) => {
-                    blocks.push((s, text.len()));
+                    // a span right after the previous one continues it (Phi-3's closing EOS)
+                    match blocks.last_mut() {
+                        Some((_, e)) if *e == s => *e = text.len(),
+                        _ => blocks.push((s, text.len())),
+                    }
                     open = None;
                 }
                 (GEN_START | GEN_END, _) => {
