@@ -161,11 +161,14 @@ fn family_templates_render_byte_equal_to_transformers() {
         ("gemma2", none.clone()),
         ("gemma3", none.clone()),
         ("phi4_mini", none.clone()),
-        ("phi3_mini", none),
+        ("phi3_mini", none.clone()),
+        // TRL's training templates: `{% generation %}` blocks render their body
+        ("trl_qwen3_training", none.clone()),
+        ("trl_phi3_training", none),
     ];
     let counts = check_render(&pairs);
     println!("renders compared per (template, kwargs): {counts:?}");
-    assert_eq!(counts, [6, 6, 6, 3, 5, 6, 6]);
+    assert_eq!(counts, [6, 6, 6, 3, 5, 6, 6, 6, 6]);
 }
 
 #[test]
