@@ -358,7 +358,10 @@ fn with_trl(name: &str, kwargs: &[serde_json::Value], chats: &[Vec<Message>]) ->
     let mut out = Vec::new();
     for (g, kw) in kwargs.iter().enumerate() {
         let group = &r.as_array().unwrap()[g];
-        assert_eq!(group["swapped"], true, "TRL swapped in its {name} training template");
+        assert_eq!(
+            group["swapped"], true,
+            "TRL swapped in its {name} training template"
+        );
         let trl = group["records"].as_array().unwrap();
         let ds = SftDataset::load(&cfg, &tokenizer(name, kw)).unwrap();
         assert_eq!(ds.len(), chats.len());
@@ -384,7 +387,7 @@ fn with_trl(name: &str, kwargs: &[serde_json::Value], chats: &[Vec<Message>]) ->
 /// dataset), plus VoltTrain's appended EOS; single-turn chats keep prefix rendering.
 #[test]
 fn qwen3_multi_turn_masks_equal_trl_sft_trainer() {
-    let multi = vec![
+    let multi = [
         vec![
             m("user", "a"),
             m("assistant", "b"),
@@ -448,8 +451,7 @@ fn qwen3_multi_turn_masks_equal_trl_sft_trainer() {
             // whose answer has reasoning (the generation prompt's empty think block is not a
             // prefix of it): that one goes through the training variant too
             let reasoning = all[i].iter().any(|m| m.content.contains("</think>"));
-            let single_no_think =
-                i >= multi.len() && kw["enable_thinking"] == false && !reasoning;
+            let single_no_think = i >= multi.len() && kw["enable_thinking"] == false && !reasoning;
             if !single_no_think {
                 assert_eq!(ex.labels[..n], c.labels[..], "{kw} chat {i}: labels");
             } else {

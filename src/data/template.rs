@@ -171,8 +171,8 @@ fn generation_as_filter(source: &str) -> std::borrow::Cow<'_, str> {
     static TAG: std::sync::OnceLock<Option<regex::Regex>> = std::sync::OnceLock::new();
     // a constant pattern: it compiles (were it not to, the template compiles unchanged and an
     // unknown `generation` tag is reported)
-    let Some(re) = TAG
-        .get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}").ok())
+    let Some(re) =
+        TAG.get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}").ok())
     else {
         return std::borrow::Cow::Borrowed(source);
     };
