@@ -11,6 +11,13 @@
                                       assistant turn's span found by rendering prefixes (as TRL),
                                       tokens mapped with return_offsets_mapping; EOS appended;
                                       prompt/completion and text records as TRL tokenizes them
+  trl-sft --tok DIR --input IN.json --template FILE
+                                      IN = [{conversations: [[message]], kwargs}]: per group, the
+                                      input_ids/labels of each conversation in TRL's SFTTrainer
+                                      dataset with assistant_only_loss=True (the training chat
+                                      template TRL swaps in, {% generation %} masks; kwargs as each
+                                      record's chat_template_kwargs), a tiny random Llama as the
+                                      model; and whether TRL swapped in its training template
   collate --tok DIR --input IN.json  IN = {examples: [{input_ids, labels}], padding_side}: the batch
                                       of DataCollatorForSeq2Seq(padding=True, label_pad=-100) and
                                       the packed row of DataCollatorWithFlattening
@@ -115,6 +122,56 @@ def cmd_sft(args):
     return out
 
 
+def cmd_trl_sft(args):
+    import tempfile
+
+    import transformers
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import get_training_chat_template
+
+    transformers.logging.set_verbosity_error()
+    tok = load_tok(args.tok)
+    tok.chat_template = open(args.template, encoding="utf-8").read()
+    training = get_training_chat_template(tok)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    out = []
+    for group in json.load(open(args.input, encoding="utf-8")):
+        rows = [{"messages": msgs} for msgs in group["conversations"]]
+        if group.get("kwargs"):
+            for r in rows:
+                r["chat_template_kwargs"] = group["kwargs"]
+        with tempfile.TemporaryDirectory() as tmp:
+            sft = SFTConfig(
+                output_dir=tmp,
+                assistant_only_loss=True,
+                max_length=None,
+                bf16=False,
+                use_cpu=True,
+                report_to=[],
+            )
+            trainer = SFTTrainer(
+                model=transformers.LlamaForCausalLM(cfg),
+                args=sft,
+                train_dataset=Dataset.from_list(rows),
+                processing_class=tok,
+            )
+        out.append(
+            {
+                "swapped": training is not None and trainer.chat_template == training,
+                "records": [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in trainer.train_dataset],
+            }
+        )
+    return out
+
+
 def cmd_collate(args):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
@@ -149,7 +206,7 @@ def cmd_parquet(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["chat", "sft", "collate", "parquet"])
+    ap.add_argument("cmd", choices=["chat", "sft", "trl-sft", "collate", "parquet"])
     ap.add_argument("--tok")
     ap.add_argument("--input", required=True)
     ap.add_argument("--out")
@@ -160,7 +217,7 @@ def main():
     ap.add_argument("--messages-as-string", action="store_true")
     ap.add_argument("--compression", default="snappy")
     args = ap.parse_args()
-    res = {"chat": cmd_chat, "sft": cmd_sft, "collate": cmd_collate, "parquet": cmd_parquet}[args.cmd](args)
+    res = {"chat": cmd_chat, "sft": cmd_sft, "trl-sft": cmd_trl_sft, "collate": cmd_collate, "parquet": cmd_parquet}[args.cmd](args)
     sys.stdout.write(json.dumps(res, ensure_ascii=False) + "\n")
 
 

@@ -6,6 +6,12 @@
 //! tokenized once, as `apply_chat_template(tokenize=True)` does, and the turn spans are mapped to
 //! tokens through the tokenizer's byte offsets; a token that straddles a span boundary is an
 //! error (the template and tokenizer disagree about where the turn starts).
+//!
+//! A template that is not prefix-stable cannot be read this way. When it is byte-equal to Qwen3's
+//! (which drops the `<think>` block of earlier assistant turns) or Phi-3's (which ends every
+//! render with `eos_token`), conversations that prefix rendering cannot locate are rendered with
+//! its training variant instead, as TRL's `SFTTrainer` does with `assistant_only_loss=True` (see
+//! `training_template.rs`); any other such template is an error naming the turn.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -17,6 +23,7 @@ use super::IGNORE_INDEX;
 use super::config::{DataFormat, DatasetConfig};
 use super::records::{self, Located, ReadOutcome, Record};
 use super::tokenizer::{Tokenizer, hex};
+use super::training_template::TrainingTemplate;
 use crate::error::{Error, Result};
 
 /// One tokenized training example. `labels[i]` is `input_ids[i]` where the loss applies and
@@ -64,12 +71,16 @@ struct Prepared {
     spans: Option<Vec<(usize, usize)>>,
     /// Whether an appended EOS carries a label.
     eos_label: bool,
+    /// Whether the chat was rendered with the training variant of its template.
+    training_variant: bool,
 }
 
 /// An example and whether it was cut, or what is wrong with the record.
 type Built = std::result::Result<(Example, bool), String>;
 
-const CACHE_MAGIC: &[u8; 8] = b"VTSFT\0\0\x01";
+// version 2: multi-turn Qwen3 chats (refused, or skipped with skip_invalid, by version 1) are
+// rendered with the training variant
+const CACHE_MAGIC: &[u8; 8] = b"VTSFT\0\0\x02";
 
 impl SftDataset {
     /// Loads the training file of `cfg` (its `chat_template` must already be applied to `tok`,
@@ -138,11 +149,34 @@ impl SftDataset {
             )
         })?;
         let eos_id = eos.id as i64;
+        let training = match (cfg.train_on_all_tokens, tok.chat_template()) {
+            (false, Some(t)) => TrainingTemplate::for_template(t)?,
+            _ => None,
+        };
 
         let prepared: Vec<(usize, std::result::Result<Prepared, String>)> = records
             .par_iter()
-            .map(|r| (r.line, prepare(&r.value, cfg.train_on_all_tokens, tok)))
+            .map(|r| {
+                let p = prepare(&r.value, cfg.train_on_all_tokens, tok, training.as_ref());
+                (r.line, p)
+            })
             .collect();
+        if let Some(t) = &training {
+            let n = prepared
+                .iter()
+                .filter(|(_, p)| p.as_ref().is_ok_and(|p| p.training_variant))
+                .count();
+            if n > 0 {
+                tracing::info!(
+                    "{}: the chat template is {}'s, which is not prefix-stable; {n} \
+                     conversation(s) rendered with its training variant ({}), as TRL's \
+                     SFTTrainer does with assistant_only_loss",
+                    path.display(),
+                    t.name,
+                    t.source
+                );
+            }
+        }
         let mut ok: Vec<(usize, Prepared)> = Vec::with_capacity(prepared.len());
         for (line, p) in prepared {
             match p {
@@ -325,13 +359,19 @@ fn data_err(path: &Path, line: usize, msg: String) -> Error {
 }
 
 /// Renders a record and finds its label spans.
-fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result<Prepared, String> {
+fn prepare(
+    r: &Record,
+    all_tokens: bool,
+    tok: &Tokenizer,
+    training: Option<&TrainingTemplate>,
+) -> std::result::Result<Prepared, String> {
     match r {
         Record::Text(t) => Ok(Prepared {
             text: t.clone(),
             add_special: true,
             spans: None,
             eos_label: true,
+            training_variant: false,
         }),
         Record::PromptCompletion { prompt, completion } => {
             let text = format!("{prompt}{completion}");
@@ -341,6 +381,7 @@ fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result
                 add_special: true,
                 spans,
                 eos_label: true,
+                training_variant: false,
             })
         }
         Record::Chat {
@@ -361,6 +402,7 @@ fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result
                     add_special: false,
                     spans: None,
                     eos_label: true,
+                    training_variant: false,
                 });
             }
             let mut spans = Vec::new();
@@ -376,7 +418,18 @@ fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result
                     render(&msgs[..i], true)?
                 };
                 let upto = render(&msgs[..=i], false)?;
-                if !full.starts_with(&before) || !upto.starts_with(&before) {
+                let stable = full.starts_with(&before) && upto.starts_with(&before);
+                if let (false, Some(t)) = (stable && full.starts_with(&upto), training) {
+                    let (text, spans) = t.render(msgs, *first_trainable, tok)?;
+                    return Ok(Prepared {
+                        text,
+                        add_special: false,
+                        spans: Some(spans),
+                        eos_label: ends_with_assistant,
+                        training_variant: true,
+                    });
+                }
+                if !stable {
                     return Err(format!(
                         "chat template is not prefix-stable: the render of the first {i} \
                          message(s) with add_generation_prompt is not a prefix of the whole \
@@ -399,6 +452,7 @@ fn prepare(r: &Record, all_tokens: bool, tok: &Tokenizer) -> std::result::Result
                 add_special: false,
                 spans: Some(spans),
                 eos_label: ends_with_assistant,
+                training_variant: false,
             })
         }
     }

@@ -43,6 +43,7 @@ pub mod preference;
 pub mod records;
 pub mod template;
 pub mod tokenizer;
+mod training_template;
 
 pub use collator::{Batch, Collator, PaddingSide};
 pub use config::{DataFormat, DatasetConfig};

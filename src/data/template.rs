@@ -82,7 +82,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(NAME, source.clone())
+        env.add_filter("generation", |body: String| body);
+        env.add_template_owned(NAME, generation_as_filter(&source).into_owned())
             .map_err(|e| Error::Tokenizer {
                 path: origin.clone(),
                 msg: format!("chat template does not compile: {}", describe(&e)),
@@ -159,6 +160,30 @@ impl ChatTemplate {
             msg: format!("chat template: {}", describe(e)),
         }
     }
+}
+
+/// transformers' `{% generation %}…{% endgeneration %}` (its `AssistantTracker` extension, which
+/// records where assistant output is and renders the body unchanged; SmolLM3's template and TRL's
+/// training templates use it) as a `{% filter generation %}…{% endfilter %}` block over the
+/// identity filter `generation`: a block tag either way, so whitespace control and
+/// `trim_blocks`/`lstrip_blocks` act on it the same. minijinja has no `generation` tag.
+fn generation_as_filter(source: &str) -> std::borrow::Cow<'_, str> {
+    static TAG: std::sync::OnceLock<Option<regex::Regex>> = std::sync::OnceLock::new();
+    // a constant pattern: it compiles (were it not to, the template compiles unchanged and an
+    // unknown `generation` tag is reported)
+    let Some(re) =
+        TAG.get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}").ok())
+    else {
+        return std::borrow::Cow::Borrowed(source);
+    };
+    re.replace_all(source, |c: &regex::Captures<'_>| {
+        let tag = if c.get(2).is_some() {
+            "endfilter"
+        } else {
+            "filter generation"
+        };
+        format!("{{%{} {tag} {}%}}", &c[1], &c[3])
+    })
 }
 
 /// A JSON value (template keyword arguments) as a template value.
@@ -485,6 +510,19 @@ mod tests {
             out,
             "hé \"x\" <b>|True|{\"role\": \"user\", \"content\": \"  hé \\\"x\\\" <b> \"}|<s>"
         );
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body() {
+        // expected: transformers 5.23.0 `apply_chat_template(tokenize=False)` on this template
+        let src = "{% for m in messages %}\n  {%- if m.role == 'assistant' %}\n  {% generation %}\n  \
+                   [{{ m.content }}]\n  {%- endgeneration %}\n  {% else %}({{ m.content }}){% endif %}\n\
+                   {% endfor %}{%+ generation -%}  E {%- endgeneration +%}";
+        let out = render(
+            src,
+            &[Message::new("user", "a"), Message::new("assistant", "b")],
+        );
+        assert_eq!(out.unwrap(), "(a)  [b]E");
     }
 
     #[test]
