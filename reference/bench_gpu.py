@@ -117,7 +117,7 @@ def main():
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     ids = load_file(f"{args.model}/batch.safetensors")["input_ids"].to(device)
-    impl = "transformers+peft"
+    impl = "transformers" if args.mode == "full" else "transformers+peft"
     kw = {"torch_dtype": dtype, "attn_implementation": "sdpa"}
     model = None
     if args.mode == "qlora":

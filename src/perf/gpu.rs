@@ -27,7 +27,7 @@ use crate::data::Batch;
 use crate::dist::{DistConfig, DistEnv, ProcessGroup, launch::free_port};
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::{CausalLm, LoadOptions, load_model};
-use crate::optim::{AdamW, AdamWConfig, NamedParam, ParamGroup};
+use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
 use crate::quant::{ComputeDtype, QuantConfig, QuantType};
 use crate::trainer::{C10dCollective, Collective, Trainer};
 
