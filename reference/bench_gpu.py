@@ -120,6 +120,7 @@ def main():
     impl = "transformers" if args.mode == "full" else "transformers+peft"
     kw = {"torch_dtype": dtype, "attn_implementation": "sdpa"}
     model = None
+    impl_note = None
     if args.mode == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -137,11 +138,12 @@ def main():
             )
             impl = "transformers+peft+bitsandbytes"
         except Exception as e:  # noqa: BLE001
-            impl = f"plain-torch-nf4 ({type(e).__name__}: {str(e)[:80]})"
+            impl = "plain-torch-nf4"
+            impl_note = f"bitsandbytes not used: {type(e).__name__}: {str(e)[:200]}"
             model = None
     if model is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **kw).to(device)
-    if args.mode == "lora" or (args.mode == "qlora" and "bitsandbytes" in impl):
+    if args.mode == "lora" or impl == "transformers+peft+bitsandbytes":
         try:
             import peft
         except Exception as e:  # noqa: BLE001
@@ -179,6 +181,7 @@ def main():
         "tokens_per_step": ids.numel(),
         "trainable_params": sum(p.numel() for p in params),
         "impl": impl,
+        "impl_note": impl_note,
         "final_train_loss": loss,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -180,6 +180,10 @@ def run_json(cmd, env, timeout, what):
     if p.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {p.returncode}) after {time.time() - t0:.0f} s:\n"
                            f"{p.stderr[-3000:]}")
+    try:
+        return json.loads(p.stdout)
+    except json.JSONDecodeError:
+        pass
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if not lines:
         raise RuntimeError(f"{what}: no JSON on stdout:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
