@@ -245,7 +245,10 @@ fn nccl_paths(libtorch: &Path) -> std::result::Result<NcclPaths, String> {
         .map(PathBuf::from)
         .unwrap_or_else(|_| site.join("nvidia/nccl/include"));
     if !nccl.join("nccl.h").exists() {
-        return Err(format!("{} is missing; {FIX}", nccl.join("nccl.h").display()));
+        return Err(format!(
+            "{} is missing; {FIX}",
+            nccl.join("nccl.h").display()
+        ));
     }
     let cuda: Vec<PathBuf> = match env::var("VOLTTRAIN_CUDA_INCLUDE") {
         Ok(v) => v

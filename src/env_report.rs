@@ -129,11 +129,17 @@ impl EnvReport {
         );
         line(
             "libtorch path",
-            self.libtorch_path.clone().unwrap_or_else(|| "unknown".into()),
+            self.libtorch_path
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
         );
         line(
             "CUDA available",
-            format!("{} ({} device(s))", yn(self.cuda_available), self.cuda_device_count),
+            format!(
+                "{} ({} device(s))",
+                yn(self.cuda_available),
+                self.cuda_device_count
+            ),
         );
         for d in &self.cuda_devices {
             line(
@@ -162,10 +168,7 @@ impl EnvReport {
             },
         );
         line("CPU fp8", self.cpu_fp8.clone());
-        line(
-            "distributed backends",
-            self.distributed_backends.join(", "),
-        );
+        line("distributed backends", self.distributed_backends.join(", "));
         line("NCCL build", self.nccl_build.clone());
         line("fused CPU kernels", yn(self.fused_cpu_kernels).into());
         line(

@@ -84,7 +84,10 @@ fn one_gpu_entry_is_not_ignored() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "trained on the CPU despite gpu_devices: [0]\n{err}");
+    assert!(
+        !o.status.success(),
+        "trained on the CPU despite gpu_devices: [0]\n{err}"
+    );
     assert!(
         err.contains("training.gpu_devices") && err.contains("cuda:0"),
         "{err}"

@@ -52,7 +52,10 @@ fn env_json_schema_and_values() {
     };
     for (k, t) in want {
         let got = obj.get(k).unwrap_or_else(|| panic!("missing key {k}: {v}"));
-        assert!(t.split('|').any(|x| x == ty(got)), "{k}: {t} expected, got {got}");
+        assert!(
+            t.split('|').any(|x| x == ty(got)),
+            "{k}: {t} expected, got {got}"
+        );
     }
     assert_eq!(obj.len(), want.len(), "unexpected keys: {v}");
 
@@ -61,7 +64,9 @@ fn env_json_schema_and_values() {
     // The libtorch this test links is the one the binary loaded (its RUNPATH).
     let lib = std::path::PathBuf::from(v["libtorch_path"].as_str().expect("libtorch_path"));
     assert!(lib.join("libtorch_cpu.so").exists(), "{}", lib.display());
-    let loaded = v["libtorch_loaded_version"].as_str().expect("version.py read");
+    let loaded = v["libtorch_loaded_version"]
+        .as_str()
+        .expect("version.py read");
     assert!(loaded.starts_with(volttrain::LIBTORCH_VERSION), "{loaded}");
 
     let backends: Vec<&str> = v["distributed_backends"]
@@ -88,7 +93,14 @@ fn env_json_schema_and_values() {
         assert_eq!(devices.len() as u64, n);
     }
     for d in devices {
-        for k in ["index", "name", "capability", "total_memory_bytes", "bf16", "fp8"] {
+        for k in [
+            "index",
+            "name",
+            "capability",
+            "total_memory_bytes",
+            "bf16",
+            "fp8",
+        ] {
             assert!(d.get(k).is_some(), "device without {k}: {d}");
         }
     }

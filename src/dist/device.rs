@@ -160,7 +160,10 @@ mod tests {
         let e = staging_device(Backend::Nccl, Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("distributed.backend") && e.contains("gloo"), "{e}");
+        assert!(
+            e.contains("distributed.backend") && e.contains("gloo"),
+            "{e}"
+        );
     }
 
     #[test]

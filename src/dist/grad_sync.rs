@@ -84,7 +84,10 @@ impl GradSync {
         super::check_collective_devices(
             pg.backend(),
             "gradient bucket",
-            gs.names.iter().map(String::as_str).zip(gs.params.iter().map(Tensor::device)),
+            gs.names
+                .iter()
+                .map(String::as_str)
+                .zip(gs.params.iter().map(Tensor::device)),
         )?;
         if pg.world_size() == 1 || gs.params.is_empty() {
             return Ok(gs);

@@ -44,8 +44,8 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result, TchResultExt};
 
-pub use grad_sync::{GradSync, broadcast_params};
 pub use device::{backend_for, check_collective_devices, select_device, staging_device};
+pub use grad_sync::{GradSync, broadcast_params};
 pub use sampler::{Mt19937, shard_indices, torch_randperm};
 pub use threads::{
     ThreadSource, apply_rank_threads, available_cores, local_ranks_from_env, rank_threads,
@@ -677,8 +677,12 @@ mod tests {
         let e = ProcessGroup::new(&DistEnv::single(1), &cfg).unwrap_err();
         assert!(e.to_string().contains("is not compiled"), "{e}");
         // The default for a CUDA rank is nccl too.
-        let e = ProcessGroup::on_device(&DistEnv::single(1), &DistConfig::default(), tch::Device::Cuda(0))
-            .unwrap_err();
+        let e = ProcessGroup::on_device(
+            &DistEnv::single(1),
+            &DistConfig::default(),
+            tch::Device::Cuda(0),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("is not compiled"), "{e}");
     }
 }

@@ -111,7 +111,13 @@ mod tests {
             rank_threads(0, Some(""), Some(2), 4),
             (Some(2), ThreadSource::SharedCores)
         );
-        assert_eq!(rank_threads(0, None, Some(1), 8), (None, ThreadSource::Default));
-        assert_eq!(rank_threads(0, None, None, 8), (None, ThreadSource::Default));
+        assert_eq!(
+            rank_threads(0, None, Some(1), 8),
+            (None, ThreadSource::Default)
+        );
+        assert_eq!(
+            rank_threads(0, None, None, 8),
+            (None, ThreadSource::Default)
+        );
     }
 }

@@ -218,7 +218,11 @@ pub fn run_steps(
         .optimizer(Box::new(opt))
         .base_lr(lr)
         .device(device)
-        .precision(if cuda { Precision::Bf16 } else { Precision::Fp32 })
+        .precision(if cuda {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        })
         .max_steps(Some((warmup + steps) as u64))
         .output_dir(out.path())
         .checkpoint_every(Some(u64::MAX))
