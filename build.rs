@@ -62,12 +62,13 @@ fn main() {
 /// `tools/provision.sh`) or `VOLTTRAIN_GLOO_INCLUDE=<dir holding gloo/config.h>`. Only torch's
 /// libraries are linked, never Debian's `libgloo.so`.
 ///
-/// NCCL: built only when `nccl.h` (the `nvidia-nccl` wheel torch pins, found next to torch in
-/// `site-packages/nvidia/nccl/include` or through `VOLTTRAIN_NCCL_INCLUDE`) and the CUDA host
-/// headers (`crt/host_config.h`, `nv/target`, `cuda_runtime_api.h`: from
-/// `site-packages/nvidia/cu13/include` once `pip install "cuda-toolkit[crt,cccl]==13.0.2"` put
-/// them there, or from `VOLTTRAIN_CUDA_INCLUDE`, directories separated by `:`) are all present.
-/// NCCL builds also link `libtorch_cuda` and `libc10_cuda`.
+/// NCCL: compiled whenever [`nccl_paths`] finds `nccl.h` and the CUDA host headers
+/// (`cuda_runtime_api.h`, `crt/host_config.h`, `nv/target`) of the pinned NVIDIA wheels that
+/// `tools/provision.sh` installs next to torch, which is every provisioned build, CI included.
+/// NCCL builds also link `libtorch_cuda`, `libc10_cuda` and the wheels' `libnccl.so.2` and
+/// `libcudart.so.13`. When something is missing the build goes on without NCCL, says why in a
+/// `cargo:warning`, and records it in `VOLTTRAIN_NCCL_BUILD` (`dist::nccl_build_status`,
+/// shown by `volttrain env`).
 fn build_dist_shim() {
     println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/fused.cpp");
@@ -75,6 +76,7 @@ fn build_dist_shim() {
     println!("cargo:rerun-if-changed=csrc/shim_common.h");
     println!("cargo:rerun-if-changed=csrc/kernels.c");
     println!("cargo:rerun-if-changed=csrc/qlinear.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_stats.cpp");
     println!("cargo:rerun-if-changed=csrc/dequant.c");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_NCCL_INCLUDE");
@@ -124,6 +126,7 @@ fn build_dist_shim() {
         .file("csrc/fused.cpp")
         .file("csrc/amp.cpp")
         .file("csrc/qlinear.cpp")
+        .file("csrc/cuda_stats.cpp")
         .include(&inc)
         .include(&api_inc)
         .include(&gloo_inc)
@@ -136,17 +139,25 @@ fn build_dist_shim() {
         .flag_if_supported("-Wno-deprecated-declarations")
         .warnings(false);
 
-    let mut nccl = false;
-    if let Some(dirs) = nccl_include_dirs(&libtorch) {
-        for d in dirs {
-            build.include(d);
+    let nccl = match nccl_paths(&libtorch) {
+        Ok(paths) => {
+            for d in &paths.include {
+                build.include(d);
+            }
+            build
+                .define("USE_C10D_NCCL", None)
+                .define("VOLTTRAIN_NCCL", None);
+            println!("cargo:rustc-cfg=volttrain_nccl");
+            println!("cargo:rustc-env=VOLTTRAIN_NCCL_BUILD=compiled");
+            Some(paths)
         }
-        build
-            .define("USE_C10D_NCCL", None)
-            .define("VOLTTRAIN_NCCL", None);
-        println!("cargo:rustc-cfg=volttrain_nccl");
-        nccl = true;
-    }
+        Err(why) => {
+            // Loud: a build without NCCL cannot run multi-GPU data parallel.
+            println!("cargo:warning=NCCL is NOT compiled into this build: {why}");
+            println!("cargo:rustc-env=VOLTTRAIN_NCCL_BUILD=not compiled: {why}");
+            None
+        }
+    };
     println!("cargo:rustc-check-cfg=cfg(volttrain_nccl)");
     build.compile("volttrain_dist_shim");
     build_kernels(&inc);
@@ -162,10 +173,20 @@ fn build_dist_shim() {
     // The OpenMP runtime libtorch_cpu itself uses (the wheel's own copy), so fused.cpp's
     // parallel regions share libtorch's threads instead of starting a second runtime.
     println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
-    if nccl {
-        // ProcessGroupNCCL lives in libtorch_cuda.
+    if let Some(paths) = nccl {
+        // ProcessGroupNCCL lives in libtorch_cuda; NCCL and the CUDA runtime come from the
+        // pinned wheels, found at run time through the RUNPATH (or `LD_LIBRARY_PATH`, which
+        // overrides it, on a machine with its own torch).
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        for d in &paths.lib {
+            println!("cargo:rustc-link-search=native={}", d.display());
+            if env::var("VOLTTRAIN_RPATH").map_or(true, |p| !p.is_empty()) {
+                println!("cargo:rustc-link-arg=-Wl,-rpath,{}", d.display());
+            }
+        }
+        println!("cargo:rustc-link-lib=dylib:+verbatim=libnccl.so.2");
+        println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");
     }
 }
 
@@ -189,14 +210,45 @@ fn build_kernels(torch_include: &Path) {
     k.compile("volttrain_kernels");
 }
 
-/// The include directories for NCCL support, or `None` when any header is missing.
-fn nccl_include_dirs(libtorch: &Path) -> Option<Vec<PathBuf>> {
+/// What the NCCL build needs, found next to torch in `site-packages` (the pinned wheels
+/// `tools/provision.sh` installs: `nvidia-nccl-cu13`, `nvidia-cuda-runtime`, `nvidia-cuda-crt`,
+/// `nvidia-cuda-cccl`) or through `VOLTTRAIN_NCCL_INCLUDE` / `VOLTTRAIN_CUDA_INCLUDE`.
+struct NcclPaths {
+    include: Vec<PathBuf>,
+    /// Directories of `libnccl.so.2` and `libcudart.so.13` (linked and put on the RUNPATH).
+    lib: Vec<PathBuf>,
+}
+
+/// The NCCL build inputs, or why they are missing (said in a `cargo:warning` and by
+/// `volttrain env`).
+fn nccl_paths(libtorch: &Path) -> std::result::Result<NcclPaths, String> {
+    const FIX: &str = "run tools/provision.sh (or ./dev), which installs the pinned NVIDIA \
+                       wheels into the torch venv, and build again";
+    if !libtorch.join("lib/libtorch_cuda.so").exists() {
+        return Err(format!(
+            "{} has no libtorch_cuda.so (a CPU-only torch); NCCL needs the CUDA wheel of torch \
+             2.11.0",
+            libtorch.join("lib").display()
+        ));
+    }
+    let site = libtorch
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| format!("LIBTORCH {} has no parent directory", libtorch.display()))?;
+    // Build again once provisioning adds the headers (cargo scans the folder's mtimes).
+    for d in ["nvidia/cu13/include", "nvidia/nccl/include"] {
+        if site.join(d).is_dir() {
+            println!("cargo:rerun-if-changed={}", site.join(d).display());
+        }
+    }
     let nccl = env::var("VOLTTRAIN_NCCL_INCLUDE")
-        .ok()
         .map(PathBuf::from)
-        .or_else(|| libtorch.parent().map(|sp| sp.join("nvidia/nccl/include")))?;
-    if !nccl.join("nccl.h").exists() || !libtorch.join("lib/libtorch_cuda.so").exists() {
-        return None;
+        .unwrap_or_else(|_| site.join("nvidia/nccl/include"));
+    if !nccl.join("nccl.h").exists() {
+        return Err(format!(
+            "{} is missing; {FIX}",
+            nccl.join("nccl.h").display()
+        ));
     }
     let cuda: Vec<PathBuf> = match env::var("VOLTTRAIN_CUDA_INCLUDE") {
         Ok(v) => v
@@ -204,27 +256,31 @@ fn nccl_include_dirs(libtorch: &Path) -> Option<Vec<PathBuf>> {
             .filter(|s| !s.is_empty())
             .map(PathBuf::from)
             .collect(),
-        // The wheels' own tree: `cuda-toolkit[crt,cccl]` (matching torch's CUDA) installs
-        // crt/ and nv/ next to nvidia-cuda-runtime's headers.
-        Err(_) => {
-            let d = libtorch.parent()?.join("nvidia/cu13/include");
-            if !d.join("crt/host_config.h").exists() {
-                return None;
-            }
-            vec![d]
-        }
+        Err(_) => vec![site.join("nvidia/cu13/include")],
     };
-    let has = |rel: &str| cuda.iter().any(|d| d.join(rel).exists());
-    if !(has("crt/host_config.h") && has("nv/target") && has("cuda_runtime_api.h")) {
-        println!(
-            "cargo:warning=nccl.h found but the CUDA host headers are not (set \
-             VOLTTRAIN_CUDA_INCLUDE); building the dist shim without NCCL"
-        );
-        return None;
+    for rel in ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"] {
+        if !cuda.iter().any(|d| d.join(rel).exists()) {
+            let dirs: Vec<String> = cuda.iter().map(|d| d.display().to_string()).collect();
+            return Err(format!(
+                "the CUDA host header {rel} is not in {} (VOLTTRAIN_CUDA_INCLUDE to override); \
+                 {FIX}",
+                dirs.join(":")
+            ));
+        }
     }
-    let mut dirs = vec![nccl];
-    dirs.extend(cuda);
-    Some(dirs)
+    let mut lib = Vec::new();
+    for (dir, so) in [
+        (site.join("nvidia/nccl/lib"), "libnccl.so.2"),
+        (site.join("nvidia/cu13/lib"), "libcudart.so.13"),
+    ] {
+        if !dir.join(so).exists() {
+            return Err(format!("{} is missing; {FIX}", dir.join(so).display()));
+        }
+        lib.push(dir);
+    }
+    let mut include = vec![nccl];
+    include.extend(cuda);
+    Ok(NcclPaths { include, lib })
 }
 
 /// Stops the build with `msg` (build scripts report errors through stderr and the exit code).

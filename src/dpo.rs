@@ -73,9 +73,7 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     let base_dir = opts.base_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     plugin::load_plugins(&cfg.plugins, &base_dir)?;
     plugin::check_registry()?;
-    if cfg.training.threads > 0 {
-        tch::set_num_threads(cfg.training.threads as i32);
-    }
+    crate::dist::apply_rank_threads(cfg.training.threads);
     let pcfg: PreferenceConfig = cfg.preference.clone().unwrap_or_default();
     pcfg.validate()?;
     let (pg, device) = dist_setup(cfg)?;

@@ -22,6 +22,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod dpo;
+pub mod env_report;
 pub mod error;
 pub mod fused;
 mod malloc;

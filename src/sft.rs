@@ -21,7 +21,7 @@ use crate::callback::{
 };
 use crate::config::SftConfig;
 use crate::data::{Collator, DataLoader, DatasetConfig, LoaderOptions, SftDataset, Tokenizer};
-use crate::dist::{DistConfig, DistEnv, ProcessGroup};
+use crate::dist::{DistConfig, DistEnv, ProcessGroup, apply_rank_threads, select_device};
 use crate::error::{Error, Result, TchResultExt, write_atomic};
 use crate::model::{CausalLm, LoadOptions, load_model, save_model};
 use crate::optim::{
@@ -260,28 +260,28 @@ pub(crate) fn dist_setup(cfg: &SftConfig) -> Result<(Option<ProcessGroup>, Devic
     let dcfg: DistConfig = cfg.distributed.clone().unwrap_or_default();
     dcfg.validate()?;
     match env {
-        None => Ok((None, cfg.device()?)),
+        // One process: `model.device`, or the one GPU `training.gpu_devices` lists.
+        None if cfg.training.gpu_devices.is_empty() => Ok((None, cfg.device()?)),
+        None => Ok((
+            None,
+            select_device(
+                cfg.device()?,
+                cfg.model.device.is_some(),
+                &cfg.training.gpu_devices,
+                None,
+                tch::Cuda::device_count().max(0) as usize,
+            )?,
+        )),
         Some(env) => {
-            let device = if cfg.training.gpu_devices.is_empty() && !cfg.device()?.is_cuda() {
-                Device::Cpu
-            } else {
-                let d = env.cuda_device(&cfg.training.gpu_devices)?;
-                let seen = tch::Cuda::device_count();
-                if let Device::Cuda(i) = d
-                    && i as i64 >= seen
-                {
-                    return Err(Error::config(
-                        "training.gpu_devices",
-                        format!(
-                            "rank {} needs cuda:{i} but libtorch sees {seen} CUDA device(s); \
-                                 list existing GPUs, or use `--nproc N` for CPU processes (Gloo)",
-                            env.rank
-                        ),
-                    ));
-                }
-                d
-            };
-            let pg = ProcessGroup::new(&env, &dcfg)?;
+            let device = select_device(
+                cfg.device()?,
+                cfg.model.device.is_some(),
+                &cfg.training.gpu_devices,
+                Some(&env),
+                tch::Cuda::device_count().max(0) as usize,
+            )?;
+            // NCCL for CUDA ranks, Gloo for CPU ranks, unless distributed.backend says.
+            let pg = ProcessGroup::on_device(&env, &dcfg, device)?;
             Ok((Some(pg), device))
         }
     }
@@ -292,9 +292,8 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     let base_dir = opts.base_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     plugin::load_plugins(&cfg.plugins, &base_dir)?;
     plugin::check_registry()?;
-    if cfg.training.threads > 0 {
-        tch::set_num_threads(cfg.training.threads as i32);
-    }
+    // training.threads, else OMP_NUM_THREADS, else ranks on one machine split its cores.
+    apply_rank_threads(cfg.training.threads);
     let (pg, device) = dist_setup(cfg)?;
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
     let t = &cfg.training;

@@ -322,7 +322,7 @@ fn nccl_world_size_one() {
         return;
     }
     let cfg = DistConfig {
-        backend: Backend::Nccl,
+        backend: Some(Backend::Nccl),
         timeout_secs: 60,
         ..Default::default()
     };

@@ -8,6 +8,9 @@
 # conflict with the reference stack's pyarrow/datasets): the tracker tests start `mlflow server`
 # from it and read runs back with its client.
 #
+# Also, into the same venv, the pinned NVIDIA wheels (NVIDIA_PKGS) whose headers build.rs
+# compiles the NCCL path of the dist shim against.
+#
 # Idempotent: a venv whose marker file names the wanted versions is trusted and nothing is done.
 # A venv without its marker (an interrupted install) is deleted and built again, so a half-built
 # venv is never used. The marker is written last.
@@ -35,6 +38,21 @@ REFERENCE_PKGS=(
   "gguf==0.19.0"
 )
 
+# NVIDIA wheels for the NCCL path of the dist shim (build.rs): NCCL's and the CUDA runtime's
+# headers and libraries at the versions torch 2.11.0+cu130 itself requires (its METADATA:
+# nvidia-nccl-cu13==2.28.9, cuda-toolkit[cudart]==13.0.2 -> nvidia-cuda-runtime==13.0.96), plus
+# the CUDA host headers that the runtime's headers include and torch does not install:
+# crt/host_config.h (cuda-toolkit[crt] -> nvidia-cuda-crt==13.0.88) and nv/target
+# (cuda-toolkit[cccl] -> nvidia-cuda-cccl==13.0.85). Headers and .so files only, about 25 MB;
+# installed with --no-deps into the torch venv, under its own marker so an existing venv gets
+# them without a rebuild.
+NVIDIA_PKGS=(
+  "nvidia-nccl-cu13==2.28.9"
+  "nvidia-cuda-runtime==13.0.96"
+  "nvidia-cuda-crt==13.0.88"
+  "nvidia-cuda-cccl==13.0.85"
+)
+
 # MLflow for the tracker tests (tests/trackers_mlflow.rs), in a venv of its own.
 MLFLOW_VERSION="3.17.2"
 
@@ -54,8 +72,10 @@ VENV="${VOLTTRAIN_VENV:-$CACHE/venv-torch-$TORCH_VERSION}"
 PY="${VOLTTRAIN_PYTHON:-python3}"
 MARK_TORCH="$VENV/.volttrain-torch-ok"
 MARK_REF="$VENV/.volttrain-reference-ok"
+MARK_NVIDIA="$VENV/.volttrain-nvidia-ok"
 MLFLOW_VENV="${VOLTTRAIN_MLFLOW_VENV:-$CACHE/venv-mlflow-$MLFLOW_VERSION}"
 MARK_MLFLOW="$MLFLOW_VENV/.volttrain-mlflow-ok"
+NVIDIA_STAMP="$(printf '%s\n' "${NVIDIA_PKGS[@]}" | sha256sum | cut -c1-16)"
 REF_STAMP="$(printf '%s\n' "${REFERENCE_PKGS[@]}" | sha256sum | cut -c1-16)"
 
 log() { echo "provision: $*" >&2; }
@@ -120,6 +140,22 @@ PY
   echo "$libtorch" > "$VENV/.volttrain-libtorch"
   echo "$TORCH_VERSION" > "$MARK_TORCH"
   log "torch $TORCH_VERSION ready in $VENV"
+fi
+
+# The NCCL build inputs (see NVIDIA_PKGS). Quick when the marker matches: nothing runs.
+if [ ! -f "$MARK_NVIDIA" ] || [ "$(cat "$MARK_NVIDIA")" != "$NVIDIA_STAMP" ]; then
+  rm -f "$MARK_NVIDIA"
+  log "installing NCCL / CUDA runtime headers for the NCCL build: ${NVIDIA_PKGS[*]}"
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps "${NVIDIA_PKGS[@]}"; then
+    die "pip could not install ${NVIDIA_PKGS[*]} into $VENV (the headers build.rs compiles NCCL support against); check network access to PyPI and run again."
+  fi
+  sp="$(dirname "$(cat "$VENV/.volttrain-libtorch")")"
+  for f in nvidia/nccl/include/nccl.h nvidia/nccl/lib/libnccl.so.2 nvidia/cu13/include/cuda_runtime_api.h \
+           nvidia/cu13/include/crt/host_config.h nvidia/cu13/include/nv/target nvidia/cu13/lib/libcudart.so.13; do
+    [ -e "$sp/$f" ] || die "after installing ${NVIDIA_PKGS[*]}: $sp/$f is missing"
+  done
+  echo "$NVIDIA_STAMP" > "$MARK_NVIDIA"
+  log "NCCL build headers ready"
 fi
 
 if [ "$want_reference" = 1 ] && { [ ! -f "$MARK_REF" ] || [ "$(cat "$MARK_REF")" != "$REF_STAMP" ]; }; then

@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Only these workloads (comma-separated: matmul, optim, sft, dpo, quant, data, load,
-    /// quant-load, trackers, families, qlora, qlora-1b).
+    /// quant-load, trackers, families, qlora, qlora-1b, nproc).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -48,6 +48,11 @@ struct Args {
     /// Internal: one QLoRA memory/speed configuration in this process (see perf::qlora).
     #[arg(long, hide = true)]
     child_qlora: Option<String>,
+    /// Internal: the bundled job from this repository root (see perf::nproc).
+    #[arg(long, hide = true)]
+    child_job: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    child_summary: Option<PathBuf>,
 }
 
 type Workload = fn(&PerfOpts) -> volttrain::Result<Vec<Measurement>>;
@@ -80,6 +85,7 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("families", perf::families::run),
         ("qlora", perf::qlora::run),
         ("qlora-1b", perf::qlora::run_1b),
+        ("nproc", perf::nproc::run),
     ]
 }
 
@@ -102,6 +108,18 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let (Some(root), Some(out), Some(summary)) =
+        (&args.child_job, &args.child_model, &args.child_summary)
+    {
+        // Before any thread setting: the job's ranks choose their own (perf::nproc).
+        return match perf::nproc::child(root, out, summary, !args.full) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("child job: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

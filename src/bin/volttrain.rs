@@ -5,6 +5,7 @@
 //! volttrain eval --config config/sft.yaml [--adapter DIR] [--set ...]
 //! volttrain dpo  --config config/dpo.yaml [--set key.path=value]... [--resume]
 //! volttrain plugins list [--plugin path/to/libplugin.so]...
+//! volttrain env [--json]
 //! ```
 
 use std::ffi::OsString;
@@ -65,6 +66,12 @@ enum Cmd {
         adapter: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+    },
+    /// The environment: versions, libtorch path, GPUs, bf16/FP8, distributed backends, threads.
+    Env {
+        /// Machine-readable JSON (with a "distributed_backends" list).
+        #[arg(long)]
+        json: bool,
     },
     /// Registered components.
     Plugins {
@@ -234,6 +241,15 @@ fn run(cli: Cli) -> Result<()> {
                 "{}",
                 serde_json::json!({"eval_loss": m.eval_loss, "tokens": m.tokens})
             );
+            Ok(())
+        }
+        Cmd::Env { json } => {
+            let r = volttrain::env_report::EnvReport::collect();
+            if json {
+                println!("{}", r.to_json()?);
+            } else {
+                print!("{}", r.to_text());
+            }
             Ok(())
         }
         Cmd::Plugins {

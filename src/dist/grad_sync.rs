@@ -81,6 +81,14 @@ impl GradSync {
         bucket_mb: f64,
     ) -> Result<Self> {
         let mut gs = Self::bucketed(params.iter().rev(), bucket_mb)?;
+        super::check_collective_devices(
+            pg.backend(),
+            "gradient bucket",
+            gs.names
+                .iter()
+                .map(String::as_str)
+                .zip(gs.params.iter().map(Tensor::device)),
+        )?;
         if pg.world_size() == 1 || gs.params.is_empty() {
             return Ok(gs);
         }

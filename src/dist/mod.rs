@@ -1,8 +1,9 @@
 //! Multi-process data parallel on PyTorch's c10d.
 //!
 //! A small C++ shim (`csrc/dist_shim.cpp`, built by `build.rs`) drives libtorch's own
-//! `TCPStore` (rank 0 serves the rendezvous) and `ProcessGroupGloo` (CPU; NCCL only in builds
-//! that found its headers). On top of it:
+//! `TCPStore` (rank 0 serves the rendezvous), `ProcessGroupGloo` (CPU ranks) and
+//! `ProcessGroupNCCL` (CUDA ranks; compiled in every provisioned build, see [`nccl_build_status`]).
+//! On top of it:
 //!
 //! - [`DistEnv`]: rank, world size and rendezvous address from the `torchrun`-style environment
 //!   (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) or from SLURM.
@@ -12,6 +13,9 @@
 //! - [`shard_indices`]: the per-rank index shard of `torch.utils.data.DistributedSampler`,
 //!   permutation included.
 //! - [`launch::spawn_workers`]: one child process per rank on this machine.
+//! - [`select_device`], [`backend_for`], [`staging_device`]: which device and backend a rank
+//!   uses and where each collective's tensors live; [`apply_rank_threads`]: ranks on one machine
+//!   share its cores.
 //!
 //! ```no_run
 //! use volttrain::dist::{DistConfig, DistEnv, ProcessGroup};
@@ -25,10 +29,12 @@
 //! # }
 //! ```
 
+mod device;
 pub(crate) mod ffi;
 mod grad_sync;
 pub mod launch;
 mod sampler;
+mod threads;
 
 use std::ffi::{CString, c_char, c_int};
 use std::ptr::NonNull;
@@ -38,18 +44,33 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result, TchResultExt};
 
+pub use device::{backend_for, check_collective_devices, select_device, staging_device};
 pub use grad_sync::{GradSync, broadcast_params};
 pub use sampler::{Mt19937, shard_indices, torch_randperm};
+pub use threads::{
+    ThreadSource, apply_rank_threads, available_cores, local_ranks_from_env, rank_threads,
+};
 
-/// Which c10d backend carries the collectives.
+/// Which c10d backend carries the collectives ([`backend_for`] picks one by device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// Gloo over TCP: CPU tensors (the default).
+    /// Gloo over TCP: CPU tensors (the default for CPU ranks).
     #[default]
     Gloo,
-    /// NCCL: CUDA tensors; only in builds compiled with NCCL headers ([`nccl_available`]).
+    /// NCCL: CUDA tensors (the default for CUDA ranks); only in builds compiled with NCCL
+    /// ([`nccl_available`]).
     Nccl,
+}
+
+impl Backend {
+    /// The lowercase name (`gloo`, `nccl`), as in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
 }
 
 impl Backend {
@@ -66,12 +87,28 @@ pub fn nccl_available() -> bool {
     ffi::has_nccl()
 }
 
+/// How the build went for NCCL: `compiled`, or `not compiled: <why>` (what build.rs found
+/// missing and how to fix it). `volttrain env` prints it.
+pub fn nccl_build_status() -> &'static str {
+    env!("VOLTTRAIN_NCCL_BUILD")
+}
+
+/// The c10d backends compiled into this build, in order (`["gloo"]` or `["gloo", "nccl"]`).
+pub fn compiled_backends() -> Vec<Backend> {
+    let mut v = vec![Backend::Gloo];
+    if nccl_available() {
+        v.push(Backend::Nccl);
+    }
+    v
+}
+
 /// Settings of the distributed run (the `distributed:` section of a config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DistConfig {
-    /// Collective backend. Default `gloo`.
-    pub backend: Backend,
+    /// Collective backend. Default by device ([`backend_for`]): `nccl` for CUDA ranks, `gloo`
+    /// for CPU ranks (DDP's usual choice).
+    pub backend: Option<Backend>,
     /// Rendezvous address used when `MASTER_ADDR` is not set. Default none (then required from
     /// the environment when the world size is above 1; `127.0.0.1` for a single process).
     pub master_addr: Option<String>,
@@ -94,7 +131,7 @@ pub struct DistConfig {
 impl Default for DistConfig {
     fn default() -> Self {
         DistConfig {
-            backend: Backend::Gloo,
+            backend: None,
             master_addr: None,
             master_port: None,
             timeout_secs: 1800,
@@ -286,19 +323,37 @@ fn cstring(what: &str, s: &str) -> Result<CString> {
 impl ProcessGroup {
     /// Rendezvous with the other ranks and build the backend. Rank 0 serves the TCP store on
     /// `MASTER_ADDR:MASTER_PORT`; every rank waits at most `cfg.timeout_secs` for the others.
+    /// The rank computes on the CPU, or on `cuda:LOCAL_RANK` when `cfg.backend` is `nccl`; see
+    /// [`ProcessGroup::on_device`] for a rank on a chosen device.
     pub fn new(env: &DistEnv, cfg: &DistConfig) -> Result<Self> {
+        let device = match cfg.backend {
+            Some(Backend::Nccl) => tch::Device::Cuda(env.local_rank),
+            _ => tch::Device::Cpu,
+        };
+        Self::on_device(env, cfg, device)
+    }
+
+    /// [`ProcessGroup::new`] for a rank computing on `device`: the backend is
+    /// `cfg.backend`, else [`backend_for`] the device (NCCL on CUDA, Gloo on the CPU), and the
+    /// group's own tensors are staged on [`staging_device`].
+    pub fn on_device(env: &DistEnv, cfg: &DistConfig, device: tch::Device) -> Result<Self> {
         cfg.validate()?;
+        let backend = backend_for(cfg.backend, device);
+        let staging = staging_device(backend, device)?;
         if env.world_size == 0 || env.rank >= env.world_size {
             return Err(Error::invalid(format!(
                 "rank {} is outside world size {}",
                 env.rank, env.world_size
             )));
         }
-        if cfg.backend == Backend::Nccl && !nccl_available() {
+        if backend == Backend::Nccl && !nccl_available() {
             return Err(Error::config(
                 "distributed.backend",
-                "nccl is not compiled into this build (no nccl.h / CUDA host headers when it was \
-                 built; see build.rs); use gloo",
+                format!(
+                    "nccl (the default for CUDA ranks) is not compiled into this build ({}); \
+                     rebuild after tools/provision.sh, or set distributed.backend: gloo",
+                    nccl_build_status()
+                ),
             ));
         }
         let addr = env
@@ -342,7 +397,7 @@ impl ProcessGroup {
         // SAFETY: all strings outlive the call; `err` receives a shim string on failure.
         let raw = unsafe {
             ffi::vt_dist_pg_new(
-                cfg.backend.code(),
+                backend.code(),
                 c_addr.as_ptr(),
                 port,
                 rank,
@@ -360,11 +415,8 @@ impl ProcessGroup {
                 raw,
                 rank: env.rank,
                 world_size: env.world_size,
-                backend: cfg.backend,
-                device: match cfg.backend {
-                    Backend::Gloo => tch::Device::Cpu,
-                    Backend::Nccl => tch::Device::Cuda(env.local_rank),
-                },
+                backend,
+                device: staging,
             }),
             None => {
                 // SAFETY: on a null handle the shim set `err` (or left it null).
@@ -606,7 +658,8 @@ mod tests {
         };
         assert!(c.validate().unwrap_err().to_string().contains("bucket_mb"));
         let c: DistConfig = serde_yaml::from_str("backend: nccl\ntimeout_secs: 5\n").unwrap();
-        assert_eq!(c.backend, Backend::Nccl);
+        assert_eq!(c.backend, Some(Backend::Nccl));
+        assert_eq!(DistConfig::default().backend, None);
         assert_eq!(c.timeout_secs, 5);
         assert_eq!(c.bucket_mb, 25.0);
         assert!(serde_yaml::from_str::<DistConfig>("backend: mpi\n").is_err());
@@ -618,10 +671,18 @@ mod tests {
             return;
         }
         let cfg = DistConfig {
-            backend: Backend::Nccl,
+            backend: Some(Backend::Nccl),
             ..Default::default()
         };
         let e = ProcessGroup::new(&DistEnv::single(1), &cfg).unwrap_err();
-        assert!(e.to_string().contains("nccl is not compiled"), "{e}");
+        assert!(e.to_string().contains("is not compiled"), "{e}");
+        // The default for a CUDA rank is nccl too.
+        let e = ProcessGroup::on_device(
+            &DistEnv::single(1),
+            &DistConfig::default(),
+            tch::Device::Cuda(0),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("is not compiled"), "{e}");
     }
 }

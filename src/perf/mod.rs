@@ -7,8 +7,10 @@
 pub mod data;
 pub mod dpo;
 pub mod families;
+pub mod gpu;
 pub mod load;
 pub mod model;
+pub mod nproc;
 pub mod optim;
 pub mod qlora;
 pub mod quant;

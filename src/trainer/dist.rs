@@ -37,11 +37,19 @@ impl Collective for C10dCollective {
     fn world_size(&self) -> usize {
         self.pg.world_size()
     }
+    /// Token counts, loss and eval sums, the interrupt flag: staged on the group's device
+    /// ([`ProcessGroup::device`]: the rank's GPU under NCCL, which rejects CPU tensors; the CPU
+    /// under Gloo) and read back to the host.
     fn all_reduce_f64(&mut self, values: &[f64]) -> Result<Vec<f64>> {
-        let t = Tensor::f_from_slice(values).ctx("all_reduce values")?;
-        let mut one = [t.f_to_kind(Kind::Double).ctx("to f64")?];
+        let mut one = [Tensor::f_from_slice(values)
+            .and_then(|t| t.f_to_kind(Kind::Double))
+            .and_then(|t| t.f_to_device(self.pg.device()))
+            .ctx("all_reduce values: stage on the backend's device")?];
         self.pg.all_reduce_sum(&mut one)?;
-        let v: Vec<f64> = Vec::<f64>::try_from(&one[0]).ctx("all_reduce result")?;
+        let v: Vec<f64> = one[0]
+            .f_to_device(tch::Device::Cpu)
+            .ctx("all_reduce result: copy to the host")
+            .and_then(|t| Vec::<f64>::try_from(&t).ctx("all_reduce result"))?;
         Ok(v)
     }
     fn prepare_grads(&mut self, params: &[(String, Tensor)]) -> Result<()> {
