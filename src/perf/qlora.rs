@@ -39,6 +39,11 @@ use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
 use crate::quant::QuantConfig;
 use crate::trainer::Trainer;
 
+/// Whether the children keep freed memory (`VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=1`; off by default).
+fn keep_freed() -> bool {
+    std::env::var("VOLTTRAIN_BENCH_KEEP_FREED_MEMORY").as_deref() == Ok("1")
+}
+
 /// A Llama shape and its batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -271,7 +276,7 @@ pub fn child(spec: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
         .device(opts.device)
         .max_steps(Some((spec.warmup + spec.runs) as u64))
         .gradient_checkpointing(true)
-        .keep_freed_memory(std::env::var("VOLTTRAIN_BENCH_KEEP_FREED_MEMORY").as_deref() == Ok("1"))
+        .keep_freed_memory(keep_freed())
         .output_dir(dir.path())
         .checkpoint_every(Some(u64::MAX))
         .callback(Box::new(Clock(times.clone())))
@@ -359,8 +364,12 @@ fn rows_for(shape: &Shape, layers: i64, goal: f64, opts: &PerfOpts) -> Result<Ve
     let lora = spawn(&spec("lora"), dir.path(), opts, tokens)?;
     let nf4 = spawn(&spec("nf4"), dir.path(), opts, tokens)?;
     let what = format!(
-        "{} shape ({layers} of {} layers, random weights), batch {}x{}, LoRA r16 on 7 projections, AdamW, gradient checkpointing",
-        shape.name, shape.layers, shape.batch, shape.seq
+        "{} shape ({layers} of {} layers, random weights), batch {}x{}, LoRA r16 on 7 projections, AdamW, gradient checkpointing, keep_freed_memory {}",
+        shape.name,
+        shape.layers,
+        shape.batch,
+        shape.seq,
+        if keep_freed() { "on" } else { "off" }
     );
     let ratio = nf4.peak_mib / lora.peak_mib;
     Ok(vec![
