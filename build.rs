@@ -133,6 +133,9 @@ fn build_dist_shim() {
         .flag("-std=c++17")
         // at::parallel_for is header code: OpenMP makes it run on libtorch's thread pool
         .flag("-fopenmp")
+        // optimised in every profile: the shim's loops (fused ops' glue, dequantization's
+        // statistics) run in debug-build tests and benches too; cc follows the profile otherwise
+        .opt_level(3)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_GLOO", None)
         .flag_if_supported("-Wno-unused-parameter")

@@ -186,48 +186,78 @@ struct Rope : public torch::autograd::Function<Rope> {
 };
 
 // ------------------------------------------------------------- LM head + cross-entropy
-// loss = scale * sum_r CE(h_r W^T, target_r). The logits are computed once, overwritten in
-// place by their gradient (softmax - onehot, times scale) and dropped before the function
-// returns; the gradients of h and W are formed right away (the loss ends the graph, so nothing
-// else can change them) and handed over in backward, times its incoming gradient.
+// loss = scale * sum_r CE(h_r W^T, target_r), in chunks of rows: each chunk's logits are
+// computed, overwritten in place by their gradient (softmax - onehot, times scale), multiplied
+// into the gradients of h (its rows) and W (accumulated), and dropped before the next chunk,
+// so at most one chunk of [rows, vocab] logits is ever alive (kCeChunkBytes; the whole
+// [n, vocab] fp32 logits are 200 MiB for 1024 tokens of a 49k vocabulary, and the largest
+// transient of a QLoRA step). The gradients are formed in forward (the loss ends the graph, so
+// nothing else can change them) and handed over in backward, times its incoming gradient.
+constexpr int64_t kCeChunkBytes = int64_t{32} << 20;
+
 struct CeRows {
-  at::Tensor logits;  // gradient of the logits when `grad`
+  at::Tensor gh, gw;  // gradients of h and W (scaled), when asked for
   double loss_sum;    // unscaled
 };
 
+// `chunk_rows` 0 picks about kCeChunkBytes of logits per chunk (at least 16 rows).
 CeRows ce_rows(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targets,
-               int64_t ignore, double scale, bool grad) {
+               int64_t ignore, double scale, bool want_gh, bool want_gw, int64_t chunk_rows) {
   const int64_t n = h.size(0), v = w.size(0);
-  at::Tensor logits = at::mm(h, w.t());
+  if (chunk_rows <= 0) {
+    chunk_rows = std::max<int64_t>(16, kCeChunkBytes / (4 * std::max<int64_t>(1, v)));
+  }
+  const bool grad = want_gh || want_gw;
   at::Tensor loss = at::empty({n}, h.options().dtype(at::kDouble));
-  float* lp = logits.data_ptr<float>();
+  at::Tensor gh = want_gh ? at::empty_like(h, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor gw;
   const int64_t* tp = targets.data_ptr<int64_t>();
   double* lossp = loss.data_ptr<double>();
-  std::atomic<int64_t> bad{-1};
   const float s = static_cast<float>(scale);
-  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
-    const int64_t r = vtk_ce_rows(lp, tp, lossp, r0, r1, v, ignore, s, grad ? 1 : 0);
-    if (r >= 0) {
-      bad.store(r);
+  const at::Tensor wt = w.t();
+  for (int64_t c0 = 0; c0 < n; c0 += chunk_rows) {
+    const int64_t m = std::min(chunk_rows, n - c0);
+    const at::Tensor hc = h.narrow(0, c0, m);
+    at::Tensor logits = at::mm(hc, wt);
+    float* lp = logits.data_ptr<float>();
+    std::atomic<int64_t> bad{-1};
+    at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+      const int64_t r = vtk_ce_rows(lp, tp + c0, lossp + c0, r0, r1, v, ignore, s, grad ? 1 : 0);
+      if (r >= 0) {
+        bad.store(r);
+      }
+    });
+    const int64_t r = bad.load();
+    TORCH_CHECK(r < 0, "target ", (r < 0 ? 0 : tp[c0 + r]), " at row ", c0 + r,
+                " is outside the vocabulary [0, ", v, ")");
+    if (want_gh) {
+      at::Tensor ghc = gh.narrow(0, c0, m);
+      at::mm_out(ghc, logits, w);
     }
-  });
-  const int64_t r = bad.load();
-  TORCH_CHECK(r < 0, "target ", (r < 0 ? 0 : tp[r]), " at row ", r,
-              " is outside the vocabulary [0, ", v, ")");
-  return {grad ? logits : at::Tensor(), loss.sum().item<double>()};
+    if (want_gw) {
+      if (gw.defined()) {
+        gw.addmm_(logits.t(), hc);
+      } else {
+        gw = at::mm(logits.t(), hc);
+      }
+    }
+  }
+  return {gh, gw, loss.sum().item<double>()};
 }
 
 struct LinearCe : public torch::autograd::Function<LinearCe> {
   // Returns {scale * loss_sum, loss_sum}; the second output is for reporting only.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w,
-                               const at::Tensor& targets, int64_t ignore, double scale) {
+                               const at::Tensor& targets, int64_t ignore, double scale,
+                               int64_t chunk_rows) {
     at::Tensor hc = h.contiguous();
-    CeRows out = ce_rows(hc, w, targets, ignore, scale, true);
-    if (h.requires_grad()) {
-      ctx->saved_data["grad_h"] = at::mm(out.logits, w);
+    CeRows out =
+        ce_rows(hc, w, targets, ignore, scale, h.requires_grad(), w.requires_grad(), chunk_rows);
+    if (out.gh.defined()) {
+      ctx->saved_data["grad_h"] = out.gh;
     }
-    if (w.requires_grad()) {
-      ctx->saved_data["grad_w"] = at::mm(out.logits.t(), hc);
+    if (out.gw.defined()) {
+      ctx->saved_data["grad_w"] = out.gw;
     }
     ctx->saved_data["pending"] = true;
     at::Tensor unscaled = at::scalar_tensor(out.loss_sum, h.options().dtype(at::kDouble));
@@ -260,7 +290,7 @@ struct LinearCe : public torch::autograd::Function<LinearCe> {
       gh = at::Tensor();
       gw = at::Tensor();
     }
-    return {gh, gw, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gh, gw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -325,8 +355,10 @@ int vt_fused_rope(at::Tensor* x, at::Tensor* cos, at::Tensor* sin, at::Tensor** 
 // Summed cross-entropy of logits h W^T against `targets` (rows equal to `ignore` skipped),
 // times `scale`, in `*out`; the unscaled sum in `*loss_sum`. Without grad mode (or when
 // neither h nor W needs a gradient) no graph is built and the logits' gradient is not formed.
+// The logits are formed `chunk_rows` rows at a time (0: about 32 MiB of them, see ce_rows).
 int vt_fused_linear_ce(at::Tensor* h, at::Tensor* w, at::Tensor* targets, int64_t ignore,
-                       double scale, at::Tensor** out, double* loss_sum, char** err) {
+                       double scale, int64_t chunk_rows, at::Tensor** out, double* loss_sum,
+                       char** err) {
   return guarded(err, "fused cross-entropy", [&] {
     const at::Tensor& hs = deref(h, "hidden");
     const at::Tensor& ws = deref(w, "weight");
@@ -343,12 +375,12 @@ int vt_fused_linear_ce(at::Tensor* h, at::Tensor* w, at::Tensor* targets, int64_
     const bool graph =
         at::GradMode::is_enabled() && (hs.requires_grad() || ws.requires_grad());
     if (graph) {
-      variable_list r = LinearCe::apply(hs, ws, tc, ignore, scale);
+      variable_list r = LinearCe::apply(hs, ws, tc, ignore, scale, chunk_rows);
       *loss_sum = r[1].item<double>();
       *out = new at::Tensor(r[0]);
     } else {
       at::NoGradGuard no_grad;
-      CeRows r = ce_rows(hs.contiguous(), ws, tc, ignore, scale, false);
+      CeRows r = ce_rows(hs.contiguous(), ws, tc, ignore, scale, false, false, chunk_rows);
       *loss_sum = r.loss_sum;
       *out = new at::Tensor(at::scalar_tensor(r.loss_sum * scale, hs.options()));
     }

@@ -57,6 +57,7 @@ unsafe extern "C" {
         targets: CTensor,
         ignore: i64,
         scale: f64,
+        chunk_rows: i64,
         out: RawTensor,
         loss_sum: *mut f64,
         err: *mut *mut c_char,
@@ -170,16 +171,31 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Cross-entropy of the logits `hidden weight^T` (`hidden` `[n, k]`, `weight` `[vocab, k]`)
 /// against `targets` `[n]` (int64, `ignore_index` rows skipped), summed, times `scale`.
 ///
-/// Returns the scaled loss (a scalar to call backward on) and the unscaled sum. Under grad mode
-/// the gradients of `hidden` and `weight` are formed during this call, and the `[n, vocab]`
-/// logits are freed before it returns; backward multiplies them by its incoming gradient.
-/// `backward` may run once (no `retain_graph`).
+/// Returns the scaled loss (a scalar to call backward on) and the unscaled sum. The logits are
+/// formed a chunk of rows at a time (about 32 MiB of them) and never all at once: under grad
+/// mode each chunk is turned into its gradient and multiplied into the gradients of `hidden`
+/// and `weight` during this call, then freed; backward multiplies those by its incoming
+/// gradient. `backward` may run once (no `retain_graph`).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     ignore_index: i64,
     scale: f64,
+) -> Result<(Tensor, f64)> {
+    linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, scale, 0)
+}
+
+/// [`linear_cross_entropy`] with `chunk_rows` rows of logits per chunk (0: about 32 MiB of
+/// them), for tests of the chunking.
+#[doc(hidden)]
+pub fn linear_cross_entropy_chunked(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    scale: f64,
+    chunk_rows: i64,
 ) -> Result<(Tensor, f64)> {
     let mut sum = f64::NAN;
     // SAFETY: as in rms_norm; `sum` outlives the call.
@@ -190,6 +206,7 @@ pub fn linear_cross_entropy(
             ptr(targets),
             ignore_index,
             scale,
+            chunk_rows.max(0),
             out,
             &mut sum,
             err,

@@ -203,6 +203,44 @@ fn linear_cross_entropy_matches_linear_then_cross_entropy() {
     );
 }
 
+/// The logits are formed a chunk of rows at a time: chunks that do not divide the rows (and a
+/// bad target in a later chunk) give the reference's loss and gradients and the row's number.
+#[test]
+fn linear_cross_entropy_in_chunks_matches_the_reference() {
+    if !on() {
+        return;
+    }
+    tch::manual_seed(7);
+    let (n, k, v) = (37i64, 24, 1003);
+    let h0 = randn(&[n, k], 1.0);
+    let w0 = randn(&[v, k], 0.5);
+    let targets = Tensor::randint(v, [n], (Kind::Int64, Device::Cpu));
+    let _ = targets.narrow(0, 11, 1).fill_(-100);
+    let (value_ref, gh_ref, gw_ref) = ce_reference(&h0, &w0, &targets, 0.5);
+    for chunk in [1i64, 5, 16, 36, 37, 100] {
+        let (h, w) = (leaf(h0.copy()), leaf(w0.copy()));
+        let (loss, value) =
+            fused::linear_cross_entropy_chunked(&h, &w, &targets, -100, 0.5, chunk).unwrap();
+        let rel = (value - value_ref).abs() / value_ref.abs();
+        assert!(
+            rel < 1e-6,
+            "chunks of {chunk}: loss sum {value} vs {value_ref}"
+        );
+        loss.backward();
+        assert_close(&format!("chunks of {chunk}: dhidden"), &grad(&h), &gh_ref);
+        assert_close(&format!("chunks of {chunk}: dweight"), &grad(&w), &gw_ref);
+    }
+    let bad = targets.copy();
+    let _ = bad.narrow(0, 30, 1).fill_(v);
+    let e = fused::linear_cross_entropy_chunked(&leaf(h0.copy()), &w0, &bad, -100, 1.0, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("target {v} at row 30 is outside the vocabulary")),
+        "{e}"
+    );
+}
+
 #[test]
 fn linear_cross_entropy_backward_scales_by_the_incoming_gradient() {
     if !on() {

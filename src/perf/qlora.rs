@@ -13,7 +13,11 @@
 //! system, resets the kernel's high-water mark (`5` into `/proc/self/clear_refs`), trains, and
 //! reads `VmHWM`. The peak thus covers the model, LoRA, optimizer state and every step's
 //! transient memory, not the loader's (measured by the `quant-load` workload) nor the mmapped
-//! checkpoint. Speed is tokens/s of the measured steps; the NF4 step dequantizes every base
+//! checkpoint.
+//!
+//! Both children train with `keep_freed_memory(false)`, the setting for runs where memory is the
+//! point (`src/malloc.rs`: freed activations go back to the kernel instead of staying resident);
+//! `VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=1` in the bench's environment runs both with it on. Speed is tokens/s of the measured steps; the NF4 step dequantizes every base
 //! weight twice per product under checkpointing' recompute (forward and backward), so its
 //! ratio to the fp32 step is the speed cost of that.
 
@@ -34,6 +38,11 @@ use crate::model::{CausalLm, LoadOptions, load_model};
 use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
 use crate::quant::QuantConfig;
 use crate::trainer::Trainer;
+
+/// Whether the children keep freed memory (`VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=1`; off by default).
+fn keep_freed() -> bool {
+    std::env::var("VOLTTRAIN_BENCH_KEEP_FREED_MEMORY").as_deref() == Ok("1")
+}
 
 /// A Llama shape and its batch.
 #[derive(Debug, Clone, Copy)]
@@ -267,6 +276,7 @@ pub fn child(spec: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
         .device(opts.device)
         .max_steps(Some((spec.warmup + spec.runs) as u64))
         .gradient_checkpointing(true)
+        .keep_freed_memory(keep_freed())
         .output_dir(dir.path())
         .checkpoint_every(Some(u64::MAX))
         .callback(Box::new(Clock(times.clone())))
@@ -354,8 +364,12 @@ fn rows_for(shape: &Shape, layers: i64, goal: f64, opts: &PerfOpts) -> Result<Ve
     let lora = spawn(&spec("lora"), dir.path(), opts, tokens)?;
     let nf4 = spawn(&spec("nf4"), dir.path(), opts, tokens)?;
     let what = format!(
-        "{} shape ({layers} of {} layers, random weights), batch {}x{}, LoRA r16 on 7 projections, AdamW, gradient checkpointing",
-        shape.name, shape.layers, shape.batch, shape.seq
+        "{} shape ({layers} of {} layers, random weights), batch {}x{}, LoRA r16 on 7 projections, AdamW, gradient checkpointing, keep_freed_memory {}",
+        shape.name,
+        shape.layers,
+        shape.batch,
+        shape.seq,
+        if keep_freed() { "on" } else { "off" }
     );
     let ratio = nf4.peak_mib / lora.peak_mib;
     Ok(vec![

@@ -265,7 +265,9 @@ impl TrainerBuilder {
     /// the page faults and page zeroing of re-taking the activations' memory every step
     /// (9% of the tokens/s of the 8-layer CPU LoRA bench step, none on full fine-tuning). The
     /// cost: the resident size stays at its peak, and the peak grows (+8-13% on that step; see
-    /// `src/malloc.rs`). Turn it off when memory is what matters (QLoRA).
+    /// `src/malloc.rs`). Turn it off when memory is what matters (QLoRA): `false` sets the
+    /// opposite (freed blocks of 256 KiB or more go back to the kernel at once; glibc's own
+    /// defaults keep most of them resident after the first step).
     pub fn keep_freed_memory(mut self, on: bool) -> Self {
         self.keep_freed_memory = on;
         self
@@ -720,6 +722,8 @@ impl Trainer {
         let start = Instant::now();
         if self.keep_freed_memory {
             crate::malloc::keep_freed_memory();
+        } else {
+            crate::malloc::return_freed_memory();
         }
         if let Some(o) = self.preference.as_mut() {
             // Before `restore`: the reference is the model as it was given.

@@ -85,9 +85,9 @@ pub(crate) fn prepare(batch: &Batch, device: Device) -> Result<Prepared> {
 /// loss times `scale` (the tensor to call backward on) and the unscaled sum.
 ///
 /// On the CPU in fp32 with a plain dense LM head, the head product and the cross-entropy run as
-/// one fused op ([`crate::fused::linear_cross_entropy`]): the `[labels, vocab]` logits are
-/// overwritten by their gradient and freed before backward, instead of being kept with their
-/// log-softmax. Otherwise the composite ops run.
+/// one fused op ([`crate::fused::linear_cross_entropy`]): the logits are formed a chunk of
+/// rows at a time (about 32 MiB), overwritten by their gradient and freed, never all
+/// `[labels, vocab]` of them with their log-softmax. Otherwise the composite ops run.
 pub(crate) fn head_loss(
     model: &dyn CausalLm,
     hidden: &Tensor,
