@@ -24,6 +24,7 @@ pub mod dist;
 pub mod dpo;
 pub mod error;
 pub mod fused;
+pub mod generate;
 mod malloc;
 pub mod model;
 pub mod nn;

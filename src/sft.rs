@@ -343,15 +343,18 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         None => None,
     };
 
-    let lora = lora_config(cfg);
+    let mut lora = lora_config(cfg);
     // New weights (LoRA A, ...) are drawn from the run seed, as `transformers.set_seed` before
     // the model is built: two runs of one config start alike (data-parallel ranks also get rank
     // 0's values by broadcast).
     tch::manual_seed(t.seed as i64);
-    match &lora {
+    match &mut lora {
         Some(l) => {
             model.freeze_base();
-            let params = LoraInjector::new(l.clone()).inject(model.as_mut())?;
+            // `lora.init_from`: the saved adapter's shape and weights
+            let init = cfg.lora.as_ref().and_then(|s| s.init_from.as_deref());
+            let (used, params) = crate::adapter::inject_lora(model.as_mut(), l, init)?;
+            *l = used;
             let n: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
             tracing::info!(
                 "LoRA r={} on {} tensors, {n} trainable parameters",
