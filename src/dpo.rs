@@ -11,7 +11,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::adapter::{AdapterInjector, LoraInjector};
 use crate::callback::Progress;
 use crate::config::SftConfig;
 use crate::data::{Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, Tokenizer};

@@ -23,6 +23,7 @@ pub mod data;
 pub mod dist;
 pub mod dpo;
 pub mod error;
+pub mod export;
 pub mod fused;
 pub mod generate;
 mod malloc;

@@ -13,9 +13,7 @@ use std::sync::atomic::AtomicBool;
 
 use tch::{Device, Tensor};
 
-use crate::adapter::{
-    AdapterInjector, LoraConfig, LoraInjector, load_peft_adapter, save_peft_adapter,
-};
+use crate::adapter::{LoraConfig, load_peft_adapter, save_peft_adapter};
 use crate::callback::{
     Callback, EpochSaver, EvalMetrics, MetricsJsonl, ModelSaver, Progress, TensorBoard,
 };
@@ -103,7 +101,7 @@ impl ModelSaver for SftSaver {
     }
 }
 
-fn dataset_config(cfg: &SftConfig) -> Result<DatasetConfig> {
+pub(crate) fn dataset_config(cfg: &SftConfig) -> Result<DatasetConfig> {
     let d: DatasetConfig = serde_path_to_error::deserialize(cfg.dataset.clone()).map_err(|e| {
         let path = e.path().to_string();
         let key = if path == "." {
@@ -117,7 +115,7 @@ fn dataset_config(cfg: &SftConfig) -> Result<DatasetConfig> {
     Ok(d)
 }
 
-fn quant_config(cfg: &SftConfig) -> Result<Option<QuantConfig>> {
+pub(crate) fn quant_config(cfg: &SftConfig) -> Result<Option<QuantConfig>> {
     let section = match &cfg.quantization {
         None => None,
         Some(v) => Some(serde_path_to_error::deserialize(v.clone()).map_err(|e| {
@@ -481,11 +479,18 @@ pub(crate) fn with_run_wiring(
         callbacks.push(Box::new(TensorBoard::new(t.output_dir.join("tensorboard"))));
     }
     for c in &cfg.callbacks {
-        callbacks.push(plugin::build_callback(
-            &c.name,
-            &c.options_value(),
-            &cb_ctx,
-        )?);
+        let mut options = c.options_value();
+        // `sample_generations` tokenizes with the run's tokenizer unless told otherwise
+        if c.name == "sample_generations"
+            && let serde_yaml::Value::Mapping(m) = &mut options
+            && !m.contains_key("tokenizer")
+        {
+            m.insert(
+                "tokenizer".into(),
+                cfg.model.path.display().to_string().into(),
+            );
+        }
+        callbacks.push(plugin::build_callback(&c.name, &options, &cb_ctx)?);
     }
     if let Some(section) = crate::callback::wandb_shorthand(t)? {
         if cfg.callbacks.iter().any(|c| c.name == "wandb") {

@@ -176,9 +176,12 @@ fn greedy_generation_equals_transformers() {
         eos_token_ids: eos_ids(&tiny, Some(&tok)).unwrap(),
         ..Default::default()
     };
-    for (i, (text, chat)) in [("What is 2+3?", true), ("Reverse the words: red green blue", false)]
-        .into_iter()
-        .enumerate()
+    for (i, (text, chat)) in [
+        ("What is 2+3?", true),
+        ("Reverse the words: red green blue", false),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let p = prompt_ids(&tok, text, chat).unwrap();
         assert_eq!(p, as_ids(&want[0][i]["prompt"]), "tiny-llama prompt {i}");
@@ -188,7 +191,11 @@ fn greedy_generation_equals_transformers() {
             Ok(())
         })
         .unwrap();
-        assert_eq!(g.tokens, as_ids(&want[0][i]["tokens"]), "tiny-llama prompt {i}");
+        assert_eq!(
+            g.tokens,
+            as_ids(&want[0][i]["tokens"]),
+            "tiny-llama prompt {i}"
+        );
         assert_eq!(g.text, want[0][i]["text"].as_str().unwrap());
         assert_eq!(streamed, g.text, "streamed text is the whole text");
     }
@@ -205,7 +212,12 @@ fn greedy_generation_equals_transformers() {
                 .generate(&as_ids(&w["prompt"]), &cfg, &mut |_| Ok(true))
                 .unwrap();
             println!("{}: {:?} ({:?})", dir.display(), g.tokens, g.finish);
-            assert_eq!(g.tokens, as_ids(&w["tokens"]), "{} prompt {i}", dir.display());
+            assert_eq!(
+                g.tokens,
+                as_ids(&w["tokens"]),
+                "{} prompt {i}",
+                dir.display()
+            );
         }
     };
     by_ids(1, &smol, 32);

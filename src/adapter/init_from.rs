@@ -5,9 +5,9 @@ use std::path::Path;
 
 use tch::Tensor;
 
+use super::AdapterInjector;
 use super::lora::{LoraConfig, LoraInjector};
 use super::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter_as, read_peft_config};
-use super::AdapterInjector;
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
 

@@ -18,6 +18,7 @@ use crate::model::{CausalLm, LoadOptions, load_model};
 use crate::nn::LinearWeight;
 use crate::quant::Quantizer;
 
+pub mod cli;
 pub mod gguf;
 
 /// transformers' default `max_shard_size` of `save_pretrained` (5 GB, decimal).
@@ -312,7 +313,8 @@ pub fn write_model_dir(
     let staged = StagedDir::new(out)?;
     let dir = staged.path();
     let tensors = model.checkpoint_tensors()?;
-    let mut files = write_safetensors_shards(dir, &tensors, opts.dtype.kind(), opts.max_shard_bytes)?;
+    let mut files =
+        write_safetensors_shards(dir, &tensors, opts.dtype.kind(), opts.max_shard_bytes)?;
     let mut config = model.hf_config().clone();
     if let Some(obj) = config.as_object_mut() {
         obj.insert("dtype".into(), Value::from(opts.dtype.torch_name()));
@@ -333,7 +335,7 @@ pub fn write_model_dir(
     write_json("config.json", &config)?;
     files.push("config.json".into());
     let gen_path = base.join("generation_config.json");
-    let gen = match std::fs::read_to_string(&gen_path) {
+    let generation = match std::fs::read_to_string(&gen_path) {
         Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Json {
             path: gen_path.clone(),
             source: e,
@@ -351,7 +353,7 @@ pub fn write_model_dir(
         }
         Err(e) => return Err(Error::io(&gen_path, e)),
     };
-    write_json("generation_config.json", &gen)?;
+    write_json("generation_config.json", &generation)?;
     files.push("generation_config.json".into());
     tok.save_to(dir)?;
     for f in [
@@ -366,4 +368,33 @@ pub fn write_model_dir(
     }
     staged.commit()?;
     Ok(files)
+}
+
+/// `volttrain merge`: the base model, quantization and tokenizer of a training config (the
+/// dataset's chat template included), merged with `adapter` into `out`.
+pub fn merge_from_config(
+    cfg: &crate::config::SftConfig,
+    adapter: &Path,
+    out: &Path,
+    dtype: SaveDtype,
+    max_shard_bytes: u64,
+) -> Result<MergeReport> {
+    let quantizer = match crate::sft::quant_config(cfg)? {
+        Some(q) => Some(q.quantizer()?),
+        None => None,
+    };
+    let tok = if adapter.join("tokenizer.json").is_file() {
+        // a VoltTrain adapter carries the run's tokenizer and chat template
+        Tokenizer::from_dir(adapter)?
+    } else {
+        let mut t = Tokenizer::from_dir(&cfg.model.path)?;
+        crate::sft::dataset_config(cfg)?.apply_chat_template(&mut t)?;
+        t
+    };
+    let opts = MergeOptions {
+        quantizer,
+        dtype,
+        max_shard_bytes,
+    };
+    merge_to_dir(&cfg.model.path, adapter, out, &opts, Some(&tok))
 }

@@ -20,6 +20,8 @@ use crate::data::template::Message;
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::{CausalLm, KvCache};
 
+pub mod cli;
+
 /// How to generate.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -311,7 +313,10 @@ pub fn eos_ids(dir: &Path, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
             Some(x) => return Ok(vec![id(x).ok_or_else(bad)?]),
         }
     }
-    Ok(tok.and_then(Tokenizer::eos).map(|t| vec![t.id]).unwrap_or_default())
+    Ok(tok
+        .and_then(Tokenizer::eos)
+        .map(|t| vec![t.id])
+        .unwrap_or_default())
 }
 
 /// The prompt's ids: the text tokenized as `tokenizer(text)` does (with the post-processor's

@@ -634,7 +634,11 @@ fn cached_mask(past: i64, t: i64, device: Device, window: Option<i64>) -> Result
         .ctx("mask k idx")?;
     let mut m = k.f_le_tensor(&q).ctx("causal mask")?;
     if let Some(w) = window {
-        let near = q.f_sub(&k).ctx("sliding distance")?.f_lt(w).ctx("sliding window")?;
+        let near = q
+            .f_sub(&k)
+            .ctx("sliding distance")?
+            .f_lt(w)
+            .ctx("sliding window")?;
         m = m.f_logical_and(&near).ctx("sliding mask")?;
     }
     Ok(Some(m.f_view([1, 1, t, total]).ctx("mask view")?))

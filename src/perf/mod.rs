@@ -7,6 +7,7 @@
 pub mod data;
 pub mod dpo;
 pub mod families;
+pub mod generate;
 pub mod load;
 pub mod model;
 pub mod optim;
