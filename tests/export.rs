@@ -315,7 +315,8 @@ fn gguf_export_equals_the_gguf_package_reference() {
             "f32" => assert_eq!(err, 0.0),
             "q8_0" => {
                 let over = cmp["q8_0_dequant_max_err_over_step"].as_f64().unwrap();
-                assert!(over <= 0.5 + 1e-3, "q8_0 error {over} steps");
+                // half a step, plus the f16 rounding of the scale (2^-11 relative) times 127
+                assert!(over <= 0.5 + 127.0 / 2048.0, "q8_0 error {over} steps");
             }
             _ => assert!(err < 1e-2, "{ty}: {err}"),
         }
