@@ -3,9 +3,9 @@ writer, constants, SpecialVocab and quantizers the way llama.cpp's `convert_hf_t
 (`LlamaModel`, ggml-org/llama.cpp commit 0024aa74, read, not vendored) converts it, and a
 field-by-field comparison with a GGUF file made by VoltTrain.
 
-Usage: gguf_ref.py MODEL_DIR OURS.gguf FTYPE(f32|f16|bf16|q8_0)
-Prints {"kv_keys": n, "tensors": n, "kv_mismatch": [...], "tensor_mismatch": [...],
-        "q8_0_dequant_max_err_over_step": x, "dequant_max_abs_err": y}.
+Usage: gguf_ref.py MODEL_DIR FTYPE=OURS.gguf [FTYPE=OURS.gguf ...]   (FTYPE: f32|f16|bf16|q8_0)
+Prints {FTYPE: {"kv_keys": n, "tensors": n, "kv_mismatch": [...], "tensor_mismatch": [...],
+        "q8_0_dequant_max_err_over_step": x, "dequant_max_abs_err": y}, ...}.
 
 What is reproduced: TextModel/LlamaModel.set_gguf_parameters (hyperparameters, file type,
 vocab size, rope dimension count, linear rope scaling), `_set_vocab_gpt2` (get_vocab_base's
@@ -187,8 +187,7 @@ def fields(reader):
     return out
 
 
-def main():
-    model_dir, ours_path, ftype = sys.argv[1], sys.argv[2], sys.argv[3]
+def compare(model_dir, ours_path, ftype):
     with tempfile.TemporaryDirectory() as d:
         ref_path = os.path.join(d, "ref.gguf")
         weights = build(model_dir, ftype, ref_path)
@@ -227,12 +226,20 @@ def main():
                 blocks = np.abs(weights[n]).reshape(-1, 32).max(axis=1) / 127
                 step = np.maximum(blocks, 1e-30)
                 worst_step = max(worst_step, float((err.reshape(-1, 32).max(axis=1) / step).max()))
-        print(json.dumps({
-            "gguf": gguf.__version__ if hasattr(gguf, "__version__") else "0.19.0",
+        return {
             "kv_keys": len(fo), "tensors": len(to),
             "kv_mismatch": kv_mismatch, "tensor_mismatch": tensor_mismatch,
             "q8_0_dequant_max_err_over_step": worst_step, "dequant_max_abs_err": worst_abs,
-        }))
+        }
+
+
+def main():
+    model_dir = sys.argv[1]
+    out = {}
+    for pair in sys.argv[2:]:
+        ftype, path = pair.split("=", 1)
+        out[ftype] = compare(model_dir, path, ftype)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -296,16 +296,19 @@ fn bad_adapters_are_errors_naming_the_file_or_tensor() {
 fn gguf_export_equals_the_gguf_package_reference() {
     let dir = tempfile::tempdir().unwrap();
     let script = root().join("reference/gguf_ref.py");
-    for ty in ["f32", "f16", "bf16", "q8_0"] {
+    let types = ["f32", "f16", "bf16", "q8_0"];
+    let mut args = vec![script.display().to_string(), tiny().display().to_string()];
+    for ty in types {
         let out = dir.path().join(format!("tiny-{ty}.gguf"));
         let r = export_gguf(&tiny(), None, ty.parse().unwrap(), &out).unwrap();
         assert_eq!(r.architecture, "llama");
-        let cmp = run_py(&[
-            script.to_str().unwrap(),
-            tiny().to_str().unwrap(),
-            out.to_str().unwrap(),
-            ty,
-        ]);
+        assert!(r.f16_fallback.is_empty());
+        args.push(format!("{ty}={}", out.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let all = run_py(&args);
+    for ty in types {
+        let cmp = &all[ty];
         println!("{ty}: {cmp}");
         assert_eq!(cmp["kv_mismatch"], serde_json::json!([]), "{ty}");
         assert_eq!(cmp["tensor_mismatch"], serde_json::json!([]), "{ty}");

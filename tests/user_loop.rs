@@ -125,8 +125,16 @@ print(json.dumps(out))
     assert!(report.contains("\"merged_modules\":28"), "{report}");
     let generate = |model: &Path, adapter: Option<&Path>| {
         let mut c = volttrain();
-        c.args(["generate", "--chat", "--prompt", "What is 2+3?", "--max-new-tokens", "8", "--model"])
-            .arg(model);
+        c.args([
+            "generate",
+            "--chat",
+            "--prompt",
+            "What is 2+3?",
+            "--max-new-tokens",
+            "8",
+            "--model",
+        ])
+        .arg(model);
         if let Some(a) = adapter {
             c.arg("--adapter").arg(a);
         }
@@ -150,9 +158,13 @@ print(json.dumps(out))
 
     // continue from the adapter: a fresh run whose first loss is the trained adapter's
     let again = setup(d, "second", "");
-    let text = std::fs::read_to_string(&again)
-        .unwrap()
-        .replace("  target_modules: llama", &format!("  target_modules: llama\n  init_from: {}", adapter.display()));
+    let text = std::fs::read_to_string(&again).unwrap().replace(
+        "  target_modules: llama",
+        &format!(
+            "  target_modules: llama\n  init_from: {}",
+            adapter.display()
+        ),
+    );
     std::fs::write(&again, text).unwrap();
     run(volttrain().args(["sft", "--config"]).arg(&again));
     let first = metrics(&out);
