@@ -177,8 +177,8 @@ print(json.dumps(out))
     };
     let eval_first = first
         .iter()
-        .filter(|l| l["kind"] == "eval")
-        .last()
+        .rev()
+        .find(|l| l["kind"] == "eval")
         .and_then(|l| l["eval_loss"].as_f64())
         .unwrap();
     println!(

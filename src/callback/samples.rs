@@ -129,7 +129,7 @@ impl Callback for SampleGenerations {
 
     fn on_eval_end(&mut self, ctl: &mut Control<'_>, _m: &EvalMetrics) -> Result<()> {
         self.evals += 1;
-        if !ctl.is_main || self.evals % self.cfg.every != 0 {
+        if !ctl.is_main || !self.evals.is_multiple_of(self.cfg.every) {
             return Ok(());
         }
         let gcfg = GenerateConfig {

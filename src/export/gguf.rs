@@ -251,7 +251,7 @@ impl GgufWriter {
 /// ggml's `quantize_row_q8_0_ref` on f32 values (a multiple of 32): per block of 32, the f16
 /// scale `d = amax / 127` then the int8 values `round(x / d)` (half away from zero), 34 bytes.
 pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>> {
-    if values.len() % Q8_0_BLOCK != 0 {
+    if !values.len().is_multiple_of(Q8_0_BLOCK) {
         return Err(Error::invalid(format!(
             "q8_0: {} values are not a multiple of {Q8_0_BLOCK}",
             values.len()
