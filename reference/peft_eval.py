@@ -4,6 +4,7 @@ example of a JSONL file, divided by their count. Tokenization and masks come fro
 `data_ref.sft_record` (transformers' apply_chat_template + TRL-style prefix rendering).
 
 Usage: peft_eval.py BASE_DIR ADAPTER_DIR EVAL.jsonl MAX_LEN
+(ADAPTER_DIR `-`: the model in BASE_DIR alone, e.g. a merged one)
 Prints {"eval_loss": ..., "tokens": ...}."""
 import json
 import os
@@ -22,7 +23,9 @@ def main():
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter).eval()
+    if adapter != "-":
+        model = PeftModel.from_pretrained(model, adapter)
+    model = model.eval()
     total, count = 0.0, 0
     with open(path, encoding="utf-8") as f, torch.no_grad():
         for line in f:

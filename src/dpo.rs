@@ -11,7 +11,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::adapter::{AdapterInjector, LoraInjector};
 use crate::callback::Progress;
 use crate::config::SftConfig;
 use crate::data::{Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, Tokenizer};
@@ -129,13 +128,16 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         })
         .transpose()?;
 
-    let lora = lora_config(cfg);
+    let mut lora = lora_config(cfg);
     tch::manual_seed(t.seed as i64);
     let mut objective = PreferenceObjective::new(pcfg.clone())?;
-    match &lora {
+    match &mut lora {
         Some(l) => {
             model.freeze_base();
-            let params = LoraInjector::new(l.clone()).inject(model.as_mut())?;
+            // `lora.init_from`: the saved adapter's shape and weights
+            let init = cfg.lora.as_ref().and_then(|s| s.init_from.as_deref());
+            let (used, params) = crate::adapter::inject_lora(model.as_mut(), l, init)?;
+            *l = used;
             let n: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
             tracing::info!(
                 "LoRA r={} on {} tensors, {n} trainable parameters; the reference is the model \

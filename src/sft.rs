@@ -13,9 +13,7 @@ use std::sync::atomic::AtomicBool;
 
 use tch::{Device, Tensor};
 
-use crate::adapter::{
-    AdapterInjector, LoraConfig, LoraInjector, load_peft_adapter, save_peft_adapter,
-};
+use crate::adapter::{LoraConfig, load_peft_adapter, save_peft_adapter};
 use crate::callback::{
     Callback, EpochSaver, EvalMetrics, MetricsJsonl, ModelSaver, Progress, TensorBoard,
 };
@@ -103,7 +101,7 @@ impl ModelSaver for SftSaver {
     }
 }
 
-fn dataset_config(cfg: &SftConfig) -> Result<DatasetConfig> {
+pub(crate) fn dataset_config(cfg: &SftConfig) -> Result<DatasetConfig> {
     let d: DatasetConfig = serde_path_to_error::deserialize(cfg.dataset.clone()).map_err(|e| {
         let path = e.path().to_string();
         let key = if path == "." {
@@ -117,7 +115,7 @@ fn dataset_config(cfg: &SftConfig) -> Result<DatasetConfig> {
     Ok(d)
 }
 
-fn quant_config(cfg: &SftConfig) -> Result<Option<QuantConfig>> {
+pub(crate) fn quant_config(cfg: &SftConfig) -> Result<Option<QuantConfig>> {
     let section = match &cfg.quantization {
         None => None,
         Some(v) => Some(serde_path_to_error::deserialize(v.clone()).map_err(|e| {
@@ -342,15 +340,18 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         None => None,
     };
 
-    let lora = lora_config(cfg);
+    let mut lora = lora_config(cfg);
     // New weights (LoRA A, ...) are drawn from the run seed, as `transformers.set_seed` before
     // the model is built: two runs of one config start alike (data-parallel ranks also get rank
     // 0's values by broadcast).
     tch::manual_seed(t.seed as i64);
-    match &lora {
+    match &mut lora {
         Some(l) => {
             model.freeze_base();
-            let params = LoraInjector::new(l.clone()).inject(model.as_mut())?;
+            // `lora.init_from`: the saved adapter's shape and weights
+            let init = cfg.lora.as_ref().and_then(|s| s.init_from.as_deref());
+            let (used, params) = crate::adapter::inject_lora(model.as_mut(), l, init)?;
+            *l = used;
             let n: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
             tracing::info!(
                 "LoRA r={} on {} tensors, {n} trainable parameters",
@@ -477,11 +478,18 @@ pub(crate) fn with_run_wiring(
         callbacks.push(Box::new(TensorBoard::new(t.output_dir.join("tensorboard"))));
     }
     for c in &cfg.callbacks {
-        callbacks.push(plugin::build_callback(
-            &c.name,
-            &c.options_value(),
-            &cb_ctx,
-        )?);
+        let mut options = c.options_value();
+        // `sample_generations` tokenizes with the run's tokenizer unless told otherwise
+        if c.name == "sample_generations"
+            && let serde_yaml::Value::Mapping(m) = &mut options
+            && !m.contains_key("tokenizer")
+        {
+            m.insert(
+                "tokenizer".into(),
+                cfg.model.path.display().to_string().into(),
+            );
+        }
+        callbacks.push(plugin::build_callback(&c.name, &options, &cb_ctx)?);
     }
     if let Some(section) = crate::callback::wandb_shorthand(t)? {
         if cfg.callbacks.iter().any(|c| c.name == "wandb") {

@@ -221,6 +221,17 @@ pub fn load_peft_adapter(
 ) -> Result<(LoraConfig, Vec<(String, Tensor)>)> {
     let dir = dir.as_ref();
     let cfg = read_peft_config(dir)?;
+    load_peft_adapter_as(model, dir, cfg)
+}
+
+/// [`load_peft_adapter`] with the adapter config given (read by [`read_peft_config`] and
+/// changed where the shape is kept, e.g. another dropout for further training).
+pub fn load_peft_adapter_as(
+    model: &mut dyn CausalLm,
+    dir: impl AsRef<Path>,
+    cfg: LoraConfig,
+) -> Result<(LoraConfig, Vec<(String, Tensor)>)> {
+    let dir = dir.as_ref();
     let params = LoraInjector::new(cfg.clone()).inject(model)?;
     let path = dir.join(ADAPTER_WEIGHTS);
     let file = SafetensorsFile::open(&path)?;

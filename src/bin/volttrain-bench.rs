@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Only these workloads (comma-separated: matmul, optim, sft, dpo, quant, data, load,
-    /// quant-load, trackers, families, qlora, qlora-1b, nproc).
+    /// quant-load, trackers, families, generate, qlora, qlora-1b, nproc).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -83,6 +83,7 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("quant-load", perf::load::run),
         ("trackers", perf::trackers::run),
         ("families", perf::families::run),
+        ("generate", perf::generate::run),
         ("qlora", perf::qlora::run),
         ("qlora-1b", perf::qlora::run_1b),
         ("nproc", perf::nproc::run),

@@ -6,6 +6,9 @@
 //! volttrain dpo  --config config/dpo.yaml [--set key.path=value]... [--resume]
 //! volttrain plugins list [--plugin path/to/libplugin.so]...
 //! volttrain env [--json]
+//! volttrain merge --config C --adapter DIR --out DIR [--dtype fp32|bf16|fp16]
+//! volttrain generate --model DIR [--adapter DIR] [--chat] --prompt TEXT [--max-new-tokens N] ...
+//! volttrain export --model DIR [--adapter DIR] --format gguf --type f32|f16|bf16|q8_0 --out FILE
 //! ```
 
 use std::ffi::OsString;
@@ -73,6 +76,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Merges a PEFT adapter into the config's base model and writes a Hugging Face directory.
+    Merge {
+        #[arg(long)]
+        config: PathBuf,
+        /// The PEFT adapter directory (e.g. runs/sft/epoch-3).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The new model directory (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight dtype of the merged model.
+        #[arg(long, default_value = "fp32")]
+        dtype: String,
+        /// Largest safetensors shard in bytes (transformers' default, 5 GB).
+        #[arg(long, default_value_t = volttrain::export::DEFAULT_MAX_SHARD_BYTES)]
+        max_shard_bytes: u64,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Generates text with a KV cache, streaming it to stdout.
+    Generate(volttrain::generate::cli::GenerateArgs),
+    /// Exports a model (optionally with a PEFT adapter merged in) to another format.
+    Export(volttrain::export::cli::ExportArgs),
     /// Registered components.
     Plugins {
         #[command(subcommand)]
@@ -252,6 +278,33 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Merge {
+            config,
+            adapter,
+            out,
+            dtype,
+            max_shard_bytes,
+            sets,
+        } => {
+            let cfg = SftConfig::load(&config, &sets)?;
+            let dtype = dtype.parse()?;
+            let r =
+                volttrain::export::merge_from_config(&cfg, &adapter, &out, dtype, max_shard_bytes)?;
+            if !r.dequantized.is_empty() {
+                eprintln!(
+                    "note: the base was quantized ({}); its weights were dequantized, merged with the adapter and written in {} (as PEFT's merge_and_unload)",
+                    r.dequantized.join(", "),
+                    r.dtype
+                );
+            }
+            println!(
+                "{}",
+                serde_json::to_string(&r).map_err(|e| Error::invalid(e.to_string()))?
+            );
+            Ok(())
+        }
+        Cmd::Generate(args) => volttrain::generate::cli::run(&args),
+        Cmd::Export(args) => volttrain::export::cli::run(&args),
         Cmd::Plugins {
             command: PluginsCmd::List { plugins, config },
         } => {

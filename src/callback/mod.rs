@@ -151,6 +151,7 @@ pub trait Callback: Send {
 mod metrics;
 mod mlflow;
 mod progress;
+mod samples;
 mod saver;
 mod tensorboard;
 pub mod tracker;
@@ -159,6 +160,7 @@ mod wandb;
 pub use metrics::MetricsJsonl;
 pub use mlflow::{Mlflow, MlflowConfig};
 pub use progress::Progress;
+pub use samples::{SampleGenerations, SampleGenerationsConfig};
 pub use saver::{EpochSaver, epoch_dirs};
 pub use tensorboard::{TensorBoard, TensorBoardWriter};
 pub use wandb::{Wandb, WandbConfig, WandbMode, shorthand_section as wandb_shorthand};

@@ -105,6 +105,36 @@ impl TensorBoardWriter {
     }
 }
 
+impl TensorBoardWriter {
+    /// Writes a text summary (TensorBoard's text plugin: a string tensor with `plugin_name:
+    /// "text"` metadata, as `torch.utils.tensorboard.SummaryWriter.add_text` writes it) at
+    /// `step`. The text is rendered as Markdown.
+    pub fn text(&mut self, step: i64, tag: &str, text: &str) -> Result<()> {
+        let mut plugin = Vec::new();
+        bytes_field(1, b"text", &mut plugin); // PluginData.plugin_name
+        let mut meta = Vec::new();
+        bytes_field(1, &plugin, &mut meta); // SummaryMetadata.plugin_data
+        let mut shape = Vec::new();
+        let mut dim = Vec::new();
+        dim.push(0x08); // Dim.size: field 1, varint
+        varint(1, &mut dim);
+        bytes_field(2, &dim, &mut shape); // TensorShapeProto.dim
+        let mut tensor = Vec::new();
+        tensor.push(0x08); // TensorProto.dtype: field 1, varint
+        varint(7, &mut tensor); // DT_STRING
+        bytes_field(2, &shape, &mut tensor); // TensorProto.tensor_shape
+        bytes_field(8, text.as_bytes(), &mut tensor); // TensorProto.string_val
+        let mut val = Vec::new();
+        bytes_field(1, tag.as_bytes(), &mut val); // Value.tag
+        bytes_field(9, &meta, &mut val); // Value.metadata
+        bytes_field(8, &tensor, &mut val); // Value.tensor
+        let mut summary = Vec::new();
+        bytes_field(1, &val, &mut summary); // Summary.value
+        let ev = event(now(), step, |e| bytes_field(5, &summary, e)); // Event.summary
+        self.record(&ev)
+    }
+}
+
 /// Callback writing train loss, lr per group, grad norm, tokens/s and eval loss.
 pub struct TensorBoard {
     dir: PathBuf,

@@ -79,6 +79,12 @@ pub struct LoraSection {
     /// Modules trained in full and saved beside the adapter (PEFT `modules_to_save`).
     #[serde(default)]
     pub modules_to_save: Vec<String>,
+    /// Start from the weights of this PEFT adapter directory (saved by VoltTrain or PEFT) with a
+    /// fresh optimizer, schedule and step count, unlike `--resume`. Its `adapter_config.json`
+    /// gives the adapter's shape (rank, alpha, targets, `modules_to_save`); `dropout` is this
+    /// section's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 fn yes() -> bool {

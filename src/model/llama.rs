@@ -15,6 +15,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Activation, DecoderConfig, LayerRope, base_config};
+use super::kv_cache::{KvCache, LayerKv};
 use super::{CausalLm, ForwardInput, LayerCtx};
 use crate::error::{Error, Result, TchResultExt};
 use crate::nn::{
@@ -289,6 +290,7 @@ impl DecoderLm {
         x: &Tensor,
         ctx: &LayerCtx,
         train: bool,
+        kv: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
         let (b, t) = match x.size().as_slice() {
             [b, t, _] => (*b, *t),
@@ -354,6 +356,15 @@ impl DecoderLm {
         let q = rotated(q, nq, self.norm_index.q)?;
         let k = rotated(k, nkv, self.norm_index.k)?;
         let v = heads(split(v, nkv)?)?;
+        // incremental decoding: attend over the cached positions and the new ones
+        let (k, v, past) = match kv {
+            Some(c) => {
+                let past = c.len();
+                let (k, v) = c.append(&k, &v)?;
+                (k, v, past)
+            }
+            None => (k, v, 0),
+        };
         let mask = if l.sliding_window.is_some() {
             ctx.sliding_mask.as_ref()
         } else {
@@ -375,7 +386,8 @@ impl DecoderLm {
                     &v,
                     mask,
                     dropout,
-                    mask.is_none(),
+                    // libtorch's causal flag aligns to the top left: only exact without a cache
+                    mask.is_none() && past == 0,
                     scale,
                     nq != nkv,
                 )
@@ -487,6 +499,92 @@ impl DecoderLm {
         down.forward(&act, train)
     }
 
+    /// Logits `[batch, vocab]` of the last of `input_ids` (`[batch, new]`, no padding), which
+    /// continue the positions already in `cache`; their keys and values are appended to it.
+    /// Prefill with the whole prompt on an empty cache, then one token at a time.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = match input_ids.size().as_slice() {
+            [b, t] if *t > 0 => (*b, *t),
+            s => {
+                return Err(Error::invalid(format!(
+                    "forward_cached: input_ids must be [batch, new] with new > 0, got {s:?}"
+                )));
+            }
+        };
+        if cache.num_layers() != self.layers.len() {
+            return Err(Error::invalid(format!(
+                "forward_cached: the cache has {} layers, the model {}",
+                cache.num_layers(),
+                self.layers.len()
+            )));
+        }
+        let past = cache.len();
+        let pos = Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))
+            .ctx("cached positions")?
+            .f_view([1, t])
+            .ctx("cached positions")?;
+        let ids = input_ids
+            .f_to_device(self.device)
+            .ctx("input_ids to device")?;
+        let mut ctx = self.prepare(&ForwardInput {
+            input_ids: &ids,
+            attention_mask: None,
+            position_ids: Some(&pos),
+        })?;
+        ctx.mask = cached_mask(past, t, self.device, None)?;
+        let window = self.layers.iter().find_map(|l| l.sliding_window);
+        ctx.sliding_mask = match window {
+            Some(w) => cached_mask(past, t, self.device, Some(w))?,
+            None => None,
+        };
+        let mut h = self.embed(&ids)?;
+        for i in 0..self.layers.len() {
+            h = self.layer_cached(i, &h, &ctx, false, Some(cache.layer_mut(i)?))?;
+        }
+        let last = h.f_narrow(1, t - 1, 1).ctx("last position")?;
+        self.head(&last)?.f_view([b, -1]).ctx("last logits")
+    }
+
+    /// Decoder layer `i`, appending its keys and values to `kv` and attending over every
+    /// cached position when given.
+    fn layer_cached(
+        &self,
+        i: usize,
+        hidden: &Tensor,
+        ctx: &LayerCtx,
+        train: bool,
+        kv: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
+        let l = self.layers.get(i).ok_or_else(|| {
+            Error::invalid(format!(
+                "layer {i} out of range (the model has {})",
+                self.layers.len()
+            ))
+        })?;
+        let resid_drop = |y: Tensor| -> Result<Tensor> {
+            if train && self.cfg.resid_dropout > 0.0 {
+                y.f_dropout(self.cfg.resid_dropout, true)
+                    .ctx("residual dropout")
+            } else {
+                Ok(y)
+            }
+        };
+        let ni = &self.norm_index;
+        let mut a = self.attention(l, &self.norm(hidden, &l.norms[0])?, ctx, train, kv)?;
+        if self.cfg.sandwich_norms {
+            a = self.norm(&a, &l.norms[1])?;
+        }
+        let h = hidden.f_add(&resid_drop(a)?).ctx("attention residual")?;
+        let m = match (ni.pre_ff, ni.post_ff) {
+            (Some(pre), Some(post)) => {
+                let m = self.mlp(l, &self.norm(&h, &l.norms[pre])?, train)?;
+                self.norm(&m, &l.norms[post])?
+            }
+            _ => self.mlp(l, &self.norm(&h, &l.norms[1])?, train)?,
+        };
+        h.f_add(&resid_drop(m)?).ctx("mlp residual")
+    }
+
     /// The base model's tensors by Hugging Face name, as a dense checkpoint holds them:
     /// quantized weights dequantized to the model's kind, adapter parameters left out.
     pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>> {
@@ -516,6 +614,34 @@ impl DecoderLm {
         }
         Ok(out)
     }
+}
+
+/// The `[1, 1, new, past + new]` boolean mask (true = may attend) of `new` queries that follow
+/// `past` cached positions: causal, and within `window` positions when given. `None` when the
+/// plain attention is exact (no window and either no past or a single query).
+fn cached_mask(past: i64, t: i64, device: Device, window: Option<i64>) -> Result<Option<Tensor>> {
+    let total = past + t;
+    if window.is_none_or(|w| total <= w) && (past == 0 || t == 1) {
+        return Ok(None);
+    }
+    let q = Tensor::f_arange_start(past, total, (Kind::Int64, device))
+        .ctx("mask arange")?
+        .f_view([t, 1])
+        .ctx("mask q idx")?;
+    let k = Tensor::f_arange(total, (Kind::Int64, device))
+        .ctx("mask arange")?
+        .f_view([1, total])
+        .ctx("mask k idx")?;
+    let mut m = k.f_le_tensor(&q).ctx("causal mask")?;
+    if let Some(w) = window {
+        let near = q
+            .f_sub(&k)
+            .ctx("sliding distance")?
+            .f_lt(w)
+            .ctx("sliding window")?;
+        m = m.f_logical_and(&near).ctx("sliding mask")?;
+    }
+    Ok(Some(m.f_view([1, 1, t, total]).ctx("mask view")?))
 }
 
 /// `[batch, 1, seq, seq]` boolean mask (true = may attend) from the forward input, or `None`
@@ -741,34 +867,11 @@ impl CausalLm for DecoderLm {
     }
 
     fn layer(&self, i: usize, hidden: &Tensor, ctx: &LayerCtx, train: bool) -> Result<Tensor> {
-        let l = self.layers.get(i).ok_or_else(|| {
-            Error::invalid(format!(
-                "layer {i} out of range (the model has {})",
-                self.layers.len()
-            ))
-        })?;
-        let resid_drop = |y: Tensor| -> Result<Tensor> {
-            if train && self.cfg.resid_dropout > 0.0 {
-                y.f_dropout(self.cfg.resid_dropout, true)
-                    .ctx("residual dropout")
-            } else {
-                Ok(y)
-            }
-        };
-        let ni = &self.norm_index;
-        let mut a = self.attention(l, &self.norm(hidden, &l.norms[0])?, ctx, train)?;
-        if self.cfg.sandwich_norms {
-            a = self.norm(&a, &l.norms[1])?;
-        }
-        let h = hidden.f_add(&resid_drop(a)?).ctx("attention residual")?;
-        let m = match (ni.pre_ff, ni.post_ff) {
-            (Some(pre), Some(post)) => {
-                let m = self.mlp(l, &self.norm(&h, &l.norms[pre])?, train)?;
-                self.norm(&m, &l.norms[post])?
-            }
-            _ => self.mlp(l, &self.norm(&h, &l.norms[1])?, train)?,
-        };
-        h.f_add(&resid_drop(m)?).ctx("mlp residual")
+        self.layer_cached(i, hidden, ctx, train, None)
+    }
+
+    fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        DecoderLm::forward_cached(self, input_ids, cache)
     }
 
     fn head_norm(&self, hidden: &Tensor) -> Result<Tensor> {

@@ -19,6 +19,7 @@ use crate::nn::Linear;
 mod config;
 mod dtype;
 pub mod gemma;
+mod kv_cache;
 pub mod llama;
 mod loader;
 pub mod mistral;
@@ -30,6 +31,7 @@ pub mod smollm3;
 
 pub use config::{Activation, DecoderConfig, LayerRope};
 pub use dtype::ModelDtype;
+pub use kv_cache::{KvCache, LayerKv};
 pub use llama::DecoderLm;
 
 pub use loader::{
@@ -112,6 +114,16 @@ pub trait CausalLm: Send {
             h = self.layer(i, &h, &ctx, train)?;
         }
         self.head(&h)
+    }
+
+    /// Incremental decoding: logits `[batch, vocab]` of the last of `input_ids` (`[batch, new]`,
+    /// no padding), which continue the positions already in `cache`, whose keys and values are
+    /// appended to it. The default says the model does not support it.
+    fn forward_cached(&self, _input_ids: &Tensor, _cache: &mut KvCache) -> Result<Tensor> {
+        Err(crate::Error::invalid(format!(
+            "{}: incremental decoding with a KV cache is not implemented",
+            self.architecture()
+        )))
     }
 
     /// Every parameter with its Hugging Face name (`model.layers.0.self_attn.q_proj.weight`),

@@ -8,6 +8,7 @@ pub mod data;
 pub mod dpo;
 pub mod families;
 pub mod gpu;
+pub mod generate;
 pub mod load;
 pub mod model;
 pub mod nproc;

@@ -7,7 +7,7 @@
 //! | quantizer | `nf4`, `fp4`, `int8`, `fp8_e4m3`, `fp8_e5m2` |
 //! | adapter | `lora` |
 //! | grouper | `reference` |
-//! | callback | `epoch_saver`, `metrics_jsonl`, `tensorboard`, `wandb`, `mlflow` |
+//! | callback | `epoch_saver`, `metrics_jsonl`, `tensorboard`, `wandb`, `mlflow`, `sample_generations` |
 //!
 //! Schedules take their step counts from the run: `total_steps` comes from the trainer, and
 //! every other option from the section (`{name: cosine, warmup_steps: 10, min_lr_ratio: 0.1}`).
@@ -166,6 +166,16 @@ fn mlflow(cfg: &Value, _: &CallbackCtx) -> Result<Box<dyn Callback>> {
     Ok(Box::new(Mlflow::new(c)?))
 }
 crate::register_callback!("mlflow", mlflow);
+
+fn sample_generations(cfg: &Value, ctx: &CallbackCtx) -> Result<Box<dyn Callback>> {
+    let c: crate::callback::SampleGenerationsConfig =
+        parse_config("callbacks.sample_generations", cfg)?;
+    Ok(Box::new(crate::callback::SampleGenerations::new(
+        c,
+        &ctx.output_dir,
+    )?))
+}
+crate::register_callback!("sample_generations", sample_generations);
 
 #[cfg(test)]
 mod tests {

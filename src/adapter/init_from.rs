@@ -1,0 +1,64 @@
+//! `lora.init_from`: a new run that starts from a saved adapter's weights (VoltTrain's or
+//! PEFT's), with a fresh optimizer and schedule, unlike resuming a checkpoint.
+
+use std::path::Path;
+
+use tch::Tensor;
+
+use super::AdapterInjector;
+use super::lora::{LoraConfig, LoraInjector};
+use super::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter_as, read_peft_config};
+use crate::error::{Error, Result};
+use crate::model::CausalLm;
+
+/// Injects the run's LoRA adapters into `model` (its base frozen by the caller): fresh ones from
+/// `cfg`, or with `init_from`, those of the PEFT adapter in that directory with its weights
+/// loaded and every adapter parameter trainable. Returns the adapter config the run trains and
+/// saves (the directory's shape with `cfg`'s dropout and base model name) and the trainable
+/// parameters.
+pub fn inject_lora(
+    model: &mut dyn CausalLm,
+    cfg: &LoraConfig,
+    init_from: Option<&Path>,
+) -> Result<(LoraConfig, Vec<(String, Tensor)>)> {
+    let Some(dir) = init_from else {
+        let params = LoraInjector::new(cfg.clone()).inject(model)?;
+        return Ok((cfg.clone(), params));
+    };
+    for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+        let p = dir.join(f);
+        if !p.is_file() {
+            return Err(Error::Config {
+                file: Some(p),
+                key: "lora.init_from".into(),
+                msg: format!(
+                    "`{}` is not a PEFT adapter directory: {f} is missing",
+                    dir.display()
+                ),
+            });
+        }
+    }
+    let wrap = |e: Error| Error::config("lora.init_from", format!("{}: {e}", dir.display()));
+    // the directory's shape with this run's dropout and base model name
+    let mut loaded = read_peft_config(dir).map_err(wrap)?;
+    loaded.dropout = cfg.dropout;
+    loaded.base_model_name_or_path = cfg.base_model_name_or_path.clone();
+    if loaded.r != cfg.r || loaded.alpha != cfg.alpha || loaded.target != cfg.target {
+        tracing::warn!(
+            "lora.init_from: the adapter in {} has r={}, alpha={}, targets {:?}; those are used, \
+             not the lora section's r={}, alpha={}, targets {:?}",
+            dir.display(),
+            loaded.r,
+            loaded.alpha,
+            loaded.target,
+            cfg.r,
+            cfg.alpha,
+            cfg.target
+        );
+    }
+    let (loaded, params) = load_peft_adapter_as(model, dir, loaded).map_err(wrap)?;
+    for (_, t) in &params {
+        let _ = t.set_requires_grad(true);
+    }
+    Ok((loaded, params))
+}
