@@ -520,7 +520,7 @@ impl DecoderLm {
 
 /// `[batch, 1, seq, seq]` boolean mask (true = may attend) from the forward input, or `None`
 /// when plain causal attention is exact. `window` adds a sliding-window limit on index distance.
-fn build_mask(
+pub(crate) fn build_mask(
     input: &ForwardInput<'_>,
     b: i64,
     t: i64,
@@ -737,6 +737,7 @@ impl CausalLm for DecoderLm {
             mask,
             sliding_mask,
             local,
+            padding: None,
         })
     }
 
