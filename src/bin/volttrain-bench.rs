@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Only these workloads (comma-separated: matmul, optim, sft, dpo, quant, data, load,
-    /// quant-load, trackers, families, qlora, qlora-1b).
+    /// quant-load, trackers, families, mamba, qlora, qlora-1b).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -78,6 +78,7 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("quant-load", perf::load::run),
         ("trackers", perf::trackers::run),
         ("families", perf::families::run),
+        ("mamba", perf::mamba::run),
         ("qlora", perf::qlora::run),
         ("qlora-1b", perf::qlora::run_1b),
     ]

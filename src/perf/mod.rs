@@ -8,6 +8,7 @@ pub mod data;
 pub mod dpo;
 pub mod families;
 pub mod load;
+pub mod mamba;
 pub mod model;
 pub mod optim;
 pub mod qlora;
