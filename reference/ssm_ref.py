@@ -15,6 +15,10 @@ Usage:
       (loads the adapter with PeftModel.from_pretrained and writes its logits). Logits come from
       the merged model (merge_and_unload): transformers' PyTorch mixer reads `dt_proj.weight`
       directly, so an unmerged LoRA on dt_proj would be ignored there.
+      With "allow_out_proj": true, PEFT's `_check_lora_target_modules_mamba` (peft 0.21.2 refuses
+      LoRA on `out_proj` for model_type mamba / falcon_mamba, because the CUDA kernel path reads
+      `out_proj.weight` directly) is switched off for that job; {"op": "refused", "base",
+      "config"} checks that PEFT refuses such a config without it.
 Prints one JSON line last.
 """
 
@@ -147,9 +151,21 @@ def merged_logits(model, base_dir):
 def peft_jobs(path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    import peft.tuners.tuners_utils as tu
+
+    check = tu._check_lora_target_modules_mamba
     jobs = json.loads(open(path).read())
+    refused = []
     for j in jobs:
-        if j["op"] == "make":
+        tu._check_lora_target_modules_mamba = (lambda *a, **k: None) if j.get("allow_out_proj") else check
+        if j["op"] == "refused":
+            try:
+                get_peft_model(base(j["base"]), LoraConfig(task_type="CAUSAL_LM", **j["config"]))
+            except ValueError as e:
+                refused.append(str(e))
+                continue
+            raise SystemExit(f"PEFT accepted {j['config']} on {j['base']}")
+        elif j["op"] == "make":
             torch.manual_seed(1234)
             m = get_peft_model(base(j["base"]), LoraConfig(task_type="CAUSAL_LM", **j["config"])).eval()
             with torch.no_grad():
@@ -161,7 +177,7 @@ def peft_jobs(path):
         else:
             m = PeftModel.from_pretrained(base(j["base"]), j["adapter"]).eval()
             save_file(merged_logits(m, j["base"]), j["out"])
-    print(json.dumps({"jobs": len(jobs)}))
+    print(json.dumps({"jobs": len(jobs), "refused": refused}))
 
 
 def main():
