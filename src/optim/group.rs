@@ -10,11 +10,15 @@
 //!    `dt_proj.bias`) and Mamba's `A_log` (2-D `[d_inner, d_state]`, but a table of per-channel
 //!    decay rates, not a linear map; `mamba_ssm` also keeps it out of weight decay) goes to AdamW
 //!    at 1x without weight decay, group `adamw_no_decay`;
-//! 4. every tensor of more than two dimensions (Mamba's depthwise `conv1d.weight`
-//!    `[d_inner, 1, kernel]`) goes to AdamW at 1x with weight decay, group `adamw`: Muon only
-//!    takes true 2-D matrices;
-//! 5. every other parameter (hidden matrices, LoRA A/B) goes to Muon at 1x, group `muon`; with
-//!    `use_muon: false` to AdamW at 1x, group `adamw`.
+//! 4. depthwise convolution kernels, shape `[channels, 1, kernel...]` (Mamba's `conv1d.weight`
+//!    `[d_inner, 1, d_conv]`: one independent filter per channel, no matrix to orthogonalize),
+//!    go to AdamW at 1x with weight decay, group `adamw`;
+//! 5. every other parameter (hidden matrices, LoRA A/B, and tensors of more than two dimensions
+//!    that mix their inputs, flattened to `[out, in * kernel]` by Muon) goes to Muon at 1x,
+//!    group `muon`; with `use_muon: false` to AdamW at 1x, group `adamw`.
+//!
+//! So Muon only sees parameters that are matrices as linear maps: never norms, biases, `D`, the
+//! dt bias, `A_log` or depthwise kernels.
 //!
 //! Empty groups are left out.
 
@@ -86,7 +90,7 @@ impl ParamGrouper for ReferenceGrouper {
                 ParamRole::LmHead => 2,
                 ParamRole::Other if p.shape.len() < 2 || is_a_log(&p.name) => 3,
                 // with `use_muon: false` the hidden group is this same AdamW group
-                ParamRole::Other if p.shape.len() > 2 => {
+                ParamRole::Other if p.shape.len() > 2 && p.shape[1] == 1 => {
                     if c.use_muon {
                         4
                     } else {
