@@ -115,7 +115,10 @@ pub(crate) fn ptr(t: &Tensor) -> CTensor {
 }
 
 /// Runs a shim call that returns a new tensor (an error when the fused kernels are off).
-pub(crate) fn new_tensor(what: &str, f: impl FnOnce(RawTensor, *mut *mut c_char) -> c_int) -> Result<Tensor> {
+pub(crate) fn new_tensor(
+    what: &str,
+    f: impl FnOnce(RawTensor, *mut *mut c_char) -> c_int,
+) -> Result<Tensor> {
     check_enabled(what)?;
     let mut out: CTensor = std::ptr::null_mut();
     ffi::call(what, |err| f(&mut out, err)).map_err(Error::InvalidArgument)?;

@@ -175,7 +175,9 @@ fn check_grads(name: &str) {
     for side in ["left", "right"] {
         let (model, exp) = load(name);
         let y = model.forward(&input(&exp, side), false).unwrap();
-        (y * &exp[&format!("{side}_gw")]).sum(Kind::Float).backward();
+        (y * &exp[&format!("{side}_gw")])
+            .sum(Kind::Float)
+            .backward();
         let params = model.named_parameters();
         let prefix = format!("{side}.grad.");
         assert_eq!(
@@ -370,7 +372,12 @@ fn perturb(params: &[(String, Tensor)]) {
     }
 }
 
-fn compare(model: &dyn CausalLm, exp: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, what: &str) {
+fn compare(
+    model: &dyn CausalLm,
+    exp: &HashMap<String, Tensor>,
+    want: &HashMap<String, Tensor>,
+    what: &str,
+) {
     for side in ["left", "right"] {
         let got = tch::no_grad(|| model.forward(&input(exp, side), false)).unwrap();
         let err = max_err(
@@ -421,7 +428,12 @@ fn peft_round_trips_for_each_preset() {
         let mut model = load_model(&base, &LoadOptions::default()).unwrap();
         load_peft_adapter(model.as_mut(), &peft_dir).unwrap();
         let want = load_safetensors(&peft_dir.join("peft_logits.safetensors")).unwrap();
-        compare(model.as_ref(), &exp, &want, &format!("peft -> volttrain {name} {preset}"));
+        compare(
+            model.as_ref(),
+            &exp,
+            &want,
+            &format!("peft -> volttrain {name} {preset}"),
+        );
 
         let cfg = LoraConfig {
             r: 4,
@@ -431,13 +443,17 @@ fn peft_round_trips_for_each_preset() {
             ..Default::default()
         };
         let mut model = load_model(&base, &LoadOptions::default()).unwrap();
-        let params = LoraInjector::new(cfg.clone()).inject(model.as_mut()).unwrap();
+        let params = LoraInjector::new(cfg.clone())
+            .inject(model.as_mut())
+            .unwrap();
         perturb(&params);
         let dir = work.path().join(format!("ours_{i}"));
         save_peft_adapter(model.as_mut(), &cfg, &dir).unwrap();
         let out = work.path().join(format!("ours_{i}.safetensors"));
-        jobs.push(json!({"op": "eval", "base": base, "adapter": dir, "out": out,
-            "allow_out_proj": name != "jamba"}));
+        jobs.push(
+            json!({"op": "eval", "base": base, "adapter": dir, "out": out,
+            "allow_out_proj": name != "jamba"}),
+        );
         ours.push((name, preset, model, out));
     }
     let jobs_file = work.path().join("jobs2.json");
@@ -450,7 +466,12 @@ fn peft_round_trips_for_each_preset() {
     for (name, preset, model, out) in ours {
         let exp = expected(&fixtures().join(name));
         let want = load_safetensors(&out).unwrap();
-        compare(model.as_ref(), &exp, &want, &format!("volttrain -> peft {name} {preset}"));
+        compare(
+            model.as_ref(),
+            &exp,
+            &want,
+            &format!("volttrain -> peft {name} {preset}"),
+        );
     }
 }
 
@@ -509,10 +530,18 @@ fn train(name: &str, mode: Mode) -> (f64, f64) {
     let mut model = load_model(fixtures().join(name), &opts).unwrap();
     if !matches!(mode, Mode::Full) {
         model.freeze_base();
-        let preset = if name == "jamba" { "attn_mlp_ssm" } else { "mamba_only" };
+        let preset = if name == "jamba" {
+            "attn_mlp_ssm"
+        } else {
+            "mamba_only"
+        };
         inject(model.as_mut(), preset).unwrap();
     }
-    let lr = if matches!(mode, Mode::Full) { 0.05 } else { 0.5 };
+    let lr = if matches!(mode, Mode::Full) {
+        0.05
+    } else {
+        0.5
+    };
     let opt = <common::Sgd as volttrain::optim::Optimizer>::new(
         common::one_group(model.as_ref(), lr),
         common::SgdConfig { momentum: 0.0 },
@@ -541,13 +570,52 @@ fn eval_loss_matches_transformers_and_full_lora_qlora_training_lower_it() {
         let want = expected(&fixtures().join(name))["right_loss"].double_value(&[0]);
         let (before, after) = train(name, Mode::Full);
         println!("{name}: eval loss volttrain {before} transformers {want}");
-        assert!((before - want).abs() < 1e-5 * want.abs().max(1.0), "{name}: {before} vs {want}");
+        assert!(
+            (before - want).abs() < 1e-5 * want.abs().max(1.0),
+            "{name}: {before} vs {want}"
+        );
         assert!(after < before, "{name} full: {before} -> {after}");
         let (b, a) = train(name, Mode::Lora);
-        assert!((b - want).abs() < 1e-5 * want.abs().max(1.0), "{name} lora start");
+        assert!(
+            (b - want).abs() < 1e-5 * want.abs().max(1.0),
+            "{name} lora start"
+        );
         assert!(a < b, "{name} lora: {b} -> {a}");
         let (b, a) = train(name, Mode::Qlora);
-        assert!((b - want).abs() < 0.05 * want.abs(), "{name} qlora start {b} vs {want}");
+        assert!(
+            (b - want).abs() < 0.05 * want.abs(),
+            "{name} qlora start {b} vs {want}"
+        );
         assert!(a < b, "{name} qlora: {b} -> {a}");
+    }
+}
+
+/// `save_model` writes the Hugging Face names and shapes it read, and the saved directory loads
+/// back with the same logits.
+#[test]
+fn save_and_load_round_trip() {
+    for name in ["mamba", "jamba"] {
+        let (model, exp) = load(name);
+        let dir = tempfile::tempdir().unwrap();
+        volttrain::model::save_model(model.as_ref(), dir.path()).unwrap();
+        let mut theirs: Vec<(String, Vec<i64>)> =
+            load_safetensors(&fixtures().join(name).join("model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .map(|(n, t)| (n, t.size()))
+                .collect();
+        let mut ours: Vec<(String, Vec<i64>)> =
+            load_safetensors(&dir.path().join("model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .map(|(n, t)| (n, t.size()))
+                .collect();
+        theirs.sort();
+        ours.sort();
+        assert_eq!(ours, theirs, "{name}");
+        let again = load_model(dir.path(), &LoadOptions::default()).unwrap();
+        let a = tch::no_grad(|| model.forward(&input(&exp, "left"), false)).unwrap();
+        let b = tch::no_grad(|| again.forward(&input(&exp, "left"), false)).unwrap();
+        assert_eq!(common::max_abs_diff(&a, &b), 0.0, "{name}");
     }
 }

@@ -93,12 +93,11 @@ fn preset_kinds(preset: &str) -> Result<Vec<(&'static str, Vec<&'static str>)>> 
 /// the preset names; the error names the preset, the missing kind and its module names.
 pub fn check_model_kinds(preset: &str, architecture: &str, modules: &[String]) -> Result<()> {
     let matches = |m: &str, t: &str| {
-        m == t || (m.len() > t.len() && m.ends_with(t) && m.as_bytes()[m.len() - t.len() - 1] == b'.')
+        m == t
+            || (m.len() > t.len() && m.ends_with(t) && m.as_bytes()[m.len() - t.len() - 1] == b'.')
     };
     for (kind, names) in preset_kinds(preset)? {
-        let found = modules
-            .iter()
-            .any(|m| names.iter().any(|t| matches(m, t)));
+        let found = modules.iter().any(|m| names.iter().any(|t| matches(m, t)));
         if !found {
             return Err(Error::config(
                 "lora.target_modules",
@@ -166,10 +165,15 @@ mod tests {
 
     #[test]
     fn presets_must_fit_the_model() {
-        let llama: Vec<String> = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]
+        let llama: Vec<String> = [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.mlp.up_proj",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mamba: Vec<String> = ["backbone.layers.0.mixer.in_proj"]
             .map(String::from)
             .to_vec();
-        let mamba: Vec<String> = ["backbone.layers.0.mixer.in_proj"].map(String::from).to_vec();
         let jamba: Vec<String> = [
             "model.layers.0.mamba.in_proj",
             "model.layers.1.self_attn.q_proj",
@@ -180,19 +184,26 @@ mod tests {
         assert!(check_model_kinds("llama", "Llama", &llama).is_ok());
         assert!(check_model_kinds("mlp_only", "Llama", &llama).is_ok());
         for p in ["mamba_only", "mlp_mamba", "attn_mlp_ssm"] {
-            let e = check_model_kinds(p, "LlamaForCausalLM", &llama).unwrap_err().to_string();
+            let e = check_model_kinds(p, "LlamaForCausalLM", &llama)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("Mamba mixer") && e.contains(p), "{e}");
         }
         assert!(check_model_kinds("mamba_only", "Mamba", &mamba).is_ok());
-        let e = check_model_kinds("llama", "MambaForCausalLM", &mamba).unwrap_err().to_string();
+        let e = check_model_kinds("llama", "MambaForCausalLM", &mamba)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("attention"), "{e}");
         assert!(check_model_kinds("mlp_mamba", "Mamba", &mamba).is_err());
         for p in PRESETS {
             assert!(check_model_kinds(p, "Jamba", &jamba).is_ok(), "{p}");
         }
-        let phi3: Vec<String> = ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"]
-            .map(String::from)
-            .to_vec();
+        let phi3: Vec<String> = [
+            "model.layers.0.self_attn.qkv_proj",
+            "model.layers.0.mlp.gate_up_proj",
+        ]
+        .map(String::from)
+        .to_vec();
         assert!(check_model_kinds("llama", "Phi3", &phi3).is_ok());
     }
 

@@ -226,7 +226,10 @@ pub fn ssm_config(path: &Path, v: &Value, architecture: &str) -> Result<SsmConfi
         Some(i) if i != expand * hidden_size => {
             return Err(j.err_key(
                 "intermediate_size",
-                format!("{i} differs from expand * hidden_size = {}", expand * hidden_size),
+                format!(
+                    "{i} differs from expand * hidden_size = {}",
+                    expand * hidden_size
+                ),
             ));
         }
         _ => expand * hidden_size,
@@ -495,7 +498,13 @@ impl SsmLm {
         }
     }
 
-    fn mixer(&self, l: &SsmLayer, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    fn mixer(
+        &self,
+        l: &SsmLayer,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let (d, r, n) = (c.d_inner, c.dt_rank, c.state_size);
         let m = c.mixer();
@@ -527,9 +536,21 @@ impl SsmLm {
             }
             SsmFamily::Jamba => {
                 let cont = |t: Tensor| t.f_contiguous().ctx("x_proj split contiguous");
-                ts = self.norm(&cont(ts)?, l.need(&format!("{m}.dt_layernorm.weight"))?, c.mixer_eps)?;
-                b = self.norm(&cont(b)?, l.need(&format!("{m}.b_layernorm.weight"))?, c.mixer_eps)?;
-                cm = self.norm(&cont(cm)?, l.need(&format!("{m}.c_layernorm.weight"))?, c.mixer_eps)?;
+                ts = self.norm(
+                    &cont(ts)?,
+                    l.need(&format!("{m}.dt_layernorm.weight"))?,
+                    c.mixer_eps,
+                )?;
+                b = self.norm(
+                    &cont(b)?,
+                    l.need(&format!("{m}.b_layernorm.weight"))?,
+                    c.mixer_eps,
+                )?;
+                cm = self.norm(
+                    &cont(cm)?,
+                    l.need(&format!("{m}.c_layernorm.weight"))?,
+                    c.mixer_eps,
+                )?;
             }
             SsmFamily::Mamba => {}
         }
@@ -546,7 +567,10 @@ impl SsmLm {
             .ctx("exp(A_log)")?
             .f_neg()
             .ctx("-exp(A_log)")?;
-        let dvec = l.need(&format!("{m}.D"))?.f_to_kind(Kind::Float).ctx("D fp32")?;
+        let dvec = l
+            .need(&format!("{m}.D"))?
+            .f_to_kind(Kind::Float)
+            .ctx("D fp32")?;
         let zero_bias = Tensor::f_zeros([d], (Kind::Float, self.device)).ctx("dt bias")?;
         let fp = |t: Tensor| -> Result<Tensor> {
             t.f_to_kind(Kind::Float)
@@ -554,7 +578,13 @@ impl SsmLm {
                 .f_contiguous()
                 .ctx("scan input contiguous")
         };
-        let (uf, dtf, zf, bf, cf) = (fp(u_t.f_transpose(1, 2).ctx("u")?)?, fp(dt)?, fp(z)?, fp(b)?, fp(cm)?);
+        let (uf, dtf, zf, bf, cf) = (
+            fp(u_t.f_transpose(1, 2).ctx("u")?)?,
+            fp(dt)?,
+            fp(z)?,
+            fp(b)?,
+            fp(cm)?,
+        );
         let y = selective_scan(&ScanInput {
             u: &uf,
             dt: &dtf,
@@ -768,7 +798,11 @@ impl CausalLm for SsmLm {
             BlockKind::Attention => self.attention(l, &x, ctx, train)?,
         };
         let h = hidden.f_add(&y).ctx("mixer residual")?;
-        let m = self.mlp(l, &self.norm(&h, l.need("pre_ff_layernorm.weight")?, c.norm_eps)?, train)?;
+        let m = self.mlp(
+            l,
+            &self.norm(&h, l.need("pre_ff_layernorm.weight")?, c.norm_eps)?,
+            train,
+        )?;
         h.f_add(&m).ctx("mlp residual")
     }
 
@@ -797,9 +831,7 @@ impl CausalLm for SsmLm {
         let h = self.head_norm(hidden)?;
         match &self.lm_head {
             Some(head) => head.forward(&h, false),
-            None => h
-                .f_linear::<&Tensor>(&self.embed, None)
-                .ctx("tied lm_head"),
+            None => h.f_linear::<&Tensor>(&self.embed, None).ctx("tied lm_head"),
         }
     }
 

@@ -184,7 +184,11 @@ pub fn selective_scan_chunked(x: &ScanInput<'_>, chunk: i64) -> Result<Tensor> {
             .ctx("chunk mask")?
             .f_exp()
             .ctx("chunk exp")?;
-        let bu_c = bu.f_narrow(2, start, l).ctx("chunk")?.f_unsqueeze(2).ctx("b_k")?;
+        let bu_c = bu
+            .f_narrow(2, start, l)
+            .ctx("chunk")?
+            .f_unsqueeze(2)
+            .ctx("b_k")?;
         let hs = w
             .f_mul(&bu_c)
             .ctx("w b")?
