@@ -269,8 +269,7 @@ fn packing_is_refused_and_experts_are_refused() {
                 },
                 false,
             )
-            .err()
-            .expect("packed rows must be refused")
+            .expect_err("packed rows must be refused")
             .to_string();
         assert!(err.contains("packing") && err.contains("Mamba"), "{err}");
     }
