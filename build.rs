@@ -78,6 +78,8 @@ fn build_dist_shim() {
     println!("cargo:rerun-if-changed=csrc/qlinear.cpp");
     println!("cargo:rerun-if-changed=csrc/cuda_stats.cpp");
     println!("cargo:rerun-if-changed=csrc/dequant.c");
+    println!("cargo:rerun-if-changed=csrc/ssm.cpp");
+    println!("cargo:rerun-if-changed=csrc/ssm_kernels.c");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_NCCL_INCLUDE");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_CUDA_INCLUDE");
@@ -127,6 +129,7 @@ fn build_dist_shim() {
         .file("csrc/amp.cpp")
         .file("csrc/qlinear.cpp")
         .file("csrc/cuda_stats.cpp")
+        .file("csrc/ssm.cpp")
         .include(&inc)
         .include(&api_inc)
         .include(&gloo_inc)
@@ -202,6 +205,7 @@ fn build_kernels(torch_include: &Path) {
     let mut k = cc::Build::new();
     k.file("csrc/kernels.c")
         .file("csrc/dequant.c")
+        .file("csrc/ssm_kernels.c")
         .include(torch_include)
         .flag("-std=c11")
         .flag("-fopenmp-simd")

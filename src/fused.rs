@@ -33,7 +33,7 @@ use tch::{Device, Kind, Tensor};
 use crate::dist::ffi::{self, CTensor};
 use crate::error::{Error, Result};
 
-type RawTensor = *mut CTensor;
+pub(crate) type RawTensor = *mut CTensor;
 
 unsafe extern "C" {
     fn vt_fused_rms_norm(
@@ -111,12 +111,15 @@ pub fn applies(t: &Tensor) -> bool {
         && !crate::amp::autocast_active(Device::Cpu)
 }
 
-fn ptr(t: &Tensor) -> CTensor {
+pub(crate) fn ptr(t: &Tensor) -> CTensor {
     t.as_ptr() as CTensor
 }
 
 /// Runs a shim call that returns a new tensor (an error when the fused kernels are off).
-fn new_tensor(what: &str, f: impl FnOnce(RawTensor, *mut *mut c_char) -> c_int) -> Result<Tensor> {
+pub(crate) fn new_tensor(
+    what: &str,
+    f: impl FnOnce(RawTensor, *mut *mut c_char) -> c_int,
+) -> Result<Tensor> {
     check_enabled(what)?;
     let mut out: CTensor = std::ptr::null_mut();
     ffi::call(what, |err| f(&mut out, err)).map_err(Error::InvalidArgument)?;

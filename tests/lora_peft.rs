@@ -374,7 +374,6 @@ fn merge_and_unmerge_keep_logits_and_restore_weights() {
 fn target_sets_that_match_nothing_are_errors() {
     let base = fixtures().join("llama");
     for target in [
-        Targets::Preset("mamba_only".into()),
         Targets::Names(vec!["query_key_value".into()]),
         Targets::Regex("q_proj".into()), // must match the whole name
         Targets::Names(vec!["proj".into()]), // suffixes are whole name components
@@ -407,9 +406,24 @@ fn target_sets_that_match_nothing_are_errors() {
         err.contains("mlp_only") && err.contains("attn_mlp_ssm"),
         "{err}"
     );
-    // the hybrid preset works on Llama through its attention and MLP names
+    // presets naming Mamba projections are errors on a pure transformer (issue 17: before,
+    // `attn_mlp_ssm` silently equalled `llama` and `mlp_mamba` equalled `mlp_only`)
+    for preset in ["mamba_only", "mlp_mamba", "attn_mlp_ssm"] {
+        let cfg = LoraConfig {
+            target: Targets::Preset(preset.into()),
+            ..Default::default()
+        };
+        let err = LoraInjector::new(cfg)
+            .inject(model.as_mut())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(preset) && err.contains("Mamba mixer") && err.contains("LlamaForCausalLM"),
+            "{err}"
+        );
+    }
     let cfg = LoraConfig {
-        target: Targets::Preset("attn_mlp_ssm".into()),
+        target: Targets::Preset("llama".into()),
         ..Default::default()
     };
     assert_eq!(

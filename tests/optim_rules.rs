@@ -499,3 +499,49 @@ fn composite_steps_like_its_parts_with_scheduled_lrs() {
         assert!(a.detach().equal(&b.detach()), "`{n}` differs: {a} vs {b}");
     }
 }
+
+/// Mamba's tensors (issue 17): `A_log` (2-D) and `D`, the dt bias to AdamW without decay,
+/// the 3-D `conv1d.weight` to AdamW with decay, only true matrices to Muon.
+#[test]
+fn mamba_tensors_have_their_groups() {
+    let p = |name: &str, shape: &[i64]| ParamInfo {
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        role: ParamRole::Other,
+    };
+    let m = "backbone.layers.0.mixer";
+    let params = vec![
+        p(&format!("{m}.A_log"), &[64, 16]),
+        p(&format!("{m}.D"), &[64]),
+        p(&format!("{m}.dt_proj.bias"), &[64]),
+        p(&format!("{m}.dt_proj.weight"), &[64, 2]),
+        p(&format!("{m}.conv1d.weight"), &[64, 1, 4]),
+        p(&format!("{m}.conv1d.bias"), &[64]),
+        p(&format!("{m}.in_proj.weight"), &[128, 32]),
+    ];
+    for use_muon in [true, false] {
+        let groups = ReferenceGrouper::new(ReferenceGrouperConfig {
+            use_muon,
+            ..Default::default()
+        })
+        .group(&params)
+        .unwrap();
+        let home = |n: &str| -> Vec<&str> {
+            groups
+                .iter()
+                .filter(|g| g.params.iter().any(|x| x == &format!("{m}.{n}")))
+                .map(|g| g.name.as_str())
+                .collect()
+        };
+        for n in ["A_log", "D", "dt_proj.bias", "conv1d.bias"] {
+            assert_eq!(home(n), ["adamw_no_decay"], "{n}");
+        }
+        assert_eq!(home("conv1d.weight"), ["adamw"]);
+        let matrix = if use_muon { "muon" } else { "adamw" };
+        assert_eq!(home("in_proj.weight"), [matrix]);
+        assert_eq!(home("dt_proj.weight"), [matrix]);
+        let adamw = groups.iter().find(|g| g.name == "adamw").unwrap();
+        assert_eq!(adamw.optimizer, "adamw");
+        assert_eq!(adamw.weight_decay, None);
+    }
+}

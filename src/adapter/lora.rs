@@ -372,6 +372,10 @@ impl AdapterInjector for LoraInjector {
         let cfg = &self.config;
         cfg.validate()?;
         let matcher = Matcher::new(&cfg.target)?;
+        if let Targets::Preset(p) = &cfg.target {
+            let modules: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
+            super::presets::check_model_kinds(p, model.architecture(), &modules)?;
+        }
         // trainable weights stay fp32 over a half-precision base (`model.dtype`): autocast
         // computes the products in the half kind, the optimizer updates fp32
         let kind = trainable_kind(model.kind());

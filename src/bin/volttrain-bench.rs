@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Only these workloads (comma-separated: matmul, optim, sft, dpo, quant, data, load,
-    /// quant-load, trackers, families, generate, qlora, qlora-1b, nproc).
+    /// quant-load, trackers, families, generate, mamba, qlora, qlora-1b, nproc).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -84,6 +84,7 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         ("trackers", perf::trackers::run),
         ("families", perf::families::run),
         ("generate", perf::generate::run),
+        ("mamba", perf::mamba::run),
         ("qlora", perf::qlora::run),
         ("qlora-1b", perf::qlora::run_1b),
         ("nproc", perf::nproc::run),

@@ -646,7 +646,7 @@ fn cached_mask(past: i64, t: i64, device: Device, window: Option<i64>) -> Result
 
 /// `[batch, 1, seq, seq]` boolean mask (true = may attend) from the forward input, or `None`
 /// when plain causal attention is exact. `window` adds a sliding-window limit on index distance.
-fn build_mask(
+pub(crate) fn build_mask(
     input: &ForwardInput<'_>,
     b: i64,
     t: i64,
@@ -863,6 +863,7 @@ impl CausalLm for DecoderLm {
             mask,
             sliding_mask,
             local,
+            padding: None,
         })
     }
 

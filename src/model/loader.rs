@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use super::CausalLm;
 use super::config::DecoderConfig;
 use super::llama::{DecoderLm, WeightSource, expected_tensors, linear_modules};
+use super::mamba::{SsmConfig, SsmLm};
 use super::safetensors::{SafetensorsFile, save_safetensors};
 use crate::error::{Error, Result, write_atomic};
 use crate::nn::{Linear, LinearWeight};
@@ -20,10 +21,10 @@ use crate::quant::{QuantizedTensor, Quantizer};
 /// Which linear modules (by Hugging Face module name) a load-time quantizer converts.
 pub type QuantizeFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// The default [`QuantizeFilter`]: every decoder-layer linear (`model.layers.*`), never the
-/// embedding, the LM head or the norms.
+/// The default [`QuantizeFilter`]: every decoder-layer linear (`model.layers.*`, Mamba's
+/// `backbone.layers.*`), never the embedding, the LM head or the norms.
 pub fn default_quantize_filter(module: &str) -> bool {
-    module.starts_with("model.layers.")
+    module.starts_with("model.layers.") || module.starts_with("backbone.layers.")
 }
 
 /// How to load a model.
@@ -96,7 +97,7 @@ impl LoadOptions {
 }
 
 /// The architectures [`load_model`] knows, with their configuration rules.
-pub const SUPPORTED_ARCHITECTURES: [&str; 8] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 11] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -105,6 +106,9 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 8] = [
     "Gemma3ForCausalLM",
     "Phi3ForCausalLM",
     "SmolLM3ForCausalLM",
+    "MambaForCausalLM",
+    "FalconMambaForCausalLM",
+    "JambaForCausalLM",
 ];
 
 /// What to tell a user whose checkpoint holds only PyTorch pickles (`found`): VoltTrain reads
@@ -193,8 +197,8 @@ impl Checkpoint {
 
     /// Checks names and shapes against what the architecture expects; one error lists every
     /// problem with the file of each tensor.
-    fn validate(&self, dir: &Path, cfg: &DecoderConfig) -> Result<()> {
-        let expected: BTreeMap<String, Vec<i64>> = expected_tensors(cfg).into_iter().collect();
+    fn validate(&self, dir: &Path, arch: &Layout) -> Result<()> {
+        let expected: BTreeMap<String, Vec<i64>> = arch.expected.iter().cloned().collect();
         let mut problems = Vec::new();
         let missing: Vec<&str> = expected
             .keys()
@@ -218,7 +222,7 @@ impl Checkpoint {
             .keys()
             .filter(|k| !expected.contains_key(*k))
             // a tied head may still be stored; transformers ignores it too
-            .filter(|k| !(cfg.tie_word_embeddings && k.as_str() == "lm_head.weight"))
+            .filter(|k| !(arch.tied && k.as_str() == "lm_head.weight"))
             // old checkpoints carry the RoPE buffer
             .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
             .map(|k| format!("{} (in {})", k, self.file_of(k).display()))
@@ -245,10 +249,39 @@ impl Checkpoint {
                 dir,
                 format!(
                     "checkpoint does not match {}: {}",
-                    cfg.architecture,
+                    arch.architecture,
                     problems.join("; ")
                 ),
             ))
+        }
+    }
+}
+
+/// What a checkpoint of one architecture holds: its tensors with shapes, its linear modules.
+struct Layout {
+    architecture: String,
+    expected: Vec<(String, Vec<i64>)>,
+    linears: Vec<String>,
+    /// The LM head is tied (a stored `lm_head.weight` is ignored).
+    tied: bool,
+}
+
+impl Layout {
+    fn decoder(cfg: &DecoderConfig) -> Self {
+        Layout {
+            architecture: cfg.architecture.clone(),
+            expected: expected_tensors(cfg),
+            linears: linear_modules(cfg),
+            tied: cfg.tie_word_embeddings,
+        }
+    }
+
+    fn ssm(cfg: &SsmConfig) -> Self {
+        Layout {
+            architecture: cfg.architecture.clone(),
+            expected: super::mamba::expected_tensors(cfg),
+            linears: super::mamba::linear_modules(cfg),
+            tied: cfg.tie_word_embeddings,
         }
     }
 }
@@ -264,13 +297,15 @@ enum Loaded {
 /// kept result plus one full-precision tensor per worker.
 fn read_all(
     ckpt: &Checkpoint,
-    cfg: &DecoderConfig,
+    arch: &Layout,
     opts: &LoadOptions,
 ) -> Result<HashMap<String, Loaded>> {
-    let linears: BTreeSet<String> = linear_modules(cfg).into_iter().collect();
-    let jobs: Vec<(String, bool)> = expected_tensors(cfg)
-        .into_iter()
+    let linears: BTreeSet<&str> = arch.linears.iter().map(String::as_str).collect();
+    let jobs: Vec<(String, bool)> = arch
+        .expected
+        .iter()
         .map(|(name, _)| {
+            let name = name.clone();
             let quantize = opts.quantizer.is_some()
                 && name
                     .strip_suffix(".weight")
@@ -406,6 +441,14 @@ pub fn decoder_config(path: &Path, v: &Value) -> Result<DecoderConfig> {
         "Gemma3ForCausalLM" => super::gemma::config3(path, v),
         "Phi3ForCausalLM" => super::phi3::config(path, v),
         "SmolLM3ForCausalLM" => super::smollm3::config(path, v),
+        ssm if super::mamba::is_ssm_architecture(ssm) => Err(Error::Config {
+            file: Some(path.to_path_buf()),
+            key: "architectures".into(),
+            msg: format!(
+                "`{ssm}` is a state-space model, not a transformer decoder; load it with \
+                 `load_model` or `load_ssm` (its configuration is `mamba::ssm_config`)"
+            ),
+        }),
         other => Err(Error::Config {
             file: Some(path.to_path_buf()),
             key: "architectures".into(),
@@ -422,19 +465,72 @@ pub fn decoder_config(path: &Path, v: &Value) -> Result<DecoderConfig> {
 /// Parameters keep their Hugging Face names and are trainable (`requires_grad`) until
 /// [`CausalLm::freeze_base`].
 pub fn load_model(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
-    Ok(Box::new(load_decoder(dir.as_ref(), opts)?))
+    let dir = dir.as_ref();
+    let (path, v) = read_config(dir)?;
+    let arch = v
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if super::mamba::is_ssm_architecture(arch) {
+        let arch = arch.to_string();
+        return Ok(Box::new(load_ssm_with(dir, path, v, &arch, opts)?));
+    }
+    Ok(Box::new(load_decoder(dir, opts)?))
 }
 
 /// [`load_model`] with the concrete type.
 pub fn load_decoder(dir: &Path, opts: &LoadOptions) -> Result<DecoderLm> {
     let (path, v) = read_config(dir)?;
     let cfg = decoder_config(&path, &v)?;
+    let layout = Layout::decoder(&cfg);
     let ckpt = Checkpoint::open(dir)?;
-    ckpt.validate(dir, &cfg)?;
+    ckpt.validate(dir, &layout)?;
     let mut src = Source {
-        loaded: read_all(&ckpt, &cfg, opts)?,
+        loaded: read_all(&ckpt, &layout, opts)?,
     };
     DecoderLm::build(cfg, v, &mut src, opts.kind, opts.device)
+}
+
+/// Loads a Mamba, Falcon-Mamba or Jamba directory ([`SsmLm`]).
+pub fn load_ssm(dir: &Path, opts: &LoadOptions) -> Result<SsmLm> {
+    let (path, v) = read_config(dir)?;
+    let arch = v
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if !super::mamba::is_ssm_architecture(&arch) {
+        return Err(Error::Config {
+            file: Some(path),
+            key: "architectures".into(),
+            msg: format!(
+                "`{arch}` is not a state-space architecture ({})",
+                super::mamba::SSM_ARCHITECTURES.join(", ")
+            ),
+        });
+    }
+    load_ssm_with(dir, path, v, &arch, opts)
+}
+
+fn load_ssm_with(
+    dir: &Path,
+    path: PathBuf,
+    v: Value,
+    arch: &str,
+    opts: &LoadOptions,
+) -> Result<SsmLm> {
+    let cfg = super::mamba::ssm_config(&path, &v, arch)?;
+    let layout = Layout::ssm(&cfg);
+    let ckpt = Checkpoint::open(dir)?;
+    ckpt.validate(dir, &layout)?;
+    let mut src = Source {
+        loaded: read_all(&ckpt, &layout, opts)?,
+    };
+    SsmLm::build(cfg, v, &mut src, opts.kind, opts.device)
 }
 
 /// The name transformers uses for a floating-point kind (`float32`, `bfloat16`, ...).

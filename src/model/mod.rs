@@ -9,6 +9,8 @@
 //! `Qwen3ForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` (text), `Phi3ForCausalLM` (Phi-3,
 //! Phi-4) and `SmolLM3ForCausalLM`, all through [`DecoderLm`] with their configuration rules in
 //! [`llama`], [`mistral`], [`qwen2`], [`qwen3`], [`gemma`], [`phi3`], [`smollm3`].
+//! State-space models (`MambaForCausalLM`, `FalconMambaForCausalLM`, `JambaForCausalLM` with
+//! dense MLPs) load as [`SsmLm`] ([`mamba`], the selective scan in [`ssm`]).
 //! [`load_model`] reads a Hugging Face directory, [`save_model`] writes one.
 
 use tch::{Device, Kind, Tensor};
@@ -22,21 +24,24 @@ pub mod gemma;
 mod kv_cache;
 pub mod llama;
 mod loader;
+pub mod mamba;
 pub mod mistral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 pub mod safetensors;
 pub mod smollm3;
+pub mod ssm;
 
 pub use config::{Activation, DecoderConfig, LayerRope};
 pub use dtype::ModelDtype;
 pub use kv_cache::{KvCache, LayerKv};
 pub use llama::DecoderLm;
+pub use mamba::{SsmConfig, SsmLm};
 
 pub use loader::{
     LoadOptions, QuantizeFilter, SUPPORTED_ARCHITECTURES, decoder_config, default_quantize_filter,
-    load_decoder, load_model, read_config, save_model,
+    load_decoder, load_model, load_ssm, read_config, save_model,
 };
 
 /// The inputs of a forward pass. Shapes are `[batch, seq]`.
@@ -66,6 +71,10 @@ pub struct LayerCtx {
     /// The `(cos, sin)` of layers with a second RoPE (Gemma 3's sliding layers), when the model
     /// has them.
     pub local: Option<(Tensor, Tensor)>,
+    /// The 2-D `[batch, seq]` padding mask (1 = token, 0 = padding) in the model's kind, for
+    /// state-space (Mamba) layers, which zero padding positions; `None` without padding (and for
+    /// models without such layers).
+    pub padding: Option<Tensor>,
 }
 
 /// A decoder-only language model.

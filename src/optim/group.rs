@@ -6,10 +6,19 @@
 //!    one group) goes to AdamW at `embed_lr_mult` (2x) the base lr, group `adamw_embed`;
 //! 2. the untied LM head ([`ParamRole::LmHead`]) goes to AdamW at `head_lr_mult` (0.1x), group
 //!    `adamw_head`;
-//! 3. every parameter of fewer than two dimensions (norms, biases) goes to AdamW at 1x without
-//!    weight decay, group `adamw_no_decay`;
-//! 4. every other parameter (hidden matrices, LoRA A/B, tensors of more than two dimensions)
-//!    goes to Muon at 1x, group `muon`; with `use_muon: false` to AdamW at 1x, group `adamw`.
+//! 3. every parameter of fewer than two dimensions (norms, biases; Mamba's `D` and the dt bias
+//!    `dt_proj.bias`) and Mamba's `A_log` (2-D `[d_inner, d_state]`, but a table of per-channel
+//!    decay rates, not a linear map; `mamba_ssm` also keeps it out of weight decay) goes to AdamW
+//!    at 1x without weight decay, group `adamw_no_decay`;
+//! 4. depthwise convolution kernels, shape `[channels, 1, kernel...]` (Mamba's `conv1d.weight`
+//!    `[d_inner, 1, d_conv]`: one independent filter per channel, no matrix to orthogonalize),
+//!    go to AdamW at 1x with weight decay, group `adamw`;
+//! 5. every other parameter (hidden matrices, LoRA A/B, and tensors of more than two dimensions
+//!    that mix their inputs, flattened to `[out, in * kernel]` by Muon) goes to Muon at 1x,
+//!    group `muon`; with `use_muon: false` to AdamW at 1x, group `adamw`.
+//!
+//! So Muon only sees parameters that are matrices as linear maps: never norms, biases, `D`, the
+//! dt bias, `A_log` or depthwise kernels.
 //!
 //! Empty groups are left out.
 
@@ -67,18 +76,27 @@ impl ParamGrouper for ReferenceGrouper {
             ("adamw", "adamw")
         };
         // (name, optimizer, lr_mult, weight_decay), in output order
-        let layout: [(&str, &str, f64, Option<f64>); 4] = [
+        let layout: [(&str, &str, f64, Option<f64>); 5] = [
             (hidden.0, hidden.1, 1.0, None),
             ("adamw_embed", "adamw", c.embed_lr_mult, None),
             ("adamw_head", "adamw", c.head_lr_mult, None),
             ("adamw_no_decay", "adamw", 1.0, Some(0.0)),
+            ("adamw", "adamw", 1.0, None),
         ];
-        let mut members: [Vec<String>; 4] = Default::default();
+        let mut members: [Vec<String>; 5] = Default::default();
         for p in params {
             let slot = match p.role {
                 ParamRole::Embedding => 1,
                 ParamRole::LmHead => 2,
-                ParamRole::Other if p.shape.len() < 2 => 3,
+                ParamRole::Other if p.shape.len() < 2 || is_a_log(&p.name) => 3,
+                // with `use_muon: false` the hidden group is this same AdamW group
+                ParamRole::Other if p.shape.len() > 2 && p.shape[1] == 1 => {
+                    if c.use_muon {
+                        4
+                    } else {
+                        0
+                    }
+                }
                 ParamRole::Other => 0,
             };
             members[slot].push(p.name.clone());
@@ -99,6 +117,11 @@ impl ParamGrouper for ReferenceGrouper {
         validate_groups(&names, &groups)?;
         Ok(groups)
     }
+}
+
+/// Mamba's `A_log` (`...mixer.A_log`, Jamba's `...mamba.A_log`).
+fn is_a_log(name: &str) -> bool {
+    name == "A_log" || name.ends_with(".A_log")
 }
 
 /// Checks that every name in `params` is in exactly one of `groups` and that the groups name no

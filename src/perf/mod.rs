@@ -10,6 +10,7 @@ pub mod families;
 pub mod gpu;
 pub mod generate;
 pub mod load;
+pub mod mamba;
 pub mod model;
 pub mod nproc;
 pub mod optim;

@@ -71,6 +71,7 @@ impl CausalLm for ToyLm {
             mask: None,
             sliding_mask: None,
             local: None,
+            padding: None,
         })
     }
     fn layer(&self, i: usize, h: &Tensor, _ctx: &LayerCtx, train: bool) -> Result<Tensor> {
