@@ -7,8 +7,8 @@
 pub mod data;
 pub mod dpo;
 pub mod families;
-pub mod gpu;
 pub mod generate;
+pub mod gpu;
 pub mod load;
 pub mod mamba;
 pub mod model;
