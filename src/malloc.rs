@@ -128,9 +128,32 @@ mod tests {
     }
 
     /// Both settings do what their docs say: returned memory leaves the process, kept memory
-    /// stays resident.
+    /// stays resident. The settings are process-wide and other tests of this binary change them
+    /// from their own threads, so the check runs alone, in a child process of this test binary.
     #[test]
     fn return_and_keep_freed_memory() {
+        const CHILD: &str = "VOLTTRAIN_MALLOC_TEST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "malloc::tests::return_and_keep_freed_memory",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{text}");
+            // the child really ran the check (a filter that matched nothing would pass too)
+            assert!(text.contains("left resident: returned"), "{text}");
+            return;
+        }
         super::return_freed_memory();
         let returned = left_resident();
         super::keep_freed_memory();
