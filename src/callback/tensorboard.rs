@@ -57,17 +57,32 @@ pub struct TensorBoardWriter {
 }
 
 impl TensorBoardWriter {
-    /// Creates a new event file in `dir`.
+    /// Creates a new event file in `dir`. Its name is unique within the process (a sequence
+    /// number after the pid) and the file is created exclusively: two writers started in the
+    /// same second (the TensorBoard callback and `sample_generations`) never share, and so
+    /// never tear, one file.
     pub fn create(dir: &Path) -> Result<Self> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-        let path = dir.join(format!(
-            "events.out.tfevents.{}.{}.{}.volttrain",
-            now() as u64,
-            host,
-            std::process::id()
-        ));
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let (path, file) = loop {
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = dir.join(format!(
+                "events.out.tfevents.{}.{}.{}.{seq}.volttrain",
+                now() as u64,
+                host,
+                std::process::id()
+            ));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => break (path, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        };
         let mut w = TensorBoardWriter { path, file };
         let first = event(now(), 0, |e| bytes_field(3, b"brain.Event:2", e));
         w.record(&first)?;
@@ -206,6 +221,32 @@ mod tests {
     fn crc_matches_known_vector() {
         // CRC-32C("123456789") = 0xE3069283 (RFC 3720, appendix B.4 check value)
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn two_writers_in_one_dir_get_two_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = TensorBoardWriter::create(dir.path()).unwrap();
+        let mut b = TensorBoardWriter::create(dir.path()).unwrap();
+        assert_ne!(a.path(), b.path());
+        a.scalars(1, &[("x", 1.0)]).unwrap();
+        b.text(1, "t", "hello").unwrap();
+        a.scalars(2, &[("x", 2.0)]).unwrap();
+        // each file is its own sequence of whole records: header + events
+        for (w, n) in [(&a, 3), (&b, 2)] {
+            let bytes = std::fs::read(w.path()).unwrap();
+            let (mut i, mut records) = (0usize, 0);
+            while i < bytes.len() {
+                let len = u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap()) as usize;
+                assert_eq!(
+                    u32::from_le_bytes(bytes[i + 12 + len..i + 16 + len].try_into().unwrap()),
+                    masked_crc(&bytes[i + 12..i + 12 + len])
+                );
+                i += 16 + len;
+                records += 1;
+            }
+            assert_eq!((i, records), (bytes.len(), n));
+        }
     }
 
     #[test]
