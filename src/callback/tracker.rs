@@ -601,6 +601,44 @@ pub fn flatten_params(v: &serde_json::Value) -> BTreeMap<String, String> {
     out
 }
 
+/// The run config a tracker logs first: `config` when the caller gave one, else the run's
+/// `config.resolved.yaml`, else an empty object.
+pub fn run_config(
+    config: Option<&serde_json::Value>,
+    output_dir: &std::path::Path,
+) -> Result<serde_json::Value> {
+    match config {
+        Some(c) => Ok(c.clone()),
+        None => Ok(resolved_config(output_dir)?.unwrap_or(serde_json::json!({}))),
+    }
+}
+
+/// Queues a train step's metrics (and counts them for the summary) when the tracker runs.
+pub fn push_step(
+    worker: &mut Option<Worker>,
+    tally: &mut SummaryTally,
+    m: &StepMetrics,
+) -> Result<()> {
+    if let Some(w) = worker.as_mut() {
+        tally.step(m);
+        w.push(Point::metrics(m.step, step_values(m)))?;
+    }
+    Ok(())
+}
+
+/// Queues an eval's metrics (and keeps its loss for the summary) when the tracker runs.
+pub fn push_eval(
+    worker: &mut Option<Worker>,
+    tally: &mut SummaryTally,
+    m: &EvalMetrics,
+) -> Result<()> {
+    if let Some(w) = worker.as_mut() {
+        tally.eval(m);
+        w.push(Point::metrics(m.step, eval_values(m)))?;
+    }
+    Ok(())
+}
+
 /// Run summary values a tracker saw: last losses, steps, tokens, mean tokens/s.
 #[derive(Debug, Default, Clone)]
 pub struct SummaryTally {

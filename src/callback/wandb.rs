@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::tracker::{
-    OnError, Point, Sink, SummaryTally, TrackerOptions, TrackerReport, Worker, eval_values,
-    resolved_config, step_values,
+    OnError, Point, Sink, SummaryTally, TrackerOptions, TrackerReport, Worker, push_eval,
+    push_step, run_config,
 };
 use crate::callback::{Callback, Control, EvalMetrics, StepMetrics};
 use crate::error::{Error, Result};
@@ -536,28 +536,17 @@ impl Callback for Wandb {
             return Ok(());
         }
         self.start(ctl.output_dir)?;
-        let config = match self.config.clone() {
-            Some(c) => c,
-            None => resolved_config(ctl.output_dir)?.unwrap_or(serde_json::json!({})),
-        };
+        let config = run_config(self.config.as_ref(), ctl.output_dir)?;
         if let Some(w) = self.worker.as_mut() {
             w.push(Point::Config(config))?;
         }
         Ok(())
     }
     fn on_step_end(&mut self, _: &mut Control<'_>, m: &StepMetrics) -> Result<()> {
-        if let Some(w) = self.worker.as_mut() {
-            self.tally.step(m);
-            w.push(Point::metrics(m.step, step_values(m)))?;
-        }
-        Ok(())
+        push_step(&mut self.worker, &mut self.tally, m)
     }
     fn on_eval_end(&mut self, _: &mut Control<'_>, m: &EvalMetrics) -> Result<()> {
-        if let Some(w) = self.worker.as_mut() {
-            self.tally.eval(m);
-            w.push(Point::metrics(m.step, eval_values(m)))?;
-        }
-        Ok(())
+        push_eval(&mut self.worker, &mut self.tally, m)
     }
     fn on_fit_end(&mut self, _: &mut Control<'_>) -> Result<()> {
         if let Some(w) = self.worker.as_mut() {
