@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference timings for VoltTrain's optimizer benchmark (`src/perf/optim.rs`).
+"""Reference timings for VoltTrain's optimizer benchmark (`bench/src/optim.rs`).
 
 Parameters: the matrices of a SmolLM2-135M-shaped model (hidden 576, intermediate 1536, 9 heads
 of 64, 3 kv heads; per layer q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536),

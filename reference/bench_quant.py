@@ -1,4 +1,4 @@
-"""Reference side of VoltTrain's quantization benchmark (src/perf/quant.rs).
+"""Reference side of VoltTrain's quantization benchmark (bench/src/quant.rs).
 
 Prints one JSON line with
   bytes_per_param.{nf4,nf4+dq,fp4,fp4+dq,int8,fp8_e4m3,fp8_e5m2}: bytes held by bitsandbytes'

@@ -4,6 +4,9 @@
 //! compiled in (and why NCCL is not, when it is not), the fused CPU kernels and the thread
 //! count.
 //!
+//! [`cuda_peak_allocated`] and [`reset_cuda_peak`] read libtorch's CUDA allocator statistics,
+//! for hosts that report peak device memory (the GPU benchmark does).
+//!
 //! GPU names, capabilities and memory come from the CUDA driver API (`libcuda.so.1`, loaded at
 //! run time), which needs no CUDA headers at build time and allocates nothing on the devices.
 
@@ -301,6 +304,44 @@ fn driver_devices() -> Result<Vec<CudaDevice>> {
     }
     std::mem::forget(lib);
     Ok(out)
+}
+
+/// CUDA caching-allocator statistics, from the C++ shim (`csrc/cuda_stats.cpp`): compiled in
+/// with the CUDA host headers (the builds that have NCCL), reporting "not available" otherwise.
+mod cuda_stats {
+    use std::ffi::c_int;
+
+    unsafe extern "C" {
+        pub(super) fn vt_cuda_stats_compiled() -> c_int;
+        pub(super) fn vt_cuda_peak_allocated(device: c_int) -> i64;
+        pub(super) fn vt_cuda_reset_peak(device: c_int) -> c_int;
+    }
+}
+
+/// Whether [`cuda_peak_allocated`] and [`reset_cuda_peak`] are compiled into this build.
+pub fn cuda_memory_stats_available() -> bool {
+    // SAFETY: no arguments, no state.
+    unsafe { cuda_stats::vt_cuda_stats_compiled() == 1 }
+}
+
+/// Peak bytes allocated on CUDA device `index` by libtorch's caching allocator since the process
+/// start or the last [`reset_cuda_peak`] (`torch.cuda.max_memory_allocated`); `None` when the
+/// statistics are not compiled in or the allocator cannot answer.
+pub fn cuda_peak_allocated(index: usize) -> Option<u64> {
+    let device = c_int::try_from(index).ok()?;
+    // SAFETY: plain call; the shim catches every C++ exception and reports -1.
+    let v = unsafe { cuda_stats::vt_cuda_peak_allocated(device) };
+    u64::try_from(v).ok()
+}
+
+/// Restarts [`cuda_peak_allocated`] of device `index` from what is allocated now
+/// (`torch.cuda.reset_peak_memory_stats`); `false` when not available.
+pub fn reset_cuda_peak(index: usize) -> bool {
+    let Ok(device) = c_int::try_from(index) else {
+        return false;
+    };
+    // SAFETY: plain call; the shim catches every C++ exception and reports -1.
+    unsafe { cuda_stats::vt_cuda_reset_peak(device) == 0 }
 }
 
 #[cfg(test)]

@@ -219,7 +219,7 @@ pub fn linear_cross_entropy_chunked(
 }
 
 /// Drops `param.grad` (PyTorch's `zero_grad(set_to_none=True)`); tch only zeroes it in place.
-pub(crate) fn clear_grad(param: &Tensor) -> Result<()> {
+pub fn clear_grad(param: &Tensor) -> Result<()> {
     // SAFETY: the tensor is live for the call; the shim only resets its grad field.
     ffi::check("clear_grad", |err| unsafe {
         vt_clear_grad(ptr(param), err)

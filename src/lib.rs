@@ -31,7 +31,6 @@ mod malloc;
 pub mod model;
 pub mod nn;
 pub mod optim;
-pub mod perf;
 pub mod plugin;
 pub mod quant;
 pub mod run;

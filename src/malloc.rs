@@ -84,7 +84,7 @@ pub(crate) const RETURN_TRIM_THRESHOLD: i32 = 1024 * 1024;
 /// full-precision tensors and the quantizer's temporaries come from the heap, and the small
 /// quantized tensors allocated in between pin the freed space. Measured on a 16-layer model,
 /// that kept more than the whole fp32 model resident after an int8 load
-/// (`tests/quant_load_memory.rs`). `malloc_trim(0)` releases every free page in every arena
+/// (`bench/tests/quant_load_memory.rs`). `malloc_trim(0)` releases every free page in every arena
 /// (`MADV_DONTNEED`), which keeps a quantizing load at the quantized size plus the tensors in
 /// flight. A no-op elsewhere.
 pub(crate) fn release_freed_memory() {

@@ -2,8 +2,9 @@
 """The GPU acceptance run (`./dev gpu-check`), in two halves so that a GPU machine without Rust
 or network can run binaries built elsewhere:
 
-  prepare   (a machine with cargo; `./dev gpu-check --prepare`) builds the `volttrain` and
-            `volttrain-gpu-check` binaries and the test binaries that hold CUDA-only tests,
+  prepare   (a machine with cargo; `./dev gpu-check --prepare`) builds the `volttrain` binary
+            (the library's CLI), the `volttrain-gpu-check` binary of the bench/ crate
+            (package volttrain-bench) and the test binaries that hold CUDA-only tests,
             strips them and packs them (xz) into gpu-check/ with a manifest. Carry that folder
             (at most 64 MiB) to the GPU machine with the checkout.
   run       (the GPU machine; `python3 tools/gpu_check.py run` or `./dev gpu-check --run`)
@@ -17,7 +18,7 @@ or network can run binaries built elsewhere:
               4. on a Llama-3.2-1B-shaped model with random weights: bf16 LoRA, NF4 QLoRA (bf16
                  compute) and bf16 full fine-tuning steps, VoltTrain and PyTorch + PEFT in the
                  same run: tokens/s, MFU, peak GPU memory;
-            prints one table and writes bench-results-gpu.json.
+            prints one table and writes bench/results/bench-results-gpu.json.
   run --cpu-smoke  the same pipeline on the CPU with a tiny model (fp32), to check the driver,
             the binaries and the table/JSON path on a machine without a GPU. Its figures say
             nothing about GPUs.
@@ -36,8 +37,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINS = ["volttrain", "volttrain-gpu-check"]
-# Test binaries and their CUDA-only tests (each skips itself, saying so, without a GPU).
+# Binaries and the package that builds each.
+BINS = {"volttrain": "volttrain", "volttrain-gpu-check": "volttrain-bench"}
+RESULTS = os.path.join(ROOT, "bench", "results")
+# Test binaries of the library and their CUDA-only tests (each skips itself, saying so, without
+# a GPU).
 CUDA_TESTS = {
     "amp_parity": [
         "cuda_autocast_uses_the_requested_dtype",
@@ -83,20 +87,21 @@ def prepare(args):
     log(f"building ({profile}) the binaries and CUDA test binaries")
     exes = {}
     cmd = ["cargo", "build", "--profile", profile, "--message-format=json"]
-    for b in BINS:
-        cmd += ["--bin", b]
+    for b, package in BINS.items():
+        cmd += ["-p", package, "--bin", b]
     for m in cargo_json(cmd, env):
         if m.get("reason") == "compiler-artifact" and m.get("executable"):
             if m["target"]["name"] in BINS:
                 exes[m["target"]["name"]] = m["executable"]
-    cmd = ["cargo", "test", "--profile", profile, "--no-run", "--message-format=json"]
+    cmd = ["cargo", "test", "--profile", profile, "--no-run", "--message-format=json",
+           "-p", "volttrain"]
     for t in CUDA_TESTS:
         cmd += ["--test", t]
     for m in cargo_json(cmd, env):
         if m.get("reason") == "compiler-artifact" and m.get("executable"):
             if m["target"]["name"] in CUDA_TESTS:
                 exes[m["target"]["name"]] = m["executable"]
-    missing = [n for n in BINS + list(CUDA_TESTS) if n not in exes]
+    missing = [n for n in list(BINS) + list(CUDA_TESTS) if n not in exes]
     if missing:
         sys.exit(f"gpu-check: cargo built no executable for {missing}")
     env_json = subprocess.run([exes["volttrain"], "env", "--json"], stdout=subprocess.PIPE,
@@ -446,7 +451,7 @@ def run(args):
 
     print_table(result)
     out = os.path.abspath(args.out or (os.path.join(work, "bench-results-gpu-smoke.json")
-                                       if smoke else os.path.join(ROOT, "bench-results-gpu.json")))
+                                       if smoke else os.path.join(RESULTS, "bench-results-gpu.json")))
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
@@ -504,7 +509,8 @@ def main():
     r.add_argument("--dir", default=os.path.join(ROOT, "gpu-check"))
     r.add_argument("--work", default=os.path.join(ROOT, "gpu-check", "work"))
     r.add_argument("--out", default=None,
-                   help="default: bench-results-gpu.json (gpu-check/work/ for --cpu-smoke)")
+                   help="default: bench/results/bench-results-gpu.json (gpu-check/work/ for "
+                   "--cpu-smoke)")
     r.add_argument("--cpu-smoke", action="store_true")
     r.add_argument("--skip-tests", action="store_true")
     r.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))

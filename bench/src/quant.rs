@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Measurement, PerfOpts, Stats, run_reference, time_runs};
-use crate::error::{Error, Result, TchResultExt};
-use crate::quant::{QuantConfig, QuantType, QuantizedTensor, Quantizer};
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
+use volttrain::error::{Error, Result, TchResultExt};
+use volttrain::quant::{QuantConfig, QuantType, QuantizedTensor, Quantizer};
 
 /// SmolLM2-135M (hidden 576, intermediate 1536, 9 heads / 3 KV heads of 64, 30 layers): the
 /// `(module, out, in)` of one decoder layer's linear weights. The LM head is tied to the

@@ -5,10 +5,10 @@
 use std::io::Write as _;
 use std::sync::Arc;
 
-use super::{Measurement, PerfOpts, Stats, time_runs};
-use crate::data::loader::{DataLoader, LoaderOptions};
-use crate::data::{Collator, DatasetConfig, SftDataset, Tokenizer};
-use crate::error::{Error, Result};
+use crate::{Measurement, PerfOpts, Stats, time_runs};
+use volttrain::data::loader::{DataLoader, LoaderOptions};
+use volttrain::data::{Collator, DatasetConfig, SftDataset, Tokenizer};
+use volttrain::error::{Error, Result};
 
 const BATCH: usize = 8;
 const MAX_LEN: usize = 512;
@@ -45,7 +45,7 @@ fn volttrain_pass(tok: &Tokenizer, path: &std::path::Path) -> Result<(usize, usi
         .id as i64;
     let dl = DataLoader::new(
         ds.clone(),
-        Collator::new(pad, crate::data::PaddingSide::Right),
+        Collator::new(pad, volttrain::data::PaddingSide::Right),
         LoaderOptions {
             batch_size: BATCH,
             shuffle: false,
@@ -100,7 +100,7 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
         ("TOKENIZERS_PARALLELISM", "true".to_string()),
         ("HF_DATASETS_OFFLINE", "1".to_string()),
     ];
-    let r = super::run_reference_env(opts, "bench_data.py", &args, &env)?;
+    let r = crate::run_reference_env(opts, "bench_data.py", &args, &env)?;
     let ref_secs: Vec<f64> = r["seconds"]
         .as_array()
         .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())

@@ -1,13 +1,13 @@
 //! Criterion benches of quantize / dequantize for each format on a SmolLM2-135M MLP weight
 //! `[1536, 576]`, with a plain `copy_` of the same fp32 output size as the bound.
 //!
-//! `cargo bench --bench quant`
+//! `cargo bench -p volttrain-bench --bench quant`
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tch::{Device, Kind, Tensor};
-use volttrain::perf::quant::formats;
+use volttrain_bench::quant::formats;
 
 fn bench(c: &mut Criterion) {
     let (rows, cols) = (1536i64, 576i64);

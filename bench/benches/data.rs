@@ -1,12 +1,10 @@
 //! Criterion bench of the collator: padding and packing batches of the bundled chat data.
 
-use std::path::PathBuf;
-
 use criterion::{Criterion, criterion_group, criterion_main};
 use volttrain::data::{Collator, DatasetConfig, Example, PaddingSide, SftDataset, Tokenizer};
 
 fn collate(c: &mut Criterion) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = volttrain_bench::repo_root();
     let (tok, ds) = match Tokenizer::from_dir(root.join("assets/tiny-llama")).and_then(|tok| {
         let cfg = DatasetConfig {
             cache: false,

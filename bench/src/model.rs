@@ -1,10 +1,10 @@
 //! Model-load workload: a random SmolLM2-135M-shaped Llama checkpoint (bf16 safetensors, tied
-//! embeddings) loaded into fp32 by [`crate::model::load_model`] and by transformers'
+//! embeddings) loaded into fp32 by [`volttrain::model::load_model`] and by transformers'
 //! `from_pretrained` (`reference/bench_load.py`), in the same run.
 
-use super::{Measurement, PerfOpts, Stats, run_reference, time_runs};
-use crate::error::{Error, Result};
-use crate::model::{LoadOptions, load_model};
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
+use volttrain::error::{Error, Result};
+use volttrain::model::{LoadOptions, load_model};
 
 /// Times loading the 135M checkpoint on both sides; one [`Measurement`] in seconds per load.
 pub fn load_135m(opts: &PerfOpts) -> Result<Vec<Measurement>> {

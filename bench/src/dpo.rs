@@ -1,22 +1,22 @@
 //! Preference-tuning workload: one DPO (sigmoid) step with LoRA r16 on a SmolLM2-135M-shaped
-//! Llama (the model of [`super::sft`]), 2 pairs = 4 rows of 256 tokens (128 prompt + 128
+//! Llama (the model of [`crate::sft`]), 2 pairs = 4 rows of 256 tokens (128 prompt + 128
 //! completion), fp32, AdamW, against TRL's `DPOTrainer.training_step` plus its AdamW step on the
 //! very same weights and tokens (`reference/bench_dpo.py`), in the same run. Both sides compute
 //! the reference log-probs with the adapters off, every step.
 
-use super::sft::{Clock, Repeat};
+use crate::sft::{Clock, Repeat};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Measurement, PerfOpts, Stats, run_reference};
-use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
-use crate::data::{Batch, IGNORE_INDEX};
-use crate::error::{Error, Result};
-use crate::model::{CausalLm, LoadOptions, load_model};
-use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
-use crate::trainer::{PreferenceConfig, PreferenceObjective, Trainer};
+use crate::{Measurement, PerfOpts, Stats, run_reference};
+use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
+use volttrain::data::{Batch, IGNORE_INDEX};
+use volttrain::error::{Error, Result};
+use volttrain::model::{CausalLm, LoadOptions, load_model};
+use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
+use volttrain::trainer::{PreferenceConfig, PreferenceObjective, Trainer};
 
 const PAIRS: i64 = 2;
 const PROMPT: i64 = 128;
@@ -95,7 +95,7 @@ fn ours(dir: &std::path::Path, opts: &PerfOpts) -> Result<Vec<f64>> {
 pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
     tch::set_num_threads(opts.threads as i32);
     let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let l = super::sft::layers(opts.quick);
+    let l = crate::sft::layers(opts.quick);
     let reference = run_reference(
         opts,
         "bench_dpo.py",

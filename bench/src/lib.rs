@@ -1,8 +1,12 @@
-//! Side-by-side performance measurement against the Python references.
+//! VoltTrain's benchmark harness (`volttrain-bench`, a workspace member beside the library, never
+//! published): side-by-side performance measurement against the Python references.
 //!
-//! Each workload module measures VoltTrain and runs its Python reference (in `reference/`, with
-//! the provisioned torch venv) on the same inputs and thread count, in the same run, and returns
-//! [`Measurement`]s. The `volttrain-bench` binary drives them and prints the table.
+//! Each workload module measures VoltTrain and runs its Python reference (in the repository's
+//! `reference/`, with the provisioned torch venv) on the same inputs and thread count, in the
+//! same run, and returns [`Measurement`]s. The `volttrain-bench` binary drives them, prints the
+//! table and writes `bench/results/bench-results.json`; `volttrain-gpu-check` runs the
+//! measurements of the GPU acceptance run ([`gpu`], driven by `tools/gpu_check.py`). Everything
+//! that spawns Python or samples the process's memory lives here, not in the library.
 
 pub mod data;
 pub mod dpo;
@@ -16,14 +20,27 @@ pub mod nproc;
 pub mod optim;
 pub mod qlora;
 pub mod quant;
+pub mod rss;
 pub mod sft;
 pub mod trackers;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
+use volttrain::error::{Error, Result};
+
+/// The repository root (where `reference/`, `assets/` and `config/` are): the parent of this
+/// crate's directory.
+pub fn repo_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+/// Where `volttrain-bench` writes its JSON by default: `bench/results/bench-results.json`.
+pub fn default_results_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("results/bench-results.json")
+}
 
 /// Options shared by all workloads.
 #[derive(Debug, Clone)]
@@ -209,7 +226,7 @@ pub(crate) fn run_json(cmd: &mut Command, what: &str) -> Result<serde_json::Valu
 /// Achieved fp32 matmul FLOP/s of a square `n x n` product on `opts.device` (the practical
 /// compute limit of the machine, measured in the same run as the workloads).
 pub fn matmul_flops(opts: &PerfOpts, n: i64) -> Result<Stats> {
-    use crate::error::TchResultExt;
+    use volttrain::error::TchResultExt;
     let a = tch::Tensor::f_randn([n, n], (tch::Kind::Float, opts.device)).ctx("randn")?;
     let b = tch::Tensor::f_randn([n, n], (tch::Kind::Float, opts.device)).ctx("randn")?;
     let times = time_runs(opts.device, opts.warmup.max(1), opts.runs.max(3), || {

@@ -2,11 +2,9 @@
 //! and CPU dequantization GB/s against a memory copy, next to bitsandbytes / torch in the same
 //! run.
 //!
-//! `cargo run --release --example bench_quant [-- --full] [--threads N]`
+//! `cargo run --release -p volttrain-bench --example bench_quant [-- --full] [--threads N]`
 
-use std::path::PathBuf;
-
-use volttrain::perf::{PerfOpts, quant};
+use volttrain_bench::{PerfOpts, quant};
 
 fn main() -> volttrain::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -31,7 +29,7 @@ fn main() -> volttrain::Result<()> {
         python: std::env::var("VOLTTRAIN_PYTHON_REF")
             .unwrap_or_else(|_| "python3".into())
             .into(),
-        root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        root: volttrain_bench::repo_root(),
     };
     let rows = quant::run(&opts)?;
     println!(

@@ -16,12 +16,12 @@
 //! checkpoint.
 //!
 //! Both children train with `keep_freed_memory(false)`, the setting for runs where memory is the
-//! point (`src/malloc.rs`: freed activations go back to the kernel instead of staying resident);
+//! point (`volttrain`'s `src/malloc.rs`: freed activations go back to the kernel instead of staying resident);
 //! `VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=1` in the bench's environment runs both with it on. Speed is tokens/s of the measured steps; the NF4 step dequantizes every base
 //! weight twice per product under checkpointing' recompute (forward and backward), so its
 //! ratio to the fp32 step is the speed cost of that.
 
-use super::sft::{Clock, Repeat};
+use crate::sft::{Clock, Repeat};
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
@@ -30,14 +30,14 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Measurement, PerfOpts, Stats, run_json};
-use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
-use crate::data::Batch;
-use crate::error::{Error, Result, TchResultExt};
-use crate::model::{CausalLm, LoadOptions, load_model};
-use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
-use crate::quant::QuantConfig;
-use crate::trainer::Trainer;
+use crate::{Measurement, PerfOpts, Stats, rss, run_json};
+use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
+use volttrain::data::Batch;
+use volttrain::error::{Error, Result, TchResultExt};
+use volttrain::model::{CausalLm, LoadOptions, load_model};
+use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
+use volttrain::quant::QuantConfig;
+use volttrain::trainer::Trainer;
 
 /// Whether the children keep freed memory (`VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=1`; off by default).
 fn keep_freed() -> bool {
@@ -117,8 +117,8 @@ pub fn write_model(dir: &Path, shape: &Shape, layers: i64) -> Result<()> {
     let cfg_json = hf_config(shape, layers);
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, cfg_json.to_string()).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg = crate::model::llama::config(&cfg_path, &cfg_json)?;
-    let tensors = crate::model::llama::expected_tensors(&cfg);
+    let cfg = volttrain::model::llama::config(&cfg_path, &cfg_json)?;
+    let tensors = volttrain::model::llama::expected_tensors(&cfg);
     // safetensors: u64 header length, JSON header, then the data in header order
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
@@ -175,18 +175,6 @@ pub fn write_model(dir: &Path, shape: &Shape, layers: i64) -> Result<()> {
         .map_err(|e| Error::invalid(format!("{}: {e}", bpath.display())))
 }
 
-/// A `kB` line of `/proc/self/status` in bytes.
-fn status_bytes(key: &str) -> Result<u64> {
-    let path = "/proc/self/status";
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    text.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .ok_or_else(|| Error::invalid(format!("{path}: no `{key}` line")))
-}
-
 /// The child spec: `SHAPE,MODE,LAYERS,WARMUP,RUNS` with MODE `lora` (fp32 base) or `nf4`.
 struct Spec {
     shape: Shape,
@@ -226,7 +214,7 @@ pub fn child(spec: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
         let a = Tensor::f_randn([256, 256], (Kind::Float, opts.device)).ctx("warm-up")?;
         let _ = a.f_matmul(&a).ctx("warm-up")?;
     }
-    let baseline = status_bytes("VmRSS:")?;
+    let baseline = rss::rss_bytes()?;
     let mut load = LoadOptions::new(Kind::Float, opts.device);
     if spec.nf4 {
         let q = QuantConfig::from_legacy(true, false)?
@@ -283,15 +271,14 @@ pub fn child(spec: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
         .build()?;
     // the peak of training alone: the loader's transient memory is returned and the kernel's
     // high-water mark restarts from what is resident now (model, LoRA, trainer)
-    crate::malloc::release_freed_memory();
-    std::fs::write("/proc/self/clear_refs", "5")
-        .map_err(|e| Error::io("/proc/self/clear_refs", e))?;
-    let start_rss = status_bytes("VmRSS:")?;
+    rss::release_freed_memory();
+    rss::reset_peak()?;
+    let start_rss = rss::rss_bytes()?;
     if let Ok(mut v) = times.lock() {
         v.push(Instant::now());
     }
     trainer.fit()?;
-    let peak = status_bytes("VmHWM:")?;
+    let peak = rss::peak_rss_bytes()?;
     let v = times
         .lock()
         .map_err(|_| Error::invalid("clock poisoned"))?

@@ -5,15 +5,15 @@
 //! default (all cores). Rounds alternate the order.
 //!
 //! Both run in child processes of the bench binary (`--child-job`), the two ranks through
-//! [`crate::dist::launch::spawn_workers`], as `volttrain sft --nproc 2` starts them. The figure
+//! [`volttrain::dist::launch::spawn_workers`], as `volttrain sft --nproc 2` starts them. The figure
 //! is rank 0's `tokens_per_sec` of the fit (tokens of all ranks over the run's time).
 
 use std::path::Path;
 
-use super::{Measurement, PerfOpts, Stats};
-use crate::config::SftConfig;
-use crate::error::{Error, Result};
-use crate::sft::{RunOptions, run_sft};
+use crate::{Measurement, PerfOpts, Stats};
+use volttrain::config::SftConfig;
+use volttrain::error::{Error, Result};
+use volttrain::sft::{RunOptions, run_sft};
 
 /// The child: runs the bundled job from `root` into `out` and, on rank 0, writes the summary
 /// JSON to `summary`.
@@ -31,10 +31,10 @@ pub fn child(root: &Path, out: &Path, summary: &Path, quick: bool) -> Result<()>
         cfg.training.epochs = 1;
     }
     let s = run_sft(&cfg, RunOptions::default())?;
-    let rank0 = crate::dist::DistEnv::from_env()?.is_none_or(|e| e.rank == 0);
+    let rank0 = volttrain::dist::DistEnv::from_env()?.is_none_or(|e| e.rank == 0);
     if rank0 {
         let text = serde_json::to_string(&s).map_err(|e| Error::invalid(e.to_string()))?;
-        crate::error::write_atomic(summary, text.as_bytes())?;
+        volttrain::error::write_atomic(summary, text.as_bytes())?;
     }
     Ok(())
 }
@@ -56,7 +56,7 @@ fn one(opts: &PerfOpts, nproc: usize) -> Result<f64> {
     }
     if nproc > 1 {
         // `run` refused a set OMP_NUM_THREADS, so the ranks split the cores by default.
-        crate::dist::launch::spawn_workers(nproc, &exe, &args, &[])?;
+        volttrain::dist::launch::spawn_workers(nproc, &exe, &args, &[])?;
     } else {
         let st = std::process::Command::new(&exe)
             .args(&args)
@@ -96,7 +96,7 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
             two.push(one(opts, 2)?);
         }
     }
-    let cores = crate::dist::available_cores();
+    let cores = volttrain::dist::available_cores();
     Ok(vec![Measurement {
         workload: "sft_nproc2_cpu".into(),
         metric: "tokens/s".into(),

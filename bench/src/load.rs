@@ -13,19 +13,20 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::{Measurement, PerfOpts, Stats, run_json};
-use crate::error::{Error, Result, TchResultExt};
-use crate::model::llama::expected_tensors;
-use crate::model::safetensors::{SafetensorsFile, save_safetensors};
-use crate::model::{CausalLm, LoadOptions, decoder_config, default_quantize_filter, load_model};
-use crate::nn::LinearWeight;
-use crate::quant::{QuantConfig, QuantType, Quantizer};
+use crate::rss::{PeakSampler, release_freed_memory, rss_anon_bytes};
+use crate::{Measurement, PerfOpts, Stats, run_json};
+use volttrain::error::{Error, Result, TchResultExt};
+use volttrain::model::llama::expected_tensors;
+use volttrain::model::safetensors::{SafetensorsFile, save_safetensors};
+use volttrain::model::{
+    CausalLm, LoadOptions, decoder_config, default_quantize_filter, load_model,
+};
+use volttrain::nn::LinearWeight;
+use volttrain::quant::{QuantConfig, QuantType, Quantizer};
 
 /// Allowance for what a load allocates besides tensors: the loader threads' stacks and glibc
 /// arenas (each new thread gets its own arena, whose headers are touched pages), libtorch's
@@ -34,10 +35,6 @@ use crate::quant::{QuantConfig, QuantType, Quantizer};
 /// (the bench note's `overhead`: peak - held - largest - workspace); 8 MiB, the size of one
 /// default thread-stack reservation, leaves room for that without approaching a model's size.
 pub const SLACK_BYTES: u64 = 8 << 20;
-
-/// Interval of the `RssAnon` sampler. Reading `/proc/self/status` takes tens of microseconds;
-/// a 1.5 MiB fp32 linear takes longer than this to allocate and fill.
-const SAMPLE_EVERY: Duration = Duration::from_micros(200);
 
 /// The shape of a Llama-style checkpoint to write.
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +95,7 @@ pub fn write_checkpoint(dir: &Path, shape: &CheckpointShape, kind: Kind) -> Resu
         path: cfg_path.clone(),
         source: e,
     })?;
-    crate::error::write_atomic(&cfg_path, text.as_bytes())?;
+    volttrain::error::write_atomic(&cfg_path, text.as_bytes())?;
     let cfg = decoder_config(&cfg_path, &v)?;
     let _g = tch::no_grad_guard();
     let mut tensors = Vec::new();
@@ -149,55 +146,6 @@ pub fn file_sizes(dir: &Path) -> Result<FileSizes> {
         }
     }
     Ok(out)
-}
-
-/// This process's anonymous resident memory (`RssAnon` of `/proc/self/status`), in bytes.
-pub fn rss_anon_bytes() -> Result<u64> {
-    let path = "/proc/self/status";
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .ok_or_else(|| Error::invalid(format!("{path}: no RssAnon line")))?;
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::invalid(format!("{path}: cannot parse `{line}`")))?;
-    Ok(kb * 1024)
-}
-
-/// Samples [`rss_anon_bytes`] every [`SAMPLE_EVERY`] on a thread and keeps the maximum.
-struct PeakSampler {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    handle: std::thread::JoinHandle<Result<()>>,
-}
-
-impl PeakSampler {
-    fn start() -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(rss_anon_bytes()?));
-        let (s, p) = (stop.clone(), peak.clone());
-        let handle = std::thread::spawn(move || -> Result<()> {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max(rss_anon_bytes()?, Ordering::Relaxed);
-                std::thread::sleep(SAMPLE_EVERY);
-            }
-            Ok(())
-        });
-        Ok(PeakSampler { stop, peak, handle })
-    }
-
-    /// Stops sampling and returns the peak (including one last sample).
-    fn finish(self) -> Result<u64> {
-        self.peak.fetch_max(rss_anon_bytes()?, Ordering::Relaxed);
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle
-            .join()
-            .map_err(|_| Error::invalid("RssAnon sampler panicked"))??;
-        Ok(self.peak.load(Ordering::Relaxed))
-    }
 }
 
 /// Bytes a loaded model holds: dense parameters (each storage once: a tied head shares the
@@ -392,7 +340,7 @@ pub fn child(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
         }
         None => 0,
     };
-    crate::malloc::release_freed_memory();
+    release_freed_memory();
     let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
     opts.threads = run.loader_threads;
     let sampler = PeakSampler::start()?;
@@ -441,7 +389,7 @@ fn child_convert(run: &LoadRun, dir: &Path) -> Result<ChildReport> {
     let w = Tensor::f_randn([64, 64], (Kind::Float, Device::Cpu)).ctx("warm-up randn")?;
     drop(w.f_to_kind(kind).ctx("warm-up convert")?);
     drop(w);
-    crate::malloc::release_freed_memory();
+    release_freed_memory();
     let sampler = PeakSampler::start()?;
     let baseline = rss_anon_bytes()?;
     let model = match run.mode {

@@ -20,9 +20,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Measurement, PerfOpts, Stats, time_runs};
-use crate::error::{Error, Result, TchResultExt};
-use crate::optim::{
+use crate::{Measurement, PerfOpts, Stats, time_runs};
+use volttrain::error::{Error, Result, TchResultExt};
+use volttrain::optim::{
     AdamW, AdamWConfig, Muon, MuonConfig, MuonScale, NamedParam, NsMethod, NsPrecision, Optimizer,
     ParamGroup,
 };

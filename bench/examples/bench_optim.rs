@@ -1,6 +1,6 @@
 //! Muon and AdamW step timings against the PyTorch references, side by side in one run.
 //!
-//! `cargo run --release --example bench_optim [-- --full] [--only muon|adamw] [--threads N]
+//! `cargo run --release -p volttrain-bench --example bench_optim [-- --full] [--only muon|adamw] [--threads N]
 //! [--warmup N] [--runs N]`
 //!
 //! Quick mode (the default) times Muon over 3 layers of SmolLM2-135M matrices, `--full` over
@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use volttrain::perf::{PerfOpts, optim};
+use volttrain_bench::{PerfOpts, optim};
 
 fn arg_value(args: &[String], flag: &str) -> Result<Option<usize>, String> {
     match args.iter().position(|a| a == flag) {
@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         python: std::env::var_os("VOLTTRAIN_PYTHON_REF")
             .map(PathBuf::from)
             .unwrap_or_else(|| "python3".into()),
-        root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        root: volttrain_bench::repo_root(),
     };
     println!(
         "{:<12} {:>8} {:>12} {:>12} {:>8}  reference / note",

@@ -3,12 +3,12 @@
 //! transformers' PyTorch mixer path (`reference/bench_mamba.py`), same run, same threads.
 //!
 //! Both sides compute the mean cross-entropy of the shifted logits (the logits are materialized
-//! on both) and call backward on it; VoltTrain's step runs [`crate::model::SsmLm`] with the fused
+//! on both) and call backward on it; VoltTrain's step runs [`volttrain::model::SsmLm`] with the fused
 //! CPU selective scan. Goal: at least 3x on the CPU.
 
-use super::{Measurement, PerfOpts, Stats, run_reference, time_runs};
-use crate::error::{Error, Result, TchResultExt};
-use crate::model::{ForwardInput, LoadOptions, load_model, safetensors::load_safetensors};
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
+use volttrain::error::{Error, Result, TchResultExt};
+use volttrain::model::{ForwardInput, LoadOptions, load_model, safetensors::load_safetensors};
 
 const LAYERS_FULL: usize = 24;
 const LAYERS_QUICK: usize = 4;
@@ -95,7 +95,7 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
             .ctx("cross entropy")?;
         loss.f_backward().ctx("backward")?;
         for p in &params_list {
-            crate::fused::clear_grad(p)?;
+            volttrain::fused::clear_grad(p)?;
         }
         Ok(())
     })?;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use volttrain::perf::gpu;
+use volttrain_bench::gpu;
 
 #[derive(Parser)]
 #[command(name = "volttrain-gpu-check", about = "GPU acceptance measurements")]

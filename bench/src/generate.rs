@@ -1,14 +1,14 @@
 //! Decode workload (issue 18): greedy generation with the KV cache on a random model with
 //! SmolLM2-135M's shape (`reference/generate_ref.py --make-smollm2`, fp32), VoltTrain's
-//! [`crate::generate::Generate`] against transformers' `generate(do_sample=False)`
+//! [`volttrain::generate::Generate`] against transformers' `generate(do_sample=False)`
 //! (`reference/bench_generate.py`), same prompt length, new tokens and threads, in the same run.
 //! Decode tokens/s counts the tokens after the first (the first comes from the prefill).
 //! Quick mode keeps the layer shape and vocabulary with 8 of the 30 layers.
 
-use super::{Measurement, PerfOpts, Stats, run_reference};
-use crate::error::{Error, Result};
-use crate::generate::{Generate, GenerateConfig};
-use crate::model::{LoadOptions, load_model};
+use crate::{Measurement, PerfOpts, Stats, run_reference};
+use volttrain::error::{Error, Result};
+use volttrain::generate::{Generate, GenerateConfig};
+use volttrain::model::{LoadOptions, load_model};
 
 /// Decode tokens/s of VoltTrain and transformers.
 pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {

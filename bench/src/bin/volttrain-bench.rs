@@ -2,7 +2,8 @@
 //!
 //! Runs every workload in VoltTrain and in its Python reference (PyTorch / transformers / peft /
 //! datasets, from the provisioned venv) on the same machine, libtorch, thread count and inputs,
-//! in one run, and prints a table of both figures and their ratio, plus a JSON file.
+//! in one run, and prints a table of both figures and their ratio, plus a JSON file
+//! (`bench/results/bench-results.json` unless `--json` says otherwise).
 //!
 //! `./dev bench [--quick|--full] [--threads N] [--only NAME,...] [--json PATH]`
 
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use volttrain::perf::{self, Measurement, PerfOpts};
+use volttrain_bench::{self as bench, Measurement, PerfOpts};
 
 #[derive(Parser)]
 #[command(
@@ -32,23 +33,23 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the JSON results.
-    #[arg(long, default_value = "bench-results.json")]
+    #[arg(long, default_value_os_t = bench::default_results_path())]
     json: PathBuf,
     /// Use CUDA device 0 when present.
     #[arg(long)]
     cuda: bool,
-    /// Internal: run one training-step configuration in this process (see perf::sft).
+    /// Internal: run one training-step configuration in this process (see bench::sft).
     #[arg(long, hide = true)]
     child_sft: Option<String>,
     #[arg(long, hide = true)]
     child_model: Option<PathBuf>,
-    /// Internal: measure one load (MODE,FORMAT,THREADS) in this process (see perf::load).
+    /// Internal: measure one load (MODE,FORMAT,THREADS) in this process (see bench::load).
     #[arg(long, hide = true)]
     child_load: Option<String>,
-    /// Internal: one QLoRA memory/speed configuration in this process (see perf::qlora).
+    /// Internal: one QLoRA memory/speed configuration in this process (see bench::qlora).
     #[arg(long, hide = true)]
     child_qlora: Option<String>,
-    /// Internal: the bundled job from this repository root (see perf::nproc).
+    /// Internal: the bundled job from this repository root (see bench::nproc).
     #[arg(long, hide = true)]
     child_job: Option<PathBuf>,
     #[arg(long, hide = true)]
@@ -59,7 +60,7 @@ type Workload = fn(&PerfOpts) -> volttrain::Result<Vec<Measurement>>;
 
 fn matmul(opts: &PerfOpts) -> volttrain::Result<Vec<Measurement>> {
     let n = if opts.quick { 1024 } else { 2048 };
-    let s = perf::matmul_flops(opts, n)?;
+    let s = bench::matmul_flops(opts, n)?;
     Ok(vec![Measurement {
         workload: "matmul_fp32".into(),
         metric: "GFLOP/s".into(),
@@ -74,20 +75,20 @@ fn matmul(opts: &PerfOpts) -> volttrain::Result<Vec<Measurement>> {
 fn workloads() -> Vec<(&'static str, Workload)> {
     vec![
         ("matmul", matmul as Workload),
-        ("optim", perf::optim::run),
-        ("sft", perf::sft::run),
-        ("dpo", perf::dpo::run),
-        ("quant", perf::quant::run),
-        ("data", perf::data::run),
-        ("load", perf::model::load_135m),
-        ("quant-load", perf::load::run),
-        ("trackers", perf::trackers::run),
-        ("families", perf::families::run),
-        ("generate", perf::generate::run),
-        ("mamba", perf::mamba::run),
-        ("qlora", perf::qlora::run),
-        ("qlora-1b", perf::qlora::run_1b),
-        ("nproc", perf::nproc::run),
+        ("optim", bench::optim::run),
+        ("sft", bench::sft::run),
+        ("dpo", bench::dpo::run),
+        ("quant", bench::quant::run),
+        ("data", bench::data::run),
+        ("load", bench::model::load_135m),
+        ("quant-load", bench::load::run),
+        ("trackers", bench::trackers::run),
+        ("families", bench::families::run),
+        ("generate", bench::generate::run),
+        ("mamba", bench::mamba::run),
+        ("qlora", bench::qlora::run),
+        ("qlora-1b", bench::qlora::run_1b),
+        ("nproc", bench::nproc::run),
     ]
 }
 
@@ -113,8 +114,8 @@ fn main() -> std::process::ExitCode {
     if let (Some(root), Some(out), Some(summary)) =
         (&args.child_job, &args.child_model, &args.child_summary)
     {
-        // Before any thread setting: the job's ranks choose their own (perf::nproc).
-        return match perf::nproc::child(root, out, summary, !args.full) {
+        // Before any thread setting: the job's ranks choose their own (bench::nproc).
+        return match bench::nproc::child(root, out, summary, !args.full) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("child job: {e}");
@@ -142,10 +143,11 @@ fn main() -> std::process::ExitCode {
         warmup: 1,
         runs: if quick { 3 } else { 7 },
         python: python.into(),
-        root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        root: bench::repo_root(),
     };
     if let (Some(spec), Some(dir)) = (&args.child_load, &args.child_model) {
-        let report = perf::load::LoadRun::parse(spec).and_then(|run| perf::load::child(&run, dir));
+        let report =
+            bench::load::LoadRun::parse(spec).and_then(|run| bench::load::child(&run, dir));
         return match report.and_then(|r| {
             serde_json::to_string(&r).map_err(|e| volttrain::Error::invalid(e.to_string()))
         }) {
@@ -160,7 +162,7 @@ fn main() -> std::process::ExitCode {
         };
     }
     if let (Some(spec), Some(dir)) = (&args.child_qlora, &args.child_model) {
-        return match perf::qlora::child(spec, dir, &opts) {
+        return match bench::qlora::child(spec, dir, &opts) {
             Ok(v) => {
                 println!("{v}");
                 std::process::ExitCode::SUCCESS
@@ -172,7 +174,7 @@ fn main() -> std::process::ExitCode {
         };
     }
     if let (Some(mode), Some(dir)) = (&args.child_sft, &args.child_model) {
-        return match perf::sft::child(mode, dir, &opts) {
+        return match bench::sft::child(mode, dir, &opts) {
             Ok(v) => {
                 println!("{v}");
                 std::process::ExitCode::SUCCESS

@@ -1,10 +1,8 @@
 //! Model-load benchmark against transformers, run by hand (it makes a 135M checkpoint):
-//! `cargo test --release --test model_bench -- --ignored --nocapture`.
+//! `cargo test --release -p volttrain-bench --test model_bench -- --ignored --nocapture`.
 //! It prints the timings and the ratio; speed is not asserted here.
 
-use std::path::PathBuf;
-
-use volttrain::perf::{PerfOpts, model::load_135m};
+use volttrain_bench::{PerfOpts, model::load_135m};
 
 #[test]
 #[ignore = "benchmark: makes a 135M checkpoint and times loads (minutes)"]
@@ -21,7 +19,7 @@ fn bench_model_load_135m() {
         python: std::env::var("VOLTTRAIN_PYTHON_REF")
             .unwrap_or_else(|_| "python3".into())
             .into(),
-        root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        root: volttrain_bench::repo_root(),
     };
     for m in load_135m(&opts).unwrap() {
         let r = m.reference.unwrap();

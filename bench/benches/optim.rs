@@ -1,11 +1,12 @@
 //! Criterion benches of one optimizer step on small SmolLM2-shaped matrices (one layer).
 //!
-//! For the side-by-side ratios against PyTorch use `cargo run --release --example bench_optim`
-//! (`volttrain::perf::optim`), which runs the reference in the same run.
+//! For the side-by-side ratios against PyTorch use
+//! `cargo run --release -p volttrain-bench --example bench_optim` (`volttrain_bench::optim`),
+//! which runs the reference in the same run.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use volttrain::optim::{AdamW, AdamWConfig, Muon, MuonConfig, NsMethod, Optimizer, ParamGroup};
-use volttrain::perf::optim::make_params;
+use volttrain_bench::optim::make_params;
 
 fn bench_steps(c: &mut Criterion) {
     tch::set_num_threads(2);

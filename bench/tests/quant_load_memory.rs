@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use tch::Kind;
-use volttrain::perf::load::{
+use volttrain_bench::load::{
     CheckpointShape, LoadMode, LoadRun, SLACK_BYTES, file_sizes, measure, write_checkpoint,
 };
 

@@ -1,17 +1,17 @@
 //! Model-family workload (issue 16): random Qwen3-0.6B- and Gemma-2-2B-shaped checkpoints (bf16
 //! safetensors, tied embeddings, written by `reference/bench_families.py`), loaded into fp32 by
-//! [`crate::model::load_model`] and by transformers' `from_pretrained`, and trained for LoRA
+//! [`volttrain::model::load_model`] and by transformers' `from_pretrained`, and trained for LoRA
 //! steps (r 16 on every attention and MLP projection, AdamW, fp32) by VoltTrain (a child process,
-//! as `perf::sft` does) and by transformers + peft, in the same run with the same threads and
+//! as `crate::sft` does) and by transformers + peft, in the same run with the same threads and
 //! tokens.
 //!
 //! Quick mode keeps the real layer shapes, vocabularies and heads but fewer layers (Qwen3 8 of
 //! 28, Gemma 2 4 of 26) and a small batch, so the pair fits a 2-core machine in a few minutes;
 //! `--full` uses every layer.
 
-use super::{Measurement, PerfOpts, Stats, run_reference, time_runs};
-use crate::error::{Error, Result};
-use crate::model::{LoadOptions, load_model};
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
+use volttrain::error::{Error, Result};
+use volttrain::model::{LoadOptions, load_model};
 
 /// One family's benchmark shape.
 struct Shape {
@@ -123,7 +123,7 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
                 opts.threads.to_string(),
             ],
         )?;
-        let ours = super::sft::spawn_child_json("lora", dir.path(), opts)?;
+        let ours = crate::sft::spawn_child_json("lora", dir.path(), opts)?;
         rows.push(Measurement {
             workload: format!("lora_step_{}", s.family),
             metric: "tokens/s".into(),

@@ -18,15 +18,15 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Measurement, PerfOpts, Stats, run_json, run_reference};
-use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
-use crate::callback::{Callback, Control, StepMetrics};
-use crate::data::Batch;
-use crate::error::{Error, Result};
-use crate::model::{CausalLm, LoadOptions, load_model};
-use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
-use crate::quant::{QuantConfig, QuantType};
-use crate::trainer::{BatchSource, Trainer};
+use crate::{Measurement, PerfOpts, Stats, run_json, run_reference};
+use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
+use volttrain::callback::{Callback, Control, StepMetrics};
+use volttrain::data::Batch;
+use volttrain::error::{Error, Result};
+use volttrain::model::{CausalLm, LoadOptions, load_model};
+use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
+use volttrain::quant::{QuantConfig, QuantType};
+use volttrain::trainer::{BatchSource, Trainer};
 
 const BATCH: i64 = 4;
 const SEQ: i64 = 256;
@@ -78,17 +78,9 @@ impl Callback for Clock {
     }
 }
 
+/// Peak resident set of this process in MiB (the key says MB; NaN when unreadable).
 fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    crate::rss::peak_rss_bytes().map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0))
 }
 
 /// One configuration, in this process: prints step seconds and peak RSS as JSON.
@@ -187,6 +179,26 @@ fn spawn_child_env(
     opts: &PerfOpts,
     env: &[(&str, &str)],
 ) -> Result<(Stats, f64)> {
+    parse(&child_report(mode, dir, opts, env)?)
+}
+
+/// Runs one child configuration on `dir`'s model and batch and returns its raw report
+/// (`step_seconds`, `peak_rss_mb`).
+pub(crate) fn spawn_child_json(
+    mode: &str,
+    dir: &Path,
+    opts: &PerfOpts,
+) -> Result<serde_json::Value> {
+    child_report(mode, dir, opts, &[])
+}
+
+/// `volttrain-bench --child-sft MODE --child-model DIR` with `env` added, and its JSON report.
+fn child_report(
+    mode: &str,
+    dir: &Path,
+    opts: &PerfOpts,
+    env: &[(&str, &str)],
+) -> Result<serde_json::Value> {
     let exe = std::env::current_exe().map_err(|e| Error::invalid(format!("current_exe: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.envs(env.iter().copied());
@@ -199,28 +211,7 @@ fn spawn_child_env(
     if opts.device.is_cuda() {
         cmd.arg("--cuda");
     }
-    parse(&run_json(&mut cmd, &format!("sft child {mode}"))?)
-}
-
-/// Runs one child configuration on `dir`'s model and batch and returns its raw report
-/// (`step_seconds`, `peak_rss_mb`).
-pub(crate) fn spawn_child_json(
-    mode: &str,
-    dir: &Path,
-    opts: &PerfOpts,
-) -> Result<serde_json::Value> {
-    let exe = std::env::current_exe().map_err(|e| Error::invalid(format!("current_exe: {e}")))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["--child-sft", mode, "--child-model"])
-        .arg(dir)
-        .args(["--threads", &opts.threads.to_string()]);
-    if !opts.quick {
-        cmd.arg("--full");
-    }
-    if opts.device.is_cuda() {
-        cmd.arg("--cuda");
-    }
-    run_json(&mut cmd, &format!("child {mode} on {}", dir.display()))
+    run_json(&mut cmd, &format!("sft child {mode} on {}", dir.display()))
 }
 
 fn parse(v: &serde_json::Value) -> Result<(Stats, f64)> {

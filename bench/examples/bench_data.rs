@@ -2,12 +2,12 @@
 //! data and thread budget), measured in one run.
 //!
 //! ```text
-//! cargo run --release --example bench_data -- [--quick] [--threads N] [--runs N]
+//! cargo run --release -p volttrain-bench --example bench_data -- [--quick] [--threads N] [--runs N]
 //! ```
 
 use std::path::PathBuf;
 
-use volttrain::perf::{PerfOpts, data};
+use volttrain_bench::{PerfOpts, data};
 
 fn main() -> volttrain::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -27,7 +27,7 @@ fn main() -> volttrain::Result<()> {
         python: std::env::var_os("VOLTTRAIN_PYTHON_REF")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("python3")),
-        root: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        root: volttrain_bench::repo_root(),
     };
     for m in data::run(&opts)? {
         let r = m.reference.map(|r| r.median).unwrap_or(f64::NAN);

@@ -11,7 +11,6 @@
 //! Model FLOPs, MFU and the comparison with PyTorch + PEFT are computed by the driver from these
 //! raw figures, with one formula for both sides.
 
-use std::ffi::c_int;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -19,23 +18,18 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::qlora::Shape;
-use super::sft::{Clock, Repeat};
-use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
-use crate::amp::Precision;
-use crate::data::Batch;
-use crate::dist::{DistConfig, DistEnv, ProcessGroup, launch::free_port};
-use crate::error::{Error, Result, TchResultExt};
-use crate::model::{CausalLm, LoadOptions, load_model};
-use crate::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
-use crate::quant::{ComputeDtype, QuantConfig, QuantType};
-use crate::trainer::{C10dCollective, Collective, Trainer};
-
-unsafe extern "C" {
-    fn vt_cuda_stats_compiled() -> c_int;
-    fn vt_cuda_peak_allocated(device: c_int) -> i64;
-    fn vt_cuda_reset_peak(device: c_int) -> c_int;
-}
+use crate::qlora::Shape;
+use crate::sft::{Clock, Repeat};
+use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
+use volttrain::amp::Precision;
+use volttrain::data::Batch;
+use volttrain::dist::{DistConfig, DistEnv, ProcessGroup, launch::free_port};
+use volttrain::env_report;
+use volttrain::error::{Error, Result, TchResultExt};
+use volttrain::model::{CausalLm, LoadOptions, load_model};
+use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
+use volttrain::quant::{ComputeDtype, QuantConfig, QuantType};
+use volttrain::trainer::{C10dCollective, Collective, Trainer};
 
 /// What is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +73,7 @@ pub const TINY: Shape = Shape {
 /// The shape named `name` (`llama-3.2-1b`, `tiny`) with the batch `batch x seq`.
 pub fn shape(name: &str, batch: i64, seq: i64) -> Result<Shape> {
     let base = match name {
-        "llama-3.2-1b" => super::qlora::LLAMA_32_1B,
+        "llama-3.2-1b" => crate::qlora::LLAMA_32_1B,
         "tiny" => TINY,
         _ => {
             return Err(Error::invalid(format!(
@@ -98,21 +92,18 @@ pub fn shape(name: &str, batch: i64, seq: i64) -> Result<Shape> {
 /// Writes a random-weight fp32 checkpoint of `shape` and a random `[batch, seq]` batch to
 /// `dir` (the weights PyTorch + PEFT load too).
 pub fn write_model(dir: &Path, shape: &Shape) -> Result<()> {
-    super::qlora::write_model(dir, shape, shape.layers)
+    crate::qlora::write_model(dir, shape, shape.layers)
 }
 
 /// Whether peak CUDA memory can be read (the shim's allocator statistics are compiled in).
 pub fn cuda_stats_available() -> bool {
-    // SAFETY: no arguments, no state.
-    unsafe { vt_cuda_stats_compiled() == 1 }
+    env_report::cuda_memory_stats_available()
 }
 
 fn reset_peak(device: Device) {
     if let Device::Cuda(i) = device {
-        // SAFETY: plain call; failures are reported as -1 and show up as a missing peak.
-        unsafe {
-            vt_cuda_reset_peak(i as c_int);
-        }
+        // a failure shows up as a missing peak
+        env_report::reset_cuda_peak(i);
     }
 }
 
@@ -120,20 +111,8 @@ fn reset_peak(device: Device) {
 /// resident high-water mark (CPU); `None` when unavailable.
 fn peak_bytes(device: Device) -> Option<u64> {
     match device {
-        Device::Cuda(i) => {
-            // SAFETY: plain call.
-            let v = unsafe { vt_cuda_peak_allocated(i as c_int) };
-            u64::try_from(v).ok()
-        }
-        _ => std::fs::read_to_string("/proc/self/status")
-            .ok()?
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()
-            .map(|kb| kb * 1024),
+        Device::Cuda(i) => env_report::cuda_peak_allocated(i),
+        _ => crate::rss::peak_rss_bytes().ok(),
     }
 }
 
@@ -266,9 +245,9 @@ pub fn run_steps(
 }
 
 /// Runs every collective the trainer uses on a world-size-1 group on `device` (NCCL on a GPU,
-/// Gloo on the CPU, by [`crate::dist::backend_for`]) and checks each result; returns what ran.
+/// Gloo on the CPU, by [`volttrain::dist::backend_for`]) and checks each result; returns what ran.
 ///
-/// At world size 1 [`crate::dist::GradSync`] and [`crate::dist::broadcast_params`] skip their
+/// At world size 1 [`volttrain::dist::GradSync`] and [`volttrain::dist::broadcast_params`] skip their
 /// collectives, so the bucket all-reduce (a flat bf16 and a flat fp32 bucket), the broadcast
 /// and the barrier are called on the group directly; the scalar collectives (token counts,
 /// loss and eval sums, the interrupt flag) go through [`C10dCollective`] as the trainer calls
