@@ -362,4 +362,25 @@ mod tests {
             Some("2.11.0+cu130")
         );
     }
+
+    /// Peak CUDA memory reads as "not available" where there is no device to read, and a reset
+    /// succeeds exactly where the statistics can be read.
+    #[test]
+    fn cuda_peak_memory() {
+        if !tch::Cuda::is_available() {
+            assert_eq!(cuda_peak_allocated(0), None);
+            assert!(!reset_cuda_peak(0));
+            return;
+        }
+        if !cuda_memory_stats_available() {
+            assert_eq!(cuda_peak_allocated(0), None);
+            return;
+        }
+        assert!(reset_cuda_peak(0));
+        let before = cuda_peak_allocated(0).unwrap();
+        let t = tch::Tensor::zeros([1 << 20], (tch::Kind::Float, tch::Device::Cuda(0)));
+        let peak = cuda_peak_allocated(0).unwrap();
+        drop(t);
+        assert!(peak >= before + (4 << 20), "peak {peak}, before {before}");
+    }
 }

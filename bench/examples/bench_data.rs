@@ -2,7 +2,8 @@
 //! data and thread budget), measured in one run.
 //!
 //! ```text
-//! cargo run --release -p volttrain-bench --example bench_data -- [--quick] [--threads N] [--runs N]
+//! cargo run --release -p volttrain-bench --example bench_data -- [--quick] [--threads N] \
+//!     [--runs N]
 //! ```
 
 use std::path::PathBuf;

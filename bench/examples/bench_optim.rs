@@ -1,7 +1,7 @@
 //! Muon and AdamW step timings against the PyTorch references, side by side in one run.
 //!
-//! `cargo run --release -p volttrain-bench --example bench_optim [-- --full] [--only muon|adamw] [--threads N]
-//! [--warmup N] [--runs N]`
+//! `cargo run --release -p volttrain-bench --example bench_optim [-- --full]
+//! [--only muon|adamw] [--threads N] [--warmup N] [--runs N]`
 //!
 //! Quick mode (the default) times Muon over 3 layers of SmolLM2-135M matrices, `--full` over
 //! all 30; AdamW always over 30. Needs the reference venv (`$VOLTTRAIN_PYTHON_REF`).

@@ -5,10 +5,11 @@
 use std::io::Write as _;
 use std::sync::Arc;
 
-use crate::{Measurement, PerfOpts, Stats, time_runs};
 use volttrain::data::loader::{DataLoader, LoaderOptions};
 use volttrain::data::{Collator, DatasetConfig, SftDataset, Tokenizer};
 use volttrain::error::{Error, Result};
+
+use crate::{Measurement, PerfOpts, Stats, time_runs};
 
 const BATCH: usize = 8;
 const MAX_LEN: usize = 512;

@@ -4,19 +4,20 @@
 //! very same weights and tokens (`reference/bench_dpo.py`), in the same run. Both sides compute
 //! the reference log-probs with the adapters off, every step.
 
-use crate::sft::{Clock, Repeat};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::{Measurement, PerfOpts, Stats, run_reference};
 use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use volttrain::data::{Batch, IGNORE_INDEX};
 use volttrain::error::{Error, Result};
 use volttrain::model::{CausalLm, LoadOptions, load_model};
 use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
 use volttrain::trainer::{PreferenceConfig, PreferenceObjective, Trainer};
+
+use crate::sft::{Clock, Repeat};
+use crate::{Measurement, PerfOpts, Stats, run_reference};
 
 const PAIRS: i64 = 2;
 const PROMPT: i64 = 128;

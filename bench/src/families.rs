@@ -9,9 +9,10 @@
 //! 28, Gemma 2 4 of 26) and a small batch, so the pair fits a 2-core machine in a few minutes;
 //! `--full` uses every layer.
 
-use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
 use volttrain::error::{Error, Result};
 use volttrain::model::{LoadOptions, load_model};
+
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
 
 /// One family's benchmark shape.
 struct Shape {

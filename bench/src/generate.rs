@@ -5,10 +5,11 @@
 //! Decode tokens/s counts the tokens after the first (the first comes from the prefill).
 //! Quick mode keeps the layer shape and vocabulary with 8 of the 30 layers.
 
-use crate::{Measurement, PerfOpts, Stats, run_reference};
 use volttrain::error::{Error, Result};
 use volttrain::generate::{Generate, GenerateConfig};
 use volttrain::model::{LoadOptions, load_model};
+
+use crate::{Measurement, PerfOpts, Stats, run_reference};
 
 /// Decode tokens/s of VoltTrain and transformers.
 pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {

@@ -18,8 +18,6 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::qlora::Shape;
-use crate::sft::{Clock, Repeat};
 use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use volttrain::amp::Precision;
 use volttrain::data::Batch;
@@ -30,6 +28,9 @@ use volttrain::model::{CausalLm, LoadOptions, load_model};
 use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
 use volttrain::quant::{ComputeDtype, QuantConfig, QuantType};
 use volttrain::trainer::{C10dCollective, Collective, Trainer};
+
+use crate::qlora::Shape;
+use crate::sft::{Clock, Repeat};
 
 /// What is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,10 +246,11 @@ pub fn run_steps(
 }
 
 /// Runs every collective the trainer uses on a world-size-1 group on `device` (NCCL on a GPU,
-/// Gloo on the CPU, by [`volttrain::dist::backend_for`]) and checks each result; returns what ran.
+/// Gloo on the CPU, by [`volttrain::dist::backend_for`]) and checks each result; returns what
+/// ran.
 ///
-/// At world size 1 [`volttrain::dist::GradSync`] and [`volttrain::dist::broadcast_params`] skip their
-/// collectives, so the bucket all-reduce (a flat bf16 and a flat fp32 bucket), the broadcast
+/// At world size 1 [`volttrain::dist::GradSync`] and [`volttrain::dist::broadcast_params`] skip
+/// their collectives, so the bucket all-reduce (a flat bf16 and a flat fp32 bucket), the broadcast
 /// and the barrier are called on the group directly; the scalar collectives (token counts,
 /// loss and eval sums, the interrupt flag) go through [`C10dCollective`] as the trainer calls
 /// them, and a short training run with the collective and an interrupt flag drives them from

@@ -17,8 +17,6 @@ use std::sync::Arc;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::rss::{PeakSampler, release_freed_memory, rss_anon_bytes};
-use crate::{Measurement, PerfOpts, Stats, run_json};
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::model::llama::expected_tensors;
 use volttrain::model::safetensors::{SafetensorsFile, save_safetensors};
@@ -27,6 +25,9 @@ use volttrain::model::{
 };
 use volttrain::nn::LinearWeight;
 use volttrain::quant::{QuantConfig, QuantType, Quantizer};
+
+use crate::rss::{PeakSampler, release_freed_memory, rss_anon_bytes};
+use crate::{Measurement, PerfOpts, Stats, run_json};
 
 /// Allowance for what a load allocates besides tensors: the loader threads' stacks and glibc
 /// arenas (each new thread gets its own arena, whose headers are touched pages), libtorch's

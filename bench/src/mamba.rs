@@ -3,12 +3,13 @@
 //! transformers' PyTorch mixer path (`reference/bench_mamba.py`), same run, same threads.
 //!
 //! Both sides compute the mean cross-entropy of the shifted logits (the logits are materialized
-//! on both) and call backward on it; VoltTrain's step runs [`volttrain::model::SsmLm`] with the fused
-//! CPU selective scan. Goal: at least 3x on the CPU.
+//! on both) and call backward on it; VoltTrain's step runs [`volttrain::model::SsmLm`] with the
+//! fused CPU selective scan. Goal: at least 3x on the CPU.
 
-use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::model::{ForwardInput, LoadOptions, load_model, safetensors::load_safetensors};
+
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
 
 const LAYERS_FULL: usize = 24;
 const LAYERS_QUICK: usize = 4;

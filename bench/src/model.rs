@@ -2,9 +2,10 @@
 //! embeddings) loaded into fp32 by [`volttrain::model::load_model`] and by transformers'
 //! `from_pretrained` (`reference/bench_load.py`), in the same run.
 
-use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
 use volttrain::error::{Error, Result};
 use volttrain::model::{LoadOptions, load_model};
+
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
 
 /// Times loading the 135M checkpoint on both sides; one [`Measurement`] in seconds per load.
 pub fn load_135m(opts: &PerfOpts) -> Result<Vec<Measurement>> {

@@ -10,10 +10,11 @@
 
 use std::path::Path;
 
-use crate::{Measurement, PerfOpts, Stats};
 use volttrain::config::SftConfig;
 use volttrain::error::{Error, Result};
 use volttrain::sft::{RunOptions, run_sft};
+
+use crate::{Measurement, PerfOpts, Stats};
 
 /// The child: runs the bundled job from `root` into `out` and, on rank 0, writes the summary
 /// JSON to `summary`.

@@ -20,12 +20,13 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::{Measurement, PerfOpts, Stats, time_runs};
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::optim::{
     AdamW, AdamWConfig, Muon, MuonConfig, MuonScale, NamedParam, NsMethod, NsPrecision, Optimizer,
     ParamGroup,
 };
+
+use crate::{Measurement, PerfOpts, Stats, time_runs};
 
 const HIDDEN: i64 = 576;
 const INTER: i64 = 1536;

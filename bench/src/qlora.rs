@@ -16,12 +16,12 @@
 //! checkpoint.
 //!
 //! Both children train with `keep_freed_memory(false)`, the setting for runs where memory is the
-//! point (`volttrain`'s `src/malloc.rs`: freed activations go back to the kernel instead of staying resident);
-//! `VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=1` in the bench's environment runs both with it on. Speed is tokens/s of the measured steps; the NF4 step dequantizes every base
+//! point (the library's `src/malloc.rs`: freed activations go back to the kernel instead of
+//! staying resident); `VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=1` in the bench's environment runs both
+//! with it on. Speed is tokens/s of the measured steps; the NF4 step dequantizes every base
 //! weight twice per product under checkpointing' recompute (forward and backward), so its
 //! ratio to the fp32 step is the speed cost of that.
 
-use crate::sft::{Clock, Repeat};
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
@@ -30,7 +30,6 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::{Measurement, PerfOpts, Stats, rss, run_json};
 use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use volttrain::data::Batch;
 use volttrain::error::{Error, Result, TchResultExt};
@@ -38,6 +37,9 @@ use volttrain::model::{CausalLm, LoadOptions, load_model};
 use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
 use volttrain::quant::QuantConfig;
 use volttrain::trainer::Trainer;
+
+use crate::sft::{Clock, Repeat};
+use crate::{Measurement, PerfOpts, Stats, rss, run_json};
 
 /// Whether the children keep freed memory (`VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=1`; off by default).
 fn keep_freed() -> bool {

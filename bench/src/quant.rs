@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::quant::{QuantConfig, QuantType, QuantizedTensor, Quantizer};
+
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
 
 /// SmolLM2-135M (hidden 576, intermediate 1536, 9 heads / 3 KV heads of 64, 30 layers): the
 /// `(module, out, in)` of one decoder layer's linear weights. The LM head is tied to the

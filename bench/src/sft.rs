@@ -18,7 +18,6 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::{Measurement, PerfOpts, Stats, run_json, run_reference};
 use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use volttrain::callback::{Callback, Control, StepMetrics};
 use volttrain::data::Batch;
@@ -27,6 +26,8 @@ use volttrain::model::{CausalLm, LoadOptions, load_model};
 use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
 use volttrain::quant::{QuantConfig, QuantType};
 use volttrain::trainer::{BatchSource, Trainer};
+
+use crate::{Measurement, PerfOpts, Stats, run_json, run_reference};
 
 const BATCH: i64 = 4;
 const SEQ: i64 = 256;

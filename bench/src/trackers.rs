@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Measurement, PerfOpts, Stats};
 use volttrain::config::{ComponentSection, SftConfig};
 use volttrain::error::{Error, Result};
 use volttrain::sft::{RunOptions, run_sft};
+
+use crate::{Measurement, PerfOpts, Stats};
 
 /// `mlflow server` in its own process group, ended (the whole group) when dropped.
 struct MlflowServer {
