@@ -2,7 +2,8 @@
 //! thread, same model and same global batch.
 //!
 //! ```text
-//! cargo run --example dist_scaling -- [--steps 20] [--batch 16] [--seq 128] [--repeats 2]
+//! cargo run -p volttrain-bench --example dist_scaling -- [--steps 20] [--batch 16] [--seq 128] \
+//!     [--repeats 2]
 //! ```
 //!
 //! (The work is libtorch's; the dev profile is enough.) The program is its own worker: without
