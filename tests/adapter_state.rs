@@ -113,7 +113,7 @@ fn perturb(params: &[(String, Tensor)], seed: i64) {
     let _g = tch::no_grad_guard();
     for (_, t) in params {
         let mut t = t.shallow_clone();
-        let _ = t.copy_(&(Tensor::randn_like(&t) * 0.3));
+        t.copy_(&(Tensor::randn_like(&t) * 0.3));
     }
 }
 
