@@ -13,15 +13,15 @@ use std::sync::atomic::AtomicBool;
 
 use tch::{Device, Tensor};
 
-use crate::adapter::{LoraConfig, load_peft_adapter, save_peft_adapter};
+use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, load_peft_adapter};
 use crate::callback::{
-    Callback, EpochSaver, EvalMetrics, MetricsJsonl, ModelSaver, Progress, TensorBoard,
+    Callback, EpochSaver, EvalMetrics, MetricsJsonl, Progress, SftSaver, TensorBoard,
 };
 use crate::config::SftConfig;
 use crate::data::{Collator, DataLoader, DatasetConfig, LoaderOptions, SftDataset, Tokenizer};
 use crate::dist::{DistConfig, DistEnv, ProcessGroup, apply_rank_threads, select_device};
 use crate::error::{Error, Result, TchResultExt, write_atomic};
-use crate::model::{CausalLm, LoadOptions, load_model, save_model};
+use crate::model::{CausalLm, LoadOptions, load_model};
 use crate::optim::{
     DynOptimizer, GroupSpec, OptimizerConfigs, ParamGrouper, ParamInfo, ParamRole,
     ReferenceGrouper, ReferenceGrouperConfig, build_optimizer, param_group,
@@ -76,28 +76,6 @@ impl BatchSource for LoaderSource {
                 Error::invalid(format!("batch {index} of epoch {epoch} out of range"))
             })?;
         self.loader.collate(idx)
-    }
-}
-
-/// What the epoch saver writes: the PEFT adapter (or full weights), the tokenizer files and the
-/// chat template, and the resolved config.
-pub struct SftSaver {
-    pub lora: Option<LoraConfig>,
-    pub tokenizer: Arc<Tokenizer>,
-    pub config_yaml: String,
-}
-
-impl ModelSaver for SftSaver {
-    fn save_to(&self, model: &dyn CausalLm, dir: &Path) -> Result<()> {
-        match &self.lora {
-            Some(cfg) => save_peft_adapter(model, cfg, dir)?,
-            None => save_model(model, dir)?,
-        }
-        self.tokenizer.save_to(dir)?;
-        write_atomic(
-            &dir.join("volttrain_config.yaml"),
-            self.config_yaml.as_bytes(),
-        )
     }
 }
 
@@ -554,11 +532,11 @@ pub(crate) fn job_builder(
         .resume(resume)
         .checkpoint_every(t.checkpoint_every)
         .checkpoint_file(crate::run::CHECKPOINT_CONFIG, config_yaml.clone())
-        .saver(Box::new(SftSaver {
-            lora,
-            tokenizer: Arc::new(tok),
+        .saver(Box::new(SftSaver::new(
+            lora.map(|c| Box::new(LoraInjector::new(c)) as Box<dyn AdapterInjector>),
+            Arc::new(tok),
             config_yaml,
-        }))
+        )))
         .scheduler_with(move |total| {
             let ctx = SchedulerCtx { total_steps: total };
             match sched_section {

@@ -1,7 +1,8 @@
 //! int8 and FP8 against their references (bitsandbytes' int8_vectorwise_quant, torchao's FP8
 //! scaling rule written out in torch), live through reference/quant_ref.py; the FP8 linear (one
 //! function in training, evaluation and recompute) against the same rule in Python, and its
-//! casts against PyTorch's float8 casts bit for bit; bytes per parameter from `storage_bytes()`.
+//! casts against PyTorch's float8 casts bit for bit; bytes per parameter from `storage_bytes()`;
+//! a format registered by this test crate round-trips like the built-in ones.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use volttrain::quant::fp8::{fp8_kernels_available, quantize_fp8};
 use volttrain::quant::{
     Fp8Backend, Fp8Format, Fp8Quantizer, Fp8Scaling, Fp8Tensor, Int8Quantizer, Int8Tensor,
-    QuantizedTensor, Quantizer, fp8_backend_for,
+    QuantParts, QuantizedTensor, Quantizer, fp8_backend_for, from_named_tensors,
 };
 
 fn run_reference(mode: &str, inputs: &[(&str, Tensor)]) -> HashMap<String, Tensor> {
@@ -344,4 +345,119 @@ fn bytes_per_parameter_from_storage() {
             "fp8 {scaling:?} {fp8}"
         );
     }
+}
+
+// --- a plugin format: per-tensor symmetric int8, registered by this test crate -----------------
+
+#[derive(Debug)]
+struct PerTensorInt8 {
+    codes: Tensor,
+    scale: Tensor,
+}
+
+impl QuantizedTensor for PerTensorInt8 {
+    fn format(&self) -> &str {
+        "test_q8t"
+    }
+    fn shape(&self) -> (i64, i64) {
+        let s = self.codes.size();
+        (s[0], s[1])
+    }
+    fn dequantize(&self, kind: Kind) -> volttrain::Result<Tensor> {
+        Ok((self.codes.to_kind(Kind::Float) * &self.scale).to_kind(kind))
+    }
+    fn storage_bytes(&self) -> usize {
+        self.codes.numel() + 4
+    }
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("codes".into(), self.codes.shallow_clone()),
+            ("scale".into(), self.scale.shallow_clone()),
+        ]
+    }
+}
+
+#[derive(Debug)]
+struct PerTensorInt8Quantizer;
+
+impl Quantizer for PerTensorInt8Quantizer {
+    fn name(&self) -> &str {
+        "test_q8t"
+    }
+    fn quantize(&self, weight: &Tensor) -> volttrain::Result<Box<dyn QuantizedTensor>> {
+        let scale = weight.abs().max().clamp_min(1e-12) / 127.0;
+        let codes = (weight / &scale).round().to_kind(Kind::Int8);
+        Ok(Box::new(PerTensorInt8 {
+            codes,
+            scale: scale.view([1]),
+        }))
+    }
+    fn load(
+        &self,
+        shape: (i64, i64),
+        parts: Vec<(String, Tensor)>,
+    ) -> volttrain::Result<Box<dyn QuantizedTensor>> {
+        let mut p = QuantParts::new(self.name(), shape, parts);
+        let (codes, scale) = (p.take("codes")?, p.take("scale")?);
+        if codes.kind() != Kind::Int8 || scale.numel() != 1 {
+            return Err(p.error("codes must be int8 and scale one value"));
+        }
+        Ok(Box::new(PerTensorInt8 { codes, scale }))
+    }
+}
+
+fn per_tensor_int8(_: &serde_yaml::Value) -> volttrain::Result<std::sync::Arc<dyn Quantizer>> {
+    Ok(std::sync::Arc::new(PerTensorInt8Quantizer))
+}
+
+volttrain::register_quantizer!("test_q8t", per_tensor_int8);
+
+#[test]
+fn a_registered_plugin_format_round_trips_through_safetensors() {
+    tch::manual_seed(21);
+    let w = Tensor::randn([24, 40], (Kind::Float, Device::Cpu));
+    // built by name, as a YAML `quantization` section would build it
+    let q = volttrain::plugin::build_quantizer("test_q8t", &serde_yaml::Value::Null)
+        .unwrap()
+        .quantize(&w)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.safetensors");
+    Tensor::write_safetensors(&q.named_tensors(), &path).unwrap();
+    let back = from_named_tensors(
+        q.format(),
+        q.shape(),
+        Tensor::read_safetensors(&path).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (back.format(), back.shape(), back.storage_bytes()),
+        ("test_q8t", (24, 40), q.storage_bytes())
+    );
+    assert!(
+        back.dequantize(Kind::Float)
+            .unwrap()
+            .equal(&q.dequantize(Kind::Float).unwrap())
+    );
+    // the plugin's errors name the missing part; a wrong shape is caught for every format
+    let mut parts = q.named_tensors();
+    parts.retain(|(n, _)| n != "scale");
+    let e = from_named_tensors("test_q8t", (24, 40), parts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("test_q8t") && e.contains("`scale`"), "{e}");
+    let e = from_named_tensors("test_q8t", (40, 24), q.named_tensors())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected (40, 24)"), "{e}");
+    // an unknown format lists the registered ones, built-in and plugin
+    let e = from_named_tensors("int3", (2, 2), vec![])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unknown quantized format `int3`")
+            && e.contains("nf4")
+            && e.contains("test_q8t"),
+        "{e}"
+    );
 }

@@ -7,23 +7,24 @@ use tch::Tensor;
 
 use super::AdapterInjector;
 use super::lora::{LoraConfig, LoraInjector};
-use super::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter_as, read_peft_config};
+use super::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
 
 /// Injects the run's LoRA adapters into `model` (its base frozen by the caller): fresh ones from
 /// `cfg`, or with `init_from`, those of the PEFT adapter in that directory with its weights
-/// loaded and every adapter parameter trainable. Returns the adapter config the run trains and
-/// saves (the directory's shape with `cfg`'s dropout and base model name) and the trainable
-/// parameters.
+/// loaded and every adapter parameter trainable ([`LoraInjector`]'s
+/// [`AdapterInjector::load`]). Returns the adapter config the run trains and saves (the
+/// directory's shape with `cfg`'s dropout and base model name) and the trainable parameters.
 pub fn inject_lora(
     model: &mut dyn CausalLm,
     cfg: &LoraConfig,
     init_from: Option<&Path>,
 ) -> Result<(LoraConfig, Vec<(String, Tensor)>)> {
+    let mut injector = LoraInjector::new(cfg.clone());
     let Some(dir) = init_from else {
-        let params = LoraInjector::new(cfg.clone()).inject(model)?;
-        return Ok((cfg.clone(), params));
+        let params = injector.inject(model)?;
+        return Ok((injector.config, params));
     };
     for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
         let p = dir.join(f);
@@ -38,11 +39,10 @@ pub fn inject_lora(
             });
         }
     }
-    let wrap = |e: Error| Error::config("lora.init_from", format!("{}: {e}", dir.display()));
-    // the directory's shape with this run's dropout and base model name
-    let mut loaded = read_peft_config(dir).map_err(wrap)?;
-    loaded.dropout = cfg.dropout;
-    loaded.base_model_name_or_path = cfg.base_model_name_or_path.clone();
+    let params = injector
+        .load(model, dir)
+        .map_err(|e| Error::config("lora.init_from", format!("{}: {e}", dir.display())))?;
+    let loaded = injector.config;
     if loaded.r != cfg.r || loaded.alpha != cfg.alpha || loaded.target != cfg.target {
         tracing::warn!(
             "lora.init_from: the adapter in {} has r={}, alpha={}, targets {:?}; those are used, \
@@ -55,10 +55,6 @@ pub fn inject_lora(
             cfg.alpha,
             cfg.target
         );
-    }
-    let (loaded, params) = load_peft_adapter_as(model, dir, loaded).map_err(wrap)?;
-    for (_, t) in &params {
-        let _ = t.set_requires_grad(true);
     }
     Ok((loaded, params))
 }

@@ -5,12 +5,14 @@
 //! `a = sqrt(5)` (bound `1 / sqrt(in)`), B at zero, so a fresh adapter leaves the model unchanged.
 
 use std::any::Any;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::AdapterInjector;
+use super::peft::{load_peft_adapter_as, read_peft_config, save_peft_adapter};
 use super::presets::{get_targets, module_targets};
 use crate::error::{Error, Result, TchResultExt};
 use crate::model::CausalLm;
@@ -341,10 +343,13 @@ impl LinearAdapter for LoraAdapter {
 /// Adds LoRA adapters to the matching linear layers and returns the trainable parameters.
 #[derive(Debug, Clone, Default)]
 pub struct LoraInjector {
+    /// The adapters' shape and training settings (after [`AdapterInjector::load`]: the loaded
+    /// adapter's shape).
     pub config: LoraConfig,
 }
 
 impl LoraInjector {
+    /// An injector of adapters shaped by `config`.
     pub fn new(config: LoraConfig) -> Self {
         LoraInjector { config }
     }
@@ -437,6 +442,29 @@ impl AdapterInjector for LoraInjector {
             }
         }
         Ok(out)
+    }
+
+    /// PEFT's format: `adapter_config.json` and `adapter_model.safetensors`
+    /// ([`save_peft_adapter`] with this injector's config).
+    fn save(&self, model: &dyn CausalLm, dir: &Path) -> Result<()> {
+        save_peft_adapter(model, &self.config, dir)
+    }
+
+    /// Loads a PEFT adapter (VoltTrain's or PEFT's own): its rank, alpha, rsLoRA, targets and
+    /// `modules_to_save` come from `dir/adapter_config.json`, the dropout and
+    /// `base_model_name_or_path` (settings of this run, not of the weights) stay this
+    /// injector's, and `self.config` becomes that combination. Every adapter parameter is
+    /// trainable.
+    fn load(&mut self, model: &mut dyn CausalLm, dir: &Path) -> Result<Vec<(String, Tensor)>> {
+        let mut cfg = read_peft_config(dir)?;
+        cfg.dropout = self.config.dropout;
+        cfg.base_model_name_or_path = self.config.base_model_name_or_path.clone();
+        let (cfg, params) = load_peft_adapter_as(model, dir, cfg)?;
+        for (_, t) in &params {
+            let _ = t.set_requires_grad(true);
+        }
+        self.config = cfg;
+        Ok(params)
     }
 }
 

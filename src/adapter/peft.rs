@@ -11,14 +11,16 @@ use tch::Tensor;
 
 use super::AdapterInjector;
 use super::lora::{LoraConfig, LoraInjector, Targets, is_lora, name_matches};
-use crate::error::{Error, Result, TchResultExt, write_atomic};
+use super::state::copy_checked;
+use crate::error::{Error, Result, write_atomic};
 use crate::model::CausalLm;
 use crate::model::safetensors::{SafetensorsFile, save_safetensors};
 
 /// PEFT's prefix of every saved key.
 pub const PEFT_PREFIX: &str = "base_model.model.";
-/// File names PEFT uses.
+/// The adapter config file PEFT writes and reads.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// The adapter weights file PEFT writes and reads.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// `target_modules` as PEFT reads it: the regex for a regex target, otherwise the suffixes that
@@ -251,20 +253,7 @@ pub fn load_peft_adapter_as(
             unexpected.push(key.to_string());
             continue;
         };
-        let src_shape = file.shape(key).unwrap_or_default();
-        if src_shape != dst.size() {
-            return Err(Error::checkpoint(
-                &path,
-                format!(
-                    "tensor `{key}`: expected shape {:?}, found {src_shape:?}",
-                    dst.size()
-                ),
-            ));
-        }
-        let src = file.tensor(key, Some(dst.kind()), dst.device())?;
-        let mut dst = dst.shallow_clone();
-        dst.f_copy_(&src)
-            .ctx(format!("{}: copy `{key}`", path.display()))?;
+        copy_checked(&file, key, dst)?;
         loaded.insert(name_owned);
     }
     if !unexpected.is_empty() {

@@ -161,6 +161,6 @@ pub use metrics::MetricsJsonl;
 pub use mlflow::{Mlflow, MlflowConfig};
 pub use progress::Progress;
 pub use samples::{SampleGenerations, SampleGenerationsConfig};
-pub use saver::{EpochSaver, epoch_dirs};
+pub use saver::{EpochSaver, SftSaver, epoch_dirs};
 pub use tensorboard::{TensorBoard, TensorBoardWriter};
 pub use wandb::{Wandb, WandbConfig, WandbMode, shorthand_section as wandb_shorthand};

@@ -1,9 +1,59 @@
-//! The epoch-end saver (the reference system's `EpochEndSaver`).
+//! The epoch-end saver (the reference system's `EpochEndSaver`), and what a YAML job saves
+//! ([`SftSaver`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::callback::{Callback, Control};
-use crate::error::{Error, Result};
+use crate::adapter::AdapterInjector;
+use crate::callback::{Callback, Control, ModelSaver};
+use crate::data::Tokenizer;
+use crate::error::{Error, Result, write_atomic};
+use crate::model::{CausalLm, save_model};
+
+/// What a YAML job (`volttrain sft`, `volttrain dpo`) saves into each `epoch-N/` and `final/`:
+/// the adapter through the run's injector ([`AdapterInjector::save`]: PEFT's files for LoRA, the
+/// injector's own for a plugin adapter) or, without an adapter, the full weights
+/// ([`save_model`]); the tokenizer files with the chat template; and the resolved config as
+/// `volttrain_config.yaml`. Every file is written atomically.
+pub struct SftSaver {
+    /// The injector that made the run's adapter (after `lora.init_from`, the one that loaded
+    /// it); `None` for full fine-tuning.
+    pub adapter: Option<Box<dyn AdapterInjector>>,
+    /// Saved with its chat template.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The resolved config, written as `volttrain_config.yaml`.
+    pub config_yaml: String,
+}
+
+impl SftSaver {
+    /// A saver of the adapter of `adapter` (full weights without one), `tokenizer` and
+    /// `config_yaml`.
+    pub fn new(
+        adapter: Option<Box<dyn AdapterInjector>>,
+        tokenizer: Arc<Tokenizer>,
+        config_yaml: impl Into<String>,
+    ) -> Self {
+        SftSaver {
+            adapter,
+            tokenizer,
+            config_yaml: config_yaml.into(),
+        }
+    }
+}
+
+impl ModelSaver for SftSaver {
+    fn save_to(&self, model: &dyn CausalLm, dir: &Path) -> Result<()> {
+        match &self.adapter {
+            Some(adapter) => adapter.save(model, dir)?,
+            None => save_model(model, dir)?,
+        }
+        self.tokenizer.save_to(dir)?;
+        write_atomic(
+            &dir.join("volttrain_config.yaml"),
+            self.config_yaml.as_bytes(),
+        )
+    }
+}
 
 /// At each epoch end, writes what the trainer's [`crate::callback::ModelSaver`] saves (PEFT
 /// adapter or full weights, tokenizer files, chat template) into `<output_dir>/epoch-<N>/`

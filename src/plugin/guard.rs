@@ -1,8 +1,8 @@
 //! Panic guards around registered components.
 //!
 //! Every component the registry builds is wrapped so that a panic inside a fallible method
-//! (`step`, a callback hook, `quantize` and the quantized tensor's `dequantize`/`linear`,
-//! `inject`, `group`) comes back as an error naming the
+//! (`step`, a callback hook, `quantize`/`load` and the quantized tensor's `dequantize`/`linear`,
+//! `inject`/`save`/`load`, `group`) comes back as an error naming the
 //! component, the method and where the component came from. The wrappers are made by the
 //! factory closures in [`super::registry::Builder::guarded`]; for a dylib plugin those closures
 //! were compiled in the plugin, so the `catch_unwind` below is the plugin's own and can catch the
@@ -141,6 +141,13 @@ impl AdapterInjector for Guarded<dyn AdapterInjector> {
     fn inject(&self, model: &mut dyn CausalLm) -> Result<Vec<(String, tch::Tensor)>> {
         self.call("inject", || self.inner.inject(model))
     }
+    fn save(&self, model: &dyn CausalLm, dir: &Path) -> Result<()> {
+        self.call("save", || self.inner.save(model, dir))
+    }
+    fn load(&mut self, model: &mut dyn CausalLm, dir: &Path) -> Result<Vec<(String, tch::Tensor)>> {
+        let context = format!("{} in `load`", self.what);
+        catch(&context, &self.origin, || self.inner.load(model, dir))
+    }
 }
 
 impl ParamGrouper for Guarded<dyn ParamGrouper> {
@@ -170,6 +177,16 @@ impl Quantizer for GuardedQuantizer {
             &self.origin,
             || self.inner.quantize(weight),
         )?;
+        Ok(Box::new(Guarded::new(&self.what, &self.origin, inner)))
+    }
+    fn load(
+        &self,
+        shape: (i64, i64),
+        parts: Vec<(String, tch::Tensor)>,
+    ) -> Result<Box<dyn QuantizedTensor>> {
+        let inner = catch(&format!("{} in `load`", self.what), &self.origin, || {
+            self.inner.load(shape, parts)
+        })?;
         Ok(Box::new(Guarded::new(&self.what, &self.origin, inner)))
     }
 }

@@ -66,7 +66,8 @@
 //!
 //! **Panics.** A panic may not unwind from a plugin's copy of `std` into the host's (it aborts).
 //! The register function, every factory and every fallible method of a built component
-//! (`step`, `state_dict`, callback hooks, `quantize`, `dequantize`, `inject`, `group`) run
+//! (`step`, `state_dict`, callback hooks, `quantize`, `dequantize`, `inject`, `group`, and the
+//! `save` / `load` of adapters and quantized formats) run
 //! behind guards made on the plugin's side, so a panic there comes back as an
 //! [`Error::Plugin`](crate::Error) naming the component and the method. Methods that cannot
 //! return an error (`Scheduler::factor`, `name`, `shape`, ...) must not panic.

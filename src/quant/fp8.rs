@@ -29,7 +29,7 @@ use std::sync::{Mutex, OnceLock};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{QuantizedTensor, Quantizer, check_weight, tensor_bytes};
+use super::{QuantParts, QuantizedTensor, Quantizer, check_weight, tensor_bytes};
 use crate::error::{Error, Result, TchResultExt};
 
 /// torchao's `EPS` for `amax_to_scale`.
@@ -241,6 +241,21 @@ impl Quantizer for Fp8Quantizer {
             weight,
             self.format,
             self.scaling,
+        )?))
+    }
+
+    /// Parts `bits` and `scale` ([`Fp8Tensor::from_parts`]; the scaling follows the scale's
+    /// size, not `self.scaling`).
+    fn load(
+        &self,
+        shape: (i64, i64),
+        parts: Vec<(String, Tensor)>,
+    ) -> Result<Box<dyn QuantizedTensor>> {
+        let mut p = QuantParts::new(self.name(), shape, parts);
+        Ok(Box::new(Fp8Tensor::from_parts(
+            self.format,
+            p.take("bits")?,
+            p.take("scale")?,
         )?))
     }
 }

@@ -8,7 +8,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{QuantizedTensor, Quantizer, check_weight, tensor_bytes};
+use super::{QuantParts, QuantizedTensor, Quantizer, check_weight, tensor_bytes};
 use crate::error::{Error, Result, TchResultExt};
 
 /// `1 / 127` as bitsandbytes writes it (`7.874015718698502e-3`).
@@ -25,6 +25,19 @@ impl Quantizer for Int8Quantizer {
 
     fn quantize(&self, weight: &Tensor) -> Result<Box<dyn QuantizedTensor>> {
         Ok(Box::new(Int8Tensor::quantize(weight)?))
+    }
+
+    /// Parts `codes` and `stats` ([`Int8Tensor::from_parts`]).
+    fn load(
+        &self,
+        shape: (i64, i64),
+        parts: Vec<(String, Tensor)>,
+    ) -> Result<Box<dyn QuantizedTensor>> {
+        let mut p = QuantParts::new(self.name(), shape, parts);
+        Ok(Box::new(Int8Tensor::from_parts(
+            p.take("codes")?,
+            p.take("stats")?,
+        )?))
     }
 }
 

@@ -39,16 +39,43 @@ pub trait QuantizedTensor: Send + fmt::Debug {
         let w = self.dequantize(x.kind())?;
         x.f_linear::<&Tensor>(&w, None).ctx("quantized linear")
     }
-    /// The tensors to save, by name (relative to the weight), for serialization.
+    /// The tensors to save, by name (relative to the weight), for serialization;
+    /// [`from_named_tensors`] turns them back into this tensor through [`Quantizer::load`].
     fn named_tensors(&self) -> Vec<(String, Tensor)>;
 }
 
-/// Turns dense 2-D weights into quantized ones.
+/// Turns dense 2-D weights into quantized ones, and saved parts back into quantized tensors.
+///
+/// A format round-trips when its quantizer is registered under the format's name
+/// ([`crate::register_quantizer!`]), its factory accepts an empty section, and it implements
+/// [`Quantizer::load`]: [`from_named_tensors`] finds it by the [`QuantizedTensor::format`] the
+/// tensor was saved with.
 pub trait Quantizer: Send + Sync + fmt::Debug {
-    /// Short name of the format this quantizer produces.
+    /// Short name of the format this quantizer produces: the [`QuantizedTensor::format`] of its
+    /// tensors, and the name it is registered under.
     fn name(&self) -> &str;
     /// Quantizes a 2-D weight `[out, in]`. Errors on other ranks or unsupported shapes.
     fn quantize(&self, weight: &Tensor) -> Result<Box<dyn QuantizedTensor>>;
+    /// Rebuilds a tensor of this quantizer's format from its saved parts (what
+    /// [`QuantizedTensor::named_tensors`] returned, e.g. read back from safetensors); `shape` is
+    /// the dense `(rows, cols)`. The layout (block size, scaling, ...) comes from the parts, not
+    /// from the settings this quantizer was built with, since [`from_named_tensors`] calls it on
+    /// the quantizer built from an empty section. Errors name the missing or malformed part
+    /// ([`QuantParts`]). The default is an error: the format cannot be reloaded.
+    fn load(
+        &self,
+        shape: (i64, i64),
+        parts: Vec<(String, Tensor)>,
+    ) -> Result<Box<dyn QuantizedTensor>> {
+        let names: Vec<String> = parts.into_iter().map(|(n, _)| n).collect();
+        Err(crate::Error::invalid(format!(
+            "{} tensor {shape:?} (parts {}): the quantizer `{}` cannot reload saved tensors \
+             (it does not implement `Quantizer::load`)",
+            self.name(),
+            names.join(", "),
+            self.name()
+        )))
+    }
 }
 
 pub mod config;
@@ -148,76 +175,71 @@ pub(crate) fn gather_byte_pairs(table: &Tensor, bytes: &Tensor) -> Result<Tensor
     table.f_index_select(0, &idx).ctx(ctx())
 }
 
+/// The saved parts of one quantized tensor by name, as [`Quantizer::load`] receives them:
+/// [`take`](QuantParts::take) and [`error`](QuantParts::error) give messages that name the
+/// format, the dense shape and the part.
+#[derive(Debug)]
+pub struct QuantParts {
+    format: String,
+    shape: (i64, i64),
+    parts: std::collections::HashMap<String, Tensor>,
+}
+
+impl QuantParts {
+    /// The parts of a `format` tensor of dense `shape`.
+    pub fn new(format: &str, shape: (i64, i64), parts: Vec<(String, Tensor)>) -> Self {
+        QuantParts {
+            format: format.to_string(),
+            shape,
+            parts: parts.into_iter().collect(),
+        }
+    }
+
+    /// Removes and returns part `name`; an error naming it when it is missing.
+    pub fn take(&mut self, name: &str) -> Result<Tensor> {
+        match self.parts.remove(name) {
+            Some(t) => Ok(t),
+            None => Err(self.error(format!("missing part `{name}`"))),
+        }
+    }
+
+    /// `"<format> tensor <shape>: <msg>"` as an invalid-argument error.
+    pub fn error(&self, msg: impl fmt::Display) -> crate::Error {
+        crate::Error::invalid(format!("{} tensor {:?}: {msg}", self.format, self.shape))
+    }
+}
+
 /// Rebuilds a quantized tensor from what [`QuantizedTensor::named_tensors`] returned (for
 /// example after a safetensors round trip): `format` is [`QuantizedTensor::format`], `shape` the
-/// dense `(rows, cols)`. Errors name the missing or malformed part.
+/// dense `(rows, cols)`. The format's loader is the quantizer registered under the format's name
+/// ([`crate::register_quantizer!`], a dylib plugin's registrar), built from an empty config
+/// section: built-in formats (`nf4`, `fp4`, `int8`, `fp8_e4m3`, `fp8_e5m2`) and plugin formats
+/// load alike, through [`Quantizer::load`]. Errors name an unknown format with the known ones,
+/// and the missing or malformed part.
 pub fn from_named_tensors(
     format: &str,
     shape: (i64, i64),
     named: Vec<(String, Tensor)>,
 ) -> Result<Box<dyn QuantizedTensor>> {
-    let mut map: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
-    let mut take = |name: &str| {
-        map.remove(name).ok_or_else(|| {
-            crate::Error::invalid(format!("{format} tensor {shape:?}: missing part `{name}`"))
-        })
-    };
-    let t: Box<dyn QuantizedTensor> = match format {
-        "nf4" | "fp4" => {
-            let ty = if format == "nf4" {
-                FourBitType::Nf4
-            } else {
-                FourBitType::Fp4
-            };
-            let packed = take("packed")?;
-            let quant_map = take("quant_map")?;
-            let expected = Tensor::from_slice(&ty.code());
-            if quant_map.kind() != Kind::Float
-                || !quant_map.to_device(tch::Device::Cpu).equal(&expected)
-            {
-                return Err(crate::Error::invalid(format!(
-                    "{format} tensor {shape:?}: `quant_map` is not the {format} code table"
-                )));
-            }
-            let absmax = take("absmax")?;
-            let nblocks = absmax.numel() as i64;
-            let n = shape.0 * shape.1;
-            if nblocks == 0 || n % nblocks != 0 {
-                return Err(crate::Error::invalid(format!(
-                    "{format} tensor {shape:?}: {nblocks} absmax values do not divide {n} values"
-                )));
-            }
-            let block_size = n / nblocks;
-            let stats = if absmax.kind() == Kind::Uint8 {
-                let offset = take("nested_offset")?
-                    .f_double_value(&[0])
-                    .ctx(format!("{format} nested_offset"))? as f32;
-                nf4::AbsMax::Nested {
-                    codes: absmax,
-                    absmax2: take("nested_absmax")?,
-                    code: take("nested_quant_map")?,
-                    offset,
-                }
-            } else {
-                nf4::AbsMax::Full(absmax)
-            };
-            Box::new(FourBitTensor::new(ty, shape, block_size, packed, stats)?)
-        }
-        "int8" => Box::new(Int8Tensor::from_parts(take("codes")?, take("stats")?)?),
-        "fp8_e4m3" | "fp8_e5m2" => {
-            let f = if format == "fp8_e4m3" {
-                Fp8Format::E4m3
-            } else {
-                Fp8Format::E5m2
-            };
-            Box::new(Fp8Tensor::from_parts(f, take("bits")?, take("scale")?)?)
-        }
-        other => {
-            return Err(crate::Error::invalid(format!(
-                "unknown quantized format `{other}`; known: nf4, fp4, int8, fp8_e4m3, fp8_e5m2"
-            )));
-        }
-    };
+    let quantizer =
+        crate::plugin::build_quantizer(format, &serde_yaml::Value::Null).map_err(|e| match e {
+            crate::Error::UnknownComponent { known, .. } => crate::Error::invalid(format!(
+                "unknown quantized format `{format}`; known: {known} (a format is loaded by the \
+                 quantizer registered under its name)"
+            )),
+            other => crate::Error::invalid(format!(
+                "quantized format `{format}`: building its quantizer to load a {shape:?} \
+                 tensor: {other}"
+            )),
+        })?;
+    let t = quantizer.load(shape, named)?;
+    if t.format() != format {
+        return Err(crate::Error::invalid(format!(
+            "{format} tensor {shape:?}: the quantizer registered as `{format}` loaded a `{}` \
+             tensor",
+            t.format()
+        )));
+    }
     if t.shape() != shape {
         return Err(crate::Error::invalid(format!(
             "{format} tensor: parts have shape {:?}, expected {shape:?}",
@@ -225,4 +247,73 @@ pub fn from_named_tensors(
         )));
     }
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn built_in_formats_load_through_the_registry() {
+        tch::manual_seed(5);
+        let w = Tensor::randn([32, 64], (Kind::Float, tch::Device::Cpu));
+        let quantizers: [Arc<dyn Quantizer>; 4] = [
+            Arc::new(Int8Quantizer),
+            Arc::new(FourBitQuantizer::new(FourBitType::Fp4, 32, true).unwrap()),
+            Arc::new(FourBitQuantizer::nf4_qlora()),
+            Arc::new(Fp8Quantizer {
+                format: Fp8Format::E5m2,
+                scaling: Fp8Scaling::PerRow,
+            }),
+        ];
+        for q in quantizers {
+            let t = q.quantize(&w).unwrap();
+            let back = from_named_tensors(t.format(), t.shape(), t.named_tensors()).unwrap();
+            assert_eq!((back.format(), back.shape()), (q.name(), (32, 64)));
+            assert!(
+                back.dequantize(Kind::Float)
+                    .unwrap()
+                    .equal(&t.dequantize(Kind::Float).unwrap()),
+                "{}",
+                q.name()
+            );
+        }
+        let e = from_named_tensors("int4", (2, 2), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("unknown quantized format `int4`; known: "),
+            "{e}"
+        );
+        for known in ["nf4", "fp4", "int8", "fp8_e4m3", "fp8_e5m2"] {
+            assert!(e.contains(known), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_quantizer_without_load_cannot_reload() {
+        #[derive(Debug)]
+        struct Dense;
+        impl Quantizer for Dense {
+            fn name(&self) -> &str {
+                "dense"
+            }
+            fn quantize(&self, _: &Tensor) -> Result<Box<dyn QuantizedTensor>> {
+                Err(crate::Error::invalid("unused"))
+            }
+        }
+        let e = Dense
+            .load(
+                (2, 2),
+                vec![("w".into(), Tensor::zeros([2, 2], tch::kind::FLOAT_CPU))],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`dense` cannot reload") && e.contains("parts w"),
+            "{e}"
+        );
+    }
 }

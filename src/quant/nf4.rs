@@ -25,7 +25,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{QuantizedTensor, Quantizer, check_weight, tensor_bytes};
+use super::{QuantParts, QuantizedTensor, Quantizer, check_weight, tensor_bytes};
 use crate::error::{Error, Result, TchResultExt};
 
 /// The 4-bit code tables.
@@ -391,6 +391,17 @@ impl Quantizer for FourBitQuantizer {
     fn quantize(&self, weight: &Tensor) -> Result<Box<dyn QuantizedTensor>> {
         Ok(Box::new(self.quantize_4bit(weight)?))
     }
+
+    /// [`FourBitTensor::from_parts`] of this quantizer's type; the block size and double
+    /// quantization follow the parts, not `self`.
+    fn load(
+        &self,
+        shape: (i64, i64),
+        parts: Vec<(String, Tensor)>,
+    ) -> Result<Box<dyn QuantizedTensor>> {
+        let parts = QuantParts::new(self.ty.name(), shape, parts);
+        Ok(Box::new(FourBitTensor::from_parts(self.ty, shape, parts)?))
+    }
 }
 
 /// A weight in NF4 or FP4 with its block statistics.
@@ -407,6 +418,42 @@ pub struct FourBitTensor {
 }
 
 impl FourBitTensor {
+    /// Rebuilds a tensor from what [`QuantizedTensor::named_tensors`] returned: `packed`,
+    /// `quant_map` (must be the code table of `ty`), `absmax` (fp32 per block, or `uint8` codes
+    /// with `nested_absmax`, `nested_quant_map` and `nested_offset` under double quantization);
+    /// the block size is the values per absmax entry.
+    pub fn from_parts(ty: FourBitType, shape: (i64, i64), mut parts: QuantParts) -> Result<Self> {
+        let format = ty.name();
+        let packed = parts.take("packed")?;
+        let quant_map = parts.take("quant_map")?;
+        let expected = Tensor::from_slice(&ty.code());
+        if quant_map.kind() != Kind::Float || !quant_map.to_device(Device::Cpu).equal(&expected) {
+            return Err(parts.error(format!("`quant_map` is not the {format} code table")));
+        }
+        let absmax = parts.take("absmax")?;
+        let nblocks = absmax.numel() as i64;
+        let n = shape.0 * shape.1;
+        if nblocks == 0 || n % nblocks != 0 {
+            return Err(parts.error(format!("{nblocks} absmax values do not divide {n} values")));
+        }
+        let block_size = n / nblocks;
+        let stats = if absmax.kind() == Kind::Uint8 {
+            let offset = parts
+                .take("nested_offset")?
+                .f_double_value(&[0])
+                .ctx(format!("{format} nested_offset"))? as f32;
+            AbsMax::Nested {
+                codes: absmax,
+                absmax2: parts.take("nested_absmax")?,
+                code: parts.take("nested_quant_map")?,
+                offset,
+            }
+        } else {
+            AbsMax::Full(absmax)
+        };
+        FourBitTensor::new(ty, shape, block_size, packed, stats)
+    }
+
     /// Assembles a tensor from its parts (checked for consistent sizes).
     pub fn new(
         ty: FourBitType,
