@@ -236,3 +236,53 @@ impl DataLoader {
         Ok(it.map(move |idx| self.collate(&idx)))
     }
 }
+
+/// The padding id of `tok`: its pad token, else its EOS token (as the reference collators do).
+pub fn pad_id(tok: &super::Tokenizer) -> Result<i64> {
+    Ok(tok
+        .pad()
+        .or(tok.eos())
+        .ok_or_else(|| Error::Tokenizer {
+            path: tok.dir().to_path_buf(),
+            msg: "no pad and no eos token: set pad_token in tokenizer_config.json".into(),
+        })?
+        .id as i64)
+}
+
+/// [`BatchSource`](crate::trainer::BatchSource) over a [`DataLoader`]: what the trainer reads
+/// its batches from. The index batches of an epoch are computed once.
+pub struct LoaderSource {
+    loader: DataLoader,
+    epoch: Option<(usize, Vec<Vec<usize>>)>,
+}
+
+impl LoaderSource {
+    /// Serves the batches of `loader`.
+    pub fn new(loader: DataLoader) -> Self {
+        LoaderSource {
+            loader,
+            epoch: None,
+        }
+    }
+}
+
+impl crate::trainer::BatchSource for LoaderSource {
+    fn num_batches(&self, _epoch: usize) -> usize {
+        self.loader.num_batches().unwrap_or(0)
+    }
+
+    fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch> {
+        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let batches: Vec<Vec<usize>> = self.loader.batches(epoch as u64, 0)?.collect();
+            self.epoch = Some((epoch, batches));
+        }
+        let idx = self
+            .epoch
+            .as_ref()
+            .and_then(|(_, b)| b.get(index))
+            .ok_or_else(|| {
+                Error::invalid(format!("batch {index} of epoch {epoch} out of range"))
+            })?;
+        self.loader.collate(idx)
+    }
+}
