@@ -116,24 +116,27 @@ pub(crate) fn job_optimizer(
     let t = &cfg.training;
     let g = cfg.grouper_section();
     let grouper = plugin::build_grouper(&g.name, &g.options_value())?;
-    let options = cfg.optimizer.as_ref().map(|o| o.options_value());
-    let choice_configs: OptimizerConfigs;
-    let choice = match (&cfg.optimizer, &options) {
-        (Some(o), Some(options)) if o.name != "reference" => OptimizerChoice::Registered {
-            name: &o.name,
-            options,
-        },
-        (Some(_), Some(options)) => {
-            choice_configs = plugin::parse_config("optimizer", options)?;
-            OptimizerChoice::PerGroup(&choice_configs)
-        }
+    let options = cfg
+        .optimizer
+        .as_ref()
+        .map_or(serde_yaml::Value::Null, |o| o.options_value());
+    // the built-in pair's configs: `optimizer: {name: reference, adamw: ..., muon: ...}`, or the
+    // defaults with `training.weight_decay`
+    let configs = match &cfg.optimizer {
+        Some(o) if o.name == "reference" => plugin::parse_config("optimizer", &options)?,
         _ => {
             let mut c = OptimizerConfigs::default();
             c.adamw.weight_decay = t.weight_decay;
             c.muon.weight_decay = t.weight_decay;
-            choice_configs = c;
-            OptimizerChoice::PerGroup(&choice_configs)
+            c
         }
+    };
+    let choice = match &cfg.optimizer {
+        Some(o) if o.name != "reference" => OptimizerChoice::Registered {
+            name: &o.name,
+            options: &options,
+        },
+        _ => OptimizerChoice::PerGroup(&configs),
     };
     assemble_optimizer(
         model,

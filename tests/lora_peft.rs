@@ -525,6 +525,9 @@ fn peft_config_errors_name_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = load_model(&base, &LoadOptions::default()).unwrap();
     let cfg = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.05,
         target: Targets::Names(vec!["q_proj".into()]),
         ..Default::default()
     };
