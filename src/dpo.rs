@@ -13,50 +13,19 @@ use std::sync::Arc;
 
 use crate::callback::Progress;
 use crate::config::SftConfig;
-use crate::data::{Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, pad_id};
+use crate::data::{
+    Collator, LoaderOptions, LoaderSource, PreferenceDataset, PreferenceLoader, pad_id,
+};
 use crate::error::{Error, Result};
 use crate::model::{LoadOptions, load_model};
 use crate::plugin;
 use crate::sft::{
     RunOptions, inject_adapter, job_optimizer, job_process_group, load_model_and_tokenizer,
 };
-use crate::trainer::{BatchSource, FitSummary, PreferenceConfig, PreferenceObjective};
+use crate::trainer::{FitSummary, PreferenceConfig, PreferenceObjective};
 
-/// [`BatchSource`] over a [`PreferenceLoader`].
-pub struct PreferenceSource {
-    loader: PreferenceLoader,
-    epoch: Option<(usize, Vec<Vec<usize>>)>,
-}
-
-impl PreferenceSource {
-    pub fn new(loader: PreferenceLoader) -> Self {
-        PreferenceSource {
-            loader,
-            epoch: None,
-        }
-    }
-}
-
-impl BatchSource for PreferenceSource {
-    fn num_batches(&self, _epoch: usize) -> usize {
-        self.loader.num_batches().unwrap_or(0)
-    }
-
-    fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch> {
-        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let batches: Vec<Vec<usize>> = self.loader.batches(epoch as u64, 0)?.collect();
-            self.epoch = Some((epoch, batches));
-        }
-        let idx = self
-            .epoch
-            .as_ref()
-            .and_then(|(_, b)| b.get(index))
-            .ok_or_else(|| {
-                Error::invalid(format!("batch {index} of epoch {epoch} out of range"))
-            })?;
-        self.loader.collate(idx)
-    }
-}
+/// [`BatchSource`](crate::trainer::BatchSource) over a [`PreferenceLoader`].
+pub type PreferenceSource = LoaderSource<PreferenceLoader>;
 
 /// Runs the preference-tuning job of `cfg` (its `preference:` section, or TRL's defaults).
 pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {

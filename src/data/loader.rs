@@ -249,16 +249,44 @@ pub fn pad_id(tok: &super::Tokenizer) -> Result<i64> {
         .id as i64)
 }
 
-/// [`BatchSource`](crate::trainer::BatchSource) over a [`DataLoader`]: what the trainer reads
-/// its batches from. The index batches of an epoch are computed once.
-pub struct LoaderSource {
-    loader: DataLoader,
+/// A loader with deterministic index batches per epoch, collated on demand: what a
+/// [`LoaderSource`] serves. [`DataLoader`] (SFT examples) and
+/// [`PreferenceLoader`](super::PreferenceLoader) (preference pairs) are ones.
+pub trait EpochBatches: Send {
+    /// The index batches of `epoch` from batch `start`, for this rank.
+    fn batches(&self, epoch: u64, start: usize) -> Result<BatchIter>;
+    /// Collates the items `idx` (one batch of [`EpochBatches::batches`]).
+    fn collate(&self, idx: &[usize]) -> Result<Batch>;
+}
+
+impl EpochBatches for DataLoader {
+    fn batches(&self, epoch: u64, start: usize) -> Result<BatchIter> {
+        DataLoader::batches(self, epoch, start)
+    }
+    fn collate(&self, idx: &[usize]) -> Result<Batch> {
+        DataLoader::collate(self, idx)
+    }
+}
+
+impl EpochBatches for super::PreferenceLoader {
+    fn batches(&self, epoch: u64, start: usize) -> Result<BatchIter> {
+        super::PreferenceLoader::batches(self, epoch, start)
+    }
+    fn collate(&self, idx: &[usize]) -> Result<Batch> {
+        super::PreferenceLoader::collate(self, idx)
+    }
+}
+
+/// [`BatchSource`](crate::trainer::BatchSource) over a loader ([`DataLoader`] by default): what
+/// the trainer reads its batches from. The index batches of an epoch are computed once.
+pub struct LoaderSource<L: EpochBatches = DataLoader> {
+    loader: L,
     epoch: Option<(usize, Vec<Vec<usize>>)>,
 }
 
-impl LoaderSource {
+impl<L: EpochBatches> LoaderSource<L> {
     /// Serves the batches of `loader`.
-    pub fn new(loader: DataLoader) -> Self {
+    pub fn new(loader: L) -> Self {
         LoaderSource {
             loader,
             epoch: None,
@@ -266,9 +294,9 @@ impl LoaderSource {
     }
 }
 
-impl crate::trainer::BatchSource for LoaderSource {
+impl<L: EpochBatches> crate::trainer::BatchSource for LoaderSource<L> {
     fn num_batches(&self, _epoch: usize) -> usize {
-        self.loader.num_batches().unwrap_or(0)
+        self.loader.batches(0, 0).map_or(0, |b| b.num_batches())
     }
 
     fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch> {
