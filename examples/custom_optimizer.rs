@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector};
+use volttrain::data::LoaderSource;
 use volttrain::data::{Collator, DataLoader, LoaderOptions, SftDataset};
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::optim::{NamedParam, Optimizer, ParamGroup, StateDict};
-use volttrain::sft::LoaderSource;
 use volttrain::trainer::Trainer;
 
 /// The optimizer's settings: the YAML section minus `name`. `serde(default)` gives every field

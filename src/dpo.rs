@@ -13,69 +13,30 @@ use std::sync::Arc;
 
 use crate::callback::Progress;
 use crate::config::SftConfig;
-use crate::data::{Batch, Collator, LoaderOptions, PreferenceDataset, PreferenceLoader, Tokenizer};
+use crate::data::{
+    Collator, LoaderOptions, LoaderSource, PreferenceDataset, PreferenceLoader, pad_id,
+};
 use crate::error::{Error, Result};
 use crate::model::{LoadOptions, load_model};
 use crate::plugin;
-use crate::sft::{RunOptions, dist_setup, load_model_and_tokenizer, lora_config, make_optimizer};
-use crate::trainer::{BatchSource, FitSummary, PreferenceConfig, PreferenceObjective};
+use crate::sft::{
+    RunOptions, inject_adapter, job_optimizer, job_process_group, load_model_and_tokenizer,
+};
+use crate::trainer::{FitSummary, PreferenceConfig, PreferenceObjective};
 
-/// [`BatchSource`] over a [`PreferenceLoader`].
-pub struct PreferenceSource {
-    loader: PreferenceLoader,
-    epoch: Option<(usize, Vec<Vec<usize>>)>,
-}
-
-impl PreferenceSource {
-    pub fn new(loader: PreferenceLoader) -> Self {
-        PreferenceSource {
-            loader,
-            epoch: None,
-        }
-    }
-}
-
-impl BatchSource for PreferenceSource {
-    fn num_batches(&self, _epoch: usize) -> usize {
-        self.loader.num_batches().unwrap_or(0)
-    }
-
-    fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch> {
-        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let batches: Vec<Vec<usize>> = self.loader.batches(epoch as u64, 0)?.collect();
-            self.epoch = Some((epoch, batches));
-        }
-        let idx = self
-            .epoch
-            .as_ref()
-            .and_then(|(_, b)| b.get(index))
-            .ok_or_else(|| {
-                Error::invalid(format!("batch {index} of epoch {epoch} out of range"))
-            })?;
-        self.loader.collate(idx)
-    }
-}
-
-fn pad_id(tok: &Tokenizer) -> Result<i64> {
-    Ok(tok
-        .pad()
-        .or(tok.eos())
-        .ok_or_else(|| Error::Tokenizer {
-            path: tok.dir().to_path_buf(),
-            msg: "no pad and no eos token: set pad_token in tokenizer_config.json".into(),
-        })?
-        .id as i64)
-}
+/// [`BatchSource`](crate::trainer::BatchSource) over a [`PreferenceLoader`].
+pub type PreferenceSource = LoaderSource<PreferenceLoader>;
 
 /// Runs the preference-tuning job of `cfg` (its `preference:` section, or TRL's defaults).
 pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
+    cfg.training.required_lr()?;
     let base_dir = opts.base_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     plugin::load_plugins(&cfg.plugins, &base_dir)?;
     plugin::check_registry()?;
     crate::dist::apply_rank_threads(cfg.training.threads);
     let pcfg: PreferenceConfig = cfg.preference.clone().unwrap_or_default();
     pcfg.validate()?;
-    let (pg, device) = dist_setup(cfg)?;
+    let (pg, device) = job_process_group(cfg)?;
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
     let t = &cfg.training;
     // The same output-directory rules as `volttrain sft`: one writer, no silent overwrite,
@@ -87,15 +48,16 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         &cfg.to_yaml()?,
         rank == 0,
     )?;
-    let (mut model, tok, dcfg) = load_model_and_tokenizer(cfg, device)?;
+    let (mut model, tok) = load_model_and_tokenizer(cfg, device)?;
+    let dcfg = &cfg.dataset;
     if dcfg.packing {
         return Err(Error::config(
             "dataset.packing",
             "preference tuning does not pack pairs; set `packing: false`",
         ));
     }
-    let train = Arc::new(PreferenceDataset::load(&dcfg, &tok)?);
-    let eval = PreferenceDataset::load_eval(&dcfg, &tok)?.map(Arc::new);
+    let train = Arc::new(PreferenceDataset::load(dcfg, &tok)?);
+    let eval = PreferenceDataset::load_eval(dcfg, &tok)?.map(Arc::new);
     tracing::info!(
         "{} preference pairs from {}",
         train.len(),
@@ -128,32 +90,17 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         })
         .transpose()?;
 
-    let mut lora = lora_config(cfg);
     tch::manual_seed(t.seed as i64);
     let mut objective = PreferenceObjective::new(pcfg.clone())?;
-    match &mut lora {
-        Some(l) => {
-            model.freeze_base();
-            // `lora.init_from`: the saved adapter's shape and weights
-            let init = cfg.lora.as_ref().and_then(|s| s.init_from.as_deref());
-            let (used, params) = crate::adapter::inject_lora(model.as_mut(), l, init)?;
-            *l = used;
-            let n: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+    let adapter = match inject_adapter(cfg, model.as_mut())? {
+        Some(a) => {
             tracing::info!(
-                "LoRA r={} on {} tensors, {n} trainable parameters; the reference is the model \
-                 with its adapters off",
-                l.r,
-                params.len()
+                "{}; the reference is the model with its adapters off",
+                a.summary
             );
+            Some(a.injector)
         }
         None => {
-            if cfg.model.train_4bit || cfg.model.train_8bit || cfg.quantization.is_some() {
-                return Err(Error::config(
-                    "lora",
-                    "a quantized base is frozen: full fine-tuning needs a dense model; enable \
-                     `lora` (QLoRA) or remove the quantization",
-                ));
-            }
             if pcfg.needs_reference() && !pcfg.precompute_ref_log_probs {
                 tracing::info!(
                     "full fine-tuning: loading a frozen reference copy of {}",
@@ -163,8 +110,9 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
                     load_model(&cfg.model.path, &LoadOptions::new(tch::Kind::Float, device))?;
                 objective = objective.with_reference_model(reference);
             }
+            None
         }
-    }
+    };
     if pcfg.precompute_ref_log_probs && world > 1 {
         // Every rank needs the rows of every pair (shards change with the epoch).
         let mut all = PreferenceSource::new(PreferenceLoader::new(
@@ -182,10 +130,10 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
             objective.precompute(model.as_ref(), &mut all, 0, device)?;
         }
     }
-    let optimizer = make_optimizer(cfg, model.as_ref())?;
+    let optimizer = job_optimizer(cfg, model.as_ref())?;
 
     let mut builder =
-        crate::sft::job_builder(cfg, model, optimizer, device, opts.resume, lora, tok, rank)?
+        crate::sft::job_builder(cfg, model, optimizer, device, opts.resume, adapter, tok, rank)?
             .train_data(Box::new(PreferenceSource::new(train_loader)))
             .preference(objective);
     if let Some(e) = eval_loader {

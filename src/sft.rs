@@ -1,36 +1,33 @@
 //! The main job: supervised fine-tuning driven by one [`SftConfig`] (what `volttrain sft` runs),
 //! and evaluation of a model or adapter (`volttrain eval`).
 //!
-//! The pieces are the public ones a host application would use itself: the tokenizer and
-//! dataset from [`crate::data`], the model from [`crate::model::load_model`] (quantized while
-//! loading when asked), LoRA from [`crate::adapter`], the reference grouping and optimizers from
-//! [`crate::optim`], schedules and callbacks from the registry ([`crate::plugin`]), and the
-//! [`Trainer`].
+//! A thin composition of the public pieces a host application would use itself: the config
+//! sections ([`crate::config`]) name every component, and the registry ([`crate::plugin`])
+//! builds them (quantizer, adapter, grouper, optimizer, scheduler, callbacks); the tokenizer,
+//! datasets and [`LoaderSource`] come from [`crate::data`], the model from
+//! [`crate::model::load_model`], the optimizer assembly from [`crate::optim::assemble_optimizer`],
+//! the process group from [`crate::dist::init_from_env`], and the loop from the [`Trainer`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use tch::{Device, Tensor};
+use tch::Device;
 
-use crate::adapter::{AdapterInjector, LoraConfig, LoraInjector, load_peft_adapter};
+use crate::adapter::{AdapterInjector, LoraInjector, load_peft_adapter};
 use crate::callback::{
     Callback, EpochSaver, EvalMetrics, MetricsJsonl, Progress, SftSaver, TensorBoard,
 };
 use crate::config::SftConfig;
-use crate::data::{Collator, DataLoader, DatasetConfig, LoaderOptions, SftDataset, Tokenizer};
-use crate::dist::{DistConfig, DistEnv, ProcessGroup, apply_rank_threads, select_device};
-use crate::error::{Error, Result, TchResultExt, write_atomic};
+use crate::data::{
+    Collator, DataLoader, DatasetConfig, LoaderOptions, LoaderSource, SftDataset, Tokenizer, pad_id,
+};
+use crate::dist::{ProcessGroup, apply_rank_threads};
+use crate::error::{Error, Result, write_atomic};
 use crate::model::{CausalLm, LoadOptions, load_model};
-use crate::optim::{
-    DynOptimizer, GroupSpec, OptimizerConfigs, ParamGrouper, ParamInfo, ParamRole,
-    ReferenceGrouper, ReferenceGrouperConfig, build_optimizer, param_group,
-};
+use crate::optim::{DynOptimizer, OptimizerChoice, OptimizerConfigs, assemble_optimizer};
 use crate::plugin::{self, CallbackCtx, SchedulerCtx};
-use crate::quant::QuantConfig;
-use crate::trainer::{
-    BatchSource, C10dCollective, Collective, FitSummary, Trainer, TrainerBuilder,
-};
+use crate::trainer::{C10dCollective, Collective, FitSummary, Trainer, TrainerBuilder};
 
 /// How to run the job, besides the config.
 #[derive(Default)]
@@ -43,101 +40,22 @@ pub struct RunOptions {
     pub base_dir: Option<PathBuf>,
 }
 
-/// [`BatchSource`] over a [`DataLoader`]: the index batches of an epoch are computed once.
-pub struct LoaderSource {
-    loader: DataLoader,
-    epoch: Option<(usize, Vec<Vec<usize>>)>,
-}
-
-impl LoaderSource {
-    pub fn new(loader: DataLoader) -> Self {
-        LoaderSource {
-            loader,
-            epoch: None,
-        }
-    }
-}
-
-impl BatchSource for LoaderSource {
-    fn num_batches(&self, _epoch: usize) -> usize {
-        self.loader.num_batches().unwrap_or(0)
-    }
-
-    fn batch(&mut self, epoch: usize, index: usize) -> Result<crate::data::Batch> {
-        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let batches: Vec<Vec<usize>> = self.loader.batches(epoch as u64, 0)?.collect();
-            self.epoch = Some((epoch, batches));
-        }
-        let idx = self
-            .epoch
-            .as_ref()
-            .and_then(|(_, b)| b.get(index))
-            .ok_or_else(|| {
-                Error::invalid(format!("batch {index} of epoch {epoch} out of range"))
-            })?;
-        self.loader.collate(idx)
-    }
-}
-
-pub(crate) fn dataset_config(cfg: &SftConfig) -> Result<DatasetConfig> {
-    let d: DatasetConfig = serde_path_to_error::deserialize(cfg.dataset.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        let key = if path == "." {
-            "dataset".to_string()
-        } else {
-            format!("dataset.{path}")
-        };
-        Error::config(key, e.into_inner().to_string())
-    })?;
-    d.validate()?;
-    Ok(d)
-}
-
-pub(crate) fn quant_config(cfg: &SftConfig) -> Result<Option<QuantConfig>> {
-    let section = match &cfg.quantization {
-        None => None,
-        Some(v) => Some(serde_path_to_error::deserialize(v.clone()).map_err(|e| {
-            Error::config(
-                format!("quantization.{}", e.path()),
-                e.into_inner().to_string(),
-            )
-        })?),
-    };
-    QuantConfig::resolve(section, cfg.model.train_4bit, cfg.model.train_8bit)
-}
-
-/// The LoRA config of the run, if LoRA is on.
-pub fn lora_config(cfg: &SftConfig) -> Option<LoraConfig> {
-    let l = cfg.lora.as_ref().filter(|l| l.enabled)?;
-    Some(LoraConfig {
-        r: l.rank,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        use_rslora: l.use_rslora,
-        target: l.target_modules.clone(),
-        modules_to_save: l.modules_to_save.clone(),
-        base_model_name_or_path: Some(cfg.model.path.display().to_string()),
-        ..LoraConfig::default()
-    })
-}
-
 /// Loads the tokenizer (with the dataset's custom template, if any) and the model (quantized
-/// while loading when asked; in `model.dtype`, converted tensor by tensor) onto `device`.
+/// while loading when asked, by the registry's quantizer; in `model.dtype`, converted tensor by
+/// tensor) onto `device`.
 pub fn load_model_and_tokenizer(
     cfg: &SftConfig,
     device: Device,
-) -> Result<(Box<dyn CausalLm>, Tokenizer, DatasetConfig)> {
-    let dcfg = dataset_config(cfg)?;
+) -> Result<(Box<dyn CausalLm>, Tokenizer)> {
     let mut tok = Tokenizer::from_dir(&cfg.model.path)?;
-    dcfg.apply_chat_template(&mut tok)?;
-    let frozen = lora_config(cfg).is_some();
+    cfg.dataset.apply_chat_template(&mut tok)?;
     let kind = cfg
         .model
         .dtype
-        .resolve(cfg.training.precision, device, frozen)?;
+        .resolve(cfg.training.precision, device, cfg.has_adapter())?;
     let mut opts = LoadOptions::new(kind, device);
-    if let Some(q) = quant_config(cfg)? {
-        opts = opts.with_quantizer(q.quantizer()?);
+    if let Some(q) = cfg.quantizer()? {
+        opts = opts.with_quantizer(q);
     }
     let model = load_model(&cfg.model.path, &opts)?;
     tracing::info!(
@@ -148,7 +66,7 @@ pub fn load_model_and_tokenizer(
         device,
         kind
     );
-    Ok((model, tok, dcfg))
+    Ok((model, tok))
 }
 
 fn loader(
@@ -157,120 +75,138 @@ fn loader(
     dcfg: &DatasetConfig,
     opts: LoaderOptions,
 ) -> Result<DataLoader> {
-    let pad = tok
-        .pad()
-        .or(tok.eos())
-        .ok_or_else(|| Error::Tokenizer {
-            path: tok.dir().to_path_buf(),
-            msg: "no pad and no eos token: set pad_token in tokenizer_config.json".into(),
-        })?
-        .id as i64;
     Ok(DataLoader::new(
         Arc::new(ds),
-        Collator::new(pad, dcfg.padding_side),
+        Collator::new(pad_id(tok)?, dcfg.padding_side),
         opts,
     ))
 }
 
-/// Puts every trainable parameter in a group: the reference grouping (Muon for hidden matrices,
-/// AdamW for embeddings at 2x, the LM head at 0.1x, 1-D parameters without weight decay), then
-/// either the built-in Muon + AdamW pair or, with an `optimizer: {name: ...}` section, that
-/// registered optimizer for every group.
-pub(crate) fn make_optimizer(
+/// The optimizer of the job: the grouper of `grouper:` (default the reference grouping: Muon for
+/// hidden matrices, AdamW for embeddings at 2x, the LM head at 0.1x, 1-D parameters without
+/// weight decay), then each group's optimizer (the built-in Muon + AdamW pair, configured by
+/// `optimizer: {name: reference, ...}`) or, with an `optimizer: {name: ...}` section, that
+/// registered optimizer for every group. Everything is built through the registry.
+pub(crate) fn job_optimizer(
     cfg: &SftConfig,
     model: &dyn CausalLm,
 ) -> Result<Box<dyn DynOptimizer>> {
-    let trainable: Vec<(String, Tensor)> = model
-        .named_parameters()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
-    let infos: Vec<ParamInfo> = trainable
-        .iter()
-        .map(|(n, t)| ParamInfo {
-            name: n.clone(),
-            shape: t.size(),
-            role: if n == model.embed_param() {
-                ParamRole::Embedding
-            } else if n == model.lm_head_param() {
-                ParamRole::LmHead
-            } else {
-                ParamRole::Other
-            },
-        })
-        .collect();
-    let lr = cfg.training.lr;
-    let wd = cfg.training.weight_decay;
-    let custom = cfg.optimizer.as_ref().filter(|o| o.name != "reference");
-    let grouper = ReferenceGrouper::new(ReferenceGrouperConfig {
-        use_muon: cfg.training.use_muon && custom.is_none(),
-        ..Default::default()
-    });
-    let specs: Vec<GroupSpec> = grouper.group(&infos)?;
-    match custom {
-        None => {
-            let mut configs: OptimizerConfigs = match &cfg.optimizer {
-                Some(o) => plugin::parse_config("optimizer", &o.options_value())?,
-                None => OptimizerConfigs::default(),
-            };
-            if cfg.optimizer.is_none() {
-                configs.adamw.weight_decay = wd;
-                configs.muon.weight_decay = wd;
-            }
-            build_optimizer(specs, &trainable, lr, &configs)
+    let t = &cfg.training;
+    let g = cfg.grouper_section();
+    let grouper = plugin::build_grouper(&g.name, &g.options_value())?;
+    let options = cfg
+        .optimizer
+        .as_ref()
+        .map_or(serde_yaml::Value::Null, |o| o.options_value());
+    // the built-in pair's configs: `optimizer: {name: reference, adamw: ..., muon: ...}`, or the
+    // defaults with `training.weight_decay`
+    let configs = match &cfg.optimizer {
+        Some(o) if o.name == "reference" => plugin::parse_config("optimizer", &options)?,
+        _ => {
+            let mut c = OptimizerConfigs::default();
+            c.adamw.weight_decay = t.weight_decay;
+            c.muon.weight_decay = t.weight_decay;
+            c
         }
-        Some(o) => {
-            let by_name: std::collections::HashMap<&str, &Tensor> =
-                trainable.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let groups = specs
-                .into_iter()
-                .map(|s| param_group(s, &by_name, lr, wd))
-                .collect::<Result<Vec<_>>>()?;
-            plugin::build_optimizer(&o.name, groups, &o.options_value())
-        }
-    }
+    };
+    let choice = match &cfg.optimizer {
+        Some(o) if o.name != "reference" => OptimizerChoice::Registered {
+            name: &o.name,
+            options: &options,
+        },
+        _ => OptimizerChoice::PerGroup(&configs),
+    };
+    assemble_optimizer(
+        model,
+        grouper.as_ref(),
+        choice,
+        t.required_lr()?,
+        t.weight_decay,
+    )
 }
 
-pub(crate) fn dist_setup(cfg: &SftConfig) -> Result<(Option<ProcessGroup>, Device)> {
-    let env = DistEnv::from_env()?;
-    let dcfg: DistConfig = cfg.distributed.clone().unwrap_or_default();
-    dcfg.validate()?;
-    match env {
-        // One process: `model.device`, or the one GPU `training.gpu_devices` lists.
-        None if cfg.training.gpu_devices.is_empty() => Ok((None, cfg.device()?)),
-        None => Ok((
-            None,
-            select_device(
-                cfg.device()?,
-                cfg.model.device.is_some(),
-                &cfg.training.gpu_devices,
-                None,
-                tch::Cuda::device_count().max(0) as usize,
-            )?,
-        )),
-        Some(env) => {
-            let device = select_device(
-                cfg.device()?,
-                cfg.model.device.is_some(),
-                &cfg.training.gpu_devices,
-                Some(&env),
-                tch::Cuda::device_count().max(0) as usize,
-            )?;
-            // NCCL for CUDA ranks, Gloo for CPU ranks, unless distributed.backend says.
-            let pg = ProcessGroup::on_device(&env, &dcfg, device)?;
-            Ok((Some(pg), device))
+/// The process group (under a launcher) and device of the job: `distributed:`, `model.device`
+/// and `training.gpu_devices`.
+pub(crate) fn job_process_group(cfg: &SftConfig) -> Result<(Option<ProcessGroup>, Device)> {
+    crate::dist::init_from_env(
+        &cfg.distributed.clone().unwrap_or_default(),
+        cfg.device()?,
+        cfg.model.device.is_some(),
+        &cfg.training.gpu_devices,
+    )
+}
+
+/// The adapter a job injected.
+pub(crate) struct InjectedAdapter {
+    /// The injector that holds the adapter: the saver writes through it
+    /// ([`AdapterInjector::save`]), so a plugin adapter is saved in its own format.
+    pub(crate) injector: Box<dyn AdapterInjector>,
+    /// For the log: what was injected where (`LoRA r=8 on 28 tensors, 5120 trainable
+    /// parameters`).
+    pub(crate) summary: String,
+}
+
+/// Freezes the base of `model` and injects the run's adapter, built through the registry
+/// (`adapter:`, or the `lora:` shorthand); with `lora.init_from`, the saved adapter's shape and
+/// weights. Without an adapter, checks that the base is dense.
+pub(crate) fn inject_adapter(
+    cfg: &SftConfig,
+    model: &mut dyn CausalLm,
+) -> Result<Option<InjectedAdapter>> {
+    let Some(section) = cfg.adapter_section()? else {
+        if cfg.quantizer_section()?.is_some() {
+            return Err(Error::config(
+                "lora",
+                "a quantized base is frozen: full fine-tuning needs a dense model; enable \
+                 `lora` (QLoRA) or remove the quantization",
+            ));
         }
+        return Ok(None);
+    };
+    let mut options = section.options_value();
+    let mut lora = cfg.lora_config()?;
+    if let (Some(base), serde_yaml::Value::Mapping(m)) = (
+        lora.as_ref()
+            .and_then(|l| l.base_model_name_or_path.clone()),
+        &mut options,
+    ) {
+        m.insert("base_model_name_or_path".into(), base.into());
     }
+    let mut injector = plugin::build_adapter(&section.name, &options)?;
+    model.freeze_base();
+    let params = match &mut lora {
+        // `lora.init_from`: the saved adapter's shape and weights
+        Some(l) if l.init_from.is_some() => {
+            let init = l.init_from.clone();
+            let (used, params) = crate::adapter::inject_lora(model, l, init.as_deref())?;
+            *l = used.clone();
+            // the saver writes what was loaded (its rank and targets may differ from `lora:`)
+            injector = Box::new(LoraInjector::new(used));
+            params
+        }
+        _ => injector.inject(model)?,
+    };
+    let n: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+    let what = match &lora {
+        Some(l) => format!("LoRA r={}", l.r),
+        None => format!("adapter `{}`", section.name),
+    };
+    let summary = format!(
+        "{what} on {} tensors, {n} trainable parameters",
+        params.len()
+    );
+    Ok(Some(InjectedAdapter { injector, summary }))
 }
 
 /// Runs the fine-tuning job of `cfg`.
 pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
+    cfg.training.required_lr()?;
     let base_dir = opts.base_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     plugin::load_plugins(&cfg.plugins, &base_dir)?;
     plugin::check_registry()?;
     // training.threads, else OMP_NUM_THREADS, else ranks on one machine split its cores.
     apply_rank_threads(cfg.training.threads);
-    let (pg, device) = dist_setup(cfg)?;
+    let (pg, device) = job_process_group(cfg)?;
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
     let t = &cfg.training;
     // One writer per output directory, no silent overwrite, resume only under the same math.
@@ -281,15 +217,15 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         &cfg.to_yaml()?,
         rank == 0,
     )?;
-    let (mut model, tok, dcfg) = load_model_and_tokenizer(cfg, device)?;
-
-    let train = SftDataset::load(&dcfg, &tok)?;
-    let eval = SftDataset::load_eval(&dcfg, &tok)?;
+    let (mut model, tok) = load_model_and_tokenizer(cfg, device)?;
+    let dcfg = &cfg.dataset;
+    let train = SftDataset::load(dcfg, &tok)?;
+    let eval = SftDataset::load_eval(dcfg, &tok)?;
     let packing = dcfg.packing.then_some(dcfg.max_seq_len);
     let train_loader = loader(
         train,
         &tok,
-        &dcfg,
+        dcfg,
         LoaderOptions {
             batch_size: t.batch_size,
             seed: t.seed,
@@ -304,7 +240,7 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         Some(ds) => Some(loader(
             ds,
             &tok,
-            &dcfg,
+            dcfg,
             LoaderOptions {
                 batch_size: t.eval_batch_size.unwrap_or(t.batch_size),
                 seed: t.seed,
@@ -318,38 +254,17 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
         None => None,
     };
 
-    let mut lora = lora_config(cfg);
     // New weights (LoRA A, ...) are drawn from the run seed, as `transformers.set_seed` before
     // the model is built: two runs of one config start alike (data-parallel ranks also get rank
     // 0's values by broadcast).
     tch::manual_seed(t.seed as i64);
-    match &mut lora {
-        Some(l) => {
-            model.freeze_base();
-            // `lora.init_from`: the saved adapter's shape and weights
-            let init = cfg.lora.as_ref().and_then(|s| s.init_from.as_deref());
-            let (used, params) = crate::adapter::inject_lora(model.as_mut(), l, init)?;
-            *l = used;
-            let n: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
-            tracing::info!(
-                "LoRA r={} on {} tensors, {n} trainable parameters",
-                l.r,
-                params.len()
-            );
-        }
-        None => {
-            if cfg.model.train_4bit || cfg.model.train_8bit || cfg.quantization.is_some() {
-                return Err(Error::config(
-                    "lora",
-                    "a quantized base is frozen: full fine-tuning needs a dense model; enable \
-                     `lora` (QLoRA) or remove the quantization",
-                ));
-            }
-        }
-    }
-    let optimizer = make_optimizer(cfg, model.as_ref())?;
+    let adapter = inject_adapter(cfg, model.as_mut())?.map(|a| {
+        tracing::info!("{}", a.summary);
+        a.injector
+    });
+    let optimizer = job_optimizer(cfg, model.as_ref())?;
 
-    let mut builder = job_builder(cfg, model, optimizer, device, opts.resume, lora, tok, rank)?
+    let mut builder = job_builder(cfg, model, optimizer, device, opts.resume, adapter, tok, rank)?
         .train_data(Box::new(LoaderSource::new(train_loader)));
     if let Some(e) = eval_loader {
         builder = builder.eval_data(Box::new(LoaderSource::new(e)));
@@ -358,43 +273,27 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     let mut trainer = builder.build()?;
     let total = trainer.total_steps();
     trainer.add_callback(Box::new(Progress::new(total, t.log_every)));
-    let summary = trainer.fit()?;
-    if let Some(dir) = std::env::var_os(RANK_PARAMS_ENV) {
-        write_rank_params(trainer.model(), Path::new(&dir), rank)?;
-    }
-    Ok(summary)
-}
-
-/// Test hook: when set to a directory, every rank writes its trainable parameters after
-/// training to `<dir>/rank-<r>.safetensors` (only rank 0 saves otherwise), so a test can check
-/// that all data-parallel ranks ended with the same weights.
-pub const RANK_PARAMS_ENV: &str = "VOLTTRAIN_RANK_PARAMS_DIR";
-
-fn write_rank_params(model: &dyn CausalLm, dir: &Path, rank: usize) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let params: Vec<(String, Tensor)> = model
-        .named_parameters()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .map(|(n, t)| {
-            let cpu = t
-                .f_detach()
-                .and_then(|t| t.f_to(Device::Cpu))
-                .ctx(format!("{RANK_PARAMS_ENV}: copy {n} to the CPU"))?;
-            Ok((n, cpu))
-        })
-        .collect::<Result<_>>()?;
-    let path = dir.join(format!("rank-{rank}.safetensors"));
-    Tensor::write_safetensors(&params, &path).ctx(format!("write {}", path.display()))
+    trainer.fit()
 }
 
 /// Mean loss over the label tokens of the eval set (`dataset.eval_path`), for the base model or
 /// with the PEFT adapter in `adapter`.
 pub fn run_eval(cfg: &SftConfig, adapter: Option<&Path>) -> Result<EvalMetrics> {
     let device = cfg.device()?;
-    let (mut model, tok, dcfg) = load_model_and_tokenizer(cfg, device)?;
+    let (mut model, tok) = load_model_and_tokenizer(cfg, device)?;
+    let dcfg = &cfg.dataset;
     if let Some(dir) = adapter {
-        load_peft_adapter(model.as_mut(), dir)?;
+        match cfg.adapter_section()? {
+            // a registered adapter reads its own files (`AdapterInjector::load`)
+            Some(section) if section.name != "lora" => {
+                plugin::build_adapter(&section.name, &section.options_value())?
+                    .load(model.as_mut(), dir)?;
+            }
+            // a PEFT LoRA directory, whatever the config's adapter section says of its shape
+            _ => {
+                load_peft_adapter(model.as_mut(), dir)?;
+            }
+        }
     }
     let path = dcfg.eval_path.clone().ok_or_else(|| {
         Error::config(
@@ -402,11 +301,11 @@ pub fn run_eval(cfg: &SftConfig, adapter: Option<&Path>) -> Result<EvalMetrics> 
             "`volttrain eval` needs an eval file; set dataset.eval_path",
         )
     })?;
-    let ds = SftDataset::load_file(&path, &dcfg, &tok)?;
+    let ds = SftDataset::load_file(&path, dcfg, &tok)?;
     let l = loader(
         ds,
         &tok,
-        &dcfg,
+        dcfg,
         LoaderOptions {
             batch_size: cfg
                 .training
@@ -495,7 +394,7 @@ pub(crate) fn job_builder(
     optimizer: Box<dyn DynOptimizer>,
     device: Device,
     resume: bool,
-    lora: Option<LoraConfig>,
+    adapter: Option<Box<dyn AdapterInjector>>,
     tok: Tokenizer,
     rank: usize,
 ) -> Result<TrainerBuilder> {
@@ -509,13 +408,11 @@ pub(crate) fn job_builder(
         )?;
     }
     let sched_section = cfg.scheduler.clone();
-    let warmup_ratio = t.warmup_ratio;
-    let warmup_fixed = t.warmup_steps;
-    let min_lr_ratio = t.min_lr_ratio;
+    let training = t.clone();
     Ok(Trainer::builder()
         .model(model)
         .optimizer(optimizer)
-        .base_lr(t.lr)
+        .base_lr(t.required_lr()?)
         .device(device)
         .precision(t.precision)
         .loss_scaler(t.loss_scaler.clone())
@@ -533,22 +430,16 @@ pub(crate) fn job_builder(
         .checkpoint_every(t.checkpoint_every)
         .checkpoint_file(crate::run::CHECKPOINT_CONFIG, config_yaml.clone())
         .saver(Box::new(SftSaver::new(
-            lora.map(|c| Box::new(LoraInjector::new(c)) as Box<dyn AdapterInjector>),
+            adapter,
             Arc::new(tok),
             config_yaml,
         )))
-        .scheduler_with(move |total| {
-            let ctx = SchedulerCtx { total_steps: total };
-            match sched_section {
-                Some(s) => plugin::build_scheduler(&s.name, &s.options_value(), &ctx),
-                None => {
-                    let warmup = warmup_fixed
-                        .unwrap_or_else(|| (warmup_ratio * total as f64).round() as u64);
-                    let mut m = serde_yaml::Mapping::new();
-                    m.insert("warmup_steps".into(), warmup.into());
-                    m.insert("min_lr_ratio".into(), min_lr_ratio.into());
-                    plugin::build_scheduler("cosine", &serde_yaml::Value::Mapping(m), &ctx)
-                }
-            }
+        .scheduler_with(move |total| match sched_section {
+            Some(s) => plugin::build_scheduler(
+                &s.name,
+                &s.options_value(),
+                &SchedulerCtx { total_steps: total },
+            ),
+            None => training.reference_schedule(total).build(),
         }))
 }

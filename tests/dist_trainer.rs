@@ -6,7 +6,10 @@
 //! hold exactly the items of the 1-process batch `2b` (in another row order). The trainer scales
 //! each rank's summed loss by `world / global label tokens` and averages gradients, so the update
 //! equals the 1-process one up to the order of float sums (1e-5). Each rank writes its own
-//! trainable parameters through `VOLTTRAIN_RANK_PARAMS_DIR`, to show both ranks ended identical.
+//! trainable parameters through a callback of the `volttrain-test-rank-params` fixture plugin
+//! (loaded from the YAML `plugins:` list by every rank), to show both ranks ended identical.
+
+mod plugin_support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,10 +71,17 @@ fn sft(config: &Path, extra: &[&str], rank_params: Option<&Path>) -> Run {
     ] {
         cmd.env_remove(k);
     }
-    match rank_params {
-        Some(d) => cmd.env("VOLTTRAIN_RANK_PARAMS_DIR", d),
-        None => cmd.env_remove("VOLTTRAIN_RANK_PARAMS_DIR"),
-    };
+    if let Some(d) = rank_params {
+        // every rank writes `<d>/rank-<r>.safetensors` when fit ends
+        let lib = plugin_support::plugin_library("volttrain-test-rank-params");
+        cmd.arg("--set")
+            .arg(format!("plugins=[\"{}\"]", lib.display()))
+            .arg("--set")
+            .arg(format!(
+                "callbacks=[{{name: fixture_rank_params, dir: \"{}\"}}]",
+                d.display()
+            ));
+    }
     let out = cmd.output().expect("start volttrain");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();

@@ -323,6 +323,8 @@ fn train(name: &str, mode: Mode) -> (f64, f64) {
     if !matches!(mode, Mode::Full) {
         let cfg = LoraConfig {
             dropout: 0.0,
+            r: 8,
+            alpha: 16.0,
             ..Default::default()
         };
         model.freeze_base();

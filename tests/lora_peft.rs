@@ -186,6 +186,7 @@ fn volttrain_saved_adapters_load_in_peft_with_the_same_logits() {
                     "model.layers.0.self_attn.k_proj".into(),
                     "gate_proj".into(),
                 ]),
+                dropout: 0.05,
                 ..Default::default()
             },
         ),
@@ -195,6 +196,7 @@ fn volttrain_saved_adapters_load_in_peft_with_the_same_logits() {
                 r: 2,
                 alpha: 16.0,
                 target: Targets::Regex(r".*\.(q|v)_proj".into()),
+                dropout: 0.05,
                 ..Default::default()
             },
         ),
@@ -254,6 +256,8 @@ fn injection_freezes_base_and_starts_as_identity() {
     let cfg = LoraConfig {
         r: 16,
         modules_to_save: vec!["model.norm".into()],
+        alpha: 16.0,
+        dropout: 0.05,
         ..Default::default()
     };
     let params = LoraInjector::new(cfg).inject(model.as_mut()).unwrap();
@@ -337,6 +341,8 @@ fn merge_and_unmerge_keep_logits_and_restore_weights() {
     let cfg = LoraConfig {
         r: 4,
         target: Targets::Preset("mlp_only".into()),
+        alpha: 16.0,
+        dropout: 0.05,
         ..Default::default()
     };
     let params = LoraInjector::new(cfg).inject(model.as_mut()).unwrap();
@@ -519,6 +525,9 @@ fn peft_config_errors_name_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = load_model(&base, &LoadOptions::default()).unwrap();
     let cfg = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.05,
         target: Targets::Names(vec!["q_proj".into()]),
         ..Default::default()
     };

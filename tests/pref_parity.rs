@@ -413,6 +413,7 @@ fn fresh_lora_first_loss_is_ln2_and_eval_reports_trl_keys() {
     let lora = volttrain::adapter::LoraConfig {
         r: 8,
         alpha: 16.0,
+        dropout: 0.05,
         ..Default::default()
     };
     use volttrain::adapter::AdapterInjector;

@@ -271,6 +271,37 @@ fn bad_config_names_file_and_key() {
     assert!(e.contains("/nonexistent/train.jsonl"), "{e}");
 }
 
+#[test]
+fn eval_needs_no_lr_and_training_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 4, 1);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("  lr: 0.02\n", "")).unwrap();
+    // config/sft.yaml marks only model.path and dataset.path required: eval runs without lr
+    let ev = volttrain()
+        .args(["eval", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        ev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ev.stderr)
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap()).unwrap();
+    assert!(m["eval_loss"].as_f64().unwrap() > 0.0, "{m}");
+    // training does need it, and says which key
+    let out = volttrain()
+        .args(["sft", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("`training.lr`") && e.contains("required"), "{e}");
+}
+
 /// Starts `volttrain sft` on `cfg` (plus `extra`), waits until `metrics.jsonl` shows `after`
 /// training steps, then sends `signals` to it and waits for it. Each signal after the first is
 /// sent once the process has said it got the one before (two pending signals of one kind would

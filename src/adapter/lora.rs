@@ -150,15 +150,25 @@ pub(crate) fn name_matches(module: &str, target: &str) -> bool {
             && module.as_bytes()[module.len() - target.len() - 1] == b'.')
 }
 
-/// LoRA hyper-parameters.
+/// LoRA hyper-parameters: the `lora:` section of the YAML file (and the options of
+/// `adapter: {name: lora, ...}`), and what [`LoraInjector`] injects.
 ///
-/// Defaults: `r = 8` (PEFT `LoraConfig.r`), `alpha = 16` and `dropout = 0.05` (the reference
-/// system's defaults; PEFT's own `LoraConfig` defaults are `lora_alpha = 8`, `lora_dropout = 0.0`),
-/// `use_rslora = false` and PEFT's initialisation (both as in PEFT), targets the `llama` preset.
+/// Defaults: `r = 16`, `alpha = 32`, `dropout = 0.0` (the reference system's YAML defaults, which
+/// `config/sft.yaml` shows; PEFT's own `LoraConfig` defaults are `r = 8`, `lora_alpha = 8`,
+/// `lora_dropout = 0.0`), `use_rslora = false` and PEFT's initialisation (both as in PEFT),
+/// targets the `llama` preset.
+///
+/// Key names: the reference system's (`rank`, `alpha`, `dropout`, `target_modules`), which are
+/// written, and the library's and PEFT's (`r`, `target`, `lora_alpha`, `lora_dropout`), which
+/// are accepted too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {
-    /// Rank.
+    /// The YAML switch: `false` trains all weights without an adapter (the section is then
+    /// ignored). [`LoraInjector`] does not read it. Default `true`.
+    pub enabled: bool,
+    /// Rank (`rank`; `r` is accepted).
+    #[serde(rename = "rank", alias = "r")]
     pub r: i64,
     /// Scale numerator (`lora_alpha`).
     #[serde(alias = "lora_alpha")]
@@ -168,7 +178,8 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
-    /// Which linear modules get an adapter.
+    /// Which linear modules get an adapter (`target_modules`; `target` is accepted).
+    #[serde(rename = "target_modules", alias = "target")]
     pub target: Targets,
     /// Modules (names or `.`-suffixes) trained in full next to the adapters and saved with them.
     pub modules_to_save: Vec<String>,
@@ -176,20 +187,29 @@ pub struct LoraConfig {
     /// adapter already changes the outputs (PEFT's `init_lora_weights=False` is for tests too).
     pub init_lora_weights: bool,
     /// Written to `adapter_config.json` as `base_model_name_or_path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base_model_name_or_path: Option<String>,
+    /// Start from the weights of this PEFT adapter directory (saved by VoltTrain or PEFT) with a
+    /// fresh optimizer, schedule and step count, unlike `--resume`. Its `adapter_config.json`
+    /// gives the adapter's shape (rank, alpha, targets, `modules_to_save`); `dropout` is this
+    /// config's. Read by [`super::inject_lora`], not by [`LoraInjector`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
         LoraConfig {
-            r: 8,
-            alpha: 16.0,
-            dropout: 0.05,
+            enabled: true,
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
             use_rslora: false,
             target: Targets::default(),
             modules_to_save: Vec::new(),
             init_lora_weights: true,
             base_model_name_or_path: None,
+            init_from: None,
         }
     }
 }
@@ -204,20 +224,29 @@ impl LoraConfig {
         }
     }
 
-    /// Checks the values; errors name the field.
+    /// Checks the values; errors name the field under `lora.` (`lora.rank`).
     pub fn validate(&self) -> Result<()> {
+        self.validate_as("lora")
+    }
+
+    /// [`validate`](Self::validate) with errors under `section` (`lora`, `adapter`).
+    pub fn validate_as(&self, section: &str) -> Result<()> {
+        let key = |k: &str| format!("{section}.{k}");
         if self.r <= 0 {
             return Err(Error::config(
-                "lora.r",
-                format!("must be > 0, got {}", self.r),
+                key("rank"),
+                format!("must be >= 1, got {}", self.r),
             ));
         }
-        if !self.alpha.is_finite() {
-            return Err(Error::config("lora.alpha", "must be finite"));
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(Error::config(
+                key("alpha"),
+                format!("must be finite and > 0, got {}", self.alpha),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::config(
-                "lora.dropout",
+                key("dropout"),
                 format!("must be in [0, 1), got {}", self.dropout),
             ));
         }
@@ -595,12 +624,13 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.r, 16);
         assert_eq!(cfg.alpha, 32.0);
-        assert_eq!(cfg.dropout, 0.05);
+        assert_eq!(cfg.dropout, 0.0);
         assert_eq!(cfg.target, Targets::Preset("mlp_only".into()));
         // rsLoRA: alpha / sqrt(r) (Kalajdzievski 2023)
         assert_eq!(cfg.scaling(), 32.0 / 4.0);
         let plain = LoraConfig::default();
-        assert_eq!(plain.scaling(), 16.0 / 8.0);
+        assert_eq!((plain.r, plain.alpha, plain.dropout), (16, 32.0, 0.0));
+        assert_eq!(plain.scaling(), 32.0 / 16.0);
         let all: LoraConfig = serde_yaml::from_str("target: all-linear").unwrap();
         assert_eq!(all.target, Targets::AllLinear);
         let named: LoraConfig = serde_yaml::from_str("target: [q_proj, v_proj]").unwrap();
@@ -621,12 +651,23 @@ mod tests {
                 serde_yaml::from_str(&serde_yaml::to_string(&c).unwrap()).unwrap();
             assert_eq!(back, c);
         }
-        assert!(serde_yaml::from_str::<LoraConfig>("rank: 4").is_err());
+        // the reference system's key names are the same fields
+        let reference: LoraConfig =
+            serde_yaml::from_str("rank: 4\ntarget_modules: [q_proj]\nenabled: false").unwrap();
+        assert_eq!(reference.r, 4);
+        assert_eq!(reference.target, Targets::Names(vec!["q_proj".into()]));
+        assert!(!reference.enabled);
+        assert!(serde_yaml::from_str::<LoraConfig>("rnak: 4").is_err());
         let bad = LoraConfig {
             r: 0,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("lora.r"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("lora.rank")
+        );
     }
 
     #[test]

@@ -208,6 +208,7 @@ pub fn read_peft_config(dir: impl AsRef<Path>) -> Result<LoraConfig> {
         base_model_name_or_path: get("base_model_name_or_path")
             .and_then(Value::as_str)
             .map(String::from),
+        ..LoraConfig::default()
     };
     cfg.validate()
         .map_err(|e| err("adapter_config", e.to_string()))?;

@@ -130,6 +130,8 @@ fn base_dir(config: &Path) -> PathBuf {
 
 fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -> Result<()> {
     let cfg = SftConfig::load(&config, &sets)?;
+    // training needs `training.lr` (eval and merge do not): say so before spawning ranks
+    cfg.training.required_lr()?;
     let worker = DistEnv::from_env()?;
     let in_worker = worker.is_some();
     // Only rank 0 prints the summary (every rank's stdout is the launcher's).
@@ -287,6 +289,8 @@ fn run(cli: Cli) -> Result<()> {
             sets,
         } => {
             let cfg = SftConfig::load(&config, &sets)?;
+            // a registered quantizer of the base may come from a plugin
+            volttrain::plugin::load_plugins(&cfg.plugins, &base_dir(&config))?;
             let dtype = dtype.parse()?;
             let r =
                 volttrain::export::merge_from_config(&cfg, &adapter, &out, dtype, max_shard_bytes)?;

@@ -10,15 +10,23 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::Targets;
+use crate::adapter::LoraConfig;
+use crate::data::DatasetConfig;
 use crate::dist::DistConfig;
 use crate::error::{Error, Result};
+use crate::optim::ReferenceGrouperConfig;
+use crate::quant::{QuantConfig, QuantType};
 use crate::trainer::{NonFinitePolicy, Precision};
 
 /// A named component with its options: `{ name: muon, momentum: 0.95 }`.
+///
+/// `name:` selects the implementation in every section (`adapter`, `quantization`, `grouper`,
+/// `optimizer`, `scheduler`, `callbacks`), resolved through the registry ([`crate::plugin`]), so
+/// built-ins and plugins are chosen the same way. `type:` is accepted as an old spelling.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ComponentSection {
     /// Registered name (`muon`, `cosine`, `lion`, a plugin's name).
+    #[serde(alias = "type")]
     pub name: String,
     /// Everything else: the component's own options.
     #[serde(flatten)]
@@ -26,9 +34,89 @@ pub struct ComponentSection {
 }
 
 impl ComponentSection {
+    /// A section selecting `name` with `options`.
+    pub fn new(name: impl Into<String>, options: serde_yaml::Mapping) -> Self {
+        ComponentSection {
+            name: name.into(),
+            options,
+        }
+    }
+
+    /// The section of a typed config: `name` and the fields of `config` (which must serialize
+    /// to a mapping; a `name` or `type` key in it is dropped).
+    pub fn from_config(name: impl Into<String>, config: &impl Serialize) -> Result<Self> {
+        let name = name.into();
+        match serde_yaml::to_value(config) {
+            Ok(serde_yaml::Value::Mapping(mut options)) => {
+                options.remove("name");
+                options.remove("type");
+                Ok(ComponentSection { name, options })
+            }
+            Ok(_) => Err(Error::invalid(format!(
+                "the config of `{name}` is not a mapping of settings"
+            ))),
+            Err(e) => Err(Error::invalid(format!(
+                "serialize the config of `{name}`: {e}"
+            ))),
+        }
+    }
+
     /// The options as a YAML value (a mapping without `name`).
     pub fn options_value(&self) -> serde_yaml::Value {
         serde_yaml::Value::Mapping(self.options.clone())
+    }
+
+    /// The options deserialized into `C`, errors naming `key.<field>` (`adapter.rank`).
+    pub fn options_as<C: serde::de::DeserializeOwned>(&self, key: &str) -> Result<C> {
+        serde_path_to_error::deserialize(self.options_value()).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." {
+                key.to_string()
+            } else {
+                format!("{key}.{path}")
+            };
+            Error::config(key, e.into_inner().to_string())
+        })
+    }
+}
+
+/// `quantization:` the storage of the frozen base: a built-in format with its typed settings
+/// ([`QuantConfig`]: `{name: nf4, block_size: 64, double_quant: true}`), or a quantizer a host
+/// or plugin registered, with its own options (`{name: my_int4, group: 32}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum QuantizationSection {
+    /// `nf4`, `fp4`, `int8`, `fp8_e4m3`, `fp8_e5m2`.
+    BuiltIn(QuantConfig),
+    /// Any other registered name.
+    Registered(ComponentSection),
+}
+
+impl<'de> Deserialize<'de> for QuantizationSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let v = serde_yaml::Value::deserialize(d)?;
+        let name = v.get("name").or_else(|| v.get("type")).cloned();
+        let built_in = name.is_some_and(|n| serde_yaml::from_value::<QuantType>(n).is_ok());
+        if built_in {
+            serde_yaml::from_value(v)
+                .map(QuantizationSection::BuiltIn)
+                .map_err(D::Error::custom)
+        } else {
+            serde_yaml::from_value(v)
+                .map(QuantizationSection::Registered)
+                .map_err(D::Error::custom)
+        }
+    }
+}
+
+impl QuantizationSection {
+    /// The registered name (`nf4`, a plugin's name).
+    pub fn name(&self) -> &str {
+        match self {
+            QuantizationSection::BuiltIn(q) => q.quant_type.name(),
+            QuantizationSection::Registered(s) => &s.name,
+        }
     }
 }
 
@@ -40,10 +128,11 @@ pub struct ModelSection {
     /// paths are relative to the working directory.
     pub path: PathBuf,
     /// Store frozen base weights as NF4 with double quantization (QLoRA), as the reference did
-    /// through bitsandbytes.
+    /// through bitsandbytes: a shorthand for `quantization: {name: nf4, double_quant: true}`.
     #[serde(default)]
     pub train_4bit: bool,
-    /// Store frozen base weights as row-wise int8.
+    /// Store frozen base weights as row-wise int8: a shorthand for
+    /// `quantization: {name: int8}`.
     #[serde(default)]
     pub train_8bit: bool,
     /// `cpu`, `cuda` or `cuda:N`; default: CUDA when available, else CPU.
@@ -55,49 +144,8 @@ pub struct ModelSection {
     pub dtype: crate::model::ModelDtype,
 }
 
-/// `lora:` adapter settings (reference key names).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoraSection {
-    /// Set false to train all weights without an adapter.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// LoRA rank r.
-    #[serde(default = "default_rank")]
-    pub rank: i64,
-    /// LoRA alpha; scaling is alpha / r (alpha / sqrt(r) with `use_rslora`).
-    #[serde(default = "default_alpha")]
-    pub alpha: f64,
-    #[serde(default)]
-    pub dropout: f64,
-    /// A preset (`llama`, `mlp_only`, `mamba_only`, `mlp_mamba`, `attn_mlp_ssm`), `all-linear`,
-    /// a list of module names or suffixes, `{names: [...]}` or `{regex: ...}`.
-    #[serde(default = "default_targets")]
-    pub target_modules: Targets,
-    #[serde(default)]
-    pub use_rslora: bool,
-    /// Modules trained in full and saved beside the adapter (PEFT `modules_to_save`).
-    #[serde(default)]
-    pub modules_to_save: Vec<String>,
-    /// Start from the weights of this PEFT adapter directory (saved by VoltTrain or PEFT) with a
-    /// fresh optimizer, schedule and step count, unlike `--resume`. Its `adapter_config.json`
-    /// gives the adapter's shape (rank, alpha, targets, `modules_to_save`); `dropout` is this
-    /// section's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init_from: Option<std::path::PathBuf>,
-}
-
 fn yes() -> bool {
     true
-}
-fn default_rank() -> i64 {
-    16
-}
-fn default_alpha() -> f64 {
-    32.0
-}
-fn default_targets() -> Targets {
-    Targets::Preset("llama".into())
 }
 
 /// `training:` the loop and the reference optimizer set-up.
@@ -119,8 +167,11 @@ pub struct TrainingSection {
     pub eval_batch_size: Option<usize>,
     #[serde(default = "one")]
     pub gradient_accumulation: usize,
-    /// Base learning rate (Muon's; AdamW embeddings 2x, LM head 0.1x).
-    pub lr: f64,
+    /// Base learning rate (Muon's; AdamW embeddings 2x, LM head 0.1x). Required by the jobs that
+    /// train (`volttrain sft`, `volttrain dpo`), see [`TrainingSection::required_lr`]; `volttrain eval`
+    /// and `merge` do without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
     /// Muon for hidden matrices (the reference grouping); false puts everything on AdamW.
     #[serde(default = "yes")]
     pub use_muon: bool,
@@ -197,6 +248,36 @@ pub struct TrainingSection {
     pub wandb_tags: Vec<String>,
 }
 
+impl TrainingSection {
+    /// Warmup steps for `total` optimizer steps: `warmup_steps`, or `warmup_ratio` of the total.
+    pub fn warmup_for(&self, total: u64) -> u64 {
+        self.warmup_steps
+            .unwrap_or_else(|| (self.warmup_ratio * total as f64).round() as u64)
+    }
+
+    /// The reference schedule over `total` optimizer steps (used without a `scheduler:`
+    /// section): linear warmup ([`warmup_for`](Self::warmup_for)), then one half cosine down to
+    /// `min_lr_ratio` of the peak (transformers' `get_cosine_with_min_lr_schedule_with_warmup`).
+    pub fn reference_schedule(&self, total: u64) -> crate::sched::SchedulerConfig {
+        crate::sched::SchedulerConfig::Cosine {
+            warmup_steps: self.warmup_for(total),
+            total_steps: total,
+            min_lr_ratio: self.min_lr_ratio,
+            num_cycles: 0.5,
+        }
+    }
+
+    /// `training.lr`, or an error naming the key when the file has none.
+    pub fn required_lr(&self) -> Result<f64> {
+        self.lr.ok_or_else(|| {
+            Error::config(
+                "training.lr",
+                "is required to train: set the base learning rate (e.g. `lr: 0.02`)",
+            )
+        })
+    }
+}
+
 fn default_output() -> PathBuf {
     PathBuf::from("runs/sft")
 }
@@ -224,12 +305,22 @@ fn default_keep() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
     pub model: ModelSection,
-    /// Absent or `enabled: false`: full fine-tuning.
+    /// LoRA (reference key names: `rank`, `alpha`, `dropout`, `target_modules`, ...): a shorthand
+    /// for `adapter: {name: lora, ...}`. Absent or `enabled: false` (and no `adapter`): full
+    /// fine-tuning.
     #[serde(default)]
-    pub lora: Option<LoraSection>,
-    /// The dataset section (see `data::DatasetConfig`).
-    pub dataset: serde_yaml::Value,
+    pub lora: Option<LoraConfig>,
+    /// The adapter by registered name (`{name: lora, rank: 8}`, a plugin's adapter with its
+    /// options); `lora:` is the shorthand for the built-in one. Give one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<ComponentSection>,
+    /// The dataset section.
+    pub dataset: DatasetConfig,
     pub training: TrainingSection,
+    /// The parameter grouper by registered name; default `{name: reference}` (the reference
+    /// grouping, with `use_muon` from `training.use_muon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grouper: Option<ComponentSection>,
     /// Overrides the optimizer of the reference grouping (`{name: lion, ...}`); its options are
     /// passed to every group's optimizer.
     #[serde(default)]
@@ -237,10 +328,10 @@ pub struct SftConfig {
     /// Learning-rate schedule; default warmup + cosine from the `training` keys.
     #[serde(default)]
     pub scheduler: Option<ComponentSection>,
-    /// Quantization of the frozen base (see `quant`); `model.train_4bit`/`train_8bit` are
-    /// shorthands.
+    /// Quantization of the frozen base by registered name (`{name: nf4, ...}`, see
+    /// [`QuantizationSection`]); `model.train_4bit`/`train_8bit` are shorthands.
     #[serde(default)]
-    pub quantization: Option<serde_yaml::Value>,
+    pub quantization: Option<QuantizationSection>,
     /// Extra callbacks by registered name.
     #[serde(default)]
     pub callbacks: Vec<ComponentSection>,
@@ -350,10 +441,12 @@ impl SftConfig {
                 e => e,
             })?;
         }
-        if !(t.lr.is_finite() && t.lr > 0.0) {
+        if let Some(lr) = t.lr
+            && !(lr.is_finite() && lr > 0.0)
+        {
             return bad(
                 "training.lr",
-                format!("must be a positive number, got {}", t.lr),
+                format!("must be a positive number, got {lr}"),
             );
         }
         if t.batch_size == 0 {
@@ -407,37 +500,138 @@ impl SftConfig {
                     .into(),
             );
         }
-        if let Some(l) = &self.lora
-            && l.enabled
-        {
-            if l.rank <= 0 {
-                return bad("lora.rank", format!("must be >= 1, got {}", l.rank));
-            }
-            if l.alpha.is_nan() || l.alpha <= 0.0 {
-                return bad("lora.alpha", format!("must be > 0, got {}", l.alpha));
-            }
-            if !(0.0..1.0).contains(&l.dropout) {
-                return bad(
-                    "lora.dropout",
-                    format!("must be in [0, 1), got {}", l.dropout),
-                );
-            }
-        }
-        if let Some(d) = &self.model.device {
-            parse_device(d).map_err(|m| cfg_err(file, "model.device", m))?;
-        }
-        // precision, model.dtype and the loss scaler (issue #14), with this file in the message
+        // the typed sections, with this file in the message
         let with_file = |e: Error| match e {
             Error::Config { key, msg, .. } => cfg_err(file, key, msg),
             other => other,
         };
+        if let Some(l) = &self.lora
+            && l.enabled
+        {
+            l.validate().map_err(with_file)?;
+        }
+        if self.adapter.is_some() && self.lora.as_ref().is_some_and(|l| l.enabled) {
+            return bad(
+                "adapter",
+                "give either a `lora` section (the shorthand) or an `adapter` section, not both"
+                    .into(),
+            );
+        }
+        if let Some(a) = &self.adapter
+            && a.name == "lora"
+        {
+            let l: LoraConfig = a.options_as("adapter").map_err(with_file)?;
+            l.validate_as("adapter").map_err(with_file)?;
+        }
+        if let Some(g) = &self.grouper
+            && g.name == "reference"
+        {
+            g.options_as::<ReferenceGrouperConfig>("grouper")
+                .map_err(with_file)?;
+        }
+        if let Some(QuantizationSection::BuiltIn(q)) = &self.quantization {
+            q.validate().map_err(with_file)?;
+        }
+        self.dataset.validate().map_err(with_file)?;
+        if let Some(d) = &self.model.device {
+            parse_device(d).map_err(|m| cfg_err(file, "model.device", m))?;
+        }
+        // precision, model.dtype and the loss scaler (issue #14)
         t.loss_scaler.validate().map_err(with_file)?;
-        let frozen = self.lora.as_ref().is_some_and(|l| l.enabled);
+        let frozen = self.has_adapter();
         self.model
             .dtype
             .resolve(t.precision, self.device()?, frozen)
             .map_err(with_file)?;
         Ok(())
+    }
+
+    /// Whether the run trains an adapter on a frozen base (`lora:` enabled, or `adapter:`).
+    pub fn has_adapter(&self) -> bool {
+        self.adapter.is_some() || self.lora.as_ref().is_some_and(|l| l.enabled)
+    }
+
+    /// The adapter to build through the registry: the `adapter:` section, or the `lora:`
+    /// shorthand as `{name: lora, ...}`; `None` for full fine-tuning.
+    pub fn adapter_section(&self) -> Result<Option<ComponentSection>> {
+        match (&self.adapter, self.lora.as_ref().filter(|l| l.enabled)) {
+            (Some(a), _) => Ok(Some(a.clone())),
+            (None, Some(l)) => ComponentSection::from_config("lora", l).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The LoRA config of the run when its adapter is the built-in `lora` (from either section),
+    /// with `base_model_name_or_path` set to `model.path` unless given.
+    pub fn lora_config(&self) -> Result<Option<LoraConfig>> {
+        let mut l: LoraConfig = match (&self.adapter, &self.lora) {
+            (Some(a), _) if a.name == "lora" => a.options_as("adapter")?,
+            (None, Some(l)) if l.enabled => l.clone(),
+            _ => return Ok(None),
+        };
+        if l.base_model_name_or_path.is_none() {
+            l.base_model_name_or_path = Some(self.model.path.display().to_string());
+        }
+        Ok(Some(l))
+    }
+
+    /// The quantizer to build through the registry: the `quantization:` section, or the
+    /// `model.train_4bit` / `model.train_8bit` shorthand (see [`QuantConfig::from_legacy`]);
+    /// `None` for a dense base.
+    pub fn quantizer_section(&self) -> Result<Option<ComponentSection>> {
+        let (train_4bit, train_8bit) = (self.model.train_4bit, self.model.train_8bit);
+        match &self.quantization {
+            Some(QuantizationSection::Registered(s)) => {
+                QuantConfig::from_legacy(train_4bit, train_8bit)?;
+                if train_4bit || train_8bit {
+                    return Err(Error::config(
+                        "quantization",
+                        "give either model.train_4bit/train_8bit or a quantization section, not \
+                         both",
+                    ));
+                }
+                Ok(Some(s.clone()))
+            }
+            Some(QuantizationSection::BuiltIn(q)) => {
+                QuantConfig::resolve(Some(q.clone()), train_4bit, train_8bit)?
+                    .map(|q| ComponentSection::from_config(q.quant_type.name(), &q))
+                    .transpose()
+            }
+            None => QuantConfig::resolve(None, train_4bit, train_8bit)?
+                .map(|q| ComponentSection::from_config(q.quant_type.name(), &q))
+                .transpose(),
+        }
+    }
+
+    /// The quantizer of the frozen base, built through the registry, if any.
+    pub fn quantizer(&self) -> Result<Option<std::sync::Arc<dyn crate::quant::Quantizer>>> {
+        self.quantizer_section()?
+            .map(|s| crate::plugin::build_quantizer(&s.name, &s.options_value()))
+            .transpose()
+    }
+
+    /// The parameter grouper's section: `grouper:`, or `{name: reference}`. The reference
+    /// grouper gets `use_muon` from `training.use_muon` unless the section sets it, and never
+    /// with an `optimizer:` other than `reference` (that optimizer steps every group).
+    pub fn grouper_section(&self) -> ComponentSection {
+        let mut g = self
+            .grouper
+            .clone()
+            .unwrap_or_else(|| ComponentSection::new("reference", Default::default()));
+        let custom_optimizer = self
+            .optimizer
+            .as_ref()
+            .is_some_and(|o| o.name != "reference");
+        if g.name == "reference" {
+            let use_muon = g
+                .options
+                .get("use_muon")
+                .and_then(serde_yaml::Value::as_bool)
+                .unwrap_or(self.training.use_muon);
+            g.options
+                .insert("use_muon".into(), (use_muon && !custom_optimizer).into());
+        }
+        g
     }
 
     /// The resolved configuration as YAML (written into the output directory).
@@ -455,9 +649,7 @@ impl SftConfig {
 
     /// Warmup steps for `total` optimizer steps.
     pub fn warmup_steps(&self, total: u64) -> u64 {
-        self.training
-            .warmup_steps
-            .unwrap_or_else(|| (self.training.warmup_ratio * total as f64).round() as u64)
+        self.training.warmup_for(total)
     }
 }
 
@@ -525,8 +717,8 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.training.lr, 2e-3);
-        assert_eq!(c.lora.unwrap().rank, 4);
+        assert_eq!(c.training.lr, Some(2e-3));
+        assert_eq!(c.lora.unwrap().r, 4);
         assert_eq!(c.training.gpu_devices, vec![0, 1]);
     }
 
@@ -542,5 +734,152 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("model.train_8bit"), "{e}");
+    }
+
+    #[test]
+    fn lr_is_required_only_to_train() {
+        let no_lr = "model:\n  path: m\ndataset:\n  path: d.jsonl\ntraining:\n  epochs: 1\n";
+        // `volttrain eval` / `merge` load it
+        let c = SftConfig::from_yaml_str(no_lr, None, &[]).unwrap();
+        assert_eq!(c.training.lr, None);
+        let e = c.training.required_lr().unwrap_err();
+        assert!(
+            matches!(&e, Error::Config { key, .. } if key == "training.lr"),
+            "{e}"
+        );
+        assert_eq!(
+            SftConfig::from_yaml_str(MIN, None, &[])
+                .unwrap()
+                .training
+                .required_lr()
+                .unwrap(),
+            0.01
+        );
+    }
+
+    #[test]
+    fn lora_shorthand_is_the_lora_adapter() {
+        let c = SftConfig::from_yaml_str(
+            MIN,
+            None,
+            &["lora.rank=4".into(), "lora.target_modules=[q_proj]".into()],
+        )
+        .unwrap();
+        let a = c.adapter_section().unwrap().unwrap();
+        assert_eq!(a.name, "lora");
+        let l = c.lora_config().unwrap().unwrap();
+        assert_eq!((l.r, l.alpha, l.dropout), (4, 32.0, 0.0));
+        assert_eq!(l.base_model_name_or_path.as_deref(), Some("m"));
+        // the same through `adapter:`
+        let c2 = SftConfig::from_yaml_str(
+            MIN,
+            None,
+            &["adapter={name: lora, r: 4, target: [q_proj]}".into()],
+        )
+        .unwrap();
+        assert_eq!(c2.lora_config().unwrap(), Some(l));
+        // off: full fine-tuning
+        let off = SftConfig::from_yaml_str(MIN, None, &["lora.enabled=false".into()]).unwrap();
+        assert!(off.adapter_section().unwrap().is_none() && !off.has_adapter());
+        // both sections, bad values: errors name the key
+        let e = SftConfig::from_yaml_str(
+            MIN,
+            None,
+            &["lora.rank=4".into(), "adapter={name: lora}".into()],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`adapter`"), "{e}");
+        let e = SftConfig::from_yaml_str(MIN, None, &["lora.rank=0".into()]).unwrap_err();
+        assert!(e.to_string().contains("`lora.rank`"), "{e}");
+        let e = SftConfig::from_yaml_str(MIN, None, &["adapter={name: lora, alpha: -1}".into()])
+            .unwrap_err();
+        assert!(e.to_string().contains("`adapter.alpha`"), "{e}");
+        let e = SftConfig::from_yaml_str(MIN, None, &["lora.rnak=4".into()]).unwrap_err();
+        assert!(e.to_string().contains("rnak"), "{e}");
+        // a plugin's adapter passes its options through
+        let p = SftConfig::from_yaml_str(MIN, None, &["adapter={name: ia3, k: 1}".into()]).unwrap();
+        let a = p.adapter_section().unwrap().unwrap();
+        assert_eq!((a.name.as_str(), a.options.len()), ("ia3", 1));
+        assert!(p.lora_config().unwrap().is_none() && p.has_adapter());
+    }
+
+    #[test]
+    fn quantization_is_typed_and_selected_by_name() {
+        let c = SftConfig::from_yaml_str(
+            MIN,
+            None,
+            &["quantization={name: nf4, double_quant: true}".into()],
+        )
+        .unwrap();
+        assert!(matches!(
+            &c.quantization,
+            Some(QuantizationSection::BuiltIn(q)) if q.quant_type == QuantType::Nf4 && q.double_quant
+        ));
+        let s = c.quantizer_section().unwrap().unwrap();
+        assert_eq!(s.name, "nf4");
+        // `type:` is the old spelling; the shorthand is the same section
+        let old =
+            SftConfig::from_yaml_str(MIN, None, &["quantization={type: int8}".into()]).unwrap();
+        assert_eq!(old.quantization.as_ref().unwrap().name(), "int8");
+        let short = SftConfig::from_yaml_str(MIN, None, &["model.train_4bit=true".into()]).unwrap();
+        assert_eq!(short.quantizer_section().unwrap(), Some(s));
+        // typed: bad keys and values of a built-in name their key
+        let e = SftConfig::from_yaml_str(
+            MIN,
+            None,
+            &["quantization={name: nf4, blocksize: 3}".into()],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("blocksize"), "{e}");
+        let e = SftConfig::from_yaml_str(
+            MIN,
+            None,
+            &["quantization={name: int8, double_quant: true}".into()],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("quantization.double_quant"), "{e}");
+        // another name is a registered quantizer with its own options
+        let p =
+            SftConfig::from_yaml_str(MIN, None, &["quantization={name: my_q4, group: 32}".into()])
+                .unwrap();
+        let s = p.quantizer_section().unwrap().unwrap();
+        assert_eq!((s.name.as_str(), s.options.len()), ("my_q4", 1));
+        // round trip through the resolved YAML
+        let back = SftConfig::from_yaml_str(&c.to_yaml().unwrap(), None, &[]).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn every_section_selects_by_name_with_type_as_alias() {
+        let c = SftConfig::from_yaml_str(
+            MIN,
+            None,
+            &["scheduler={type: cosine, warmup_steps: 2}".into()],
+        )
+        .unwrap();
+        assert_eq!(c.scheduler.as_ref().unwrap().name, "cosine");
+        // the reference grouper follows training.use_muon, and steps aside for a custom optimizer
+        let g = c.grouper_section();
+        assert_eq!(g.name, "reference");
+        assert_eq!(g.options.get("use_muon"), Some(&true.into()));
+        let lion = SftConfig::from_yaml_str(MIN, None, &["optimizer={name: lion}".into()]).unwrap();
+        assert_eq!(
+            lion.grouper_section().options.get("use_muon"),
+            Some(&false.into())
+        );
+        let e =
+            SftConfig::from_yaml_str(MIN, None, &["grouper={name: reference, head_lr: 1}".into()])
+                .unwrap_err();
+        assert!(e.to_string().contains("head_lr"), "{e}");
+    }
+
+    #[test]
+    fn dataset_is_typed() {
+        let e = SftConfig::from_yaml_str(MIN, None, &["dataset.max_seq_len=1".into()]).unwrap_err();
+        assert!(e.to_string().contains("dataset.max_seq_len"), "{e}");
+        let e = SftConfig::from_yaml_str(MIN, None, &["dataset.pakcing=true".into()]).unwrap_err();
+        assert!(e.to_string().contains("pakcing"), "{e}");
+        let c = SftConfig::from_yaml_str(MIN, None, &[]).unwrap();
+        assert_eq!(c.dataset.max_seq_len, 1024);
     }
 }

@@ -236,3 +236,81 @@ impl DataLoader {
         Ok(it.map(move |idx| self.collate(&idx)))
     }
 }
+
+/// The padding id of `tok`: its pad token, else its EOS token (as the reference collators do).
+pub fn pad_id(tok: &super::Tokenizer) -> Result<i64> {
+    Ok(tok
+        .pad()
+        .or(tok.eos())
+        .ok_or_else(|| Error::Tokenizer {
+            path: tok.dir().to_path_buf(),
+            msg: "no pad and no eos token: set pad_token in tokenizer_config.json".into(),
+        })?
+        .id as i64)
+}
+
+/// A loader with deterministic index batches per epoch, collated on demand: what a
+/// [`LoaderSource`] serves. [`DataLoader`] (SFT examples) and
+/// [`PreferenceLoader`](super::PreferenceLoader) (preference pairs) are ones.
+pub trait EpochBatches: Send {
+    /// The index batches of `epoch` from batch `start`, for this rank.
+    fn batches(&self, epoch: u64, start: usize) -> Result<BatchIter>;
+    /// Collates the items `idx` (one batch of [`EpochBatches::batches`]).
+    fn collate(&self, idx: &[usize]) -> Result<Batch>;
+}
+
+impl EpochBatches for DataLoader {
+    fn batches(&self, epoch: u64, start: usize) -> Result<BatchIter> {
+        DataLoader::batches(self, epoch, start)
+    }
+    fn collate(&self, idx: &[usize]) -> Result<Batch> {
+        DataLoader::collate(self, idx)
+    }
+}
+
+impl EpochBatches for super::PreferenceLoader {
+    fn batches(&self, epoch: u64, start: usize) -> Result<BatchIter> {
+        super::PreferenceLoader::batches(self, epoch, start)
+    }
+    fn collate(&self, idx: &[usize]) -> Result<Batch> {
+        super::PreferenceLoader::collate(self, idx)
+    }
+}
+
+/// [`BatchSource`](crate::trainer::BatchSource) over a loader ([`DataLoader`] by default): what
+/// the trainer reads its batches from. The index batches of an epoch are computed once.
+pub struct LoaderSource<L: EpochBatches = DataLoader> {
+    loader: L,
+    epoch: Option<(usize, Vec<Vec<usize>>)>,
+}
+
+impl<L: EpochBatches> LoaderSource<L> {
+    /// Serves the batches of `loader`.
+    pub fn new(loader: L) -> Self {
+        LoaderSource {
+            loader,
+            epoch: None,
+        }
+    }
+}
+
+impl<L: EpochBatches> crate::trainer::BatchSource for LoaderSource<L> {
+    fn num_batches(&self, _epoch: usize) -> usize {
+        self.loader.batches(0, 0).map_or(0, |b| b.num_batches())
+    }
+
+    fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch> {
+        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let batches: Vec<Vec<usize>> = self.loader.batches(epoch as u64, 0)?.collect();
+            self.epoch = Some((epoch, batches));
+        }
+        let idx = self
+            .epoch
+            .as_ref()
+            .and_then(|(_, b)| b.get(index))
+            .ok_or_else(|| {
+                Error::invalid(format!("batch {index} of epoch {epoch} out of range"))
+            })?;
+        self.loader.collate(idx)
+    }
+}

@@ -48,7 +48,7 @@ mod training_template;
 pub use collator::{Batch, Collator, PaddingSide};
 pub use config::{DataFormat, DatasetConfig};
 pub use dataset::{Example, SftDataset};
-pub use loader::{BatchIter, DataLoader, LoaderOptions};
+pub use loader::{BatchIter, DataLoader, EpochBatches, LoaderOptions, LoaderSource, pad_id};
 pub use preference::{PreferenceDataset, PreferenceLoader, PreferencePair, PreferenceRecord};
 pub use records::Record;
 pub use template::{ChatTemplate, Message};

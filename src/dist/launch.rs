@@ -166,3 +166,33 @@ fn wait_all(children: &mut [Option<Child>]) -> Result<()> {
     }
     Ok(())
 }
+
+/// The worker side of a launch: the [`super::ProcessGroup`] this process joins when the
+/// environment says it is one rank of several ([`super::DistEnv::from_env`]: this launcher,
+/// `torchrun`, SLURM), and the device it trains on.
+///
+/// `device` is the configured device (`model.device`, `explicit` when the file sets it) and
+/// `gpu_devices` the listed GPUs (`training.gpu_devices`); see [`super::select_device`]. One
+/// process without `gpu_devices` trains on `device`. A rank's group uses NCCL for CUDA and Gloo
+/// for the CPU unless `cfg.backend` says otherwise.
+pub fn init_from_env(
+    cfg: &super::DistConfig,
+    device: tch::Device,
+    explicit: bool,
+    gpu_devices: &[usize],
+) -> Result<(Option<super::ProcessGroup>, tch::Device)> {
+    cfg.validate()?;
+    let env = super::DistEnv::from_env()?;
+    if env.is_none() && gpu_devices.is_empty() {
+        return Ok((None, device));
+    }
+    let gpus = tch::Cuda::device_count().max(0) as usize;
+    let device = super::select_device(device, explicit, gpu_devices, env.as_ref(), gpus)?;
+    match env {
+        None => Ok((None, device)),
+        Some(env) => Ok((
+            Some(super::ProcessGroup::on_device(&env, cfg, device)?),
+            device,
+        )),
+    }
+}

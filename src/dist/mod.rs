@@ -46,6 +46,7 @@ use crate::error::{Error, Result, TchResultExt};
 
 pub use device::{backend_for, check_collective_devices, select_device, staging_device};
 pub use grad_sync::{GradSync, broadcast_params};
+pub use launch::init_from_env;
 pub use sampler::{Mt19937, shard_indices, torch_randperm};
 pub use threads::{
     ThreadSource, apply_rank_threads, available_cores, local_ranks_from_env, rank_threads,

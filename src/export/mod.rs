@@ -379,16 +379,13 @@ pub fn merge_from_config(
     dtype: SaveDtype,
     max_shard_bytes: u64,
 ) -> Result<MergeReport> {
-    let quantizer = match crate::sft::quant_config(cfg)? {
-        Some(q) => Some(q.quantizer()?),
-        None => None,
-    };
+    let quantizer = cfg.quantizer()?;
     let tok = if adapter.join("tokenizer.json").is_file() {
         // a VoltTrain adapter carries the run's tokenizer and chat template
         Tokenizer::from_dir(adapter)?
     } else {
         let mut t = Tokenizer::from_dir(&cfg.model.path)?;
-        crate::sft::dataset_config(cfg)?.apply_chat_template(&mut t)?;
+        cfg.dataset.apply_chat_template(&mut t)?;
         t
     };
     let opts = MergeOptions {

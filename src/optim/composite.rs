@@ -196,12 +196,16 @@ pub fn param_group(
     ))
 }
 
-/// Makes the optimizer the trainer holds from a grouper's `groups`: Muon over the `"muon"`
-/// groups and AdamW over the `"adamw"` groups, as one [`Composite`] when both are used.
+/// Makes the optimizer the trainer holds from a grouper's `groups`: each distinct
+/// [`GroupSpec::optimizer`] steps its groups, as one [`Composite`] when there are several.
+/// `muon` and `adamw` are built with `configs`; any other name is resolved through the registry
+/// ([`crate::plugin::build_optimizer`]) with its default options, so a grouper may send groups
+/// to a host's or plugin's optimizer.
 ///
 /// `params` are the trainable parameters by name. Every one must be in exactly one group and
 /// every name in a group must be in `params` (see [`super::validate_groups`]); a group's `lr` is
-/// `base_lr * lr_mult` and its weight decay the spec's, or the optimizer config's when `None`.
+/// `base_lr * lr_mult` and its weight decay the spec's, or else the optimizer config's (`muon`,
+/// `adamw`) or 0.
 pub fn build_optimizer(
     groups: Vec<GroupSpec>,
     params: &[(String, Tensor)],
@@ -217,46 +221,47 @@ pub fn build_optimizer(
     let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
     super::validate_groups(&names, &groups)?;
     let by_name: HashMap<&str, &Tensor> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut muon_groups = Vec::new();
-    let mut adamw_groups = Vec::new();
-    let mut order = Vec::new();
+    // (optimizer name, its groups), in the order of first use
+    let mut parts: Vec<(String, Vec<ParamGroup>)> = Vec::new();
     for spec in groups {
-        let (list, default_wd) = match spec.optimizer.as_str() {
-            "muon" => (&mut muon_groups, configs.muon.weight_decay),
-            "adamw" => (&mut adamw_groups, configs.adamw.weight_decay),
-            other => {
-                return Err(Error::UnknownComponent {
-                    kind: "optimizer",
-                    name: format!("{other} (group `{}`)", spec.name),
-                    known: "adamw, muon".into(),
-                });
-            }
+        let default_wd = match spec.optimizer.as_str() {
+            "muon" => configs.muon.weight_decay,
+            "adamw" => configs.adamw.weight_decay,
+            _ => 0.0,
         };
-        if !order.contains(&spec.optimizer) {
-            order.push(spec.optimizer.clone());
-        }
-        list.push(param_group(spec, &by_name, base_lr, default_wd)?);
-    }
-    let mut parts: Vec<Box<dyn DynOptimizer>> = Vec::new();
-    for opt in order {
-        if opt == "muon" {
-            parts.push(Box::new(Muon::new(
-                std::mem::take(&mut muon_groups),
-                configs.muon.clone(),
-            )?));
-        } else {
-            parts.push(Box::new(AdamW::new(
-                std::mem::take(&mut adamw_groups),
-                configs.adamw.clone(),
-            )?));
+        let name = spec.optimizer.clone();
+        let group = param_group(spec, &by_name, base_lr, default_wd)?;
+        match parts.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, list)) => list.push(group),
+            None => parts.push((name, vec![group])),
         }
     }
-    if parts.len() == 1
-        && let Some(only) = parts.pop()
+    let mut built: Vec<Box<dyn DynOptimizer>> = Vec::with_capacity(parts.len());
+    for (name, groups) in parts {
+        built.push(match name.as_str() {
+            "muon" => Box::new(Muon::new(groups, configs.muon.clone())?),
+            "adamw" => Box::new(AdamW::new(groups, configs.adamw.clone())?),
+            other => {
+                let group_names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+                crate::plugin::build_optimizer(other, groups, &serde_yaml::Value::Null).map_err(
+                    |e| match e {
+                        Error::UnknownComponent { kind, name, known } => Error::UnknownComponent {
+                            kind,
+                            name: format!("{name} (group `{}`)", group_names.join("`, `")),
+                            known,
+                        },
+                        e => e,
+                    },
+                )?
+            }
+        });
+    }
+    if built.len() == 1
+        && let Some(only) = built.pop()
     {
         return Ok(only);
     }
-    Ok(Box::new(Composite::new(parts)?))
+    Ok(Box::new(Composite::new(built)?))
 }
 
 /// Names of every parameter held by `opt`, for diagnostics.

@@ -17,12 +17,14 @@ use tch::Tensor;
 use crate::error::{Error, Result, TchResultExt};
 
 pub mod adamw;
+pub mod assemble;
 pub mod clip;
 pub mod composite;
 pub mod group;
 pub mod muon;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use assemble::{OptimizerChoice, assemble_optimizer, param_infos, trainable_parameters};
 pub use clip::{clip_grad_norm, clip_grad_norm_tensors, grad_norm_clipped};
 pub use composite::{Composite, OptimizerConfigs, build_optimizer, param_group};
 pub use group::{ReferenceGrouper, ReferenceGrouperConfig, validate_groups};
@@ -183,7 +185,8 @@ pub enum ParamRole {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupSpec {
     pub name: String,
-    /// Registered optimizer name (`muon`, `adamw`).
+    /// Registered optimizer name (`muon`, `adamw`, a host's or plugin's), resolved through the
+    /// registry by [`build_optimizer`].
     pub optimizer: String,
     pub lr_mult: f64,
     /// `None` means the optimizer's configured weight decay.

@@ -80,8 +80,8 @@ fn quantizer(kind: &'static str, cfg: &Value) -> Result<Arc<dyn Quantizer>> {
             ));
         }
     };
-    map.remove("name");
-    map.insert("type".into(), kind.into());
+    map.remove("type");
+    map.insert("name".into(), kind.into());
     let qc: QuantConfig = serde_yaml::from_value(Value::Mapping(map))
         .map_err(|e| Error::config("quantization", e.to_string()))?;
     qc.validate()?;

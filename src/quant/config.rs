@@ -3,7 +3,8 @@
 //!
 //! ```yaml
 //! quantization:
-//!   type: nf4            # nf4 | fp4 | int8 | fp8_e4m3 | fp8_e5m2
+//!   name: nf4            # nf4 | fp4 | int8 | fp8_e4m3 | fp8_e5m2, or a registered quantizer
+//!                        # (`type:` is accepted as the old spelling)
 //!   block_size: 64       # 4-bit only: values per absmax block (bitsandbytes default 64)
 //!   double_quant: true   # 4-bit only: quantize the absmax to 8 bits (bitsandbytes compress_statistics)
 //!   compute_dtype: bfloat16   # optional: float32 | bfloat16 | float16; default: the input's dtype
@@ -79,11 +80,13 @@ fn default_block_size() -> i64 {
     64
 }
 
-/// The `quantization` section.
+/// The `quantization` section of a built-in format (a registered quantizer of a host or plugin
+/// takes its own options, see [`crate::config::QuantizationSection`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantConfig {
-    #[serde(rename = "type")]
+    /// The format: the selector `name:` (`type:` is accepted too).
+    #[serde(rename = "name", alias = "type")]
     pub quant_type: QuantType,
     /// Values per absmax block for NF4/FP4; default 64 (bitsandbytes `quantize_4bit`).
     #[serde(default = "default_block_size")]
@@ -155,7 +158,7 @@ impl QuantConfig {
                     Err(Error::config(
                         key,
                         format!(
-                            "contradicts `quantization.type: {}`; remove the switch or the section",
+                            "contradicts `quantization.name: {}`; remove the switch or the section",
                             s.quant_type.name()
                         ),
                     ))
@@ -255,6 +258,17 @@ impl Quantizer for ComputeKindQuantizer {
     fn quantize(&self, weight: &Tensor) -> Result<Box<dyn QuantizedTensor>> {
         Ok(Box::new(ComputeKindTensor {
             inner: self.inner.quantize(weight)?,
+            kind: self.kind,
+        }))
+    }
+
+    fn load(
+        &self,
+        shape: (i64, i64),
+        parts: Vec<(String, Tensor)>,
+    ) -> Result<Box<dyn QuantizedTensor>> {
+        Ok(Box::new(ComputeKindTensor {
+            inner: self.inner.load(shape, parts)?,
             kind: self.kind,
         }))
     }
