@@ -132,10 +132,18 @@ pub fn run_dpo(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     }
     let optimizer = job_optimizer(cfg, model.as_ref())?;
 
-    let mut builder =
-        crate::sft::job_builder(cfg, model, optimizer, device, opts.resume, adapter, tok, rank)?
-            .train_data(Box::new(PreferenceSource::new(train_loader)))
-            .preference(objective);
+    let mut builder = crate::sft::job_builder(
+        cfg,
+        model,
+        optimizer,
+        device,
+        opts.resume,
+        adapter,
+        tok,
+        rank,
+    )?
+    .train_data(Box::new(PreferenceSource::new(train_loader)))
+    .preference(objective);
     if let Some(e) = eval_loader {
         builder = builder.eval_data(Box::new(PreferenceSource::new(e)));
     }

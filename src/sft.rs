@@ -264,8 +264,17 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<FitSummary> {
     });
     let optimizer = job_optimizer(cfg, model.as_ref())?;
 
-    let mut builder = job_builder(cfg, model, optimizer, device, opts.resume, adapter, tok, rank)?
-        .train_data(Box::new(LoaderSource::new(train_loader)));
+    let mut builder = job_builder(
+        cfg,
+        model,
+        optimizer,
+        device,
+        opts.resume,
+        adapter,
+        tok,
+        rank,
+    )?
+    .train_data(Box::new(LoaderSource::new(train_loader)));
     if let Some(e) = eval_loader {
         builder = builder.eval_data(Box::new(LoaderSource::new(e)));
     }
@@ -429,11 +438,7 @@ pub(crate) fn job_builder(
         .resume(resume)
         .checkpoint_every(t.checkpoint_every)
         .checkpoint_file(crate::run::CHECKPOINT_CONFIG, config_yaml.clone())
-        .saver(Box::new(SftSaver::new(
-            adapter,
-            Arc::new(tok),
-            config_yaml,
-        )))
+        .saver(Box::new(SftSaver::new(adapter, Arc::new(tok), config_yaml)))
         .scheduler_with(move |total| match sched_section {
             Some(s) => plugin::build_scheduler(
                 &s.name,

@@ -172,6 +172,14 @@ pub fn check_resume_config(ckpt_dir: &Path, new_yaml: &str) -> Result<()> {
     };
     let saved: Value = serde_yaml::from_str(&text)
         .map_err(|e| Error::checkpoint(&path, format!("not valid YAML: {e}")))?;
+    // Read the saved config through today's types, so that keys a newer version resolves
+    // (new defaults, renamed spellings) do not count as changes; as written if it no longer
+    // parses (then the raw comparison names what differs).
+    let saved = crate::config::SftConfig::from_yaml_str(&text, Some(&path), &[])
+        .and_then(|c| c.to_yaml())
+        .ok()
+        .and_then(|y| serde_yaml::from_str(&y).ok())
+        .unwrap_or(saved);
     let new: Value = serde_yaml::from_str(new_yaml)
         .map_err(|e| Error::invalid(format!("resolved config is not valid YAML: {e}")))?;
     let (mut math, mut ok) = diff_configs(&saved, &new);
@@ -251,6 +259,25 @@ mod tests {
         assert!(e.contains("`training.seed`: 7 -> 8"), "{e}");
         assert!(e.contains(CHECKPOINT_CONFIG), "{e}");
         check_resume_config(dir.path(), "training: {lr: 0.01, seed: 7, log_every: 9}\n").unwrap();
+    }
+
+    #[test]
+    fn a_config_saved_by_an_older_version_is_read_with_todays_defaults() {
+        // A checkpoint's config written before a key existed (here: only the required keys and
+        // the old `lora.r` spelling) resumes under the same settings, and a real change is still
+        // named.
+        let dir = tempfile::tempdir().unwrap();
+        let old =
+            "model: {path: m}\ndataset: {path: d.jsonl}\ntraining: {lr: 0.01}\nlora: {r: 8}\n";
+        std::fs::write(dir.path().join(CHECKPOINT_CONFIG), old).unwrap();
+        let now = crate::config::SftConfig::from_yaml_str(old, None, &[]).unwrap();
+        check_resume_config(dir.path(), &now.to_yaml().unwrap()).unwrap();
+        let changed =
+            crate::config::SftConfig::from_yaml_str(old, None, &["lora.r=4".into()]).unwrap();
+        let e = check_resume_config(dir.path(), &changed.to_yaml().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`lora.rank`: 8 -> 4"), "{e}");
     }
 
     #[test]
