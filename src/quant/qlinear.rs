@@ -5,7 +5,7 @@
 //!
 //! `x.linear(dequantize(W))` under autograd keeps the dense `W` until backward (it is what the
 //! input gradient `g W` needs): a QLoRA step then holds a dense copy of every base weight, more
-//! than the fp32 model itself. [`linear`] is one libtorch autograd function instead: forward
+//! than the fp32 model itself. `linear` is one libtorch autograd function instead: forward
 //! dequantizes, multiplies and drops the dense weight; backward dequantizes again for the input
 //! gradient. Autograd keeps only the packed parts (which the model holds anyway). Under gradient
 //! checkpointing the no-grad first pass takes the tiled product of each format (no graph) and
