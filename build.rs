@@ -7,18 +7,28 @@
 //! runs against another torch 2.11.0 build by pointing `LD_LIBRARY_PATH` at its `lib/`.
 //! `VOLTTRAIN_RPATH` replaces the path written (empty to write none).
 //!
-//! It also compiles the C++ shim of the `dist` module (`csrc/dist_shim.cpp`, see
-//! [`build_dist_shim`]) against libtorch's headers and Debian's `libgloo-dev` headers.
+//! It also compiles the C++ shims against libtorch's headers, as two static libraries whose
+//! Rust side is `src/ffi/`:
+//!
+//! - the kernel library ([`build_kernels`]): the fused CPU ops, autocast and loss scaling, the
+//!   quantized linear, the selective scan, CUDA allocator statistics. It needs libtorch's
+//!   headers only.
+//! - the dist shim ([`build_dist_shim`]): c10d's TCPStore and process groups. Gloo is compiled
+//!   in when Debian's `libgloo-dev` headers are found, NCCL when the pinned NVIDIA wheels'
+//!   headers are; a backend left out is said in a `cargo:warning` and fails at run time with
+//!   the reason (`dist::gloo_build_status`, `dist::nccl_build_status`, `volttrain env`).
+//!
+//! With the `doc-only` feature (docs.rs, `cargo doc` without libtorch) it compiles and links
+//! nothing, as torch-sys does under the same feature.
 
 use std::env;
 use std::path::{Path, PathBuf};
 
 fn main() {
-    build_dist_shim();
-
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=VOLTTRAIN_RPATH");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rustc-check-cfg=cfg(volttrain_nccl)");
 
     // The compiler version, checked when a dylib plugin is loaded (src/plugin/dylib.rs): Rust
     // types cross the plugin boundary, which is sound only with the same rustc on both sides.
@@ -35,13 +45,24 @@ fn main() {
         Err(e) => panic!("cannot run `{rustc} --version`: {e}"),
     }
 
-    let rpath = match env::var("VOLTTRAIN_RPATH") {
-        Ok(p) => Some(p),
-        Err(_) => env::var("LIBTORCH")
-            .ok()
-            .map(|lt| PathBuf::from(lt).join("lib").display().to_string()),
-    };
-    if let Some(p) = rpath.filter(|p| !p.is_empty()) {
+    if env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
+        // Documentation only: no libtorch, so no shim and nothing to link (the code that calls
+        // the shims is type-checked, never linked).
+        const WHY: &str = "not compiled: a doc-only build";
+        println!("cargo:rustc-env=VOLTTRAIN_NCCL_BUILD={WHY}");
+        println!("cargo:rustc-env=VOLTTRAIN_GLOO_BUILD={WHY}");
+        return;
+    }
+
+    let libtorch = libtorch();
+    let cuda = nccl_paths(&libtorch);
+    build_kernels(&libtorch, cuda.as_ref().ok());
+    build_dist_shim(&libtorch, &cuda);
+    link_torch(&libtorch, cuda.as_ref().ok());
+
+    let rpath =
+        env::var("VOLTTRAIN_RPATH").unwrap_or_else(|_| libtorch.join("lib").display().to_string());
+    if let Some(p) = Some(rpath).filter(|p| !p.is_empty()) {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{p}");
         println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
         // rustc links with --as-needed; keep libtorch_cuda when it is there so CUDA is usable.
@@ -54,98 +75,140 @@ fn main() {
     }
 }
 
-/// Compiles `csrc/dist_shim.cpp`, the C ABI over c10d's TCPStore and ProcessGroupGloo (and
-/// ProcessGroupNCCL when NCCL and CUDA host headers are found), into a static library.
-///
-/// Needs `LIBTORCH` (its `include/` and `include/torch/csrc/api/include`) and gloo's headers,
-/// which the torch wheel does not ship: `apt-get install libgloo-dev` (done by
-/// `tools/provision.sh`) or `VOLTTRAIN_GLOO_INCLUDE=<dir holding gloo/config.h>`. Only torch's
-/// libraries are linked, never Debian's `libgloo.so`.
-///
-/// NCCL: compiled whenever [`nccl_paths`] finds `nccl.h` and the CUDA host headers
-/// (`cuda_runtime_api.h`, `crt/host_config.h`, `nv/target`) of the pinned NVIDIA wheels that
-/// `tools/provision.sh` installs next to torch, which is every provisioned build, CI included.
-/// NCCL builds also link `libtorch_cuda`, `libc10_cuda` and the wheels' `libnccl.so.2` and
-/// `libcudart.so.13`. When something is missing the build goes on without NCCL, says why in a
-/// `cargo:warning`, and records it in `VOLTTRAIN_NCCL_BUILD` (`dist::nccl_build_status`,
-/// shown by `volttrain env`).
-fn build_dist_shim() {
-    println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
-    println!("cargo:rerun-if-changed=csrc/fused.cpp");
-    println!("cargo:rerun-if-changed=csrc/amp.cpp");
-    println!("cargo:rerun-if-changed=csrc/shim_common.h");
-    println!("cargo:rerun-if-changed=csrc/kernels.c");
-    println!("cargo:rerun-if-changed=csrc/qlinear.cpp");
-    println!("cargo:rerun-if-changed=csrc/cuda_stats.cpp");
-    println!("cargo:rerun-if-changed=csrc/dequant.c");
-    println!("cargo:rerun-if-changed=csrc/ssm.cpp");
-    println!("cargo:rerun-if-changed=csrc/ssm_kernels.c");
-    println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
-    println!("cargo:rerun-if-env-changed=VOLTTRAIN_NCCL_INCLUDE");
-    println!("cargo:rerun-if-env-changed=VOLTTRAIN_CUDA_INCLUDE");
-
+/// `LIBTORCH`, checked: the torch 2.11.0 wheel's `torch/` directory, with the headers the shims
+/// include.
+fn libtorch() -> PathBuf {
     let Ok(libtorch) = env::var("LIBTORCH") else {
         fail(
-            "LIBTORCH is not set; the dist shim needs libtorch's headers. Run \
-             `eval \"$(tools/provision.sh --print-env)\"` (or use ./dev) and build again.",
+            "LIBTORCH is not set; VoltTrain's C++ shims need libtorch's headers. Run \
+             `eval \"$(tools/provision.sh --print-env)\"` (or use ./dev) and build again \
+             (`--features doc-only` builds documentation without libtorch).",
         );
     };
     let libtorch = PathBuf::from(libtorch);
     let inc = libtorch.join("include");
-    let api_inc = inc.join("torch/csrc/api/include");
     if !inc
-        .join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp")
+        .join("torch/csrc/distributed/c10d/TCPStore.hpp")
         .exists()
     {
         fail(&format!(
-            "{} has no torch/csrc/distributed/c10d/ProcessGroupGloo.hpp; LIBTORCH must point at \
-             the torch 2.11.0 wheel's torch/ directory (tools/provision.sh --print-env)",
+            "{} has no torch/csrc/distributed/c10d/TCPStore.hpp; LIBTORCH must point at the \
+             torch 2.11.0 wheel's torch/ directory (tools/provision.sh --print-env)",
             inc.display()
         ));
     }
+    libtorch
+}
 
-    let gloo_inc = env::var("VOLTTRAIN_GLOO_INCLUDE")
-        .ok()
-        .map(PathBuf::from)
-        .or_else(|| {
-            ["/usr/include", "/usr/local/include"]
-                .iter()
-                .map(PathBuf::from)
-                .find(|d| d.join("gloo/config.h").exists())
-        });
-    let Some(gloo_inc) = gloo_inc.filter(|d| d.join("gloo/config.h").exists()) else {
-        fail(
-            "gloo's headers (gloo/config.h) were not found; the torch wheel does not ship them. \
-             Install them with `apt-get install libgloo-dev` (tools/provision.sh does it), or set \
-             VOLTTRAIN_GLOO_INCLUDE to the directory holding gloo/.",
-        );
-    };
-
+/// A C++ build against libtorch's headers with the flags both shims share.
+fn torch_cpp(libtorch: &Path) -> cc::Build {
+    let inc = libtorch.join("include");
     let mut build = cc::Build::new();
     build
         .cpp(true)
-        .file("csrc/dist_shim.cpp")
-        .file("csrc/fused.cpp")
-        .file("csrc/amp.cpp")
-        .file("csrc/qlinear.cpp")
-        .file("csrc/cuda_stats.cpp")
-        .file("csrc/ssm.cpp")
         .include(&inc)
-        .include(&api_inc)
-        .include(&gloo_inc)
+        .include(inc.join("torch/csrc/api/include"))
         .flag("-std=c++17")
-        // at::parallel_for is header code: OpenMP makes it run on libtorch's thread pool
-        .flag("-fopenmp")
         // optimised in every profile: the shim's loops (fused ops' glue, dequantization's
         // statistics) run in debug-build tests and benches too; cc follows the profile otherwise
         .opt_level(3)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .define("USE_C10D_GLOO", None)
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
         .warnings(false);
+    build
+}
 
-    let nccl = match nccl_paths(&libtorch) {
+/// Compiles the kernel library, `volttrain_kernels`: `csrc/fused.cpp`, `amp.cpp`,
+/// `qlinear.cpp`, `ssm.cpp`, `cuda_stats.cpp` and `shim_common.cpp` (the error-string ABI both
+/// shims use), then their C row loops ([`build_simd`]). Needs libtorch's headers only; the real
+/// CUDA statistics also need the CUDA host headers (found with NCCL's, [`nccl_paths`]), and
+/// report "not available" without them.
+fn build_kernels(libtorch: &Path, cuda: Option<&NcclPaths>) {
+    let files = [
+        "csrc/shim_common.cpp",
+        "csrc/fused.cpp",
+        "csrc/amp.cpp",
+        "csrc/qlinear.cpp",
+        "csrc/cuda_stats.cpp",
+        "csrc/ssm.cpp",
+    ];
+    println!("cargo:rerun-if-changed=csrc/shim_common.h");
+    let mut build = torch_cpp(libtorch);
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+        build.file(f);
+    }
+    // at::parallel_for is header code: OpenMP makes it run on libtorch's thread pool
+    build.flag("-fopenmp");
+    if let Some(paths) = cuda {
+        for d in &paths.include {
+            build.include(d);
+        }
+        build.define("VOLTTRAIN_CUDA", None);
+    }
+    build.compile("volttrain_kernels");
+    build_simd(&libtorch.join("include"));
+}
+
+/// Compiles `csrc/kernels.c`, `dequant.c` and `ssm_kernels.c`, the row loops of the fused CPU
+/// ops (`src/fused.rs`), the 4-bit dequantization and the selective scan, on their own: on
+/// x86-64 with `-mavx2 -mfma` (exp through SLEEF's `Sleef_expf8_u10`, which libtorch_cpu
+/// exports). They are C on purpose, so no inline C++ function compiled with those flags can be
+/// picked by the linker for code outside them; the Rust side calls into them only after checking
+/// the CPU for AVX2 and FMA.
+fn build_simd(torch_include: &Path) {
+    let mut k = cc::Build::new();
+    for f in ["csrc/kernels.c", "csrc/dequant.c", "csrc/ssm_kernels.c"] {
+        println!("cargo:rerun-if-changed={f}");
+        k.file(f);
+    }
+    k.include(torch_include)
+        .flag("-std=c11")
+        .flag("-fopenmp-simd")
+        .opt_level(3)
+        .warnings(false);
+    if env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+        k.flag("-mavx2").flag("-mfma");
+    }
+    k.compile("volttrain_simd");
+}
+
+/// Compiles `csrc/dist_shim.cpp`, the C ABI over c10d's TCPStore and process groups, into
+/// `volttrain_dist`. libtorch's headers are enough for the shim itself; each backend is
+/// compiled in when its headers are found, and otherwise left out with a `cargo:warning` (and
+/// its status in `VOLTTRAIN_GLOO_BUILD` / `VOLTTRAIN_NCCL_BUILD`, shown by `volttrain env`), so a
+/// CPU-only single-process build needs neither:
+///
+/// - Gloo (CPU ranks): gloo's headers, which the torch wheel does not ship: `apt-get install
+///   libgloo-dev` (done by `tools/provision.sh`) or `VOLTTRAIN_GLOO_INCLUDE=<dir holding
+///   gloo/config.h>`. Only torch's libraries are linked, never Debian's `libgloo.so`.
+/// - NCCL (CUDA ranks): compiled whenever [`nccl_paths`] finds `nccl.h` and the CUDA host
+///   headers (`cuda_runtime_api.h`, `crt/host_config.h`, `nv/target`) of the pinned NVIDIA
+///   wheels that `tools/provision.sh` installs next to torch, which is every provisioned build,
+///   CI included. NCCL builds also link `libtorch_cuda`, `libc10_cuda` and the wheels'
+///   `libnccl.so.2` and `libcudart.so.13` ([`link_torch`]).
+fn build_dist_shim(libtorch: &Path, nccl: &Result<NcclPaths, String>) {
+    println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
+    println!("cargo:rerun-if-env-changed=VOLTTRAIN_GLOO_INCLUDE");
+    let mut build = torch_cpp(libtorch);
+    build.file("csrc/dist_shim.cpp");
+
+    match gloo_include() {
+        Ok(dir) => {
+            build
+                .include(dir)
+                .define("USE_C10D_GLOO", None)
+                .define("VOLTTRAIN_GLOO", None);
+            println!("cargo:rustc-env=VOLTTRAIN_GLOO_BUILD=compiled");
+        }
+        Err(why) => {
+            // Loud: a build without Gloo cannot run data parallel on CPU ranks.
+            println!("cargo:warning=Gloo is NOT compiled into this build: {why}");
+            println!("cargo:rustc-env=VOLTTRAIN_GLOO_BUILD=not compiled: {why}");
+        }
+    }
+    match nccl {
         Ok(paths) => {
             for d in &paths.include {
                 build.include(d);
@@ -155,21 +218,47 @@ fn build_dist_shim() {
                 .define("VOLTTRAIN_NCCL", None);
             println!("cargo:rustc-cfg=volttrain_nccl");
             println!("cargo:rustc-env=VOLTTRAIN_NCCL_BUILD=compiled");
-            Some(paths)
         }
         Err(why) => {
             // Loud: a build without NCCL cannot run multi-GPU data parallel.
             println!("cargo:warning=NCCL is NOT compiled into this build: {why}");
             println!("cargo:rustc-env=VOLTTRAIN_NCCL_BUILD=not compiled: {why}");
-            None
         }
-    };
-    println!("cargo:rustc-check-cfg=cfg(volttrain_nccl)");
-    build.compile("volttrain_dist_shim");
-    build_kernels(&inc);
+    }
+    build.compile("volttrain_dist");
+}
 
-    // The shim's symbols come from torch's libraries; name them after the static archive so the
-    // linker resolves them whatever order the upstream `-l` flags come in.
+/// The directory holding `gloo/config.h` (`VOLTTRAIN_GLOO_INCLUDE`, else `/usr/include` or
+/// `/usr/local/include`), or why there is none.
+fn gloo_include() -> Result<PathBuf, String> {
+    if let Ok(dir) = env::var("VOLTTRAIN_GLOO_INCLUDE") {
+        let dir = PathBuf::from(dir);
+        return if dir.join("gloo/config.h").exists() {
+            Ok(dir)
+        } else {
+            Err(format!(
+                "VOLTTRAIN_GLOO_INCLUDE={} holds no gloo/config.h",
+                dir.display()
+            ))
+        };
+    }
+    for d in ["/usr/include", "/usr/local/include"] {
+        if Path::new(d).join("gloo/config.h").exists() {
+            return Ok(PathBuf::from(d));
+        }
+    }
+    Err(
+        "gloo's headers (gloo/config.h) were not found; the torch wheel does not ship them. \
+         Install them with `apt-get install libgloo-dev` (tools/provision.sh does it), or set \
+         VOLTTRAIN_GLOO_INCLUDE to the directory holding gloo/, and build again"
+            .into(),
+    )
+}
+
+/// Links what the shims call: torch's libraries (and, with NCCL, the CUDA ones).
+fn link_torch(libtorch: &Path, nccl: Option<&NcclPaths>) {
+    // The shims' symbols come from torch's libraries; name them after the static archives so
+    // the linker resolves them whatever order the upstream `-l` flags come in.
     println!(
         "cargo:rustc-link-search=native={}",
         libtorch.join("lib").display()
@@ -180,9 +269,10 @@ fn build_dist_shim() {
     // parallel regions share libtorch's threads instead of starting a second runtime.
     println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
     if let Some(paths) = nccl {
-        // ProcessGroupNCCL lives in libtorch_cuda; NCCL and the CUDA runtime come from the
-        // pinned wheels, found at run time through the RUNPATH (or `LD_LIBRARY_PATH`, which
-        // overrides it, on a machine with its own torch).
+        // ProcessGroupNCCL and the CUDA allocator statistics live in libtorch_cuda and
+        // libc10_cuda; NCCL and the CUDA runtime come from the pinned wheels, found at run time
+        // through the RUNPATH (or `LD_LIBRARY_PATH`, which overrides it, on a machine with its
+        // own torch).
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
         for d in &paths.lib {
@@ -196,27 +286,6 @@ fn build_dist_shim() {
     }
 }
 
-/// Compiles `csrc/kernels.c`, the row loops of the fused CPU ops (`src/fused.rs`), on its own:
-/// on x86-64 with `-mavx2 -mfma` (exp through SLEEF's `Sleef_expf8_u10`, which libtorch_cpu
-/// exports). It is C on purpose, so no inline C++ function compiled with those flags can be
-/// picked by the linker for code outside it; the Rust side calls into it only after checking
-/// the CPU for AVX2 and FMA.
-fn build_kernels(torch_include: &Path) {
-    let mut k = cc::Build::new();
-    k.file("csrc/kernels.c")
-        .file("csrc/dequant.c")
-        .file("csrc/ssm_kernels.c")
-        .include(torch_include)
-        .flag("-std=c11")
-        .flag("-fopenmp-simd")
-        .opt_level(3)
-        .warnings(false);
-    if env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
-        k.flag("-mavx2").flag("-mfma");
-    }
-    k.compile("volttrain_kernels");
-}
-
 /// What the NCCL build needs, found next to torch in `site-packages` (the pinned wheels
 /// `tools/provision.sh` installs: `nvidia-nccl-cu13`, `nvidia-cuda-runtime`, `nvidia-cuda-crt`,
 /// `nvidia-cuda-cccl`) or through `VOLTTRAIN_NCCL_INCLUDE` / `VOLTTRAIN_CUDA_INCLUDE`.
@@ -228,7 +297,9 @@ struct NcclPaths {
 
 /// The NCCL build inputs, or why they are missing (said in a `cargo:warning` and by
 /// `volttrain env`).
-fn nccl_paths(libtorch: &Path) -> std::result::Result<NcclPaths, String> {
+fn nccl_paths(libtorch: &Path) -> Result<NcclPaths, String> {
+    println!("cargo:rerun-if-env-changed=VOLTTRAIN_NCCL_INCLUDE");
+    println!("cargo:rerun-if-env-changed=VOLTTRAIN_CUDA_INCLUDE");
     const FIX: &str = "run tools/provision.sh (or ./dev), which installs the pinned NVIDIA \
                        wheels into the torch venv, and build again";
     if !libtorch.join("lib/libtorch_cuda.so").exists() {

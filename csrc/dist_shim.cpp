@@ -1,22 +1,28 @@
-// C ABI over PyTorch's c10d (TCPStore, PrefixStore, ProcessGroupGloo and, when built with
-// VOLTTRAIN_NCCL, ProcessGroupNCCL) for VoltTrain's `dist` module (src/dist/ffi.rs).
+// C ABI over PyTorch's c10d (TCPStore, PrefixStore, and, when built with VOLTTRAIN_GLOO,
+// ProcessGroupGloo, when built with VOLTTRAIN_NCCL, ProcessGroupNCCL) for VoltTrain's `dist`
+// module (Rust declarations in src/ffi/dist.rs). build.rs compiles it apart from the kernel
+// library: only this file needs gloo's or NCCL's headers, and each backend is compiled only
+// when its headers are found (a backend left out fails at run time, saying why).
 //
 // Rules every function here keeps:
 // - No C++ exception crosses the FFI: each entry point catches everything and returns an error
-//   code plus a heap string (`*err`, freed with `vt_dist_free_str`) holding the C++ message.
+//   code plus a heap string (`*err`, freed with `vt_free_str`) holding the C++ message.
 // - Tensors arrive as `at::Tensor*`, the `tensor` type of torch-sys's C API (`torch_api.h`:
 //   `typedef torch::Tensor *tensor;`), i.e. what tch's `Tensor::as_ptr` gives.
 // - Only torch's own libraries are linked; gloo's headers (Debian's libgloo-dev) are used for
 //   parsing only: torch's Gloo classes hold gloo types behind shared_ptr.
 
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include "shim_common.h"
+#ifdef VOLTTRAIN_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 #ifdef VOLTTRAIN_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -72,6 +78,7 @@ void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>>& works) {
   }
 }
 
+#ifdef VOLTTRAIN_GLOO
 std::shared_ptr<::gloo::transport::Device> gloo_device(const char* iface, const char* host) {
   if (iface != nullptr && iface[0] != '\0') {
     return c10d::ProcessGroupGloo::createDeviceForInterface(iface);
@@ -81,6 +88,7 @@ std::shared_ptr<::gloo::transport::Device> gloo_device(const char* iface, const 
   }
   return c10d::ProcessGroupGloo::createDefaultDevice();
 }
+#endif
 
 // Gradient all-reduce overlapped with backward, in the manner of DDP's Reducer: a post hook on
 // each parameter's AccumulateGrad node marks the parameter ready; when every parameter of a
@@ -237,7 +245,13 @@ extern "C" {
 
 typedef struct VtPg vt_pg;
 
-void vt_dist_free_str(char* s) { std::free(s); }
+int vt_dist_has_gloo() {
+#ifdef VOLTTRAIN_GLOO
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 int vt_dist_has_nccl() {
 #ifdef VOLTTRAIN_NCCL
@@ -276,12 +290,22 @@ vt_pg* vt_dist_pg_new(int backend, const char* master_addr, uint16_t port, int r
 
     c10::intrusive_ptr<c10d::Backend> pg;
     if (backend == 0) {
+#ifdef VOLTTRAIN_GLOO
       auto gopts = c10d::ProcessGroupGloo::Options::create(timeout);
       gopts->devices.push_back(gloo_device(iface, host));
       if (gloo_threads > 0) {
         gopts->threads = gloo_threads;
       }
       pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, gopts);
+#else
+      (void)iface;
+      (void)host;
+      (void)gloo_threads;
+      throw std::runtime_error(
+          "this build of VoltTrain has no Gloo support: gloo's headers (gloo/config.h) were not "
+          "found when it was compiled (see build.rs); install libgloo-dev (tools/provision.sh "
+          "does it) or set VOLTTRAIN_GLOO_INCLUDE, and rebuild");
+#endif
     } else if (backend == 1) {
 #ifdef VOLTTRAIN_NCCL
       auto nopts = c10d::ProcessGroupNCCL::Options::create();

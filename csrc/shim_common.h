@@ -1,8 +1,9 @@
-// Error handling shared by VoltTrain's C++ shims (dist_shim.cpp, fused.cpp).
+// Error handling shared by VoltTrain's C++ shims: the kernel library (fused.cpp, amp.cpp,
+// qlinear.cpp, ssm.cpp) and the dist shim (dist_shim.cpp). Their Rust side is src/ffi/.
 //
 // No C++ exception may cross the C ABI: every entry point runs its body through `guarded`,
 // which returns 0 on success and -1 on error, with a malloc'd message in `*err` (freed by the
-// Rust side through `vt_dist_free_str`).
+// Rust side through `vt_free_str`, shim_common.cpp).
 
 #pragma once
 

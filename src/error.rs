@@ -82,6 +82,14 @@ pub enum Error {
     #[error("distributed: {0}")]
     Dist(String),
 
+    /// A native kernel of VoltTrain's C++ kernel library failed or cannot run here: the fused
+    /// CPU ops ([`crate::fused`]), autocast and loss scaling ([`crate::amp`]), the quantized
+    /// linear, the selective scan. `op` names the operation (`fused rms_norm`,
+    /// `loss scaler unscale`, ...), `msg` is libtorch's or the shim's message (a wrong shape or
+    /// dtype, fused kernels switched off, a CPU without AVX2).
+    #[error("{op}: {msg}")]
+    Kernel { op: String, msg: String },
+
     /// A libtorch call failed; `context` says which operation.
     #[error("{context}: {source}")]
     Torch {

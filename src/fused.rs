@@ -30,54 +30,12 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::ffi::{self, CTensor};
 use crate::error::{Error, Result};
-
-pub(crate) type RawTensor = *mut CTensor;
-
-unsafe extern "C" {
-    fn vt_fused_rms_norm(
-        x: CTensor,
-        weight: CTensor,
-        eps: f64,
-        out: RawTensor,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_fused_swiglu(gate: CTensor, up: CTensor, out: RawTensor, err: *mut *mut c_char) -> c_int;
-    fn vt_fused_rope(
-        x: CTensor,
-        cos: CTensor,
-        sin: CTensor,
-        out: RawTensor,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_fused_linear_ce(
-        h: CTensor,
-        w: CTensor,
-        targets: CTensor,
-        ignore: i64,
-        scale: f64,
-        chunk_rows: i64,
-        out: RawTensor,
-        loss_sum: *mut f64,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_clear_grad(param: CTensor, err: *mut *mut c_char) -> c_int;
-    fn vt_fused_adamw(
-        param: CTensor,
-        grad: CTensor,
-        exp_avg: CTensor,
-        exp_avg_sq: CTensor,
-        max_exp_avg_sq: CTensor,
-        step: f64,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-        err: *mut *mut c_char,
-    ) -> c_int;
-}
+use crate::ffi::kernels::{
+    vt_clear_grad, vt_fused_adamw, vt_fused_linear_ce, vt_fused_rms_norm, vt_fused_rope,
+    vt_fused_swiglu,
+};
+use crate::ffi::{self, RawTensor, ptr};
 
 /// Whether the fused kernels are usable in this process: the CPU has what `kernels.c` was
 /// compiled for, and `VOLTTRAIN_FUSED_KERNELS` is not `0`.
@@ -111,36 +69,26 @@ pub fn applies(t: &Tensor) -> bool {
         && !crate::amp::autocast_active(Device::Cpu)
 }
 
-pub(crate) fn ptr(t: &Tensor) -> CTensor {
-    t.as_ptr() as CTensor
-}
-
-/// Runs a shim call that returns a new tensor (an error when the fused kernels are off).
+/// Runs a kernel-library call that returns a new tensor (an [`Error::Kernel`] when the fused
+/// kernels are off).
 pub(crate) fn new_tensor(
     what: &str,
     f: impl FnOnce(RawTensor, *mut *mut c_char) -> c_int,
 ) -> Result<Tensor> {
     check_enabled(what)?;
-    let mut out: CTensor = std::ptr::null_mut();
-    ffi::call(what, |err| f(&mut out, err)).map_err(Error::InvalidArgument)?;
-    if out.is_null() {
-        return Err(Error::InvalidArgument(format!(
-            "{what}: the shim returned no tensor"
-        )));
-    }
-    // SAFETY: the shim hands over a heap `at::Tensor*` (torch-sys's `tensor` type), which the
-    // returned Tensor owns and frees.
-    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    ffi::new_tensor(what, f)
 }
 
 fn check_enabled(what: &str) -> Result<()> {
     if enabled() {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!(
-            "{what}: the fused CPU kernels are off (VOLTTRAIN_FUSED_KERNELS=0, or the CPU lacks \
-             AVX2/FMA); use the composite op"
-        )))
+        Err(Error::Kernel {
+            op: what.to_string(),
+            msg: "the fused CPU kernels are off (VOLTTRAIN_FUSED_KERNELS=0, or the CPU lacks \
+                  AVX2/FMA); use the composite op"
+                .into(),
+        })
     }
 }
 
@@ -221,7 +169,7 @@ pub fn linear_cross_entropy_chunked(
 /// Drops `param.grad` (PyTorch's `zero_grad(set_to_none=True)`); tch only zeroes it in place.
 pub fn clear_grad(param: &Tensor) -> Result<()> {
     // SAFETY: the tensor is live for the call; the shim only resets its grad field.
-    ffi::check("clear_grad", |err| unsafe {
+    ffi::kernel("clear_grad", |err| unsafe {
         vt_clear_grad(ptr(param), err)
     })
 }
@@ -248,7 +196,7 @@ pub(crate) fn fused_adamw(
 ) -> Result<()> {
     let vm = max_exp_avg_sq.map_or(std::ptr::null_mut(), ptr);
     // SAFETY: every tensor is live for the call; the shim updates them in place.
-    ffi::check("fused_adamw", |err| unsafe {
+    ffi::kernel("fused_adamw", |err| unsafe {
         vt_fused_adamw(
             ptr(param),
             ptr(grad),

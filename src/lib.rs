@@ -25,6 +25,7 @@ pub mod dpo;
 pub mod env_report;
 pub mod error;
 pub mod export;
+mod ffi;
 pub mod fused;
 pub mod generate;
 mod malloc;

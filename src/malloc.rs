@@ -1,6 +1,16 @@
 //! glibc allocator settings: keeping freed memory between training steps, and handing it back
 //! while a quantizing load runs. No-ops where glibc is not the C library.
 //!
+//! ## Only when asked
+//!
+//! [`keep_freed_memory`] and [`return_freed_memory`] change process-wide settings of the host's
+//! allocator, so nothing in the library calls them unless the caller asked:
+//! `TrainerBuilder::keep_freed_memory(true)` applies the first when `fit` starts,
+//! `keep_freed_memory(false)` the second, and a builder that was not told leaves the host's
+//! settings alone. The command line asks through `training.keep_freed_memory` (default `true`,
+//! the CLI's choice for step speed). [`release_freed_memory`] changes no setting: it hands free
+//! pages back once (`malloc_trim`) during a quantizing load.
+//!
 //! ## Keeping freed memory between training steps
 //!
 //! libtorch allocates CPU tensors with `malloc`. A training step allocates and frees the same
@@ -20,8 +30,8 @@
 //! 1163 MB, full fine-tuning 1943 / 1717 MB, NF4 QLoRA 1445 / 1336 MB, LoRA with gradient
 //! checkpointing 1066 / 948 MB (+8-13%), for 9% more tokens/s on the LoRA step and none on full
 //! fine-tuning. (Before the fused ops, which keep far fewer intermediates, the cost was +25-33%
-//! for about 8%.) It is process-wide; an embedding
-//! application turns it off with `TrainerBuilder::keep_freed_memory(false)`, a YAML run with
+//! for about 8%.) It is process-wide; an embedding application opts in with
+//! `TrainerBuilder::keep_freed_memory(true)`; a YAML run turns it off with
 //! `training.keep_freed_memory: false` (do so when memory is the point, as with QLoRA).
 
 /// Applies the settings (process-wide; a later [`return_freed_memory`] undoes them); a no-op

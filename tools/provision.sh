@@ -91,7 +91,9 @@ torch_ok() {
 }
 
 # gloo's C++ headers: the torch wheel does not ship them, and ProcessGroupGloo.hpp (compiled into
-# the dist shim by build.rs) includes them. Headers only: nothing links Debian's libgloo.
+# the dist shim by build.rs) includes them. Headers only: nothing links Debian's libgloo. A build
+# without them leaves the Gloo backend out (CPU multi-process training); provisioning, and so CI,
+# always installs them.
 gloo_ok() { [ -f /usr/include/gloo/config.h ] || [ -f "${VOLTTRAIN_GLOO_INCLUDE:-/nonexistent}/gloo/config.h" ]; }
 if ! gloo_ok; then
   if ! command -v apt-get >/dev/null 2>&1; then

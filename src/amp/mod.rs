@@ -15,38 +15,15 @@
 
 mod scaler;
 
-use std::ffi::{c_char, c_int};
+use std::ffi::c_int;
 
 use tch::{Device, Kind};
 
 pub use scaler::{LossScaler, LossScalerConfig, LossScalerState};
 
-use crate::dist::ffi;
 use crate::error::{Error, Result};
-
-unsafe extern "C" {
-    fn vt_amp_enter(
-        device: c_int,
-        dtype: c_int,
-        enabled: c_int,
-        prev_enabled: *mut c_int,
-        prev_dtype: *mut c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_amp_exit(
-        device: c_int,
-        prev_enabled: c_int,
-        prev_dtype: c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_amp_state(
-        device: c_int,
-        enabled: *mut c_int,
-        dtype: *mut c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_amp_cuda_bf16_supported() -> c_int;
-}
+use crate::ffi;
+use crate::ffi::kernels::{vt_amp_cuda_bf16_supported, vt_amp_enter, vt_amp_exit, vt_amp_state};
 
 /// The training precision (`training.precision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -159,10 +136,9 @@ impl Region {
         let (d, k) = (device_code(device)?, kind_code(kind)?);
         let (mut prev_enabled, mut prev_dtype) = (0, -1);
         // SAFETY: plain values and out-pointers that outlive the call.
-        ffi::call("autocast", |err| unsafe {
+        ffi::kernel("autocast enter", |err| unsafe {
             vt_amp_enter(d, k, 1, &mut prev_enabled, &mut prev_dtype, err)
-        })
-        .map_err(Error::InvalidArgument)?;
+        })?;
         Ok(Region {
             device: d,
             prev_enabled,
@@ -188,10 +164,9 @@ pub fn autocast_state(device: Device) -> Result<Option<Kind>> {
     let d = device_code(device)?;
     let (mut on, mut k) = (0, -1);
     // SAFETY: out-pointers that outlive the call.
-    ffi::call("autocast state", |err| unsafe {
+    ffi::kernel("autocast state", |err| unsafe {
         vt_amp_state(d, &mut on, &mut k, err)
-    })
-    .map_err(Error::InvalidArgument)?;
+    })?;
     Ok((on != 0).then_some(match k {
         0 => Kind::Half,
         1 => Kind::BFloat16,

@@ -7,32 +7,12 @@
 //! optimizer step is skipped; [`LossScaler::update`] then halves the scale (backoff), or doubles
 //! it after `growth_interval` clean steps in a row.
 
-use std::ffi::{c_char, c_int};
-
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::ffi::{self, CTensor};
 use crate::error::{Error, Result, TchResultExt};
-
-unsafe extern "C" {
-    fn vt_amp_unscale(
-        grads: *const CTensor,
-        n: usize,
-        found_inf: CTensor,
-        inv_scale: CTensor,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_amp_update_scale(
-        scale: CTensor,
-        growth_tracker: CTensor,
-        found_inf: CTensor,
-        growth_factor: f64,
-        backoff_factor: f64,
-        growth_interval: i64,
-        err: *mut *mut c_char,
-    ) -> c_int;
-}
+use crate::ffi::kernels::{vt_amp_unscale, vt_amp_update_scale};
+use crate::ffi::{self, ptr};
 
 /// Hyper-parameters of [`LossScaler`] (`training.loss_scaler`). Defaults are
 /// `torch.amp.GradScaler`'s.
@@ -159,16 +139,15 @@ impl LossScaler {
         let ptrs = ffi::tensor_ptrs(&grads);
         // SAFETY: every tensor is live for the call; the kernel updates the gradients and
         // `found_inf` in place.
-        ffi::call(ctx, |err| unsafe {
+        ffi::kernel(ctx, |err| unsafe {
             vt_amp_unscale(
                 ptrs.as_ptr(),
                 ptrs.len(),
-                self.found_inf.as_ptr() as CTensor,
-                inv.as_ptr() as CTensor,
+                ptr(&self.found_inf),
+                ptr(&inv),
                 err,
             )
-        })
-        .map_err(Error::InvalidArgument)?;
+        })?;
         Ok(self.found_inf.f_double_value(&[]).ctx(ctx)? != 0.0)
     }
 
@@ -182,18 +161,17 @@ impl LossScaler {
             .f_fill_(if found_inf { 1.0 } else { 0.0 })
             .ctx(ctx)?;
         // SAFETY: the tensors are live for the call; the kernel updates scale and tracker.
-        ffi::call(ctx, |err| unsafe {
+        ffi::kernel(ctx, |err| unsafe {
             vt_amp_update_scale(
-                self.scale.as_ptr() as CTensor,
-                self.growth_tracker.as_ptr() as CTensor,
-                self.found_inf.as_ptr() as CTensor,
+                ptr(&self.scale),
+                ptr(&self.growth_tracker),
+                ptr(&self.found_inf),
                 self.cfg.growth_factor,
                 self.cfg.backoff_factor,
                 self.cfg.growth_interval as i64,
                 err,
             )
         })
-        .map_err(Error::InvalidArgument)
     }
 
     /// The state to save.

@@ -14,8 +14,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{ProcessGroup, ffi};
+use super::ProcessGroup;
 use crate::error::{Error, Result, TchResultExt};
+use crate::ffi::dist as ffi;
 
 struct Bucket {
     /// Indices into `GradSync::params`.

@@ -2,7 +2,10 @@
 //!
 //! A small C++ shim (`csrc/dist_shim.cpp`, built by `build.rs`) drives libtorch's own
 //! `TCPStore` (rank 0 serves the rendezvous), `ProcessGroupGloo` (CPU ranks) and
-//! `ProcessGroupNCCL` (CUDA ranks; compiled in every provisioned build, see [`nccl_build_status`]).
+//! `ProcessGroupNCCL` (CUDA ranks). Both backends are compiled in every provisioned build; a
+//! build without gloo's or NCCL's headers leaves that backend out and says why
+//! ([`gloo_build_status`], [`nccl_build_status`]), so a CPU-only single-process build needs
+//! neither.
 //! On top of it:
 //!
 //! - [`DistEnv`]: rank, world size and rendezvous address from the `torchrun`-style environment
@@ -30,7 +33,6 @@
 //! ```
 
 mod device;
-pub(crate) mod ffi;
 mod grad_sync;
 pub mod launch;
 mod sampler;
@@ -43,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result, TchResultExt};
+use crate::ffi::dist as ffi;
 
 pub use device::{backend_for, check_collective_devices, select_device, staging_device};
 pub use grad_sync::{GradSync, broadcast_params};
@@ -83,6 +86,18 @@ impl Backend {
     }
 }
 
+/// Whether this build of VoltTrain was compiled with Gloo support (the backend of CPU ranks;
+/// left out when gloo's headers were missing at build time, see [`gloo_build_status`]).
+pub fn gloo_available() -> bool {
+    ffi::has_gloo()
+}
+
+/// How the build went for Gloo: `compiled`, or `not compiled: <why>` (what build.rs found
+/// missing and how to fix it).
+pub fn gloo_build_status() -> &'static str {
+    env!("VOLTTRAIN_GLOO_BUILD")
+}
+
 /// Whether this build of VoltTrain was compiled with NCCL support.
 pub fn nccl_available() -> bool {
     ffi::has_nccl()
@@ -94,9 +109,13 @@ pub fn nccl_build_status() -> &'static str {
     env!("VOLTTRAIN_NCCL_BUILD")
 }
 
-/// The c10d backends compiled into this build, in order (`["gloo"]` or `["gloo", "nccl"]`).
+/// The c10d backends compiled into this build, in order (`["gloo"]` or `["gloo", "nccl"]` in
+/// every provisioned build).
 pub fn compiled_backends() -> Vec<Backend> {
-    let mut v = vec![Backend::Gloo];
+    let mut v = Vec::new();
+    if gloo_available() {
+        v.push(Backend::Gloo);
+    }
     if nccl_available() {
         v.push(Backend::Nccl);
     }
@@ -346,6 +365,16 @@ impl ProcessGroup {
                 "rank {} is outside world size {}",
                 env.rank, env.world_size
             )));
+        }
+        if backend == Backend::Gloo && !gloo_available() {
+            return Err(Error::config(
+                "distributed.backend",
+                format!(
+                    "gloo (the default for CPU ranks) is not compiled into this build ({}); \
+                     rebuild after tools/provision.sh (it installs libgloo-dev)",
+                    gloo_build_status()
+                ),
+            ));
         }
         if backend == Backend::Nccl && !nccl_available() {
             return Err(Error::config(

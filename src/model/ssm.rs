@@ -24,33 +24,16 @@
 //! [`selective_scan`] picks the fused kernel where [`crate::fused::applies`], the chunked path
 //! elsewhere.
 
-use std::ffi::{c_char, c_int};
-
 use tch::{Kind, Tensor};
 
-use crate::dist::ffi::CTensor;
 use crate::error::{Error, Result, TchResultExt};
-use crate::fused::{RawTensor, new_tensor, ptr};
+use crate::ffi::kernels::vt_fused_selective_scan;
+use crate::ffi::ptr;
+use crate::fused::new_tensor;
 
 /// Steps per chunk of [`selective_scan_chunked`]: its intermediate is `[batch, d, chunk,
 /// chunk, N]` per chunk.
 pub const DEFAULT_CHUNK: i64 = 16;
-
-unsafe extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    fn vt_fused_selective_scan(
-        u: CTensor,
-        dt: CTensor,
-        a: CTensor,
-        b: CTensor,
-        c: CTensor,
-        d: CTensor,
-        z: CTensor,
-        bias: CTensor,
-        out: RawTensor,
-        err: *mut *mut c_char,
-    ) -> c_int;
-}
 
 /// The inputs of one scan. Shapes: `u`, `dt` (before bias and softplus), `z` `[batch, d, T]`;
 /// `a` (already `-exp(A_log)`) `[d, N]`; `b`, `c` `[batch, T, N]`; `d`, `dt_bias` `[d]`.

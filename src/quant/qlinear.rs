@@ -5,7 +5,7 @@
 //!
 //! `x.linear(dequantize(W))` under autograd keeps the dense `W` until backward (it is what the
 //! input gradient `g W` needs): a QLoRA step then holds a dense copy of every base weight, more
-//! than the fp32 model itself. [`linear`] is one libtorch autograd function instead: forward
+//! than the fp32 model itself. `linear` is one libtorch autograd function instead: forward
 //! dequantizes, multiplies and drops the dense weight; backward dequantizes again for the input
 //! gradient. Autograd keeps only the packed parts (which the model holds anyway). Under gradient
 //! checkpointing the no-grad first pass takes the tiled product of each format (no graph) and
@@ -20,56 +20,13 @@
 //! have it, the emulation elsewhere (the same FP8 values widened to fp32, the same scales); the
 //! input gradient treats the input's quantization as the identity (`g * dequantize(W)`).
 
-use std::ffi::{c_char, c_int};
+use std::ffi::c_int;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::ffi::{self, CTensor};
 use crate::error::{Error, Result};
-
-unsafe extern "C" {
-    fn vt_qweight_dequant(
-        fmt: i64,
-        parts: *const CTensor,
-        nparts: i64,
-        rows: i64,
-        cols: i64,
-        bs: i64,
-        offset: f64,
-        fast: c_int,
-        r0: i64,
-        r1: i64,
-        dtype: c_int,
-        out: *mut CTensor,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_qweight_linear(
-        x: CTensor,
-        fmt: i64,
-        parts: *const CTensor,
-        nparts: i64,
-        rows: i64,
-        cols: i64,
-        bs: i64,
-        offset: f64,
-        fast: c_int,
-        xb: CTensor,
-        xs: CTensor,
-        scaled_mm: c_int,
-        out_dtype: c_int,
-        out: *mut CTensor,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn vt_dequant_4bit_raw(
-        packed: CTensor,
-        absmax: CTensor,
-        code: CTensor,
-        out: CTensor,
-        bs: i64,
-        vector: c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
-}
+use crate::ffi::kernels::{vt_dequant_4bit_raw, vt_qweight_dequant, vt_qweight_linear};
+use crate::ffi::{self, CTensor, ptr};
 
 /// The packed formats the shim knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,26 +78,9 @@ fn dtype_code(kind: Kind) -> Result<c_int> {
     }
 }
 
-fn ptr(t: &Tensor) -> CTensor {
-    t.as_ptr() as CTensor
-}
-
-fn take(what: &str, f: impl FnOnce(*mut CTensor, *mut *mut c_char) -> c_int) -> Result<Tensor> {
-    let mut out: CTensor = std::ptr::null_mut();
-    ffi::call(what, |err| f(&mut out, err)).map_err(Error::InvalidArgument)?;
-    if out.is_null() {
-        return Err(Error::InvalidArgument(format!(
-            "{what}: the shim returned no tensor"
-        )));
-    }
-    // SAFETY: the shim hands over a heap `at::Tensor*` (torch-sys's `tensor` type), which the
-    // returned Tensor owns and frees.
-    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
-}
-
 impl Parts<'_> {
     fn ptrs(&self) -> Vec<CTensor> {
-        self.tensors.iter().map(|t| ptr(t)).collect()
+        ffi::tensor_ptrs(&self.tensors)
     }
 
     fn fast(&self) -> c_int {
@@ -154,7 +94,7 @@ pub(crate) fn dequantize_rows(p: &Parts<'_>, r0: i64, r1: i64, kind: Kind) -> Re
     let dtype = dtype_code(kind)?;
     let what = format!("dequantize rows {r0}..{r1} of [{}, {}]", p.rows, p.cols);
     // SAFETY: every tensor behind `ptrs` is borrowed for the call; the shim returns a new one.
-    take(&what, |out, err| unsafe {
+    ffi::new_tensor(&what, |out, err| unsafe {
         vt_qweight_dequant(
             p.format as i64,
             ptrs.as_ptr(),
@@ -195,7 +135,7 @@ pub(crate) fn linear(p: &Parts<'_>, x: &Tensor, fp8: Option<&Fp8Input>) -> Resul
     let odt = dtype_code(odt)?;
     // SAFETY: `x`, the parts and the FP8 input are borrowed for the call; the shim returns a
     // new tensor and keeps (refcounted) references to the parts in the autograd graph.
-    take(&what, |out, err| unsafe {
+    ffi::new_tensor(&what, |out, err| unsafe {
         vt_qweight_linear(
             ptr(x),
             p.format as i64,
@@ -228,16 +168,17 @@ pub fn dequantize_4bit_kernel(
     vector: bool,
 ) -> Result<Tensor> {
     if !fast_kernel() {
-        return Err(Error::invalid(
-            "the four-bit CPU kernel needs AVX2 and FMA, which this CPU lacks",
-        ));
+        return Err(Error::Kernel {
+            op: "four-bit dequantize kernel".into(),
+            msg: "needs AVX2 and FMA, which this CPU lacks".into(),
+        });
     }
     let out = Tensor::zeros(
         [absmax.numel() as i64 * block_size],
         (Kind::Float, Device::Cpu),
     );
     // SAFETY: the tensors are live for the call; the shim checks sizes before writing `out`.
-    ffi::call("four-bit dequantize kernel", |err| unsafe {
+    ffi::kernel("four-bit dequantize kernel", |err| unsafe {
         vt_dequant_4bit_raw(
             ptr(packed),
             ptr(absmax),
@@ -247,7 +188,6 @@ pub fn dequantize_4bit_kernel(
             c_int::from(vector),
             err,
         )
-    })
-    .map_err(Error::InvalidArgument)?;
+    })?;
     Ok(out)
 }
