@@ -7,6 +7,10 @@
 //! or gradient norm stops it at once. On stop, the main process writes `loss_spike.json` into
 //! the output directory (step, loss, baseline, grad norm, reason).
 //!
+//! The window and the count of spikes in a row are the callback's state
+//! ([`Callback::state_dict`]): the trainer keeps them in the resume checkpoint, so a resumed run
+//! detects exactly what the uninterrupted run would.
+//!
 //! ```yaml
 //! plugins: [target/release/libvolttrain_loss_spike.so]
 //! callbacks:
@@ -78,6 +82,49 @@ pub struct SpikeReport {
     pub baseline: Option<f64>,
     pub grad_norm: f64,
     pub reason: String,
+}
+
+/// What [`Callback::state_dict`] gives: the window (oldest first) and the spikes in a row.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSpikeState {
+    /// Losses of the last steps that were not spikes, oldest first (at most `window`).
+    pub recent: Vec<JsonF64>,
+    /// Consecutive spikes up to the last step.
+    pub consecutive: u32,
+}
+
+/// An `f64` that JSON can hold whatever its value: a number when finite, else `"NaN"`, `"inf"`
+/// or `"-inf"` (JSON has no NaN; a loss in the window may be one when `stop_on_non_finite` is
+/// off).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum JsonF64 {
+    Finite(f64),
+    NonFinite(String),
+}
+
+impl From<f64> for JsonF64 {
+    fn from(x: f64) -> Self {
+        if x.is_finite() {
+            JsonF64::Finite(x)
+        } else {
+            JsonF64::NonFinite(x.to_string())
+        }
+    }
+}
+
+impl JsonF64 {
+    fn value(&self) -> Result<f64> {
+        match self {
+            JsonF64::Finite(x) => Ok(*x),
+            JsonF64::NonFinite(s) => s.parse::<f64>().map_err(|_| {
+                Error::invalid(format!(
+                    "loss_spike state: `{s}` is neither a number nor NaN, inf or -inf"
+                ))
+            }),
+        }
+    }
 }
 
 /// The monitor.
@@ -186,6 +233,34 @@ impl Callback for LossSpike {
                 self.recent.push_back(m.loss);
             }
         }
+        Ok(())
+    }
+
+    fn state_dict(&self) -> Result<Option<serde_json::Value>> {
+        let state = LossSpikeState {
+            recent: self.recent.iter().map(|&x| JsonF64::from(x)).collect(),
+            consecutive: self.consecutive,
+        };
+        serde_json::to_value(state)
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("loss_spike state: {e}")))
+    }
+
+    /// Takes back the window and the spike count. A window saved with a larger `window` keeps
+    /// its newest `window` losses.
+    fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
+        let state: LossSpikeState = serde_json::from_value(state)
+            .map_err(|e| Error::invalid(format!("loss_spike state: {e}")))?;
+        let mut recent = state
+            .recent
+            .iter()
+            .map(JsonF64::value)
+            .collect::<Result<VecDeque<f64>>>()?;
+        while recent.len() > self.config.window {
+            recent.pop_front();
+        }
+        self.recent = recent;
+        self.consecutive = state.consecutive;
         Ok(())
     }
 }
