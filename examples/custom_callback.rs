@@ -75,18 +75,16 @@ impl Callback for PlateauStop {
     // name) and hands it back before training continues.
     fn state_dict(&self) -> Result<Option<serde_json::Value>> {
         Ok(Some(serde_json::json!({
-            // JSON has no infinity: no best loss yet is `null`.
-            "best": self.best.is_finite().then_some(self.best),
+            // As a string: it comes back bit for bit, and `inf` (no best loss yet) too.
+            "best": self.best.to_string(),
             "since_best": self.since_best,
         })))
     }
 
     fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
         let bad = || Error::invalid(format!("plateau_stop state: {state}"));
-        self.best = match &state["best"] {
-            serde_json::Value::Null => f64::INFINITY,
-            v => v.as_f64().ok_or_else(bad)?,
-        };
+        let best = state["best"].as_str().ok_or_else(bad)?;
+        self.best = best.parse().map_err(|_| bad())?;
         self.since_best = state["since_best"].as_u64().ok_or_else(bad)?;
         Ok(())
     }

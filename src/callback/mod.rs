@@ -155,7 +155,9 @@ pub trait Callback: Send {
     /// and `name#2`, `name#3`, ... for further callbacks of the same name. Called on the main
     /// process after the hooks of the step the checkpoint is written at.
     ///
-    /// Give floats that may be NaN or infinite in a form JSON can hold (JSON has no NaN).
+    /// Floats that must come back bit for bit are best written as strings (`x.to_string()`,
+    /// read back with `s.parse::<f64>()`): `serde_json` may read a JSON number back one ulp
+    /// off, and JSON has no NaN or infinity.
     fn state_dict(&self) -> Result<Option<serde_json::Value>> {
         Ok(None)
     }

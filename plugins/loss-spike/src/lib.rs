@@ -85,46 +85,17 @@ pub struct SpikeReport {
 }
 
 /// What [`Callback::state_dict`] gives: the window (oldest first) and the spikes in a row.
+///
+/// Losses are strings as Rust prints an `f64` (`3.396720839756284`, `NaN`, `inf`): they come
+/// back bit for bit (a JSON number read back by `serde_json` may be one ulp off, and JSON has
+/// no NaN, which the window may hold when `stop_on_non_finite` is off).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LossSpikeState {
     /// Losses of the last steps that were not spikes, oldest first (at most `window`).
-    pub recent: Vec<JsonF64>,
+    pub recent: Vec<String>,
     /// Consecutive spikes up to the last step.
     pub consecutive: u32,
-}
-
-/// An `f64` that JSON can hold whatever its value: a number when finite, else `"NaN"`, `"inf"`
-/// or `"-inf"` (JSON has no NaN; a loss in the window may be one when `stop_on_non_finite` is
-/// off).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(untagged)]
-pub enum JsonF64 {
-    Finite(f64),
-    NonFinite(String),
-}
-
-impl From<f64> for JsonF64 {
-    fn from(x: f64) -> Self {
-        if x.is_finite() {
-            JsonF64::Finite(x)
-        } else {
-            JsonF64::NonFinite(x.to_string())
-        }
-    }
-}
-
-impl JsonF64 {
-    fn value(&self) -> Result<f64> {
-        match self {
-            JsonF64::Finite(x) => Ok(*x),
-            JsonF64::NonFinite(s) => s.parse::<f64>().map_err(|_| {
-                Error::invalid(format!(
-                    "loss_spike state: `{s}` is neither a number nor NaN, inf or -inf"
-                ))
-            }),
-        }
-    }
 }
 
 /// The monitor.
@@ -238,7 +209,7 @@ impl Callback for LossSpike {
 
     fn state_dict(&self) -> Result<Option<serde_json::Value>> {
         let state = LossSpikeState {
-            recent: self.recent.iter().map(|&x| JsonF64::from(x)).collect(),
+            recent: self.recent.iter().map(f64::to_string).collect(),
             consecutive: self.consecutive,
         };
         serde_json::to_value(state)
@@ -254,7 +225,10 @@ impl Callback for LossSpike {
         let mut recent = state
             .recent
             .iter()
-            .map(JsonF64::value)
+            .map(|x| {
+                x.parse::<f64>()
+                    .map_err(|_| Error::invalid(format!("loss_spike state: `{x}` is not a loss")))
+            })
             .collect::<Result<VecDeque<f64>>>()?;
         while recent.len() > self.config.window {
             recent.pop_front();
