@@ -87,18 +87,24 @@ fn stops_at_the_first_loss_above_factor_times_window_mean() {
     assert!(!dir.path().join("loss_spike.json").exists());
 }
 
-#[test]
-fn patience_needs_consecutive_spikes_and_spikes_stay_out_of_the_baseline() {
-    load();
+/// 40 steps of [`smooth`] with an isolated spike at step 16 (tolerated with patience 2) and
+/// spikes at steps 26 and 27 against the clean baseline of steps 21-25 (window 5, factor 3),
+/// returned with it. Step 27 is one only because step 26 stayed out of the baseline: with it in,
+/// the mean would be ~1.6x higher.
+fn spikes_for_patience_2() -> (Vec<f64>, f64) {
     let mut losses = smooth(40);
     let mean = |r: std::ops::Range<usize>, l: &[f64]| l[r].iter().sum::<f64>() / 5.0;
-    // An isolated spike at step 16: tolerated with patience 2.
     losses[15] = 4.0 * mean(10..15, &losses);
-    // Steps 26 and 27 are spikes against the clean baseline (steps 21-25). Step 27 is one only
-    // because step 26 stayed out of the baseline: with it in, the mean would be ~1.6x higher.
     let base = mean(20..25, &losses);
     losses[25] = 4.0 * base;
     losses[26] = 3.5 * base;
+    (losses, base)
+}
+
+#[test]
+fn patience_needs_consecutive_spikes_and_spikes_stay_out_of_the_baseline() {
+    load();
+    let (losses, base) = spikes_for_patience_2();
     let norms = vec![1.0; 40];
     let (stopped, _dir) = run("{window: 5, factor: 3.0, patience: 2}", &losses, &norms);
     let (step, reason) = stopped.expect("a stop request");
@@ -161,12 +167,7 @@ fn bad_settings_are_config_errors() {
 #[test]
 fn window_and_spike_count_survive_resume() {
     load();
-    let mut losses = smooth(40);
-    let mean = |r: std::ops::Range<usize>, l: &[f64]| l[r].iter().sum::<f64>() / 5.0;
-    losses[15] = 4.0 * mean(10..15, &losses);
-    let base = mean(20..25, &losses);
-    losses[25] = 4.0 * base;
-    losses[26] = 3.5 * base;
+    let (losses, _) = spikes_for_patience_2();
     let norms = vec![1.0; 40];
     let all = metrics(&losses, &norms);
     let yaml = "{window: 5, factor: 3.0, patience: 2}";

@@ -411,7 +411,8 @@ fn check_device(d: Device) -> Result<()> {
     }
 }
 
-/// What `final/` is written with when no saver was given: nothing; `final/` is skipped.
+/// The saver when none was given: saving through it (an epoch saver) is an error naming the
+/// directory, and the end of the run writes no `final/`.
 struct NoSaver;
 impl ModelSaver for NoSaver {
     fn save_to(&self, _: &dyn CausalLm, dir: &std::path::Path) -> Result<()> {

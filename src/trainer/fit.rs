@@ -29,38 +29,7 @@ impl Trainer {
 
     fn fit_inner(&mut self) -> Result<FitSummary> {
         let start = Instant::now();
-        match self.keep_freed_memory {
-            Some(true) => crate::malloc::keep_freed_memory(),
-            Some(false) => crate::malloc::return_freed_memory(),
-            None => {}
-        }
-        if let Some(o) = self.preference.as_mut() {
-            // Before `restore`: the reference is the model as it was given.
-            preference::precompute_if_asked(
-                o,
-                self.model.as_ref(),
-                self.train.as_mut(),
-                self.eval.as_mut(),
-                self.device,
-            )?;
-        }
-        if self.resume {
-            self.restore()?;
-        }
-        if let Some(c) = self.collective.as_mut() {
-            c.broadcast_params(&self.model.named_parameters())?;
-            let trainable: Vec<(String, Tensor)> = self
-                .optimizer
-                .groups()
-                .iter()
-                .flat_map(|g| {
-                    g.params
-                        .iter()
-                        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
-                })
-                .collect();
-            c.prepare_grads(&trainable)?;
-        }
+        self.prepare_fit()?;
         let mut stop: Option<String> = None;
         let mut last_loss = None;
         let mut last_eval = None;
@@ -104,33 +73,8 @@ impl Trainer {
                     saved_at = Some(self.state.step);
                     self.call(Hook::Save(&d), &mut stop)?;
                 }
-                let mut interrupted = self
-                    .interrupt
-                    .as_ref()
-                    .is_some_and(|f| f.load(Ordering::SeqCst));
-                if let Some(c) = self.collective.as_mut() {
-                    // Ranks see a Ctrl-C at different moments: stop every rank after the same
-                    // step when any rank saw it.
-                    let r = c.all_reduce_f64(&[f64::from(u8::from(interrupted))])?;
-                    interrupted = r[0] > 0.0;
-                }
-                if interrupted {
-                    let dir = if self.is_main() {
-                        self.save_resume()?
-                    } else {
-                        last_dir(&self.output_dir)
-                    };
-                    // the end of the run: one more eval, the final adapter (as at max_steps)
-                    self.finish(&mut evaluated_at, &mut stop)?;
-                    if let Some(c) = self.collective.as_mut() {
-                        // No rank exits before rank 0 has written `last/`: a launcher stops
-                        // the other ranks as soon as one exits with an error.
-                        c.all_reduce_f64(&[0.0])?;
-                    }
-                    return Err(Error::Interrupted {
-                        step: self.state.step,
-                        dir,
-                    });
+                if self.interrupted()? {
+                    return Err(self.interrupt_run(&mut evaluated_at, &mut stop)?);
                 }
                 if stop.is_some() {
                     break 'epochs;
@@ -190,6 +134,83 @@ impl Trainer {
         })
     }
 
+    /// Before the first step: the malloc setting, a preference objective's reference pass,
+    /// resume, and in data parallel rank 0's weights everywhere and the gradient buckets.
+    fn prepare_fit(&mut self) -> Result<()> {
+        match self.keep_freed_memory {
+            Some(true) => crate::malloc::keep_freed_memory(),
+            Some(false) => crate::malloc::return_freed_memory(),
+            None => {}
+        }
+        if let Some(o) = self.preference.as_mut() {
+            // Before `restore`: the reference is the model as it was given.
+            preference::precompute_if_asked(
+                o,
+                self.model.as_ref(),
+                self.train.as_mut(),
+                self.eval.as_mut(),
+                self.device,
+            )?;
+        }
+        if self.resume {
+            self.restore()?;
+        }
+        if let Some(c) = self.collective.as_mut() {
+            c.broadcast_params(&self.model.named_parameters())?;
+            let trainable: Vec<(String, Tensor)> = self
+                .optimizer
+                .groups()
+                .iter()
+                .flat_map(|g| {
+                    g.params
+                        .iter()
+                        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+                })
+                .collect();
+            c.prepare_grads(&trainable)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the run was interrupted (Ctrl-C) during the last step, on any rank.
+    fn interrupted(&mut self) -> Result<bool> {
+        let mut interrupted = self
+            .interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        if let Some(c) = self.collective.as_mut() {
+            // Ranks see a Ctrl-C at different moments: stop every rank after the same
+            // step when any rank saw it.
+            let r = c.all_reduce_f64(&[f64::from(u8::from(interrupted))])?;
+            interrupted = r[0] > 0.0;
+        }
+        Ok(interrupted)
+    }
+
+    /// Ends an interrupted run: `last/`, one more eval and `final/` (as at `max_steps`); the
+    /// error to return, [`Error::Interrupted`].
+    fn interrupt_run(
+        &mut self,
+        evaluated_at: &mut Option<u64>,
+        stop: &mut Option<String>,
+    ) -> Result<Error> {
+        let dir = if self.is_main() {
+            self.save_resume()?
+        } else {
+            last_dir(&self.output_dir)
+        };
+        self.finish(evaluated_at, stop)?;
+        if let Some(c) = self.collective.as_mut() {
+            // No rank exits before rank 0 has written `last/`: a launcher stops
+            // the other ranks as soon as one exits with an error.
+            c.all_reduce_f64(&[0.0])?;
+        }
+        Ok(Error::Interrupted {
+            step: self.state.step,
+            dir,
+        })
+    }
+
     /// One optimizer step over the next `grad_accum` micro-batches of `epoch` (of `n_batches`):
     /// forward and backward of each (the loss scaled by the step's label tokens, or pairs, on
     /// all ranks, and by fp16's loss scale), the gradient average over ranks, unscaling,
@@ -205,48 +226,19 @@ impl Trainer {
             let b = self.train.batch(epoch, i)?;
             prepared.push(step::prepare(&b, self.device)?);
         }
-        // The loss is a mean over units: label tokens (SFT) or pairs (preference).
-        let units = |p: &step::Prepared| match &self.preference {
-            Some(_) => PreferenceObjective::units(p),
-            None => p.n_labels as f64,
-        };
-        let mut counts = [
-            prepared.iter().map(|p| p.n_labels as f64).sum::<f64>(),
-            prepared.iter().map(|p| p.n_inputs as f64).sum::<f64>(),
-            prepared.iter().map(units).sum::<f64>(),
-        ];
-        if let Some(c) = self.collective.as_mut() {
-            let r = c.all_reduce_f64(&counts)?;
-            counts = [r[0], r[1], r[2]];
-        }
+        let counts = self.step_counts(&prepared)?;
         let n_labels = counts[0];
         let n_units = counts[2];
         // Gradients are averaged over ranks afterwards, so each rank scales its summed
         // loss by world / (units of the step on all ranks).
         let world = self.collective.as_ref().map_or(1, |c| c.world_size()) as f64;
         let scale = if n_units > 0.0 { world / n_units } else { 0.0 };
-        let mut loss_sum = 0.0;
-        let amp = self.amp;
         // fp16: the loss times the loss scale (exact: a power of two)
         let scale = match &self.scaler {
             Some(s) => scale * s.scale()?,
             None => scale,
         };
-        let n_micro = prepared.len();
-        for (micro, p) in prepared.iter().enumerate() {
-            if let Some(c) = self.collective.as_mut() {
-                // With checkpointing a parameter's gradient can arrive in several
-                // backward calls (tied embeddings), so buckets are reduced after it.
-                c.sync_in_backward(micro + 1 == n_micro && !self.gradient_checkpointing);
-            }
-            let model = self.model.as_ref();
-            let ckpt = self.gradient_checkpointing;
-            let seed = (self.state.seed, self.state.step, micro);
-            loss_sum += match self.preference.as_mut() {
-                Some(o) => o.forward_backward(model, p, scale, ckpt, seed, amp)?,
-                None => step::forward_backward(model, p, scale, ckpt, seed, amp)?,
-            };
-        }
+        let mut loss_sum = self.backward_micro_batches(&prepared, scale)?;
         let mut params: Vec<Tensor> = Vec::new();
         for g in self.optimizer.groups() {
             for p in &g.params {
@@ -278,12 +270,7 @@ impl Trainer {
             tracing::info!(
                 "step {step_no}: fp16 gradients overflowed; step skipped, loss scale lowered"
             );
-            self.optimizer.zero_grad();
-            self.end_scaler_step(true)?;
-            self.state.skipped_steps += 1;
-            self.state.batch_in_epoch = last;
-            self.state.step += 1;
-            return Ok(None);
+            return self.skip_step(last);
         }
         if !loss.is_finite() || !grad_norm.is_finite() {
             let what = if loss.is_finite() {
@@ -301,12 +288,7 @@ impl Trainer {
                 }
                 NonFinitePolicy::Skip => {
                     tracing::warn!("step {step_no}: non-finite {what}; step skipped");
-                    self.optimizer.zero_grad();
-                    self.end_scaler_step(true)?;
-                    self.state.skipped_steps += 1;
-                    self.state.batch_in_epoch = last;
-                    self.state.step += 1;
-                    return Ok(None);
+                    return self.skip_step(last);
                 }
             }
         }
@@ -342,5 +324,58 @@ impl Trainer {
                 .unwrap_or_default(),
         };
         Ok(Some(metrics))
+    }
+
+    /// Label tokens, input tokens and loss units (label tokens for SFT, pairs for preference
+    /// objectives) of a step's micro-batches, summed over all ranks.
+    fn step_counts(&mut self, prepared: &[step::Prepared]) -> Result<[f64; 3]> {
+        let units = |p: &step::Prepared| match &self.preference {
+            Some(_) => PreferenceObjective::units(p),
+            None => p.n_labels as f64,
+        };
+        let mut counts = [
+            prepared.iter().map(|p| p.n_labels as f64).sum::<f64>(),
+            prepared.iter().map(|p| p.n_inputs as f64).sum::<f64>(),
+            prepared.iter().map(units).sum::<f64>(),
+        ];
+        if let Some(c) = self.collective.as_mut() {
+            let r = c.all_reduce_f64(&counts)?;
+            counts = [r[0], r[1], r[2]];
+        }
+        Ok(counts)
+    }
+
+    /// Forward and backward of each micro-batch of a step, the loss times `scale`; the summed
+    /// unscaled loss of this rank.
+    fn backward_micro_batches(&mut self, prepared: &[step::Prepared], scale: f64) -> Result<f64> {
+        let mut loss_sum = 0.0;
+        let amp = self.amp;
+        let n_micro = prepared.len();
+        for (micro, p) in prepared.iter().enumerate() {
+            if let Some(c) = self.collective.as_mut() {
+                // With checkpointing a parameter's gradient can arrive in several
+                // backward calls (tied embeddings), so buckets are reduced after it.
+                c.sync_in_backward(micro + 1 == n_micro && !self.gradient_checkpointing);
+            }
+            let model = self.model.as_ref();
+            let ckpt = self.gradient_checkpointing;
+            let seed = (self.state.seed, self.state.step, micro);
+            loss_sum += match self.preference.as_mut() {
+                Some(o) => o.forward_backward(model, p, scale, ckpt, seed, amp)?,
+                None => step::forward_backward(model, p, scale, ckpt, seed, amp)?,
+            };
+        }
+        Ok(loss_sum)
+    }
+
+    /// Drops a step's gradients and counts it as skipped; the position moves past its
+    /// micro-batches (up to `last`), as a step would.
+    fn skip_step(&mut self, last: usize) -> Result<Option<StepMetrics>> {
+        self.optimizer.zero_grad();
+        self.end_scaler_step(true)?;
+        self.state.skipped_steps += 1;
+        self.state.batch_in_epoch = last;
+        self.state.step += 1;
+        Ok(None)
     }
 }
