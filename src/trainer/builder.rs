@@ -84,14 +84,19 @@ impl Default for TrainerBuilder {
 }
 
 impl TrainerBuilder {
+    /// The model to train (adapters already injected; its trainable parameters are those with
+    /// `requires_grad`). Required.
     pub fn model(mut self, m: Box<dyn CausalLm>) -> Self {
         self.model = Some(m);
         self
     }
+    /// The training micro-batches. Required.
     pub fn train_data(mut self, d: Box<dyn BatchSource>) -> Self {
         self.train = Some(d);
         self
     }
+    /// Evaluation data: evaluated before the first step of a fresh run, at each epoch end, every
+    /// [`TrainerBuilder::eval_every`] steps and at the end of the run.
     pub fn eval_data(mut self, d: Box<dyn BatchSource>) -> Self {
         self.eval = Some(d);
         self
@@ -120,6 +125,7 @@ impl TrainerBuilder {
         self.base_lr = Some(lr);
         self
     }
+    /// Adds a callback; hooks are called in the order callbacks were added.
     pub fn callback(mut self, c: Box<dyn Callback>) -> Self {
         self.callbacks.push(c);
         self
@@ -129,10 +135,12 @@ impl TrainerBuilder {
         self.saver = Some(s);
         self
     }
+    /// Where the model lives and training runs. Default: the CPU.
     pub fn device(mut self, d: Device) -> Self {
         self.device = d;
         self
     }
+    /// Autocast precision. Default [`Precision::Auto`].
     pub fn precision(mut self, p: Precision) -> Self {
         self.precision = p;
         self
@@ -142,22 +150,27 @@ impl TrainerBuilder {
         self.loss_scaler = c;
         self
     }
+    /// Micro-batches per optimizer step. Default 1.
     pub fn grad_accum(mut self, n: usize) -> Self {
         self.grad_accum = n;
         self
     }
+    /// Passes over the training data. Default 1; ignored when `max_steps` is set.
     pub fn epochs(mut self, n: usize) -> Self {
         self.epochs = n;
         self
     }
+    /// Stop after this many optimizer steps (epochs then run on as needed). Default: none.
     pub fn max_steps(mut self, n: Option<u64>) -> Self {
         self.max_steps = n;
         self
     }
+    /// Clip the gradients to this global L2 norm. Default: no clipping.
     pub fn clip_norm(mut self, c: Option<f64>) -> Self {
         self.clip_norm = c;
         self
     }
+    /// Recompute each decoder layer's activations in backward. Default off.
     pub fn gradient_checkpointing(mut self, on: bool) -> Self {
         self.gradient_checkpointing = on;
         self
@@ -178,6 +191,7 @@ impl TrainerBuilder {
         self.keep_freed_memory = Some(on);
         self
     }
+    /// Run seed: dropout masks derive from it. Default 42.
     pub fn seed(mut self, s: u64) -> Self {
         self.seed = s;
         self
@@ -187,10 +201,12 @@ impl TrainerBuilder {
         self.eval_every = n;
         self
     }
+    /// Where `last/`, `final/` and the callbacks' files go. Default `runs/default`.
     pub fn output_dir(mut self, d: impl Into<PathBuf>) -> Self {
         self.output_dir = d.into();
         self
     }
+    /// What a non-finite loss or gradient norm does. Default [`NonFinitePolicy::Stop`].
     pub fn on_nonfinite(mut self, p: NonFinitePolicy) -> Self {
         self.on_nonfinite = p;
         self
