@@ -6,10 +6,12 @@
 //!
 //! `PlateauStop` writes every step's loss to `<output_dir>/losses.csv` and asks the trainer to
 //! stop when the loss has not improved by `min_delta` for `patience` steps. Every `Callback`
-//! hook has a no-op default, so a callback implements only the hooks it needs. `main` runs a
-//! real fine-tuning job, LoRA on the bundled tiny Llama and chat data (`assets/`), from a YAML
-//! document that names the callback, as `volttrain sft --config job.yaml` would; with
-//! `Trainer::builder()` attach it with `.callback(Box::new(...))` instead.
+//! hook has a no-op default, so a callback implements only the hooks it needs; its best loss
+//! and count are its state (`state_dict` / `load_state_dict`), so a resumed run stops where the
+//! uninterrupted one would. `main` runs a real fine-tuning job, LoRA on the bundled tiny Llama
+//! and chat data (`assets/`), from a YAML document that names the callback, as
+//! `volttrain sft --config job.yaml` would; with `Trainer::builder()` attach it with
+//! `.callback(Box::new(...))` instead.
 
 use std::io::Write;
 use std::path::Path;
@@ -65,6 +67,25 @@ impl Callback for PlateauStop {
                 ));
             }
         }
+        Ok(())
+    }
+
+    // What a resumed run (`volttrain sft --resume`) needs to go on as if never stopped: the
+    // trainer keeps it in the resume checkpoint (`last/callbacks.json`, under this callback's
+    // name) and hands it back before training continues.
+    fn state_dict(&self) -> Result<Option<serde_json::Value>> {
+        Ok(Some(serde_json::json!({
+            // As a string: it comes back bit for bit, and `inf` (no best loss yet) too.
+            "best": self.best.to_string(),
+            "since_best": self.since_best,
+        })))
+    }
+
+    fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
+        let bad = || Error::invalid(format!("plateau_stop state: {state}"));
+        let best = state["best"].as_str().ok_or_else(bad)?;
+        self.best = best.parse().map_err(|_| bad())?;
+        self.since_best = state["since_best"].as_u64().ok_or_else(bad)?;
         Ok(())
     }
 }

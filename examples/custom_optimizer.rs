@@ -40,6 +40,10 @@ impl Default for SgdMomentumConfig {
     }
 }
 
+/// The `<what>` of the momentum buffers' state keys (`<param>.momentum_buffer`, as
+/// `torch.optim.SGD` names it).
+const BUFFER: &str = "momentum_buffer";
+
 /// SGD with momentum, as `torch.optim.SGD(momentum=m)`: `b = m b + g; p -= lr b`.
 struct SgdMomentum {
     groups: Vec<ParamGroup>,
@@ -97,11 +101,15 @@ impl Optimizer for SgdMomentum {
         Ok(())
     }
 
+    // State keys are `<param>.<what>` (the rule on `Optimizer`): a composite optimizer splits
+    // a checkpoint between its parts by the parameter name before the last dot.
     fn state_dict(&self) -> Result<StateDict> {
         let mut sd = StateDict::default();
         for (name, b) in &self.buffers {
-            sd.tensors
-                .insert(name.clone(), b.f_detach_copy().ctx("state_dict")?);
+            sd.tensors.insert(
+                format!("{name}.{BUFFER}"),
+                b.f_detach_copy().ctx("state_dict")?,
+            );
         }
         Ok(sd)
     }
@@ -110,7 +118,15 @@ impl Optimizer for SgdMomentum {
         self.buffers = state
             .tensors
             .iter()
-            .map(|(k, v)| Ok((k.clone(), v.f_detach_copy().ctx("load_state_dict")?)))
+            .map(|(k, v)| {
+                let name = k
+                    .strip_suffix(BUFFER)
+                    .and_then(|n| n.strip_suffix('.'))
+                    .ok_or_else(|| {
+                        Error::invalid(format!("sgd_momentum state: unexpected key `{k}`"))
+                    })?;
+                Ok((name.to_string(), v.f_detach_copy().ctx("load_state_dict")?))
+            })
             .collect::<Result<_>>()?;
         Ok(())
     }

@@ -545,3 +545,82 @@ fn mamba_tensors_have_their_groups() {
         assert_eq!(adamw.weight_decay, None);
     }
 }
+
+/// A part that keys its state by the bare parameter name (as the custom-optimizer template once
+/// did), or by another part's parameter, breaks the `<param>.<what>` rule: the composite's
+/// `state_dict` says which part and which key, instead of a resume that cannot split it.
+#[test]
+fn composite_names_a_part_whose_state_keys_break_the_rule() {
+    struct Keyed {
+        groups: Vec<ParamGroup>,
+        key: &'static str,
+    }
+    impl Optimizer for Keyed {
+        type Config = ();
+        fn new(groups: Vec<ParamGroup>, _: ()) -> volttrain::Result<Self> {
+            Ok(Keyed { groups, key: "" })
+        }
+        fn name(&self) -> &str {
+            "keyed"
+        }
+        fn groups(&self) -> &[ParamGroup] {
+            &self.groups
+        }
+        fn groups_mut(&mut self) -> &mut [ParamGroup] {
+            &mut self.groups
+        }
+        fn step(&mut self) -> volttrain::Result<()> {
+            Ok(())
+        }
+        fn state_dict(&self) -> volttrain::Result<volttrain::optim::StateDict> {
+            let mut s = volttrain::optim::StateDict::default();
+            s.scalars.insert(self.key.into(), 1.0);
+            Ok(s)
+        }
+        fn load_state_dict(&mut self, _: &volttrain::optim::StateDict) -> volttrain::Result<()> {
+            Ok(())
+        }
+    }
+    let opts = (Kind::Float, Device::Cpu);
+    let w = Tensor::zeros([4, 4], opts).set_requires_grad(true);
+    let b = Tensor::zeros([4], opts).set_requires_grad(true);
+    let group = |name: &str, t: &Tensor| {
+        vec![ParamGroup::new(
+            name,
+            vec![NamedParam::new(name, t)],
+            1e-3,
+            1.0,
+            0.0,
+        )]
+    };
+    for (key, why) in [
+        ("b", "has no `.<what>`"),
+        ("c.exp_avg", "`c` is none of its parameters"),
+        (
+            "w.momentum",
+            "`w` is a parameter of `adamw`, not of `keyed`",
+        ),
+        ("b.momentum_buffer", ""),
+    ] {
+        let a: Box<dyn DynOptimizer> =
+            Box::new(AdamW::new(group("w", &w), AdamWConfig::default()).unwrap());
+        let mut k = Keyed::new(group("b", &b), ()).unwrap();
+        k.key = key;
+        let c = Composite::new(vec![a, Box::new(k)]).unwrap();
+        match DynOptimizer::state_dict(&c) {
+            Ok(s) => {
+                assert_eq!(why, "", "{key}");
+                assert_eq!(s.scalars[key], 1.0);
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains(&format!("`{key}`"))
+                        && e.contains(why)
+                        && e.contains("<param>.<what>"),
+                    "{e}"
+                );
+            }
+        }
+    }
+}

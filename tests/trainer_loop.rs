@@ -392,3 +392,121 @@ fn callback_and_optimizer_call_order() {
     assert_eq!(s.steps, 4);
     assert!(s.final_eval_loss.unwrap().is_finite());
 }
+
+/// Counts the steps it has seen; its count is its state.
+struct Counter {
+    name: &'static str,
+    seen: u64,
+    /// The count after `load_state_dict`, and after the run's last step.
+    report: Arc<Mutex<(Option<u64>, u64)>>,
+}
+impl Callback for Counter {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn on_step_end(&mut self, _: &mut Control<'_>, _: &StepMetrics) -> volttrain::Result<()> {
+        self.seen += 1;
+        self.report.lock().unwrap().1 = self.seen;
+        Ok(())
+    }
+    fn state_dict(&self) -> volttrain::Result<Option<serde_json::Value>> {
+        Ok(Some(serde_json::json!({ "seen": self.seen })))
+    }
+    fn load_state_dict(&mut self, state: serde_json::Value) -> volttrain::Result<()> {
+        self.seen = state["seen"]
+            .as_u64()
+            .ok_or_else(|| Error::invalid(format!("bad counter state {state}")))?;
+        self.report.lock().unwrap().0 = Some(self.seen);
+        Ok(())
+    }
+}
+
+/// A callback without state, named as the test says.
+struct Named(&'static str);
+impl Callback for Named {
+    fn name(&self) -> &str {
+        self.0
+    }
+}
+
+/// Callbacks' state goes into `last/callbacks.json` by name (`name#2` for a second one of the
+/// same name) and comes back on resume whatever the callbacks' order; a saved state that no
+/// callback of the resumed run takes is an error naming it.
+#[test]
+fn callback_state_survives_resume_matched_by_name() {
+    let _rng = common::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let counter = |name, report: &Arc<Mutex<(Option<u64>, u64)>>| -> Box<dyn Callback> {
+        Box::new(Counter {
+            name,
+            seen: 0,
+            report: report.clone(),
+        })
+    };
+    let make = |steps: u64, resume: bool, cbs: Vec<Box<dyn Callback>>| {
+        let mut b = base(
+            ToyLm::new(40, 16, 2, 0.0, 11),
+            VecSource::random(3, 2, 10, 40, 9),
+            0.05,
+        )
+        .max_steps(Some(steps))
+        .output_dir(dir.path())
+        .resume(resume);
+        for c in cbs {
+            b = b.callback(c);
+        }
+        b.build().unwrap()
+    };
+    let (a, b) = (Arc::default(), Arc::default());
+    make(
+        3,
+        false,
+        vec![
+            counter("counter", &a),
+            Box::new(Named("plain")),
+            counter("counter", &b),
+        ],
+    )
+    .fit()
+    .unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            dir.path()
+                .join("last")
+                .join(volttrain::trainer::CALLBACK_STATE),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        saved,
+        serde_json::json!({ "counter": { "seen": 3 }, "counter#2": { "seen": 3 } })
+    );
+
+    // Resumed with the callbacks in another order: each counter goes on from 3.
+    let (a2, b2) = (Arc::default(), Arc::default());
+    make(
+        5,
+        true,
+        vec![
+            Box::new(Named("plain")),
+            counter("counter", &a2),
+            counter("counter", &b2),
+        ],
+    )
+    .fit()
+    .unwrap();
+    for r in [&a2, &b2] {
+        assert_eq!(*r.lock().unwrap(), (Some(3), 5));
+    }
+
+    // A resumed run without a callback whose state was saved: an error naming it.
+    let e = make(7, true, vec![counter("counter", &Arc::default())])
+        .fit()
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("counter#2") && msg.contains("callbacks.json"),
+        "{msg}"
+    );
+}

@@ -2,7 +2,9 @@
 //!
 //! A [`Callback`] is told about the trainer's progress through hooks with no-op defaults, so an
 //! implementation writes only the hooks it needs. Any hook can ask the trainer to stop through
-//! [`Control::request_stop`].
+//! [`Control::request_stop`]. A callback that keeps state across steps (a window of losses, a
+//! best value) gives it to the resume checkpoint through [`Callback::state_dict`] and takes it
+//! back through [`Callback::load_state_dict`], so a resumed run goes on as if never stopped.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -145,6 +147,32 @@ pub trait Callback: Send {
     /// `FitSummary::callbacks`), e.g. a tracker's delivered and dropped points.
     fn summary(&self) -> Option<serde_json::Value> {
         None
+    }
+    /// The state to carry over a resume, as JSON (`None`, the default: the callback keeps
+    /// none). The trainer writes it into the resume checkpoint `last/`, in the same atomic write
+    /// as the weights and the optimizer state, as one entry of `last/callbacks.json`
+    /// ([`crate::trainer::CALLBACK_STATE`]) under the callback's key: its [`Callback::name`],
+    /// and `name#2`, `name#3`, ... for further callbacks of the same name. Called on the main
+    /// process after the hooks of the step the checkpoint is written at.
+    ///
+    /// Floats that must come back bit for bit are best written as strings (`x.to_string()`,
+    /// read back with `s.parse::<f64>()`): `serde_json` may read a JSON number back one ulp
+    /// off, and JSON has no NaN or infinity.
+    fn state_dict(&self) -> Result<Option<serde_json::Value>> {
+        Ok(None)
+    }
+    /// Takes back what [`Callback::state_dict`] gave, when a run resumes: called once, before
+    /// `on_fit_start`, on every process. On resume, a saved state whose key no callback of the
+    /// run has is an error (callbacks are matched by key, not by position, so their order may
+    /// change); a callback whose key has no saved state is not called and starts afresh.
+    ///
+    /// The default refuses any state: a callback that returns state must take it back.
+    fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
+        let _ = state;
+        Err(Error::invalid(format!(
+            "callback `{}` keeps no state, but the resume checkpoint holds some for it",
+            self.name()
+        )))
     }
 }
 

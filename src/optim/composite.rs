@@ -93,6 +93,32 @@ impl Composite {
         }
     }
 
+    /// Checks that part `i`'s state key follows the `<param>.<what>` rule of [`Optimizer`]
+    /// (everything before the last dot is one of the part's own parameters).
+    fn check_key(&self, i: usize, key: &str) -> Result<()> {
+        let param = key.rsplit_once('.').map(|(p, _)| p);
+        if param.is_some_and(|p| self.owner.get(p) == Some(&i)) {
+            return Ok(());
+        }
+        let part = self.parts[i].name();
+        let why = match param {
+            None => "it has no `.<what>` after a parameter name".to_string(),
+            Some(p) => match self.owner.get(p) {
+                Some(&o) => format!(
+                    "`{p}` is a parameter of `{}`, not of `{part}`",
+                    self.parts[o].name()
+                ),
+                None => format!("`{p}` is none of its parameters"),
+            },
+        };
+        Err(Error::invalid(format!(
+            "{}: optimizer `{part}` gave the state key `{key}`, and {why}; inside a composite \
+             optimizer every state key must be `<param>.<what>`, the name of one of the part's \
+             own parameters, a dot and a name without a dot (see the `Optimizer` trait docs)",
+            self.name
+        )))
+    }
+
     /// Splits `state` by the part that owns each entry's parameter (`<param>.<what>`).
     fn split_state(&self, state: &StateDict) -> Result<Vec<StateDict>> {
         let mut out: Vec<StateDict> = (0..self.parts.len())
@@ -140,10 +166,15 @@ impl DynOptimizer for Composite {
         Ok(())
     }
 
+    /// The parts' states together. A part's key that breaks the `<param>.<what>` rule is an
+    /// error naming the part and the key: on resume it could not be handed back.
     fn state_dict(&self) -> Result<StateDict> {
         let mut out = StateDict::default();
-        for part in &self.parts {
+        for (i, part) in self.parts.iter().enumerate() {
             let s = part.state_dict()?;
+            for k in s.tensors.keys().chain(s.scalars.keys()) {
+                self.check_key(i, k)?;
+            }
             out.tensors.extend(s.tensors);
             out.scalars.extend(s.scalars);
         }

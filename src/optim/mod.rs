@@ -102,6 +102,17 @@ pub struct StateDict {
 }
 
 /// The typed optimizer trait.
+///
+/// # State keys
+///
+/// [`Optimizer::state_dict`] names every entry `<param>.<what>`: the full name of the parameter
+/// the entry belongs to ([`NamedParam::name`]), a dot, and a name for the entry without a dot
+/// (`model.layers.0.mlp.up_proj.weight.exp_avg`, `lm_head.weight.step`). [`Composite`] relies on
+/// it to hand each part of a composite optimizer its own entries on resume (everything before
+/// the last dot must be one of the part's parameters), and refuses a part whose keys break it.
+/// An optimizer that keeps a value for no single parameter stores it under each parameter it
+/// applies to (AdamW's `step` is per parameter). [`Optimizer::load_state_dict`] gets back
+/// exactly the entries its `state_dict` gave, as `examples/custom_optimizer.rs` shows.
 pub trait Optimizer: Send + Sized + 'static {
     /// Hyper-parameters, deserialized from the YAML `optimizer` section.
     type Config: Clone + Default + serde::de::DeserializeOwned + serde::Serialize;
@@ -114,7 +125,9 @@ pub trait Optimizer: Send + Sized + 'static {
     /// One update from the current `.grad()` of every parameter (parameters without a grad are
     /// skipped).
     fn step(&mut self) -> Result<()>;
+    /// The full state, for exact resume, keyed `<param>.<what>` (see the trait docs).
     fn state_dict(&self) -> Result<StateDict>;
+    /// Takes back what [`Optimizer::state_dict`] gave.
     fn load_state_dict(&mut self, state: &StateDict) -> Result<()>;
 }
 

@@ -26,10 +26,16 @@ use super::registry::{
 };
 use crate::error::{Error, Result};
 
-/// Version of the declaration layout and of the registrar protocol. Bumped on any change to
-/// [`PluginDeclaration`] or to the register calling convention. It is the first field of the
-/// declaration so that it can be read before trusting anything else.
-pub const PLUGIN_ABI_VERSION: u32 = 1;
+/// Version of the declaration layout, of the registrar protocol, and of the trait objects that
+/// cross the boundary. Bumped on any change to [`PluginDeclaration`], to the register calling
+/// convention, or to the methods of a trait whose objects a plugin hands the host
+/// (`DynOptimizer`, `Scheduler`, `Callback`, `AdapterInjector`, `ParamGrouper`, `Quantizer`,
+/// `QuantizedTensor`): a vtable laid out by another version of the trait would call the wrong
+/// method, and two development builds can share a VoltTrain version. It is the first field of
+/// the declaration so that it can be read before trusting anything else.
+///
+/// History: 1, the first; 2, `Callback::state_dict` and `Callback::load_state_dict`.
+pub const PLUGIN_ABI_VERSION: u32 = 2;
 
 /// The compiler that built this copy of VoltTrain (`rustc --version`).
 pub const RUSTC_VERSION: &str = env!("VOLTTRAIN_RUSTC_VERSION");

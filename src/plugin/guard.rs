@@ -132,6 +132,13 @@ impl Callback for Guarded<dyn Callback> {
     fn summary(&self) -> Option<serde_json::Value> {
         catch_unwind(AssertUnwindSafe(|| self.inner.summary())).unwrap_or(None)
     }
+    fn state_dict(&self) -> Result<Option<serde_json::Value>> {
+        self.call("state_dict", || self.inner.state_dict())
+    }
+    fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
+        let context = format!("{} in `load_state_dict`", self.what);
+        catch(&context, &self.origin, || self.inner.load_state_dict(state))
+    }
 }
 
 impl AdapterInjector for Guarded<dyn AdapterInjector> {

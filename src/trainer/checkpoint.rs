@@ -1,11 +1,15 @@
-//! Resume checkpoints: `<output_dir>/last/` holds the trainable weights, the optimizer state and
-//! the trainer state (step, data position). Written into a temporary directory and renamed into
-//! place, so a crash never leaves a `last/` that looks complete but is not.
+//! Resume checkpoints: `<output_dir>/last/` holds the trainable weights, the optimizer state,
+//! the callbacks' state and the trainer state (step, data position). Written into a temporary
+//! directory and renamed into place, so a crash never leaves a `last/` that looks complete but
+//! is not. [`Trainer`]'s side (what it saves, how it restores) is at the end of this file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
+use super::builder::join_names;
+use super::{LossScaler, Trainer};
 use crate::error::{Error, Result, TchResultExt, write_atomic};
 use crate::optim::StateDict;
 
@@ -14,6 +18,12 @@ const WEIGHTS: &str = "trainable.safetensors";
 const OPT_TENSORS: &str = "optimizer.safetensors";
 const OPT_SCALARS: &str = "optimizer.json";
 const STATE: &str = "trainer_state.json";
+
+/// The file in `last/` with the callbacks' state
+/// ([`Callback::state_dict`](crate::callback::Callback::state_dict)): one JSON object, each
+/// stateful callback's state under its key (its name; the second callback of the same name
+/// `name#2`, and so on). Written only when some callback has state.
+pub const CALLBACK_STATE: &str = "callbacks.json";
 
 /// Where the trainer is, for exact resume.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -50,6 +60,7 @@ pub fn save(
     state: &TrainState,
     trainable: &[(String, Tensor)],
     optim: &StateDict,
+    callbacks: &BTreeMap<String, serde_json::Value>,
     extra: &[(String, Vec<u8>)],
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
@@ -85,6 +96,14 @@ pub fn save(
         source: e,
     })?;
     write_atomic(&tmp.path().join(OPT_SCALARS), &scalars)?;
+    if !callbacks.is_empty() {
+        let cp = tmp.path().join(CALLBACK_STATE);
+        let json = serde_json::to_vec_pretty(callbacks).map_err(|e| Error::Json {
+            path: cp.clone(),
+            source: e,
+        })?;
+        write_atomic(&cp, &json)?;
+    }
     for (name, bytes) in extra {
         write_atomic(&tmp.path().join(name), bytes)?;
     }
@@ -116,6 +135,8 @@ pub struct Loaded {
     pub state: TrainState,
     pub trainable: Vec<(String, Tensor)>,
     pub optim: StateDict,
+    /// The callbacks' state by key ([`CALLBACK_STATE`]); empty when the checkpoint has none.
+    pub callbacks: BTreeMap<String, serde_json::Value>,
 }
 
 /// Reads `<output_dir>/last/` (or the previous one if a crash happened mid-swap).
@@ -156,11 +177,169 @@ pub fn load(output_dir: &Path) -> Result<Loaded> {
         path: osp,
         source: e,
     })?;
+    let cp = dir.join(CALLBACK_STATE);
+    let callbacks = if cp.exists() {
+        let cb = std::fs::read(&cp).map_err(|e| Error::io(&cp, e))?;
+        serde_json::from_slice(&cb).map_err(|e| Error::Json {
+            path: cp,
+            source: e,
+        })?
+    } else {
+        BTreeMap::new()
+    };
     Ok(Loaded {
         state,
         trainable,
         optim: StateDict { tensors, scalars },
+        callbacks,
     })
+}
+
+/// The key of each callback's state in [`CALLBACK_STATE`]: its name, and `name#n` for the n-th
+/// callback of the same name (n >= 2), so the order of differently named callbacks may change
+/// between a run and its resume.
+pub(super) fn callback_keys<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    names
+        .into_iter()
+        .map(|n| {
+            let k = seen.entry(n).or_default();
+            *k += 1;
+            if *k == 1 {
+                n.to_string()
+            } else {
+                format!("{n}#{k}")
+            }
+        })
+        .collect()
+}
+
+impl Trainer {
+    /// Restores the weights, the optimizer, the callbacks, the position and the loss scaler
+    /// from `<output_dir>/last/`.
+    pub(super) fn restore(&mut self) -> Result<()> {
+        let loaded = load(&self.output_dir)?;
+        let world = self.state.world_size;
+        if loaded.state.world_size != world {
+            return Err(Error::checkpoint(
+                last_dir(&self.output_dir),
+                format!(
+                    "written with world size {} but this run has {world}; resume with the same number of processes",
+                    loaded.state.world_size
+                ),
+            ));
+        }
+        let mut saved: BTreeMap<String, Tensor> = loaded.trainable.into_iter().collect();
+        let _g = tch::no_grad_guard();
+        for (name, mut p) in self.trainable() {
+            let src = saved.remove(&name).ok_or_else(|| {
+                Error::checkpoint(
+                    last_dir(&self.output_dir),
+                    format!("trainable parameter `{name}` is not in the checkpoint"),
+                )
+            })?;
+            if src.size() != p.size() {
+                return Err(Error::checkpoint(
+                    last_dir(&self.output_dir),
+                    format!(
+                        "`{name}`: checkpoint shape {:?}, model {:?}",
+                        src.size(),
+                        p.size()
+                    ),
+                ));
+            }
+            p.f_copy_(&src).ctx(format!("restore {name}"))?;
+        }
+        if !saved.is_empty() {
+            let names: Vec<String> = saved.into_keys().collect();
+            return Err(Error::checkpoint(
+                last_dir(&self.output_dir),
+                format!(
+                    "checkpoint has tensors the model does not train: {}",
+                    join_names(&names)
+                ),
+            ));
+        }
+        self.optimizer.load_state_dict(&loaded.optim)?;
+        self.restore_callbacks(loaded.callbacks)?;
+        let seed = self.state.seed;
+        self.state = loaded.state;
+        self.state.seed = seed;
+        self.restore_scaler()?;
+        tracing::info!(
+            step = self.state.step,
+            epoch = self.state.epoch,
+            "resumed from {}",
+            last_dir(&self.output_dir).display()
+        );
+        Ok(())
+    }
+
+    /// Writes `<output_dir>/last/`: weights, optimizer, callbacks, position, loss scaler.
+    pub(super) fn save_resume(&mut self) -> Result<PathBuf> {
+        let sd = self.optimizer.state_dict()?;
+        self.state.loss_scaler = self.scaler.as_ref().map(LossScaler::state).transpose()?;
+        let callbacks = self.callback_states()?;
+        save(
+            &self.output_dir,
+            &self.state,
+            &self.trainable(),
+            &sd,
+            &callbacks,
+            &self.checkpoint_files,
+        )
+    }
+
+    /// Every stateful callback's state, by key (see [`callback_keys`]).
+    fn callback_states(&self) -> Result<BTreeMap<String, serde_json::Value>> {
+        let keys = callback_keys(self.callbacks.iter().map(|c| c.name()));
+        let mut out = BTreeMap::new();
+        for (cb, key) in self.callbacks.iter().zip(keys) {
+            let state = cb
+                .state_dict()
+                .map_err(|e| Error::invalid(format!("callback `{key}`: state_dict: {e}")))?;
+            if let Some(s) = state {
+                out.insert(key, s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives each callback its state from the checkpoint. A state without a callback of its key
+    /// in this run is an error; a stateful callback without a saved state starts afresh (a
+    /// checkpoint written before it was added), with a warning.
+    fn restore_callbacks(&mut self, mut saved: BTreeMap<String, serde_json::Value>) -> Result<()> {
+        let dir = last_dir(&self.output_dir);
+        let keys = callback_keys(self.callbacks.iter().map(|c| c.name()));
+        let unknown: Vec<&String> = saved.keys().filter(|k| !keys.contains(k)).collect();
+        if !unknown.is_empty() {
+            return Err(Error::checkpoint(
+                &dir,
+                format!(
+                    "{CALLBACK_STATE} holds the state of callback(s) {} that this run does not \
+                     have (callbacks are matched by name); add them back, or remove their \
+                     entries to drop their state",
+                    join_names(&unknown)
+                ),
+            ));
+        }
+        for (cb, key) in self.callbacks.iter_mut().zip(keys) {
+            match saved.remove(&key) {
+                Some(state) => cb.load_state_dict(state).map_err(|e| {
+                    Error::checkpoint(&dir, format!("callback `{key}`: load_state_dict: {e}"))
+                })?,
+                None => {
+                    if cb.state_dict().is_ok_and(|s| s.is_some()) {
+                        tracing::warn!(
+                            "callback `{key}` has no state in {}; it starts afresh",
+                            dir.join(CALLBACK_STATE).display()
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -183,19 +362,25 @@ mod tests {
         sd.tensors
             .insert("a.weight.exp_avg".into(), Tensor::from_slice(&[0.5f32]));
         sd.scalars.insert("a.weight.step".into(), 7.0);
-        save(dir.path(), &st, &w, &sd, &[]).unwrap();
+        save(dir.path(), &st, &w, &sd, &BTreeMap::new(), &[]).unwrap();
         // a second save replaces the first completely
         let st2 = TrainState {
             step: 8,
             ..st.clone()
         };
-        save(dir.path(), &st2, &w, &sd, &[]).unwrap();
+        let mut cbs = BTreeMap::new();
+        cbs.insert(
+            "loss_spike".to_string(),
+            serde_json::json!({"recent": [1.5, 2.0]}),
+        );
+        save(dir.path(), &st2, &w, &sd, &cbs, &[]).unwrap();
         let l = load(dir.path()).unwrap();
         assert_eq!(l.state, st2);
         assert_eq!(l.trainable.len(), 1);
         let v: Vec<f32> = l.trainable[0].1.shallow_clone().try_into().unwrap();
         assert_eq!(v, vec![1., 2., 3.]);
         assert_eq!(l.optim.scalars["a.weight.step"], 7.0);
+        assert_eq!(l.callbacks, cbs);
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -11,12 +11,9 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::amp::Autocast;
-use crate::data::Batch;
+use crate::data::{Batch, IGNORE_INDEX};
 use crate::error::{Result, TchResultExt};
 use crate::model::{CausalLm, ForwardInput};
-
-/// Label id ignored by the loss (PyTorch's `ignore_index` default).
-pub const IGNORE_INDEX: i64 = -100;
 
 pub use crate::amp::Precision;
 

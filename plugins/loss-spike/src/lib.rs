@@ -7,6 +7,10 @@
 //! or gradient norm stops it at once. On stop, the main process writes `loss_spike.json` into
 //! the output directory (step, loss, baseline, grad norm, reason).
 //!
+//! The window and the count of spikes in a row are the callback's state
+//! ([`Callback::state_dict`]): the trainer keeps them in the resume checkpoint, so a resumed run
+//! detects exactly what the uninterrupted run would.
+//!
 //! ```yaml
 //! plugins: [target/release/libvolttrain_loss_spike.so]
 //! callbacks:
@@ -78,6 +82,20 @@ pub struct SpikeReport {
     pub baseline: Option<f64>,
     pub grad_norm: f64,
     pub reason: String,
+}
+
+/// What [`Callback::state_dict`] gives: the window (oldest first) and the spikes in a row.
+///
+/// Losses are strings as Rust prints an `f64` (`3.396720839756284`, `NaN`, `inf`): they come
+/// back bit for bit (a JSON number read back by `serde_json` may be one ulp off, and JSON has
+/// no NaN, which the window may hold when `stop_on_non_finite` is off).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSpikeState {
+    /// Losses of the last steps that were not spikes, oldest first (at most `window`).
+    pub recent: Vec<String>,
+    /// Consecutive spikes up to the last step.
+    pub consecutive: u32,
 }
 
 /// The monitor.
@@ -186,6 +204,37 @@ impl Callback for LossSpike {
                 self.recent.push_back(m.loss);
             }
         }
+        Ok(())
+    }
+
+    fn state_dict(&self) -> Result<Option<serde_json::Value>> {
+        let state = LossSpikeState {
+            recent: self.recent.iter().map(f64::to_string).collect(),
+            consecutive: self.consecutive,
+        };
+        serde_json::to_value(state)
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("loss_spike state: {e}")))
+    }
+
+    /// Takes back the window and the spike count. A window saved with a larger `window` keeps
+    /// its newest `window` losses.
+    fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
+        let state: LossSpikeState = serde_json::from_value(state)
+            .map_err(|e| Error::invalid(format!("loss_spike state: {e}")))?;
+        let mut recent = state
+            .recent
+            .iter()
+            .map(|x| {
+                x.parse::<f64>()
+                    .map_err(|_| Error::invalid(format!("loss_spike state: `{x}` is not a loss")))
+            })
+            .collect::<Result<VecDeque<f64>>>()?;
+        while recent.len() > self.config.window {
+            recent.pop_front();
+        }
+        self.recent = recent;
+        self.consecutive = state.consecutive;
         Ok(())
     }
 }
