@@ -10,7 +10,10 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in VoltTrain.
+///
+/// `#[non_exhaustive]`: new variants may come in minor releases, so a `match` needs a `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file or directory could not be read or written.
     #[error("{}: {source}", path.display())]
@@ -66,9 +69,39 @@ pub enum Error {
         known: String,
     },
 
-    /// An argument to an API call is invalid (shape, value, combination).
+    /// An argument to an API call is invalid (a value or a combination of values) and no more
+    /// specific variant fits.
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// A tensor's shape or dtype does not fit the operation `op` (model inputs, attention masks,
+    /// KV caches, quantized weights, optimizer gradients).
+    #[error("{op}: {msg}")]
+    Shape { op: String, msg: String },
+
+    /// A saved state (optimizer, scheduler, callback, loss scaler, adapter) does not fit what
+    /// loads it; `owner` names the component (`adamw`, `callback loss_spike`).
+    #[error("{owner} state: {msg}")]
+    State { owner: String, msg: String },
+
+    /// The trainable parameters cannot be put into optimizer groups as asked (a parameter in no
+    /// group or in two, a bad `lr_mult`, a non-float parameter).
+    #[error("parameter groups: {0}")]
+    ParamGroups(String),
+
+    /// The model, device or build does not support what was asked (`what` names the feature:
+    /// `kv cache`, `packed rows`, `sliding windows`).
+    #[error("{what}: not supported: {msg}")]
+    Unsupported { what: String, msg: String },
+
+    /// An experiment tracker (`wandb`, `mlflow`) failed; under `on_error: fail` it stops the run.
+    #[error("{tracker}: {msg}")]
+    Tracker { tracker: String, msg: String },
+
+    /// A broken invariant inside VoltTrain (a worker thread panicked, an internal table is
+    /// missing an entry): a bug to report, not a problem with the input.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
 
     /// Training produced a non-finite value.
     #[error("non-finite {what} at step {step}")]
