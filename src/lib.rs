@@ -15,6 +15,8 @@
 //! Models implement [`model::CausalLm`]; their linear layers are [`nn::Linear`], which can hold a
 //! dense or quantized frozen weight plus an optional trainable adapter.
 
+#![warn(missing_docs)]
+
 pub mod adapter;
 pub mod amp;
 pub mod callback;
