@@ -7,7 +7,8 @@
 //! Each VoltTrain configuration runs in its own process (`volttrain-bench --child-sft MODE`), so
 //! peak memory is that configuration's alone.
 //!
-//! The children train with the trainer's default `keep_freed_memory(true)`; setting
+//! The children train with `keep_freed_memory(true)`, as the CLI does (a library host's trainer
+//! leaves malloc alone unless asked); setting
 //! `VOLTTRAIN_BENCH_KEEP_FREED_MEMORY=0` in the bench's environment runs them with it off, to
 //! measure what that setting costs in peak memory and buys in speed.
 
