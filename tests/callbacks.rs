@@ -161,3 +161,46 @@ fn failed_epoch_save_leaves_no_complete_looking_directory() {
         .collect();
     assert!(left.iter().all(|n| !n.starts_with("epoch-")), "{left:?}");
 }
+
+/// A callback whose step hook fails with a config error.
+struct BadConfigCallback;
+impl volttrain::callback::Callback for BadConfigCallback {
+    fn name(&self) -> &str {
+        "bad_config"
+    }
+    fn on_step_end(
+        &mut self,
+        _: &mut volttrain::callback::Control<'_>,
+        _: &volttrain::callback::StepMetrics,
+    ) -> volttrain::Result<()> {
+        Err(volttrain::Error::config(
+            "callbacks.bad_config.every",
+            "must be >= 1",
+        ))
+    }
+}
+
+#[test]
+fn a_callback_error_keeps_its_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ToyLm::new(20, 8, 1, 0.0, 2);
+    let opt = Box::new(Sgd::new(one_group(&model, 0.1), SgdConfig::default()).unwrap());
+    let err = Trainer::builder()
+        .model(Box::new(model))
+        .train_data(Box::new(VecSource::random(1, 1, 6, 20, 1)))
+        .optimizer(opt)
+        .base_lr(0.1)
+        .output_dir(dir.path())
+        .callback(Box::new(BadConfigCallback))
+        .build()
+        .unwrap()
+        .fit()
+        .unwrap_err();
+    match &err {
+        volttrain::Error::Config { key, msg, .. } => {
+            assert_eq!(key, "callbacks.bad_config.every");
+            assert_eq!(msg, "must be >= 1");
+        }
+        other => panic!("expected Error::Config, got {other:?}"),
+    }
+}

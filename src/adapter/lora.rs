@@ -261,7 +261,9 @@ pub struct LoraAdapter {
     pub a: Tensor,
     /// `[out, r]`.
     pub b: Tensor,
+    /// Factor on `B A x`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub scaling: f64,
+    /// Probability of zeroing an input element before `A` while training (0: no dropout).
     pub dropout: f64,
     /// Off: the layer computes its base output alone (PEFT's `disable_adapter()`), e.g. for the
     /// reference log-probs of preference tuning. Shared-reference switch, see
@@ -506,11 +508,29 @@ fn trainable_kind(base: Kind) -> Kind {
     }
 }
 
+/// Names the layer in a merge error, keeping its variant.
+fn in_layer(e: Error, what: &str, name: &str) -> Error {
+    match e {
+        Error::Torch { context, source } => Error::Torch {
+            context: format!("{what} `{name}`: {context}"),
+            source,
+        },
+        Error::Unsupported { what: w, msg } => Error::Unsupported {
+            what: format!("{what} `{name}`: {w}"),
+            msg,
+        },
+        Error::Shape { op, msg } => Error::Shape {
+            op: format!("{what} `{name}`: {op}"),
+            msg,
+        },
+        other => other,
+    }
+}
+
 /// Adds every adapter's delta into its dense base weight.
 pub fn merge_adapters(model: &mut dyn CausalLm) -> Result<()> {
     for (name, lin) in model.linears_mut() {
-        lin.merge()
-            .map_err(|e| Error::invalid(format!("merging `{name}`: {e}")))?;
+        lin.merge().map_err(|e| in_layer(e, "merging", &name))?;
     }
     Ok(())
 }
@@ -518,8 +538,7 @@ pub fn merge_adapters(model: &mut dyn CausalLm) -> Result<()> {
 /// Subtracts merged deltas again.
 pub fn unmerge_adapters(model: &mut dyn CausalLm) -> Result<()> {
     for (name, lin) in model.linears_mut() {
-        lin.unmerge()
-            .map_err(|e| Error::invalid(format!("unmerging `{name}`: {e}")))?;
+        lin.unmerge().map_err(|e| in_layer(e, "unmerging", &name))?;
     }
     Ok(())
 }

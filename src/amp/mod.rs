@@ -76,9 +76,10 @@ fn device_code(device: Device) -> Result<c_int> {
     match device {
         Device::Cpu => Ok(0),
         Device::Cuda(_) => Ok(1),
-        other => Err(Error::invalid(format!(
-            "autocast: unsupported device {other:?} (CPU and CUDA only)"
-        ))),
+        other => Err(Error::Unsupported {
+            what: "autocast".into(),
+            msg: format!("unsupported device {other:?} (CPU and CUDA only)"),
+        }),
     }
 }
 
@@ -86,16 +87,19 @@ fn kind_code(kind: Kind) -> Result<c_int> {
     match kind {
         Kind::Half => Ok(0),
         Kind::BFloat16 => Ok(1),
-        other => Err(Error::invalid(format!(
-            "autocast: dtype must be float16 or bfloat16, got {other:?}"
-        ))),
+        other => Err(Error::Unsupported {
+            what: "autocast".into(),
+            msg: format!("dtype must be float16 or bfloat16, got {other:?}"),
+        }),
     }
 }
 
 /// An autocast setting: which device type and which half kind (`None`: off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Autocast {
+    /// The device type whose autocast state is set (CPU or CUDA).
     pub device: Device,
+    /// The half kind eligible ops run in (`Half` or `BFloat16`); `None`: autocast off.
     pub kind: Option<Kind>,
 }
 

@@ -77,7 +77,9 @@ impl LossScalerConfig {
 /// `_growth_tracker`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossScalerState {
+    /// The current loss scale (finite, > 0).
     pub scale: f64,
+    /// Consecutive steps without overflow since the scale last changed (>= 0).
     pub growth_tracker: i64,
 }
 
@@ -188,11 +190,13 @@ impl LossScaler {
     /// Restores a saved state.
     pub fn load_state(&mut self, s: &LossScalerState) -> Result<()> {
         if !(s.scale.is_finite() && s.scale > 0.0) || s.growth_tracker < 0 {
-            return Err(Error::invalid(format!(
-                "loss scaler state: scale must be finite and > 0 and growth_tracker >= 0, got \
-                 {} and {}",
-                s.scale, s.growth_tracker
-            )));
+            return Err(Error::State {
+                owner: "loss scaler".into(),
+                msg: format!(
+                    "scale must be finite and > 0 and growth_tracker >= 0, got {} and {}",
+                    s.scale, s.growth_tracker
+                ),
+            });
         }
         let ctx = "loss scaler load";
         let _ = self.scale.f_fill_(s.scale).ctx(ctx)?;

@@ -59,10 +59,13 @@ pub fn check_collective_devices<'a>(
     }
     for (name, d) in tensors {
         if !d.is_cuda() {
-            return Err(Error::invalid(format!(
-                "{what}: `{name}` is on {d:?} but the backend is nccl, which only reduces CUDA \
-                 tensors; move the model to the rank's GPU or set distributed.backend: gloo"
-            )));
+            return Err(Error::Unsupported {
+                what: what.to_string(),
+                msg: format!(
+                    "`{name}` is on {d:?} but the backend is nccl, which only reduces CUDA \
+                     tensors; move the model to the rank's GPU or set distributed.backend: gloo"
+                ),
+            });
         }
     }
     Ok(())

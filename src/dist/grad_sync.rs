@@ -294,11 +294,14 @@ impl GradSync {
 /// Sets `param.grad = grad` (tch has no setter for it).
 fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     if param.size() != grad.size() {
-        return Err(Error::invalid(format!(
-            "set_grad: gradient shape {:?} differs from parameter shape {:?}",
-            grad.size(),
-            param.size()
-        )));
+        return Err(Error::Shape {
+            op: "set_grad".into(),
+            msg: format!(
+                "gradient shape {:?} differs from parameter shape {:?}",
+                grad.size(),
+                param.size()
+            ),
+        });
     }
     let (p, g) = (
         param.as_ptr() as ffi::CTensor,

@@ -361,7 +361,7 @@ impl ProcessGroup {
         let backend = backend_for(cfg.backend, device);
         let staging = staging_device(backend, device)?;
         if env.world_size == 0 || env.rank >= env.world_size {
-            return Err(Error::invalid(format!(
+            return Err(Error::Dist(format!(
                 "rank {} is outside world size {}",
                 env.rank, env.world_size
             )));
@@ -418,9 +418,9 @@ impl ProcessGroup {
         let c_host = cstring("host", host)?;
         let c_prefix = cstring("prefix", "volttrain")?;
         let rank = c_int::try_from(env.rank)
-            .map_err(|_| Error::invalid(format!("rank {} is too large", env.rank)))?;
+            .map_err(|_| Error::Dist(format!("rank {} is too large", env.rank)))?;
         let world = c_int::try_from(env.world_size)
-            .map_err(|_| Error::invalid(format!("world size {} is too large", env.world_size)))?;
+            .map_err(|_| Error::Dist(format!("world size {} is too large", env.world_size)))?;
         let timeout_ms = i64::try_from(cfg.timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let threads = c_int::try_from(cfg.gloo_threads).unwrap_or(c_int::MAX);
         let mut err: *mut c_char = std::ptr::null_mut();
@@ -498,18 +498,25 @@ impl ProcessGroup {
     fn check_tensors(&self, op: &str, tensors: &[Tensor]) -> Result<()> {
         for (i, t) in tensors.iter().enumerate() {
             if !t.defined() {
-                return Err(Error::invalid(format!("{op}: tensor {i} is undefined")));
+                return Err(Error::Shape {
+                    op: op.to_string(),
+                    msg: format!("tensor {i} is undefined"),
+                });
             }
             if !t.is_contiguous() {
-                return Err(Error::invalid(format!(
-                    "{op}: tensor {i} (shape {:?}) is not contiguous; call .contiguous() first",
-                    t.size()
-                )));
+                return Err(Error::Shape {
+                    op: op.to_string(),
+                    msg: format!(
+                        "tensor {i} (shape {:?}) is not contiguous; call .contiguous() first",
+                        t.size()
+                    ),
+                });
             }
             if self.backend == Backend::Nccl && t.device() == tch::Device::Cpu {
-                return Err(Error::invalid(format!(
-                    "{op}: tensor {i} is on the CPU but the backend is nccl"
-                )));
+                return Err(Error::Unsupported {
+                    what: op.to_string(),
+                    msg: format!("tensor {i} is on the CPU but the backend is nccl"),
+                });
             }
         }
         Ok(())

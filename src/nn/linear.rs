@@ -54,6 +54,7 @@ pub struct LowRank<'a> {
     pub a: &'a Tensor,
     /// `[out, r]`.
     pub b: &'a Tensor,
+    /// Factor on the update (`alpha / r` for LoRA).
     pub scaling: f64,
 }
 
@@ -79,8 +80,11 @@ impl LowRank<'_> {
 /// `y = x W^T + b (+ adapter(x))`.
 #[derive(Debug)]
 pub struct Linear {
+    /// `W`, `[out, in]`: dense, or quantized (then frozen).
     pub weight: LinearWeight,
+    /// `b`, `[out]`, if the layer has one.
     pub bias: Option<Tensor>,
+    /// A trainable update added to the output (LoRA), if one was injected.
     pub adapter: Option<Box<dyn LinearAdapter>>,
     /// True once an adapter's delta was added into a dense weight (see [`Linear::merge`]).
     pub merged: bool,
@@ -169,9 +173,11 @@ impl Linear {
             return Ok(());
         };
         let LinearWeight::Dense(w) = &mut self.weight else {
-            return Err(crate::Error::invalid(
-                "cannot merge an adapter into a quantized weight; dequantize the base first",
-            ));
+            return Err(crate::Error::Unsupported {
+                what: "merging an adapter into a quantized weight".into(),
+                msg: "cannot merge an adapter into a quantized weight; dequantize the base first"
+                    .into(),
+            });
         };
         let _g = tch::no_grad_guard();
         let delta = adapter
@@ -204,7 +210,10 @@ impl Linear {
 fn flatten(x: &Tensor) -> Result<(Tensor, Vec<i64>)> {
     let size = x.size();
     let Some((&inp, lead)) = size.split_last() else {
-        return Err(crate::Error::invalid("linear: input is a scalar"));
+        return Err(crate::Error::Shape {
+            op: "linear".into(),
+            msg: "input is a scalar".into(),
+        });
     };
     Ok((x.f_reshape([-1, inp]).ctx("linear flatten")?, lead.to_vec()))
 }

@@ -20,23 +20,38 @@ pub enum RopeScaling {
     /// The original RoPE: `1 / theta^(2i/d)`.
     Default,
     /// Position interpolation: frequencies divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        /// Context extension factor (> 1 stretches the positions).
+        factor: f64,
+    },
     /// Llama 3.1 frequency-band scaling.
     Llama3 {
+        /// Division of the low frequencies (8 for Llama 3.1).
         factor: f64,
+        /// Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are
+        /// divided by `factor` (1 for Llama 3.1).
         low_freq_factor: f64,
+        /// Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` are
+        /// kept (4 for Llama 3.1); between the two bounds the rule blends smoothly.
         high_freq_factor: f64,
+        /// The context length of pre-training (8192 for Llama 3.1).
         original_max_position_embeddings: f64,
     },
     /// YaRN (`_compute_yarn_parameters`): interpolation blended with extrapolation over a ramp
     /// between the correction dimensions of `beta_fast` and `beta_slow`; cos/sin scaled by the
     /// attention factor.
     Yarn {
+        /// Context extension factor over `original_max_position_embeddings`.
         factor: f64,
+        /// The context length of pre-training.
         original_max_position_embeddings: f64,
         /// Explicit `attention_factor`; `None` derives it from `mscale`/`mscale_all_dim`.
         attention_factor: Option<f64>,
+        /// DeepSeek-style `mscale`: with `mscale_all_dim` (both non-zero) the derived attention
+        /// factor is `(0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim ln(factor) + 1)`;
+        /// otherwise it is `0.1 ln(factor) + 1`.
         mscale: Option<f64>,
+        /// DeepSeek-style `mscale_all_dim`, the divisor's `mscale` (see `mscale`).
         mscale_all_dim: Option<f64>,
         /// Default 32.
         beta_fast: f64,
@@ -49,11 +64,15 @@ pub enum RopeScaling {
     /// `original_max_position_embeddings`, `long_factor` beyond; cos/sin scaled by the attention
     /// factor.
     LongRope {
+        /// One divisor per rotary frequency (`dim / 2` values), for short batches.
         short_factor: Vec<f64>,
+        /// One divisor per rotary frequency (`dim / 2` values), for long batches.
         long_factor: Vec<f64>,
+        /// The context length of pre-training: the bound between short and long.
         original_max_position_embeddings: f64,
         /// `factor`, or `max_position_embeddings / original_max_position_embeddings`.
         factor: f64,
+        /// Explicit cos/sin scale; `None` derives `sqrt(1 + ln(factor) / ln(original))`.
         attention_factor: Option<f64>,
     },
     /// Dynamic NTK: the base grows with the batch's length once it passes
@@ -62,7 +81,9 @@ pub enum RopeScaling {
     /// `max_position_embeddings`, so the two differ only for a batch exactly that long right
     /// after a longer one.
     Dynamic {
+        /// How fast the base grows past `max_position_embeddings`.
         factor: f64,
+        /// The length up to which the original frequencies are kept.
         max_position_embeddings: i64,
     },
 }
@@ -70,9 +91,11 @@ pub enum RopeScaling {
 /// RoPE parameters of a model (or of one layer type).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
+    /// The frequency base (`rope_theta`, e.g. 10000 or 500000).
     pub theta: f64,
     /// Rotated dimensions: the head dimension times `partial_rotary_factor`.
     pub dim: i64,
+    /// The inverse-frequency rule (`rope_scaling`).
     pub scaling: RopeScaling,
 }
 
@@ -260,11 +283,14 @@ impl RopeConfig {
                     .map(|&x| x as f32)
                     .collect();
                 if ext.len() as i64 != self.dim / 2 {
-                    return Err(crate::Error::invalid(format!(
-                        "longrope: {} factors for {} rotary frequencies",
-                        ext.len(),
-                        self.dim / 2
-                    )));
+                    return Err(crate::Error::Shape {
+                        op: "longrope".into(),
+                        msg: format!(
+                            "{} factors for {} rotary frequencies",
+                            ext.len(),
+                            self.dim / 2
+                        ),
+                    });
                 }
                 let ext = Tensor::f_from_slice(&ext).ctx("longrope factors")?;
                 let inv = ext

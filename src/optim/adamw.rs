@@ -270,11 +270,14 @@ impl Optimizer for AdamW {
                     continue;
                 }
                 if grad.size() != param.size() {
-                    return Err(Error::invalid(format!(
-                        "adamw: grad of `{name}` has shape {:?}, the parameter {:?}",
-                        grad.size(),
-                        param.size()
-                    )));
+                    return Err(Error::Shape {
+                        op: "adamw".into(),
+                        msg: format!(
+                            "grad of `{name}` has shape {:?}, the parameter {:?}",
+                            grad.size(),
+                            param.size()
+                        ),
+                    });
                 }
                 let st = &mut self.state[gi][pi];
                 st.step += 1;
@@ -311,8 +314,15 @@ impl Optimizer for AdamW {
                         weight_decay: wd,
                         eps: self.config.eps,
                     };
-                    fused_adamw(&param, &grad, &st_m, &st_v, st_vm.as_ref(), &h)
-                        .map_err(|e| Error::invalid(format!("adamw: update of `{name}`: {e}")))?;
+                    fused_adamw(&param, &grad, &st_m, &st_v, st_vm.as_ref(), &h).map_err(|e| {
+                        match e {
+                            Error::Kernel { op, msg } => Error::Kernel {
+                                op: format!("adamw: update of `{name}`: {op}"),
+                                msg,
+                            },
+                            other => other,
+                        }
+                    })?;
                     continue;
                 }
                 let scratch = self.scratch_for(kind, device, n.min(block))?;
@@ -391,16 +401,18 @@ impl Optimizer for AdamW {
                     expected.insert(k);
                 }
                 let key = format!("{}.step", p.name);
-                let step = *state.scalars.get(&key).ok_or_else(|| {
-                    Error::invalid(format!(
-                        "adamw state: missing scalar `{key}`; was the state saved by an AdamW over \
-                         the same parameters?"
-                    ))
+                let step = *state.scalars.get(&key).ok_or_else(|| Error::State {
+                    owner: "adamw".into(),
+                    msg: format!(
+                        "missing scalar `{key}`; was the state saved by an AdamW over the \
+                             same parameters?"
+                    ),
                 })?;
                 if !(step >= 0.0 && step.fract() == 0.0) {
-                    return Err(Error::invalid(format!(
-                        "adamw state: `{key}` must be a non-negative integer, got {step}"
-                    )));
+                    return Err(Error::State {
+                        owner: "adamw".into(),
+                        msg: format!("`{key}` must be a non-negative integer, got {step}"),
+                    });
                 }
                 st.step = step as u64;
                 expected.insert(key);

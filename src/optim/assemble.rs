@@ -57,7 +57,9 @@ pub enum OptimizerChoice<'a> {
     /// the registry with these options; groups without their own weight decay get
     /// `weight_decay`.
     Registered {
+        /// The registered optimizer name (`lion`).
         name: &'a str,
+        /// The rest of the `optimizer` section, handed to the optimizer's factory.
         options: &'a serde_yaml::Value,
     },
 }

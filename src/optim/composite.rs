@@ -51,7 +51,7 @@ impl Composite {
             for g in part.groups() {
                 for p in &g.params {
                     if let Some(prev) = owner.insert(p.name.clone(), i) {
-                        return Err(Error::invalid(format!(
+                        return Err(Error::ParamGroups(format!(
                             "composite optimizer: parameter `{}` is held by both `{}` and `{}`; \
                              every parameter must be in exactly one group",
                             p.name,
@@ -111,12 +111,15 @@ impl Composite {
                 None => format!("`{p}` is none of its parameters"),
             },
         };
-        Err(Error::invalid(format!(
-            "{}: optimizer `{part}` gave the state key `{key}`, and {why}; inside a composite \
-             optimizer every state key must be `<param>.<what>`, the name of one of the part's \
-             own parameters, a dot and a name without a dot (see the `Optimizer` trait docs)",
-            self.name
-        )))
+        Err(Error::State {
+            owner: self.name.clone(),
+            msg: format!(
+                "optimizer `{part}` gave the state key `{key}`, and {why}; inside a composite \
+                 optimizer every state key must be `<param>.<what>`, the name of one of the \
+                 part's own parameters, a dot and a name without a dot (see the `Optimizer` \
+                 trait docs)"
+            ),
+        })
     }
 
     /// Splits `state` by the part that owns each entry's parameter (`<param>.<what>`).
@@ -128,11 +131,9 @@ impl Composite {
             // the parameter name is everything before the last '.'
             key.rsplit_once('.')
                 .and_then(|(p, _)| self.owner.get(p).copied())
-                .ok_or_else(|| {
-                    Error::invalid(format!(
-                        "{} state: `{key}` belongs to no parameter of this optimizer",
-                        self.name
-                    ))
+                .ok_or_else(|| Error::State {
+                    owner: self.name.clone(),
+                    msg: format!("`{key}` belongs to no parameter of this optimizer"),
                 })
         };
         for (k, t) in &state.tensors {
@@ -194,7 +195,9 @@ impl DynOptimizer for Composite {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimizerConfigs {
+    /// Hyper-parameters of the AdamW groups (`optimizer.adamw`).
     pub adamw: AdamWConfig,
+    /// Hyper-parameters of the Muon groups (`optimizer.muon`).
     pub muon: MuonConfig,
 }
 
@@ -214,7 +217,7 @@ pub fn param_group(
                 .get(n.as_str())
                 .map(|t| NamedParam::new(n.clone(), t))
                 .ok_or_else(|| {
-                    Error::invalid(format!("group `{}`: unknown parameter `{n}`", spec.name))
+                    Error::ParamGroups(format!("group `{}`: unknown parameter `{n}`", spec.name))
                 })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -54,10 +54,12 @@ impl Default for ReferenceGrouperConfig {
 /// The reference grouping; see the module documentation for the rules.
 #[derive(Debug, Clone, Default)]
 pub struct ReferenceGrouper {
+    /// Learning-rate multipliers and switches of the grouping.
     pub config: ReferenceGrouperConfig,
 }
 
 impl ReferenceGrouper {
+    /// A grouper with `config` (`ReferenceGrouperConfig::default()`: the reference system's).
     pub fn new(config: ReferenceGrouperConfig) -> Self {
         ReferenceGrouper { config }
     }
@@ -130,7 +132,7 @@ pub fn validate_groups(params: &[&str], groups: &[GroupSpec]) -> Result<()> {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for p in params {
         if seen.insert(p, 0).is_some() {
-            return Err(Error::invalid(format!(
+            return Err(Error::ParamGroups(format!(
                 "parameter `{p}` is listed twice among the trainable parameters"
             )));
         }
@@ -139,7 +141,7 @@ pub fn validate_groups(params: &[&str], groups: &[GroupSpec]) -> Result<()> {
     let mut unknown = Vec::new();
     for g in groups {
         if !(g.lr_mult.is_finite() && g.lr_mult >= 0.0) {
-            return Err(Error::invalid(format!(
+            return Err(Error::ParamGroups(format!(
                 "group `{}`: lr_mult must be finite and >= 0, got {}",
                 g.name, g.lr_mult
             )));
@@ -178,8 +180,8 @@ pub fn validate_groups(params: &[&str], groups: &[GroupSpec]) -> Result<()> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(Error::invalid(format!(
-            "parameter grouping: every trainable parameter must be in exactly one group; {}",
+        Err(Error::ParamGroups(format!(
+            "every trainable parameter must be in exactly one group; {}",
             problems.join("; ")
         )))
     }

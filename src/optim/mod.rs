@@ -33,7 +33,9 @@ pub use muon::{Muon, MuonConfig, MuonScale, NsMethod, NsPrecision};
 /// A named parameter.
 #[derive(Debug)]
 pub struct NamedParam {
+    /// Hugging Face name (`model.layers.0.mlp.up_proj.weight`); state keys start with it.
     pub name: String,
+    /// The parameter itself, sharing the model's storage and `.grad()`.
     pub tensor: Tensor,
 }
 
@@ -42,11 +44,13 @@ pub struct NamedParam {
 pub struct ParamGroup {
     /// Group name, for logs (`muon`, `adamw_embed`, ...).
     pub name: String,
+    /// The parameters this group steps; each parameter is in exactly one group.
     pub params: Vec<NamedParam>,
     /// Current learning rate (the scheduler writes it each step: `base_lr * lr_mult * factor`).
     pub lr: f64,
     /// Multiplier on the base lr kept by the scheduler (2.0 for embeddings, 0.1 for the head).
     pub lr_mult: f64,
+    /// Decoupled weight decay coefficient of this group (0: none; norms and biases usually).
     pub weight_decay: f64,
 }
 
@@ -97,7 +101,9 @@ impl ParamGroup {
 /// Full optimizer state, for exact resume: tensors by name plus scalars by name.
 #[derive(Debug, Default)]
 pub struct StateDict {
+    /// Per-parameter buffers (`<param>.exp_avg`, `<param>.momentum_buffer`), on the device.
     pub tensors: BTreeMap<String, Tensor>,
+    /// Per-parameter numbers (`<param>.step`).
     pub scalars: BTreeMap<String, f64>,
 }
 
@@ -120,7 +126,9 @@ pub trait Optimizer: Send + Sized + 'static {
     fn new(groups: Vec<ParamGroup>, config: Self::Config) -> Result<Self>;
     /// Short name (`adamw`, `muon`).
     fn name(&self) -> &str;
+    /// The parameter groups, in the order given to [`Optimizer::new`].
     fn groups(&self) -> &[ParamGroup];
+    /// The groups for changing hyper-parameters between steps (the scheduler sets `lr`).
     fn groups_mut(&mut self) -> &mut [ParamGroup];
     /// One update from the current `.grad()` of every parameter (parameters without a grad are
     /// skipped).
@@ -133,9 +141,13 @@ pub trait Optimizer: Send + Sized + 'static {
 
 /// Object-safe twin of [`Optimizer`].
 pub trait DynOptimizer: Send {
+    /// See [`Optimizer::name`].
     fn name(&self) -> &str;
+    /// See [`Optimizer::groups`].
     fn groups(&self) -> &[ParamGroup];
+    /// See [`Optimizer::groups_mut`].
     fn groups_mut(&mut self) -> &mut [ParamGroup];
+    /// See [`Optimizer::step`].
     fn step(&mut self) -> Result<()>;
     /// Drops every parameter's grad (`zero_grad(set_to_none=True)`, PyTorch's default): the
     /// next backward hands its gradient over instead of adding it into a zeroed buffer, which
@@ -149,7 +161,9 @@ pub trait DynOptimizer: Send {
             }
         }
     }
+    /// See [`Optimizer::state_dict`] (keys `<param>.<what>`).
     fn state_dict(&self) -> Result<StateDict>;
+    /// See [`Optimizer::load_state_dict`].
     fn load_state_dict(&mut self, state: &StateDict) -> Result<()>;
 }
 
@@ -179,7 +193,9 @@ impl<T: Optimizer> DynOptimizer for T {
 pub struct ParamInfo {
     /// Hugging Face name (`model.layers.0.mlp.up_proj.weight`, `...lora_A.weight`).
     pub name: String,
+    /// The tensor's shape (`[out, in]` for a linear weight).
     pub shape: Vec<i64>,
+    /// Embedding, LM head or other.
     pub role: ParamRole,
 }
 
@@ -197,10 +213,12 @@ pub enum ParamRole {
 /// One group as a grouper decides it: which optimizer, lr multiplier and weight decay.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupSpec {
+    /// Group name, for logs and the per-group lr of the metrics (`muon`, `adamw_embed`).
     pub name: String,
     /// Registered optimizer name (`muon`, `adamw`, a host's or plugin's), resolved through the
     /// registry by [`build_optimizer`].
     pub optimizer: String,
+    /// Multiplier on the base learning rate (1.0: the base lr).
     pub lr_mult: f64,
     /// `None` means the optimizer's configured weight decay.
     pub weight_decay: Option<f64>,
@@ -222,27 +240,27 @@ pub(crate) fn check_groups(who: &str, groups: &[ParamGroup]) -> Result<()> {
     let mut seen = HashSet::new();
     for g in groups {
         if !(g.lr.is_finite() && g.lr >= 0.0) {
-            return Err(Error::invalid(format!(
+            return Err(Error::ParamGroups(format!(
                 "{who}: group `{}` has lr {}; it must be finite and >= 0",
                 g.name, g.lr
             )));
         }
         if !(g.weight_decay.is_finite() && g.weight_decay >= 0.0) {
-            return Err(Error::invalid(format!(
+            return Err(Error::ParamGroups(format!(
                 "{who}: group `{}` has weight_decay {}; it must be finite and >= 0",
                 g.name, g.weight_decay
             )));
         }
         for p in &g.params {
             if !seen.insert(p.name.as_str()) {
-                return Err(Error::invalid(format!(
+                return Err(Error::ParamGroups(format!(
                     "{who}: parameter `{}` appears twice (second time in group `{}`); every \
                      parameter must be in exactly one group",
                     p.name, g.name
                 )));
             }
             if !p.tensor.defined() {
-                return Err(Error::invalid(format!(
+                return Err(Error::ParamGroups(format!(
                     "{who}: parameter `{}` is an undefined tensor",
                     p.name
                 )));
@@ -255,7 +273,7 @@ pub(crate) fn check_groups(who: &str, groups: &[ParamGroup]) -> Result<()> {
                 kind,
                 tch::Kind::Half | tch::Kind::Float | tch::Kind::Double | tch::Kind::BFloat16
             ) {
-                return Err(Error::invalid(format!(
+                return Err(Error::ParamGroups(format!(
                     "{who}: parameter `{}` has kind {kind:?}; only floating-point parameters can \
                      be optimized",
                     p.name
@@ -275,18 +293,22 @@ pub(crate) fn deep_copy(t: &Tensor) -> Result<Tensor> {
 
 /// Copies `state.tensors[key]` into `dst`, checking presence and shape.
 pub(crate) fn load_tensor(who: &str, state: &StateDict, key: &str, dst: &mut Tensor) -> Result<()> {
-    let src = state.tensors.get(key).ok_or_else(|| {
-        Error::invalid(format!(
-            "{who} state: missing tensor `{key}`; was the state saved by the same optimizer over \
-             the same parameters?"
-        ))
+    let src = state.tensors.get(key).ok_or_else(|| Error::State {
+        owner: who.to_string(),
+        msg: format!(
+            "missing tensor `{key}`; was the state saved by the same optimizer over the same \
+                 parameters?"
+        ),
     })?;
     if src.size() != dst.size() {
-        return Err(Error::invalid(format!(
-            "{who} state: `{key}` has shape {:?}, the optimizer expects {:?}",
-            src.size(),
-            dst.size()
-        )));
+        return Err(Error::State {
+            owner: who.to_string(),
+            msg: format!(
+                "`{key}` has shape {:?}, the optimizer expects {:?}",
+                src.size(),
+                dst.size()
+            ),
+        });
     }
     dst.f_copy_(src)
         .ctx(format!("{who} state: loading `{key}`"))
@@ -307,10 +329,13 @@ pub(crate) fn check_no_extra(
     if extra.is_empty() {
         Ok(())
     } else {
-        Err(Error::invalid(format!(
-            "{who} state: {} entries that this optimizer does not hold: {:?}",
-            extra.len(),
-            extra
-        )))
+        Err(Error::State {
+            owner: who.to_string(),
+            msg: format!(
+                "{} entries that this optimizer does not hold: {:?}",
+                extra.len(),
+                extra
+            ),
+        })
     }
 }

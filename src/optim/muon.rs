@@ -81,7 +81,9 @@ pub enum NsPrecision {
     /// bf16 on CUDA (as Keller Jordan's Muon), fp32 elsewhere (bf16 matmul is slow on CPUs
     /// without bf16 instructions).
     Auto,
+    /// fp32 everywhere (exact, slower on CUDA).
     Fp32,
+    /// bf16 everywhere (fast on CUDA; very slow on CPUs without bf16 instructions).
     Bf16,
 }
 
@@ -229,11 +231,14 @@ pub struct Muon {
 /// `rows x cols` of a parameter as Muon sees it, or the error that says to use AdamW.
 pub fn matrix_shape(name: &str, shape: &[i64]) -> Result<(i64, i64)> {
     if shape.len() < 2 {
-        return Err(Error::invalid(format!(
-            "muon: parameter `{name}` has shape {shape:?}; Muon only handles matrices (2-D or \
-             more, flattened to 2-D). Give 1-D parameters (norms, biases) to AdamW, as the \
-             reference grouping does"
-        )));
+        return Err(Error::Shape {
+            op: "muon".into(),
+            msg: format!(
+                "parameter `{name}` has shape {shape:?}; Muon only handles matrices (2-D or \
+                 more, flattened to 2-D). Give 1-D parameters (norms, biases) to AdamW, as the \
+                 reference grouping does"
+            ),
+        });
     }
     Ok((shape[0], shape[1..].iter().product()))
 }
@@ -250,9 +255,10 @@ pub fn newton_schulz(
     let (a, b, c) = coefficients;
     let size = g.size();
     if size.len() != 3 {
-        return Err(Error::invalid(format!(
-            "muon: newton_schulz expects a [n, rows, cols] stack, got shape {size:?}"
-        )));
+        return Err(Error::Shape {
+            op: "muon: newton_schulz".into(),
+            msg: format!("expects a [n, rows, cols] stack, got shape {size:?}"),
+        });
     }
     let ctx = "muon: Newton-Schulz iteration";
     let transpose = size[1] > size[2];
@@ -289,11 +295,13 @@ pub fn newton_schulz_spectral(
 ) -> Result<Tensor> {
     let size = g.size();
     if size.len() != 2 || !matches!(g.kind(), Kind::Float | Kind::Double) {
-        return Err(Error::invalid(format!(
-            "muon: spectral Newton-Schulz expects one fp32/fp64 matrix, got {:?} of shape \
-             {size:?}",
-            g.kind()
-        )));
+        return Err(Error::Shape {
+            op: "muon: spectral Newton-Schulz".into(),
+            msg: format!(
+                "expects one fp32/fp64 matrix, got {:?} of shape {size:?}",
+                g.kind()
+            ),
+        });
     }
     let ctx = "muon: spectral Newton-Schulz";
     let (a, b, c) = coefficients;
@@ -357,12 +365,15 @@ fn matrix_grad(p: &NamedParam, rows: i64, cols: i64) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     if g.size() != p.tensor.size() {
-        return Err(Error::invalid(format!(
-            "muon: grad of `{}` has shape {:?}, the parameter {:?}",
-            p.name,
-            g.size(),
-            p.tensor.size()
-        )));
+        return Err(Error::Shape {
+            op: "muon".into(),
+            msg: format!(
+                "grad of `{}` has shape {:?}, the parameter {:?}",
+                p.name,
+                g.size(),
+                p.tensor.size()
+            ),
+        });
     }
     g.f_reshape([rows, cols]).ctx(ctx()).map(Some)
 }

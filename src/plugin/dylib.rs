@@ -146,26 +146,33 @@ impl PluginRegistrar {
         });
     }
 
+    /// Registers an optimizer factory under `name` (the YAML `optimizer` section's name).
     pub fn register_optimizer(&mut self, name: &str, factory: OptimizerFactory) {
         self.register(name, Factory::Optimizer(factory));
     }
 
+    /// Registers a learning-rate schedule factory under `name` (the YAML `scheduler` section).
     pub fn register_scheduler(&mut self, name: &str, factory: SchedulerFactory) {
         self.register(name, Factory::Scheduler(factory));
     }
 
+    /// Registers a quantized weight format under `name`: the YAML `quantization` section
+    /// selects it, and saved tensors of that format reload through it.
     pub fn register_quantizer(&mut self, name: &str, factory: QuantizerFactory) {
         self.register(name, Factory::Quantizer(factory));
     }
 
+    /// Registers an adapter injector factory under `name` (the YAML `adapter` section).
     pub fn register_adapter(&mut self, name: &str, factory: AdapterFactory) {
         self.register(name, Factory::Adapter(factory));
     }
 
+    /// Registers a parameter grouper factory under `name` (the YAML `grouper` section).
     pub fn register_grouper(&mut self, name: &str, factory: GrouperFactory) {
         self.register(name, Factory::Grouper(factory));
     }
 
+    /// Registers a callback factory under `name` (an entry of the YAML `callbacks` list).
     pub fn register_callback(&mut self, name: &str, factory: CallbackFactory) {
         self.register(name, Factory::Callback(factory));
     }
@@ -235,6 +242,7 @@ pub struct PluginInfo {
     pub path: PathBuf,
     /// The plugin crate's name and version.
     pub name: String,
+    /// The plugin crate's version (`CARGO_PKG_VERSION`).
     pub version: String,
     /// What it registered, sorted.
     pub components: Vec<(ComponentKind, String)>,

@@ -46,11 +46,17 @@ impl fmt::Display for Origin {
 /// kind and sorting by kind name agree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ComponentKind {
+    /// An [`AdapterInjector`](crate::adapter::AdapterInjector) (`adapter:`).
     Adapter,
+    /// A [`Callback`] (`callbacks:`).
     Callback,
+    /// A [`ParamGrouper`] (`grouper:`).
     Grouper,
+    /// An optimizer (`optimizer:`).
     Optimizer,
+    /// A [`Quantizer`] (`quantization:`).
     Quantizer,
+    /// A [`Scheduler`] (`scheduler:`).
     Scheduler,
 }
 
@@ -114,11 +120,17 @@ pub type CallbackFactory = fn(&Value, &CallbackCtx) -> Result<Box<dyn Callback>>
 /// A factory of one kind.
 #[derive(Clone, Copy)]
 pub enum Factory {
+    /// Builds an adapter injector.
     Adapter(AdapterFactory),
+    /// Builds a callback.
     Callback(CallbackFactory),
+    /// Builds a parameter grouper.
     Grouper(GrouperFactory),
+    /// Builds an optimizer over parameter groups.
     Optimizer(OptimizerFactory),
+    /// Builds a quantizer.
     Quantizer(QuantizerFactory),
+    /// Builds a learning-rate schedule.
     Scheduler(SchedulerFactory),
 }
 
@@ -147,6 +159,7 @@ impl fmt::Debug for Factory {
 pub struct ComponentDescriptor {
     /// Name used in the YAML file (`optimizer: { name: lion }`).
     pub name: &'static str,
+    /// The function that builds the component; its variant is the component's kind.
     pub factory: Factory,
     /// `CARGO_PKG_NAME` at the registration site.
     pub package: &'static str,
@@ -189,8 +202,11 @@ inventory::collect!(ComponentDescriptor);
 /// One registered component, as [`list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RegistryEntry {
+    /// The extension point it is registered for.
     pub kind: ComponentKind,
+    /// The name the YAML file selects it by.
     pub name: String,
+    /// Who registered it: VoltTrain, the host program, or a plugin library (with its path).
     pub origin: Origin,
 }
 
@@ -397,8 +413,8 @@ fn lookup(kind: ComponentKind, name: &str) -> Result<Builder> {
 }
 
 fn kind_mismatch(kind: ComponentKind, name: &str) -> Error {
-    Error::invalid(format!(
-        "registry entry {kind} `{name}` holds a factory of another kind (a VoltTrain defect)"
+    Error::Internal(format!(
+        "registry entry {kind} `{name}` holds a factory of another kind"
     ))
 }
 

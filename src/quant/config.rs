@@ -25,19 +25,25 @@ use crate::error::{Error, Result, TchResultExt};
 /// The storage formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum QuantType {
+    /// 4-bit NormalFloat in blocks with an absmax each (bitsandbytes `nf4`, QLoRA).
     #[serde(rename = "nf4")]
     Nf4,
+    /// 4-bit float in blocks with an absmax each (bitsandbytes `fp4`).
     #[serde(rename = "fp4")]
     Fp4,
+    /// 8-bit integers with one absmax per row (LLM.int8()'s vector-wise quantization).
     #[serde(rename = "int8")]
     Int8,
+    /// FP8 with 4 exponent and 3 mantissa bits (max 448).
     #[serde(rename = "fp8_e4m3")]
     Fp8E4m3,
+    /// FP8 with 5 exponent and 2 mantissa bits (max 57344).
     #[serde(rename = "fp8_e5m2")]
     Fp8E5m2,
 }
 
 impl QuantType {
+    /// The YAML and registry name (`nf4`, `fp8_e4m3`).
     pub fn name(self) -> &'static str {
         match self {
             QuantType::Nf4 => "nf4",
@@ -61,12 +67,16 @@ impl QuantType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
+    /// fp32 (`float32`): the fast choice on CPUs without bf16 instructions.
     Float32,
+    /// bf16 (`bfloat16`), as QLoRA on GPUs.
     Bfloat16,
+    /// fp16 (`float16`).
     Float16,
 }
 
 impl ComputeDtype {
+    /// The tch kind of this dtype.
     pub fn kind(self) -> Kind {
         match self {
             ComputeDtype::Float32 => Kind::Float,

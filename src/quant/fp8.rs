@@ -183,11 +183,14 @@ pub fn fp8_backend_for(device: Device) -> Result<Fp8Backend> {
     match device {
         Device::Cpu => Ok(Fp8Backend::Emulated),
         Device::Cuda(_) if fp8_kernels_available(device) => Ok(Fp8Backend::CudaScaledMm),
-        other => Err(Error::invalid(format!(
-            "FP8 training requested on {other:?}, which has no FP8 kernels (libtorch \
-             `_scaled_mm` needs a CUDA GPU with compute capability 8.9 or newer, e.g. \
-             Ada or Hopper); train in bf16/fp32 there, or use the CPU emulation"
-        ))),
+        other => Err(Error::Unsupported {
+            what: "FP8 training".into(),
+            msg: format!(
+                "FP8 training requested on {other:?}, which has no FP8 kernels (libtorch \
+                 `_scaled_mm` needs a CUDA GPU with compute capability 8.9 or newer, e.g. \
+                 Ada or Hopper); train in bf16/fp32 there, or use the CPU emulation"
+            ),
+        }),
     }
 }
 
@@ -227,7 +230,9 @@ fn fp8_pair_table(format: Fp8Format, device: Device) -> Result<Tensor> {
 /// Produces [`Fp8Tensor`]s.
 #[derive(Debug, Clone, Copy)]
 pub struct Fp8Quantizer {
+    /// E4M3 or E5M2.
     pub format: Fp8Format,
+    /// One scale per tensor or per row.
     pub scaling: Fp8Scaling,
 }
 
@@ -298,7 +303,12 @@ impl Fp8Tensor {
     /// Rebuilds a tensor from its parts: `bits` in the FP8 dtype of `format` or as `uint8`,
     /// `scale` with one value (per tensor) or one per row.
     pub fn from_parts(format: Fp8Format, bits: Tensor, scale: Tensor) -> Result<Self> {
-        let bad = |m: String| Err(Error::invalid(format!("{} tensor: {m}", format.name())));
+        let bad = |msg: String| {
+            Err(Error::Shape {
+                op: format!("{} tensor", format.name()),
+                msg,
+            })
+        };
         if bits.dim() != 2 {
             return bad(format!("bits must be 2-D, got {:?}", bits.size()));
         }
@@ -337,10 +347,12 @@ impl Fp8Tensor {
         })
     }
 
+    /// E4M3 or E5M2.
     pub fn fp8_format(&self) -> Fp8Format {
         self.format
     }
 
+    /// Whether [`Fp8Tensor::scale`] holds one value or one per row.
     pub fn scaling(&self) -> Fp8Scaling {
         self.scaling
     }

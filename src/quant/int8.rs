@@ -53,9 +53,10 @@ impl Int8Tensor {
     pub fn quantize(weight: &Tensor) -> Result<Self> {
         let (rows, cols) = check_weight("int8", weight)?;
         if rows == 0 || cols == 0 {
-            return Err(Error::invalid(format!(
-                "int8 quantization of an empty weight [{rows}, {cols}]"
-            )));
+            return Err(Error::Shape {
+                op: "int8 quantization".into(),
+                msg: format!("int8 quantization of an empty weight [{rows}, {cols}]"),
+            });
         }
         let ctx = |what: &str| format!("int8 quantize [{rows}, {cols}]: {what}");
         let _g = tch::no_grad_guard();
@@ -93,18 +94,21 @@ impl Int8Tensor {
     pub fn from_parts(codes: Tensor, stats: Tensor) -> Result<Self> {
         let size = codes.size();
         if codes.kind() != Kind::Int8 || size.len() != 2 {
-            return Err(Error::invalid(format!(
-                "int8 tensor: codes must be 2-D int8, got {:?} {size:?}",
-                codes.kind()
-            )));
+            return Err(Error::Shape {
+                op: "int8 tensor".into(),
+                msg: format!("codes must be 2-D int8, got {:?} {size:?}", codes.kind()),
+            });
         }
         if stats.kind() != Kind::Float || stats.numel() as i64 != size[0] {
-            return Err(Error::invalid(format!(
-                "int8 tensor: stats must be {} fp32 values, got {:?} {:?}",
-                size[0],
-                stats.kind(),
-                stats.size()
-            )));
+            return Err(Error::Shape {
+                op: "int8 tensor".into(),
+                msg: format!(
+                    "stats must be {} fp32 values, got {:?} {:?}",
+                    size[0],
+                    stats.kind(),
+                    stats.size()
+                ),
+            });
         }
         let stats = stats.f_reshape([size[0]]).ctx("int8 stats")?;
         Ok(Int8Tensor { codes, stats })

@@ -68,13 +68,18 @@ pub trait Quantizer: Send + Sync + fmt::Debug {
         parts: Vec<(String, Tensor)>,
     ) -> Result<Box<dyn QuantizedTensor>> {
         let names: Vec<String> = parts.into_iter().map(|(n, _)| n).collect();
-        Err(crate::Error::invalid(format!(
-            "{} tensor {shape:?} (parts {}): the quantizer `{}` cannot reload saved tensors \
-             (it does not implement `Quantizer::load`)",
-            self.name(),
-            names.join(", "),
-            self.name()
-        )))
+        Err(crate::Error::Unsupported {
+            what: format!(
+                "{} tensor {shape:?} (parts {})",
+                self.name(),
+                names.join(", ")
+            ),
+            msg: format!(
+                "the quantizer `{}` cannot reload saved tensors (it does not implement \
+                 `Quantizer::load`)",
+                self.name()
+            ),
+        })
     }
 }
 
@@ -93,15 +98,16 @@ pub use nf4::{FourBitQuantizer, FourBitTensor, FourBitType};
 pub(crate) fn check_weight(format: &str, weight: &Tensor) -> Result<(i64, i64)> {
     let size = weight.size();
     if size.len() != 2 {
-        return Err(crate::Error::invalid(format!(
-            "{format} quantization needs a 2-D weight [out, in], got shape {size:?}"
-        )));
+        return Err(crate::Error::Shape {
+            op: format!("{format} quantization"),
+            msg: format!("needs a 2-D weight [out, in], got shape {size:?}"),
+        });
     }
     if !weight.is_floating_point() {
-        return Err(crate::Error::invalid(format!(
-            "{format} quantization needs a floating-point weight, got {:?}",
-            weight.kind()
-        )));
+        return Err(crate::Error::Shape {
+            op: format!("{format} quantization"),
+            msg: format!("needs a floating-point weight, got {:?}", weight.kind()),
+        });
     }
     Ok((size[0], size[1]))
 }
@@ -203,9 +209,13 @@ impl QuantParts {
         }
     }
 
-    /// `"<format> tensor <shape>: <msg>"` as an invalid-argument error.
+    /// `"<format> tensor <shape>: <msg>"` as an [`crate::Error::Shape`]: the saved parts do
+    /// not fit the format.
     pub fn error(&self, msg: impl fmt::Display) -> crate::Error {
-        crate::Error::invalid(format!("{} tensor {:?}: {msg}", self.format, self.shape))
+        crate::Error::Shape {
+            op: format!("{} tensor {:?}", self.format, self.shape),
+            msg: msg.to_string(),
+        }
     }
 }
 
@@ -223,10 +233,13 @@ pub fn from_named_tensors(
 ) -> Result<Box<dyn QuantizedTensor>> {
     let quantizer =
         crate::plugin::build_quantizer(format, &serde_yaml::Value::Null).map_err(|e| match e {
-            crate::Error::UnknownComponent { known, .. } => crate::Error::invalid(format!(
-                "unknown quantized format `{format}`; known: {known} (a format is loaded by the \
-                 quantizer registered under its name)"
-            )),
+            crate::Error::UnknownComponent { known, .. } => crate::Error::UnknownComponent {
+                kind: "quantized format",
+                name: format.to_string(),
+                known: format!(
+                    "{known} (a format is loaded by the quantizer registered under its name)"
+                ),
+            },
             other => crate::Error::invalid(format!(
                 "quantized format `{format}`: building its quantizer to load a {shape:?} \
                  tensor: {other}"
@@ -234,17 +247,19 @@ pub fn from_named_tensors(
         })?;
     let t = quantizer.load(shape, named)?;
     if t.format() != format {
-        return Err(crate::Error::invalid(format!(
-            "{format} tensor {shape:?}: the quantizer registered as `{format}` loaded a `{}` \
-             tensor",
-            t.format()
-        )));
+        return Err(crate::Error::Shape {
+            op: format!("{format} tensor {shape:?}"),
+            msg: format!(
+                "the quantizer registered as `{format}` loaded a `{}` tensor",
+                t.format()
+            ),
+        });
     }
     if t.shape() != shape {
-        return Err(crate::Error::invalid(format!(
-            "{format} tensor: parts have shape {:?}, expected {shape:?}",
-            t.shape()
-        )));
+        return Err(crate::Error::Shape {
+            op: format!("{format} tensor"),
+            msg: format!("parts have shape {:?}, expected {shape:?}", t.shape()),
+        });
     }
     Ok(t)
 }

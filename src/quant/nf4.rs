@@ -130,7 +130,7 @@ pub fn dynamic_map() -> Result<Vec<f32>> {
     data.push(0.0);
     data.push(1.0);
     if data.len() != 256 {
-        return Err(Error::invalid(format!(
+        return Err(Error::Internal(format!(
             "dynamic map has {} values, expected 256",
             data.len()
         )));
@@ -196,9 +196,13 @@ pub enum AbsMax {
     /// Double quantization: 8-bit codes of `absmax - offset` in blocks of 256 with their own fp32
     /// absmax, and the 256-value dynamic code.
     Nested {
+        /// `uint8`, one code per block absmax: the index into `code` of `absmax - offset`.
         codes: Tensor,
+        /// fp32, one absmax per 256 codes.
         absmax2: Tensor,
+        /// The 256 fp32 values of the signed dynamic map the codes index.
         code: Tensor,
+        /// The mean of the block absmaxes, added back after dequantizing.
         offset: f32,
     },
 }
@@ -206,6 +210,7 @@ pub enum AbsMax {
 /// Produces [`FourBitTensor`]s (NF4 or FP4).
 #[derive(Debug, Clone)]
 pub struct FourBitQuantizer {
+    /// NF4 or FP4.
     pub ty: FourBitType,
     /// Values per absmax block; one of [`VALID_BLOCK_SIZES`], dividing the weight's numel.
     pub block_size: i64,
@@ -300,10 +305,13 @@ impl FourBitQuantizer {
         let n = rows * cols;
         let bs = self.block_size;
         if n == 0 || n % bs != 0 {
-            return Err(Error::invalid(format!(
-                "{name} block size {bs} does not divide the {n} values of weight [{rows}, {cols}]; \
-                 choose a block size that divides it"
-            )));
+            return Err(Error::Shape {
+                op: format!("{name} quantization"),
+                msg: format!(
+                    "block size {bs} does not divide the {n} values of weight [{rows}, {cols}]; \
+                     choose a block size that divides it"
+                ),
+            });
         }
         let ctx = |what: &str| format!("{name} quantize [{rows}, {cols}]: {what}");
         let _g = tch::no_grad_guard();
@@ -338,7 +346,7 @@ impl FourBitQuantizer {
                 .ctx(ctx("reshape"))?;
             let (a, p) = self
                 .quantize_blocks(&blocks, &bounds, &order)
-                .map_err(|e| Error::invalid(format!("{}: {e}", ctx("quantize"))))?;
+                .map_err(|e| in_context(e, &ctx("quantize")))?;
             absmax_parts.push(a);
             packed_parts.push(p);
             start = end;
@@ -352,8 +360,7 @@ impl FourBitQuantizer {
         drop((absmax_parts, packed_parts));
 
         let absmax = if self.double_quant {
-            nested_absmax(&absmax)
-                .map_err(|e| Error::invalid(format!("{}: {e}", ctx("double quant"))))?
+            nested_absmax(&absmax).map_err(|e| in_context(e, &ctx("double quant")))?
         } else {
             AbsMax::Full(absmax)
         };
@@ -362,6 +369,17 @@ impl FourBitQuantizer {
 }
 
 /// Double quantization of the fp32 absmax vector, bitsandbytes' `compress_statistics=True`.
+/// Adds `context` to a libtorch error from a quantization step; other errors pass unchanged.
+fn in_context(e: Error, context: &str) -> Error {
+    match e {
+        Error::Torch { context: c, source } => Error::Torch {
+            context: format!("{context}: {c}"),
+            source,
+        },
+        other => other,
+    }
+}
+
 fn nested_absmax(absmax: &Tensor) -> Result<AbsMax> {
     let device = absmax.device();
     let offset_t = absmax.f_mean(Kind::Float).ctx("absmax mean")?;
@@ -465,10 +483,10 @@ impl FourBitTensor {
         let n = shape.0 * shape.1;
         let nblocks = n / block_size.max(1);
         let bad = |msg: String| {
-            Err(Error::invalid(format!(
-                "{} tensor {shape:?}: {msg}",
-                ty.name()
-            )))
+            Err(Error::Shape {
+                op: format!("{} tensor {shape:?}", ty.name()),
+                msg,
+            })
         };
         if shape.0 <= 0 || shape.1 <= 0 || block_size <= 0 || n % block_size != 0 || n % 2 != 0 {
             return bad(format!(
@@ -531,10 +549,12 @@ impl FourBitTensor {
         })
     }
 
+    /// NF4 or FP4.
     pub fn quant_type(&self) -> FourBitType {
         self.ty
     }
 
+    /// Values per absmax block (64 for bitsandbytes' default).
     pub fn block_size(&self) -> i64 {
         self.block_size
     }
@@ -588,12 +608,14 @@ impl FourBitTensor {
             || s % self.block_size != 0
             || e % self.block_size != 0
         {
-            return Err(Error::invalid(format!(
-                "{} dequantize rows {start}..{end} of {:?}: out of range or not whole blocks of {}",
-                self.ty.name(),
-                self.shape,
-                self.block_size
-            )));
+            return Err(Error::Shape {
+                op: format!(
+                    "{} dequantize rows {start}..{end} of {:?}",
+                    self.ty.name(),
+                    self.shape
+                ),
+                msg: format!("out of range or not whole blocks of {}", self.block_size),
+            });
         }
         super::qlinear::dequantize_rows(&self.parts(), start, end, kind)
     }

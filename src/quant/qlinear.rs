@@ -72,9 +72,10 @@ fn dtype_code(kind: Kind) -> Result<c_int> {
         Kind::BFloat16 => Ok(1),
         Kind::Half => Ok(2),
         Kind::Double => Ok(3),
-        k => Err(Error::invalid(format!(
-            "quantized weights dequantize to fp32, bf16, fp16 or fp64, not {k:?}"
-        ))),
+        k => Err(Error::Shape {
+            op: "quantized linear".into(),
+            msg: format!("quantized weights dequantize to fp32, bf16, fp16 or fp64, not {k:?}"),
+        }),
     }
 }
 
@@ -121,9 +122,10 @@ pub(crate) fn linear(p: &Parts<'_>, x: &Tensor, fp8: Option<&Fp8Input>) -> Resul
     let (xb, xs, mm, odt) = match (p.format, fp8) {
         (Format::Fp8, Some(f)) => (ptr(&f.bits), ptr(&f.scale), f.scaled_mm, f.out_kind),
         (Format::Fp8, None) => {
-            return Err(Error::invalid(format!(
-                "{what}: FP8 product without an FP8 input"
-            )));
+            return Err(Error::Shape {
+                op: what.to_string(),
+                msg: "FP8 product without an FP8 input".into(),
+            });
         }
         _ => (
             std::ptr::null_mut(),

@@ -37,18 +37,30 @@ pub enum SchedulerConfig {
     #[default]
     Constant,
     /// Linear warmup from 0, then 1 (`get_constant_schedule_with_warmup`).
-    ConstantWithWarmup { warmup_steps: u64 },
+    ConstantWithWarmup {
+        /// Optimizer steps of the linear warmup from 0 (0: no warmup).
+        warmup_steps: u64,
+    },
     /// Linear warmup from 0, then linear decay to 0 at `total_steps`
     /// (`get_linear_schedule_with_warmup`).
-    Linear { warmup_steps: u64, total_steps: u64 },
+    Linear {
+        /// Optimizer steps of the linear warmup from 0 (0: no warmup).
+        warmup_steps: u64,
+        /// Optimizer steps of the whole run; the factor reaches 0 here.
+        total_steps: u64,
+    },
     /// Linear warmup from 0, then cosine decay to `min_lr_ratio` at `total_steps`
     /// (`get_cosine_with_min_lr_schedule_with_warmup` with `min_lr_rate`; with a floor of 0 it is
     /// `get_cosine_schedule_with_warmup`). `num_cycles` defaults to 0.5 (one half cosine).
     Cosine {
+        /// Optimizer steps of the linear warmup from 0 (0: no warmup).
         warmup_steps: u64,
+        /// Optimizer steps of the whole run; the decay reaches `min_lr_ratio` here.
         total_steps: u64,
+        /// The floor of the decay as a fraction of the base lr, in [0, 1] (default 0).
         #[serde(default)]
         min_lr_ratio: f64,
+        /// Cosine periods over the decay (default 0.5: one half cosine down to the floor).
         #[serde(default = "half")]
         num_cycles: f64,
     },
@@ -56,11 +68,18 @@ pub enum SchedulerConfig {
     /// `min_lr_ratio`, then 1 until `total_steps - decay_steps`, then `decay` down to
     /// `min_lr_ratio`, then `min_lr_ratio`.
     Wsd {
+        /// Optimizer steps of the linear warmup from `min_lr_ratio` (0: no warmup).
         warmup_steps: u64,
+        /// Optimizer steps of the final decay, which ends at `total_steps`.
         decay_steps: u64,
+        /// Optimizer steps of the whole run; the stable phase lasts
+        /// `total_steps - warmup_steps - decay_steps`.
         total_steps: u64,
+        /// Where warmup starts and decay ends, as a fraction of the base lr, in [0, 1]
+        /// (default 0).
         #[serde(default)]
         min_lr_ratio: f64,
+        /// The decay's shape (default: cosine).
         #[serde(default)]
         decay: WsdDecay,
     },
@@ -74,6 +93,7 @@ fn half() -> f64 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WsdDecay {
+    /// Straight line from 1 to `min_lr_ratio`.
     Linear,
     /// Half cosine (the `transformers` default).
     #[default]
@@ -191,6 +211,7 @@ impl Scheduler for Constant {
 /// Linear warmup, then 1.
 #[derive(Debug, Clone, Copy)]
 pub struct ConstantWithWarmup {
+    /// Optimizer steps of the linear warmup from 0 (0: no warmup).
     pub warmup_steps: u64,
 }
 
@@ -210,7 +231,9 @@ impl Scheduler for ConstantWithWarmup {
 /// Linear warmup, then linear decay to 0.
 #[derive(Debug, Clone, Copy)]
 pub struct Linear {
+    /// Optimizer steps of the linear warmup from 0 (0: no warmup).
     pub warmup_steps: u64,
+    /// Optimizer steps of the whole run; the factor reaches 0 here.
     pub total_steps: u64,
 }
 
@@ -230,9 +253,13 @@ impl Scheduler for Linear {
 /// Linear warmup, then cosine decay to `min_lr_ratio`.
 #[derive(Debug, Clone, Copy)]
 pub struct Cosine {
+    /// Optimizer steps of the linear warmup from 0 (0: no warmup).
     pub warmup_steps: u64,
+    /// Optimizer steps of the whole run; the decay reaches `min_lr_ratio` here.
     pub total_steps: u64,
+    /// The floor of the decay as a fraction of the base lr, in [0, 1].
     pub min_lr_ratio: f64,
+    /// Cosine periods over the decay (0.5: one half cosine down to the floor).
     pub num_cycles: f64,
 }
 
@@ -254,10 +281,15 @@ impl Scheduler for Cosine {
 /// Warmup-stable-decay.
 #[derive(Debug, Clone, Copy)]
 pub struct Wsd {
+    /// Optimizer steps of the linear warmup from `min_lr_ratio` (0: no warmup).
     pub warmup_steps: u64,
+    /// Optimizer steps at factor 1 after the warmup.
     pub stable_steps: u64,
+    /// Optimizer steps of the decay to `min_lr_ratio` after the stable phase.
     pub decay_steps: u64,
+    /// Where warmup starts and decay ends, as a fraction of the base lr, in [0, 1].
     pub min_lr_ratio: f64,
+    /// The decay's shape.
     pub decay: WsdDecay,
 }
 

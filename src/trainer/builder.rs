@@ -323,7 +323,7 @@ impl TrainerBuilder {
             .filter(|n| !in_opt.contains_key(*n))
             .collect();
         if !missing.is_empty() {
-            return Err(Error::invalid(format!(
+            return Err(Error::ParamGroups(format!(
                 "Trainer: trainable parameters not in any optimizer group: {}",
                 join_names(&missing)
             )));
@@ -334,7 +334,7 @@ impl TrainerBuilder {
             .map(|(n, _)| n)
             .collect();
         if !twice.is_empty() {
-            return Err(Error::invalid(format!(
+            return Err(Error::ParamGroups(format!(
                 "Trainer: parameters in more than one optimizer group: {}",
                 join_names(&twice)
             )));
@@ -421,9 +421,10 @@ fn check_device(d: Device) -> Result<()> {
                 )))
             }
         }
-        other => Err(Error::invalid(format!(
-            "Trainer: unsupported device {other:?}"
-        ))),
+        other => Err(Error::Unsupported {
+            what: format!("Trainer: device {other:?}"),
+            msg: "the trainer runs on the CPU or a CUDA GPU".into(),
+        }),
     }
 }
 

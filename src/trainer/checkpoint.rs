@@ -132,8 +132,11 @@ pub fn save(
 
 /// What a checkpoint holds.
 pub struct Loaded {
+    /// Step, epoch and batch position (`trainer_state.json`).
     pub state: TrainState,
+    /// The trainable parameters' values by name, on the CPU.
     pub trainable: Vec<(String, Tensor)>,
+    /// The optimizer's state (keys `<param>.<what>`).
     pub optim: StateDict,
     /// The callbacks' state by key ([`CALLBACK_STATE`]); empty when the checkpoint has none.
     pub callbacks: BTreeMap<String, serde_json::Value>,
@@ -295,9 +298,9 @@ impl Trainer {
         let keys = callback_keys(self.callbacks.iter().map(|c| c.name()));
         let mut out = BTreeMap::new();
         for (cb, key) in self.callbacks.iter().zip(keys) {
-            let state = cb
-                .state_dict()
-                .map_err(|e| Error::invalid(format!("callback `{key}`: state_dict: {e}")))?;
+            let state = cb.state_dict().inspect_err(|e| {
+                tracing::error!(callback = %key, "callback state_dict failed: {e}");
+            })?;
             if let Some(s) = state {
                 out.insert(key, s);
             }

@@ -66,8 +66,8 @@ impl Collective for C10dCollective {
     fn average_grads(&mut self) -> Result<()> {
         match &self.sync {
             Some(s) => s.sync(&self.pg),
-            None => Err(crate::Error::invalid(
-                "C10dCollective: average_grads before prepare_grads",
+            None => Err(crate::Error::Internal(
+                "C10dCollective: average_grads before prepare_grads".into(),
             )),
         }
     }

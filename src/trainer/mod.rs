@@ -55,7 +55,7 @@ pub use step::Precision;
 use crate::amp::{Autocast, LossScaler};
 use crate::callback::{Callback, Control, EvalMetrics, ModelSaver, StepMetrics};
 use crate::data::Batch;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::CausalLm;
 use crate::optim::DynOptimizer;
 use crate::sched::Scheduler;
@@ -73,7 +73,9 @@ pub trait BatchSource: Send {
 /// Collective operations for data-parallel training ([`C10dCollective`] implements them over
 /// PyTorch's c10d).
 pub trait Collective: Send {
+    /// This process's rank, 0-based; rank 0 logs, evaluates into metrics and saves.
     fn rank(&self) -> usize;
+    /// Number of ranks in the run.
     fn world_size(&self) -> usize;
     /// Sums `values` over all ranks.
     fn all_reduce_f64(&mut self, values: &[f64]) -> Result<Vec<f64>>;
@@ -104,15 +106,21 @@ pub enum NonFinitePolicy {
 /// Result of [`Trainer::fit`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FitSummary {
+    /// The optimizer step the run ended at, skipped steps included (a resumed run counts on
+    /// from its checkpoint's step).
     pub steps: u64,
     /// Label tokens trained on.
     pub tokens: u64,
     /// Input tokens processed.
     pub input_tokens: u64,
+    /// Training loss of the last step this `fit` took (`None`: it took none).
     pub final_train_loss: Option<f64>,
+    /// Loss of the final evaluation (`None`: no eval data).
     pub final_eval_loss: Option<f64>,
     /// Input tokens per second of training: over [`FitSummary::train_secs`].
     pub tokens_per_sec: f64,
+    /// Steps dropped over the whole run (resumed part included) for a non-finite loss or
+    /// gradient ([`NonFinitePolicy::Skip`]) or by the loss scaler's overflow check.
     pub skipped_steps: u64,
     /// Seconds of training: from the start of `fit` through the last step, the final eval and
     /// the final save, before the fit-end callbacks (which close tracker runs and flush logs),
@@ -175,6 +183,21 @@ enum Hook<'m> {
     Save(&'m std::path::Path),
 }
 
+impl Hook<'_> {
+    /// The [`Callback`] method this hook calls, for logs.
+    fn name(&self) -> &'static str {
+        match self {
+            Hook::FitStart => "on_fit_start",
+            Hook::FitEnd => "on_fit_end",
+            Hook::EpochStart => "on_epoch_start",
+            Hook::EpochEnd => "on_epoch_end",
+            Hook::Step(_) => "on_step_end",
+            Hook::Eval(_) => "on_eval_end",
+            Hook::Save(_) => "on_save",
+        }
+    }
+}
+
 impl Trainer {
     /// A new builder.
     pub fn builder() -> TrainerBuilder {
@@ -234,7 +257,16 @@ impl Trainer {
                 Hook::Eval(m) => cb.on_eval_end(&mut ctl, m),
                 Hook::Save(d) => cb.on_save(&mut ctl, d),
             };
-            r.map_err(|e| Error::invalid(format!("callback `{}`: {e}", cb.name())))?;
+            // The error keeps its variant (a callback's `Error::Config` stays one); the log
+            // says which callback and hook failed.
+            if let Err(e) = r {
+                tracing::error!(
+                    callback = cb.name(),
+                    hook = hook.name(),
+                    "callback failed: {e}"
+                );
+                return Err(e);
+            }
         }
         Ok(())
     }

@@ -59,6 +59,7 @@ pub enum PreferenceLoss {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreferenceConfig {
+    /// The preference loss (default `sigmoid`, DPO's).
     #[serde(default)]
     pub loss_type: PreferenceLoss,
     /// How far the policy may move from the reference (larger: less); IPO's τ; ORPO's λ.
@@ -189,6 +190,7 @@ impl PreferenceObjective {
         self
     }
 
+    /// The `preference:` settings this objective runs with.
     pub fn config(&self) -> &PreferenceConfig {
         &self.cfg
     }
@@ -285,11 +287,13 @@ impl PreferenceObjective {
             match self.table.get(k) {
                 Some(x) => v.push(*x),
                 None => {
-                    return Err(Error::invalid(
-                        "preference: a row has no precomputed reference log-probability (the \
-                         table was computed on other data); call PreferenceObjective::precompute \
-                         on every data source",
-                    ));
+                    return Err(Error::State {
+                        owner: "preference reference table".into(),
+                        msg: "a row has no precomputed reference log-probability (the table was \
+                              computed on other data); call PreferenceObjective::precompute on \
+                              every data source"
+                            .into(),
+                    });
                 }
             }
         }
@@ -369,7 +373,7 @@ fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
         .f_to_kind(Kind::Double)
         .and_then(|t| t.f_to(Device::Cpu))
         .ctx("to cpu")?;
-    Vec::<f64>::try_from(&t).map_err(|e| Error::invalid(format!("tensor to vec: {e}")))
+    Vec::<f64>::try_from(&t).ctx("tensor to vec")
 }
 
 fn row_keys(p: &Prepared) -> Result<Vec<RowKey>> {
@@ -381,7 +385,7 @@ fn row_keys(p: &Prepared) -> Result<Vec<RowKey>> {
             .and_then(|x| x.f_reshape([-1]))
             .ctx("ids to cpu")?,
     )
-    .map_err(|e| Error::invalid(format!("ids: {e}")))?;
+    .ctx("ids")?;
     let mask: Vec<i64> = if p.attention_mask.dim() == 2 {
         Vec::try_from(
             &p.attention_mask
@@ -390,12 +394,12 @@ fn row_keys(p: &Prepared) -> Result<Vec<RowKey>> {
                 .and_then(|m| m.f_reshape([-1]))
                 .ctx("mask to cpu")?,
         )
-        .map_err(|e| Error::invalid(format!("mask: {e}")))?
+        .ctx("mask")?
     } else {
         vec![1; b * t]
     };
-    let pos: Vec<i64> = Vec::try_from(&p.label_pos.f_to(Device::Cpu).ctx("label pos")?)
-        .map_err(|e| Error::invalid(format!("label positions: {e}")))?;
+    let pos: Vec<i64> =
+        Vec::try_from(&p.label_pos.f_to(Device::Cpu).ctx("label pos")?).ctx("label positions")?;
     let mut first = vec![i64::MAX; b];
     let mut count = vec![0i64; b];
     for q in pos {
@@ -520,9 +524,12 @@ fn pair_loss(
 ) -> Result<(Tensor, [f64; 7])> {
     let rows = hidden.size()[0];
     if rows % 2 != 0 || rows == 0 {
-        return Err(Error::invalid(format!(
-            "preference batch has {rows} rows; it must be 2B rows (chosen rows, then rejected)"
-        )));
+        return Err(Error::Shape {
+            op: "preference batch".into(),
+            msg: format!(
+                "the batch has {rows} rows; it must be 2B rows (chosen rows, then rejected)"
+            ),
+        });
     }
     let n = rows / 2;
     let st = row_stats(model, hidden, p)?;

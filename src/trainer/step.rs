@@ -40,11 +40,14 @@ pub(crate) fn prepare(batch: &Batch, device: Device) -> Result<Prepared> {
     let labels = batch.labels.f_to(device).ctx("labels to device")?;
     let size = ids.size();
     if size.len() != 2 || labels.size() != size {
-        return Err(crate::Error::invalid(format!(
-            "batch input_ids {:?} and labels {:?} must both be [batch, seq]",
-            size,
-            labels.size()
-        )));
+        return Err(crate::Error::Shape {
+            op: "train step".into(),
+            msg: format!(
+                "batch input_ids {:?} and labels {:?} must both be [batch, seq]",
+                size,
+                labels.size()
+            ),
+        });
     }
     let (b, t) = (size[0], size[1]);
     let shifted = labels

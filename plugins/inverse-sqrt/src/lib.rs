@@ -14,6 +14,8 @@
 //! scheduler: { name: inverse_sqrt, warmup_steps: 100 }
 //! ```
 
+#![warn(missing_docs)]
+
 use volttrain::error::{Error, Result};
 use volttrain::plugin::{PluginRegistrar, SchedulerCtx, parse_config};
 use volttrain::sched::Scheduler;
@@ -38,6 +40,7 @@ pub struct InverseSqrt {
 }
 
 impl InverseSqrt {
+    /// The schedule of `config`, `timescale` resolved to its default when unset (0 is an error).
     pub fn new(config: &InverseSqrtConfig) -> Result<Self> {
         let timescale = config.timescale.unwrap_or(if config.warmup_steps == 0 {
             10_000

@@ -13,6 +13,8 @@
 //! and per-group multipliers apply. YAML: `optimizer: { name: lion, lr: 3.0e-5, betas: [0.9, 0.99],
 //! weight_decay: 0.1 }`.
 
+#![warn(missing_docs)]
+
 use tch::Tensor;
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::optim::{Optimizer, ParamGroup, StateDict};
@@ -177,12 +179,15 @@ impl Optimizer for Lion {
                     continue;
                 };
                 if m.size() != p.tensor.size() {
-                    return Err(Error::invalid(format!(
-                        "lion state `exp_avg.{}` has shape {:?}, the parameter {:?}",
-                        p.name,
-                        m.size(),
-                        p.tensor.size()
-                    )));
+                    return Err(Error::State {
+                        owner: "lion".into(),
+                        msg: format!(
+                            "`exp_avg.{}` has shape {:?}, the parameter {:?}",
+                            p.name,
+                            m.size(),
+                            p.tensor.size()
+                        ),
+                    });
                 }
                 let m = m
                     .f_to_device(p.tensor.device())
@@ -199,10 +204,13 @@ impl Optimizer for Lion {
             .filter(|k| k.starts_with("exp_avg."))
             .count();
         if known != stored {
-            return Err(Error::invalid(format!(
-                "lion state has {stored} momentum tensors but only {known} match this \
-                 optimizer's parameters"
-            )));
+            return Err(Error::State {
+                owner: "lion".into(),
+                msg: format!(
+                    "{stored} momentum tensors are stored, but only {known} match this \
+                     optimizer's parameters"
+                ),
+            });
         }
         self.exp_avg = exp_avg;
         self.steps = state.scalars.get("steps").copied().unwrap_or(0.0) as u64;

@@ -17,6 +17,8 @@
 //!   - { name: loss_spike, window: 20, factor: 3.0, max_grad_norm: 100.0, patience: 1 }
 //! ```
 
+#![warn(missing_docs)]
+
 use std::collections::VecDeque;
 
 use volttrain::callback::{Callback, Control, StepMetrics};
@@ -76,11 +78,15 @@ impl LossSpikeConfig {
 /// What `loss_spike.json` holds.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SpikeReport {
+    /// The optimizer step whose loss or grad norm was a spike.
     pub step: u64,
+    /// That step's training loss.
     pub loss: f64,
     /// Mean loss of the window before the step (`None` while the window was filling).
     pub baseline: Option<f64>,
+    /// That step's gradient norm before clipping.
     pub grad_norm: f64,
+    /// The stop reason given to the trainer (`loss_spike: step 12: ...`).
     pub reason: String,
 }
 
@@ -107,6 +113,7 @@ pub struct LossSpike {
 }
 
 impl LossSpike {
+    /// A monitor with an empty window; errors name the invalid `config` field.
     pub fn new(config: LossSpikeConfig) -> Result<Self> {
         config.validate()?;
         Ok(LossSpike {
@@ -214,20 +221,20 @@ impl Callback for LossSpike {
         };
         serde_json::to_value(state)
             .map(Some)
-            .map_err(|e| Error::invalid(format!("loss_spike state: {e}")))
+            .map_err(|e| state_error(e.to_string()))
     }
 
     /// Takes back the window and the spike count. A window saved with a larger `window` keeps
     /// its newest `window` losses.
     fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
-        let state: LossSpikeState = serde_json::from_value(state)
-            .map_err(|e| Error::invalid(format!("loss_spike state: {e}")))?;
+        let state: LossSpikeState =
+            serde_json::from_value(state).map_err(|e| state_error(e.to_string()))?;
         let mut recent = state
             .recent
             .iter()
             .map(|x| {
                 x.parse::<f64>()
-                    .map_err(|_| Error::invalid(format!("loss_spike state: `{x}` is not a loss")))
+                    .map_err(|_| state_error(format!("`{x}` is not a loss")))
             })
             .collect::<Result<VecDeque<f64>>>()?;
         while recent.len() > self.config.window {
@@ -236,6 +243,14 @@ impl Callback for LossSpike {
         self.recent = recent;
         self.consecutive = state.consecutive;
         Ok(())
+    }
+}
+
+/// A saved state that does not fit: `loss_spike state: {msg}`.
+fn state_error(msg: String) -> Error {
+    Error::State {
+        owner: "loss_spike".into(),
+        msg,
     }
 }
 
