@@ -9,11 +9,10 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use volttrain::data::{Batch, IGNORE_INDEX};
 use volttrain::error::{Error, Result};
 use volttrain::model::{CausalLm, LoadOptions, load_model};
-use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
+use volttrain::optim::{AdamW, AdamWConfig, Optimizer, ParamGroup};
 use volttrain::trainer::{PreferenceConfig, PreferenceObjective, Trainer};
 
 use crate::sft::{Clock, Repeat};
@@ -27,21 +26,8 @@ const COMPLETION: i64 = 128;
 fn ours(dir: &std::path::Path, opts: &PerfOpts) -> Result<Vec<f64>> {
     let mut model: Box<dyn CausalLm> =
         load_model(dir, &LoadOptions::new(Kind::Float, opts.device))?;
-    model.freeze_base();
-    let cfg = LoraConfig {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        target: Targets::Preset("llama".into()),
-        ..LoraConfig::default()
-    };
-    LoraInjector::new(cfg).inject(model.as_mut())?;
-    let params: Vec<NamedParam> = model
-        .named_parameters()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .map(|(n, t)| NamedParam::new(n, &t))
-        .collect();
+    crate::inject_bench_lora(model.as_mut())?;
+    let params = crate::trainable_named(model.as_ref());
     let opt = AdamW::new(
         vec![ParamGroup::new("all", params, 1e-4, 1.0, 0.0)],
         AdamWConfig::default(),

@@ -25,7 +25,7 @@ use volttrain::dist::{DistConfig, DistEnv, ProcessGroup, launch::free_port};
 use volttrain::env_report;
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::model::{CausalLm, LoadOptions, load_model};
-use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
+use volttrain::optim::{AdamW, AdamWConfig, Optimizer, ParamGroup};
 use volttrain::quant::{ComputeDtype, QuantConfig, QuantType};
 use volttrain::trainer::{C10dCollective, Collective, Trainer};
 
@@ -167,22 +167,9 @@ pub fn run_steps(
     }
     let mut model: Box<dyn CausalLm> = load_model(dir, &load)?;
     if mode != Mode::Full {
-        model.freeze_base();
-        let cfg = LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            target: Targets::Preset("llama".into()),
-            ..LoraConfig::default()
-        };
-        LoraInjector::new(cfg).inject(model.as_mut())?;
+        crate::inject_bench_lora(model.as_mut())?;
     }
-    let params: Vec<NamedParam> = model
-        .named_parameters()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .map(|(n, t)| NamedParam::new(n, &t))
-        .collect();
+    let params = crate::trainable_named(model.as_ref());
     let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
     let lr = if mode == Mode::Full { 1e-5 } else { 1e-4 };
     let opt = AdamW::new(
@@ -317,12 +304,7 @@ pub fn collectives(device: Device, model_dir: Option<&Path>) -> Result<serde_jso
             ..LoraConfig::default()
         })
         .inject(model.as_mut())?;
-        let params: Vec<NamedParam> = model
-            .named_parameters()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .map(|(n, t)| NamedParam::new(n, &t))
-            .collect();
+        let params = crate::trainable_named(model.as_ref());
         let opt = AdamW::new(
             vec![ParamGroup::new("all", params, 1e-3, 1.0, 0.0)],
             AdamWConfig::default(),

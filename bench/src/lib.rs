@@ -225,6 +225,32 @@ pub(crate) fn run_json(cmd: &mut Command, what: &str) -> Result<serde_json::Valu
 
 /// Achieved fp32 matmul FLOP/s of a square `n x n` product on `opts.device` (the practical
 /// compute limit of the machine, measured in the same run as the workloads).
+/// Freezes the base of `model` and injects the LoRA every LoRA workload measures (and its
+/// Python reference uses): r 16, alpha 32, no dropout, on the seven Llama projections.
+pub(crate) fn inject_bench_lora(model: &mut dyn volttrain::model::CausalLm) -> Result<()> {
+    use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
+    model.freeze_base();
+    let cfg = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        target: Targets::Preset("llama".into()),
+        ..LoraConfig::default()
+    };
+    LoraInjector::new(cfg).inject(model)?;
+    Ok(())
+}
+
+/// The trainable parameters of `model`, named, in the model's order.
+pub(crate) fn trainable_named(
+    model: &dyn volttrain::model::CausalLm,
+) -> Vec<volttrain::optim::NamedParam> {
+    volttrain::optim::trainable_parameters(model)
+        .into_iter()
+        .map(|(n, t)| volttrain::optim::NamedParam::new(n, &t))
+        .collect()
+}
+
 pub fn matmul_flops(opts: &PerfOpts, n: i64) -> Result<Stats> {
     use volttrain::error::TchResultExt;
     let a = tch::Tensor::f_randn([n, n], (tch::Kind::Float, opts.device)).ctx("randn")?;

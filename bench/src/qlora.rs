@@ -30,11 +30,10 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use volttrain::data::Batch;
 use volttrain::error::{Error, Result, TchResultExt};
 use volttrain::model::{CausalLm, LoadOptions, load_model};
-use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
+use volttrain::optim::{AdamW, AdamWConfig, Optimizer, ParamGroup};
 use volttrain::quant::QuantConfig;
 use volttrain::trainer::Trainer;
 
@@ -224,21 +223,8 @@ pub fn child(spec: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
         load = load.with_quantizer(q.quantizer()?);
     }
     let mut model: Box<dyn CausalLm> = load_model(model_dir, &load)?;
-    model.freeze_base();
-    let cfg = LoraConfig {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        target: Targets::Preset("llama".into()),
-        ..LoraConfig::default()
-    };
-    LoraInjector::new(cfg).inject(model.as_mut())?;
-    let params: Vec<NamedParam> = model
-        .named_parameters()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .map(|(n, t)| NamedParam::new(n, &t))
-        .collect();
+    crate::inject_bench_lora(model.as_mut())?;
+    let params = crate::trainable_named(model.as_ref());
     let group = ParamGroup::new("all", params, 1e-4, 1.0, 0.01);
     let opt = AdamW::new(vec![group], AdamWConfig::default())?;
     let ids = Tensor::read_safetensors(model_dir.join("batch.safetensors"))

@@ -19,12 +19,11 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use volttrain::adapter::{AdapterInjector, LoraConfig, LoraInjector, Targets};
 use volttrain::callback::{Callback, Control, StepMetrics};
 use volttrain::data::Batch;
 use volttrain::error::{Error, Result};
 use volttrain::model::{CausalLm, LoadOptions, load_model};
-use volttrain::optim::{AdamW, AdamWConfig, NamedParam, Optimizer, ParamGroup};
+use volttrain::optim::{AdamW, AdamWConfig, Optimizer, ParamGroup};
 use volttrain::quant::{QuantConfig, QuantType};
 use volttrain::trainer::{BatchSource, Trainer};
 
@@ -99,22 +98,9 @@ pub fn child(mode: &str, model_dir: &Path, opts: &PerfOpts) -> Result<serde_json
     }
     let mut model: Box<dyn CausalLm> = load_model(model_dir, &load)?;
     if mode != "full" {
-        model.freeze_base();
-        let cfg = LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            target: Targets::Preset("llama".into()),
-            ..LoraConfig::default()
-        };
-        LoraInjector::new(cfg).inject(model.as_mut())?;
+        crate::inject_bench_lora(model.as_mut())?;
     }
-    let params: Vec<NamedParam> = model
-        .named_parameters()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .map(|(n, t)| NamedParam::new(n, &t))
-        .collect();
+    let params = crate::trainable_named(model.as_ref());
     let group = ParamGroup::new("all", params, 1e-4, 1.0, 0.01);
     let opt = AdamW::new(vec![group], AdamWConfig::default())?;
     let toks = Tensor::read_safetensors(model_dir.join("batch.safetensors"))
