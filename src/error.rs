@@ -98,6 +98,17 @@ pub enum Error {
     #[error("{tracker}: {msg}")]
     Tracker { tracker: String, msg: String },
 
+    /// The operating system refused a resource VoltTrain needs that is not a file: a thread,
+    /// the stop-signal handlers. `what` says what was being set up.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being set up (`the signal thread`, `the stop-signal handlers`).
+        what: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A broken invariant inside VoltTrain (a worker thread panicked, an internal table is
     /// missing an entry): a bug to report, not a problem with the input.
     #[error("internal error (please report it): {0}")]

@@ -169,10 +169,10 @@ pub trait Callback: Send {
     /// The default refuses any state: a callback that returns state must take it back.
     fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
         let _ = state;
-        Err(Error::invalid(format!(
-            "callback `{}` keeps no state, but the resume checkpoint holds some for it",
-            self.name()
-        )))
+        Err(Error::State {
+            owner: format!("callback `{}`", self.name()),
+            msg: "the callback keeps no state, but the resume checkpoint holds some for it".into(),
+        })
     }
 }
 

@@ -327,7 +327,10 @@ impl Worker {
                 }
                 let _ = done_tx.send(());
             })
-            .map_err(|e| Error::invalid(format!("{name}: cannot start the worker thread: {e}")))?;
+            .map_err(|e| Error::Tracker {
+                tracker: name.to_string(),
+                msg: format!("cannot start the worker thread: {e}"),
+            })?;
         Ok(Worker {
             name: name.to_string(),
             opts,
@@ -351,10 +354,12 @@ impl Worker {
         }
         if let Some(msg) = self.shared.failure() {
             if self.opts.on_error == OnError::Fail {
-                return Err(Error::invalid(format!(
-                    "{}: {msg} (on_error: fail stops the run; `on_error: warn` trains on)",
-                    self.name
-                )));
+                return Err(Error::Tracker {
+                    tracker: self.name.clone(),
+                    msg: format!(
+                        "{msg} (on_error: fail stops the run; `on_error: warn` trains on)"
+                    ),
+                });
             }
             if !self.warned_failed {
                 self.warned_failed = true;
@@ -380,11 +385,14 @@ impl Worker {
             Err(TrySendError::Full(_)) => {
                 self.dropped_here += 1;
                 if self.opts.on_error == OnError::Fail {
-                    return Err(Error::invalid(format!(
-                        "{}: queue of {} points full, the tracker is not keeping up or hangs \
+                    return Err(Error::Tracker {
+                        tracker: self.name.clone(),
+                        msg: format!(
+                            "queue of {} points full, the tracker is not keeping up or hangs \
                          (on_error: fail stops the run)",
-                        self.name, self.opts.queue_size
-                    )));
+                            self.opts.queue_size
+                        ),
+                    });
                 }
                 if !self.warned_full {
                     self.warned_full = true;
@@ -470,10 +478,13 @@ impl Worker {
         if report.dropped > 0 || report.error.is_some() {
             let why = report.error.as_deref().unwrap_or("queue full");
             if self.opts.on_error == OnError::Fail {
-                return Err(Error::invalid(format!(
-                    "{}: {} of {} points not delivered: {why} (on_error: fail stops the run)",
-                    self.name, report.dropped, report.points
-                )));
+                return Err(Error::Tracker {
+                    tracker: self.name.clone(),
+                    msg: format!(
+                        "{} of {} points not delivered: {why} (on_error: fail stops the run)",
+                        report.dropped, report.points
+                    ),
+                });
             }
             tracing::warn!(
                 "{}: {} of {} points dropped ({why})",
@@ -565,8 +576,11 @@ pub fn resolved_config(output_dir: &std::path::Path) -> Result<Option<serde_json
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: serde_json::Value = serde_yaml::from_str(&text)
-        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    let v: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| Error::Config {
+        file: Some(path.clone()),
+        key: ".".into(),
+        msg: format!("not valid YAML: {e}"),
+    })?;
     Ok(Some(v))
 }
 
@@ -759,7 +773,10 @@ mod tests {
     impl Sink for Failing {
         fn send(&mut self, _: &Point) -> Result<()> {
             if self.0 == 0 {
-                return Err(Error::invalid("sink is gone"));
+                return Err(Error::Tracker {
+                    tracker: "test".into(),
+                    msg: "sink is gone".into(),
+                });
             }
             self.0 -= 1;
             Ok(())

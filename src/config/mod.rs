@@ -52,10 +52,12 @@ impl ComponentSection {
                 options.remove("type");
                 Ok(ComponentSection { name, options })
             }
-            Ok(_) => Err(Error::invalid(format!(
-                "the config of `{name}` is not a mapping of settings"
-            ))),
-            Err(e) => Err(Error::invalid(format!(
+            Ok(_) => Err(Error::Config {
+                file: None,
+                key: name.clone(),
+                msg: format!("is not a mapping of settings"),
+            }),
+            Err(e) => Err(Error::Internal(format!(
                 "serialize the config of `{name}`: {e}"
             ))),
         }
@@ -636,7 +638,7 @@ impl SftConfig {
 
     /// The resolved configuration as YAML (written into the output directory).
     pub fn to_yaml(&self) -> Result<String> {
-        serde_yaml::to_string(self).map_err(|e| Error::invalid(format!("serialize config: {e}")))
+        serde_yaml::to_string(self).map_err(|e| Error::Internal(format!("serialize config: {e}")))
     }
 
     /// The device to train on.

@@ -252,10 +252,10 @@ impl GgufWriter {
 /// scale `d = amax / 127` then the int8 values `round(x / d)` (half away from zero), 34 bytes.
 pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>> {
     if !values.len().is_multiple_of(Q8_0_BLOCK) {
-        return Err(Error::invalid(format!(
-            "q8_0: {} values are not a multiple of {Q8_0_BLOCK}",
-            values.len()
-        )));
+        return Err(Error::Shape {
+            op: "q8_0".into(),
+            msg: format!("{} values are not a multiple of {Q8_0_BLOCK}", values.len()),
+        });
     }
     let mut out = Vec::with_capacity(values.len() / Q8_0_BLOCK * 34);
     for block in values.chunks_exact(Q8_0_BLOCK) {
@@ -306,7 +306,7 @@ fn encode(t: &Tensor, ty: GgmlType) -> Result<Vec<u8>> {
             .f_flatten(0, -1)
             .ctx("flatten")?,
     )
-    .map_err(|e| Error::invalid(format!("tensor to a vector: {e}")))?;
+    .ctx("tensor to a vector")?;
     Ok(match ty {
         GgmlType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         GgmlType::F16 => v
@@ -668,10 +668,9 @@ pub fn build_gguf(
     let mut fallback = Vec::new();
     let _g = tch::no_grad_guard();
     for (name, t) in model.checkpoint_tensors()? {
-        let gname = llama_tensor_name(&name).ok_or_else(|| {
-            Error::invalid(format!(
-                "GGUF export: no llama.cpp name for tensor `{name}`"
-            ))
+        let gname = llama_tensor_name(&name).ok_or_else(|| Error::Unsupported {
+            what: "GGUF export".into(),
+            msg: format!("no llama.cpp name for tensor `{name}`"),
         })?;
         let t = if name.ends_with("self_attn.q_proj.weight") {
             permute_rows(&t, n_head)?

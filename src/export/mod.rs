@@ -118,7 +118,7 @@ impl StagedDir {
         let tmp = self
             .tmp
             .take()
-            .ok_or_else(|| Error::invalid("staged directory committed twice"))?;
+            .ok_or_else(|| Error::Internal("staged directory committed twice".into()))?;
         if self.dest.exists() {
             // checked empty in `new`; an empty directory is replaced
             std::fs::remove_dir(&self.dest).map_err(|e| Error::io(&self.dest, e))?;
@@ -275,9 +275,10 @@ pub fn merge_to_dir(
             if !dequantized.contains(&fmt) {
                 dequantized.push(fmt);
             }
-            let w = q
-                .dequantize(Kind::Float)
-                .map_err(|e| Error::invalid(format!("dequantizing `{name}`: {e}")))?;
+            let w = q.dequantize(Kind::Float).map_err(|e| Error::Shape {
+                op: format!("dequantizing `{name}`"),
+                msg: e.to_string(),
+            })?;
             lin.weight = LinearWeight::Dense(w);
         }
     }

@@ -86,9 +86,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let g = generate_text(model.as_ref(), &tok, &prompt, &cfg, &mut |s| {
         out.write_all(s.as_bytes())
             .and_then(|()| out.flush())
-            .map_err(|e| Error::invalid(format!("writing to stdout: {e}")))
+            .map_err(|e| Error::io("<stdout>", e))
     })?;
-    writeln!(out).map_err(|e| Error::invalid(format!("writing to stdout: {e}")))?;
+    writeln!(out).map_err(|e| Error::io("<stdout>", e))?;
     eprintln!(
         "{}",
         serde_json::json!({

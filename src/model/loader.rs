@@ -316,10 +316,11 @@ fn read_all(
     let next = AtomicUsize::new(0);
     let out = Mutex::new(HashMap::with_capacity(jobs.len()));
     let one = |name: &str, quantize: bool| -> Result<Loaded> {
-        let i = *ckpt
-            .location
-            .get(name)
-            .ok_or_else(|| Error::invalid(format!("tensor `{name}` missing after validation")))?;
+        let i = *ckpt.location.get(name).ok_or_else(|| {
+            Error::Internal(format!(
+                "checkpoint loader: tensor `{name}` missing after validation"
+            ))
+        })?;
         let t = ckpt.files[i].tensor(name, Some(opts.kind), opts.device)?;
         match (&opts.quantizer, quantize) {
             (Some(q), true) => {
@@ -346,7 +347,7 @@ fn read_all(
                 crate::malloc::release_freed_memory();
             }
             out.lock()
-                .map_err(|_| Error::invalid("checkpoint loader: a worker panicked"))?
+                .map_err(|_| Error::Internal("checkpoint loader: a worker panicked".into()))?
                 .insert(name.clone(), loaded);
         }
     };
@@ -356,8 +357,11 @@ fn read_all(
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("checkpoint loader: a worker panicked")))
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Internal(
+                        "checkpoint loader: a worker panicked".into(),
+                    ))
+                })
             })
             .collect()
     });
@@ -365,7 +369,7 @@ fn read_all(
         r?;
     }
     out.into_inner()
-        .map_err(|_| Error::invalid("checkpoint loader: a worker panicked"))
+        .map_err(|_| Error::Internal("checkpoint loader: a worker panicked".into()))
 }
 
 struct Source {
@@ -375,7 +379,9 @@ struct Source {
 impl Source {
     fn take(&mut self, name: &str) -> Result<Loaded> {
         self.loaded.remove(name).ok_or_else(|| {
-            Error::invalid(format!("tensor `{name}` was not read from the checkpoint"))
+            Error::Internal(format!(
+                "checkpoint loader: tensor `{name}` was not read from the checkpoint"
+            ))
         })
     }
 }
@@ -384,8 +390,8 @@ impl WeightSource for Source {
     fn tensor(&mut self, name: &str) -> Result<Tensor> {
         match self.take(name)? {
             Loaded::Dense(t) => Ok(t),
-            Loaded::Quantized(_) => Err(Error::invalid(format!(
-                "tensor `{name}` was quantized but is needed dense"
+            Loaded::Quantized(_) => Err(Error::Internal(format!(
+                "checkpoint loader: tensor `{name}` was quantized but is needed dense"
             ))),
         }
     }

@@ -386,7 +386,7 @@ impl SsmLayer {
     }
     fn need(&self, suffix: &str) -> Result<&Tensor> {
         self.get(suffix)
-            .ok_or_else(|| Error::invalid(format!("layer tensor `{suffix}` is missing")))
+            .ok_or_else(|| Error::Internal(format!("layer tensor `{suffix}` is missing")))
     }
 }
 
@@ -607,9 +607,10 @@ impl SsmLm {
         let (b, t) = match x.size().as_slice() {
             [b, t, _] => (*b, *t),
             s => {
-                return Err(Error::invalid(format!(
-                    "attention: hidden must be [batch, seq, hidden], got {s:?}"
-                )));
+                return Err(Error::Shape {
+                    op: "attention".into(),
+                    msg: format!("hidden must be [batch, seq, hidden], got {s:?}"),
+                });
             }
         };
         let c = &self.cfg;
@@ -712,19 +713,23 @@ impl CausalLm for SsmLm {
         let (b, t) = match input.input_ids.size().as_slice() {
             [b, t] => (*b, *t),
             s => {
-                return Err(Error::invalid(format!(
-                    "input_ids must be [batch, seq], got {s:?}"
-                )));
+                return Err(Error::Shape {
+                    op: "forward".into(),
+                    msg: format!("input_ids must be [batch, seq], got {s:?}"),
+                });
             }
         };
         let padding = match input.attention_mask {
             None => None,
             Some(m) if m.dim() == 2 => {
                 if m.size() != [b, t] {
-                    return Err(Error::invalid(format!(
-                        "attention_mask must be [batch, seq] = [{b}, {t}], got {:?}",
-                        m.size()
-                    )));
+                    return Err(Error::Shape {
+                        op: "forward".into(),
+                        msg: format!(
+                            "attention_mask must be [batch, seq] = [{b}, {t}], got {:?}",
+                            m.size()
+                        ),
+                    });
                 }
                 let all = m
                     .f_ne(0)
@@ -745,12 +750,15 @@ impl CausalLm for SsmLm {
                 }
             }
             Some(_) => {
-                return Err(Error::invalid(format!(
-                    "{}: packed rows (a 4-D attention mask) are not supported for models with \
-                     Mamba (state-space) layers: the scan's state would run across the packed \
-                     sequences. Set `data.packing: false`.",
-                    self.cfg.architecture
-                )));
+                return Err(Error::Unsupported {
+                    what: "packed rows".into(),
+                    msg: format!(
+                        "{} has Mamba (state-space) layers, whose scan state would run across the \
+                     sequences packed into a row (a 4-D attention mask). Set \
+                     `data.packing: false`.",
+                        self.cfg.architecture
+                    ),
+                });
             }
         };
         let mask = if self.layers.iter().any(|l| l.kind == BlockKind::Attention) {
