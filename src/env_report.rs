@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 pub struct CudaDevice {
     /// The index libtorch uses (`cuda:N`).
     pub index: usize,
+    /// The device's name (`NVIDIA H100 80GB HBM3`).
     pub name: String,
     /// Compute capability, e.g. `[9, 0]` for Hopper.
     pub capability: [i32; 2],
@@ -36,6 +37,7 @@ pub struct CudaDevice {
 /// The report; `volttrain env --json` prints it as is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnvReport {
+    /// This crate's version.
     pub volttrain_version: String,
     /// The libtorch VoltTrain is built for (tch's pin).
     pub libtorch_version: String,
@@ -43,12 +45,16 @@ pub struct EnvReport {
     pub libtorch_loaded_version: Option<String>,
     /// The directory `libtorch_cpu.so` was loaded from.
     pub libtorch_path: Option<String>,
+    /// libtorch sees a CUDA device.
     pub cuda_available: bool,
+    /// CUDA devices libtorch sees.
     pub cuda_device_count: usize,
     /// Why the device details are missing, when libtorch sees GPUs but the driver API could
     /// not be asked.
     pub cuda_error: Option<String>,
+    /// The CUDA devices, as the driver describes them.
     pub cuda_devices: Vec<CudaDevice>,
+    /// libtorch can use cuDNN.
     pub cudnn_available: bool,
     /// The CPU has native bf16 instructions (AVX512-BF16 or AMX-BF16); without them bf16 on the
     /// CPU is emulated and slow, so CPU training runs in fp32.

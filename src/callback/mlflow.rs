@@ -55,6 +55,7 @@ pub struct MlflowConfig {
     /// Experiment name, created when missing; default `MLFLOW_EXPERIMENT_NAME`, else MLflow's
     /// `Default` experiment.
     pub experiment: Option<String>,
+    /// The run's name in the MLflow UI; unset: MLflow generates one.
     pub run_name: Option<String>,
     /// Extra run tags.
     #[serde(default)]
@@ -69,8 +70,10 @@ pub struct MlflowConfig {
     /// `warn` (default): drop and count what cannot be delivered; `fail`: stop the run.
     #[serde(default)]
     pub on_error: OnError,
+    /// Points held while the server is busy; more are dropped and counted (default 1024).
     #[serde(default = "default_queue")]
     pub queue_size: usize,
+    /// Seconds the end of the run waits for queued points and the run's close (default 60).
     #[serde(default = "default_finish_timeout")]
     pub finish_timeout_secs: f64,
     /// Seconds points are gathered before one batched delivery (default 1).
@@ -548,6 +551,7 @@ pub struct Mlflow {
 }
 
 impl Mlflow {
+    /// Checks `cfg` (URI, timeouts, queue size); nothing is contacted before the run starts.
     pub fn new(cfg: MlflowConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Mlflow {

@@ -30,8 +30,10 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
+    /// Log a warning, drop and count the points, train on.
     #[default]
     Warn,
+    /// Stop the run with an error.
     Fail,
 }
 
@@ -109,7 +111,9 @@ pub enum Point {
     Config(serde_json::Value),
     /// Metrics at an optimizer step (keys as [`step_values`] / [`eval_values`] make them).
     Metrics {
+        /// The optimizer step the values belong to.
         step: u64,
+        /// Metric values by key (`train/loss`, `eval/eval_loss`, ...).
         values: BTreeMap<String, f64>,
         /// When it was measured, in milliseconds since the Unix epoch.
         time_ms: u64,
@@ -666,6 +670,7 @@ pub struct SummaryTally {
 }
 
 impl SummaryTally {
+    /// Counts one optimizer step's metrics.
     pub fn step(&mut self, m: &StepMetrics) {
         self.first_step_at.get_or_insert_with(Instant::now);
         self.steps += 1;
@@ -674,6 +679,7 @@ impl SummaryTally {
         self.tok_per_sec_sum += m.tokens_per_sec;
         self.final_train_loss = Some(m.loss);
     }
+    /// Records an evaluation's loss as the final eval loss.
     pub fn eval(&mut self, m: &EvalMetrics) {
         self.final_eval_loss = Some(m.eval_loss);
     }

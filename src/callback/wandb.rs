@@ -35,8 +35,11 @@ const PYTHON_KEY: &str = "callbacks.wandb.python";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WandbMode {
+    /// Log to the W&B server.
     Online,
+    /// Write the run locally under `dir` (`wandb sync` uploads it later).
     Offline,
+    /// Log nothing (W&B calls become no-ops).
     Disabled,
 }
 
@@ -61,15 +64,20 @@ fn default_start_timeout() -> f64 {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WandbConfig {
+    /// W&B project; unset: left to `wandb` (`WANDB_PROJECT`).
     pub project: Option<String>,
+    /// W&B entity (user or team); unset: left to `wandb` (`WANDB_ENTITY`).
     pub entity: Option<String>,
     /// The run's display name (`wandb.init(name=...)`).
     pub run_name: Option<String>,
     /// `online`, `offline` or `disabled`; default: `WANDB_MODE`, else online.
     pub mode: Option<WandbMode>,
+    /// Tags of the run.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Group of the run (runs of one experiment).
     pub group: Option<String>,
+    /// Notes (a longer description) of the run.
     pub notes: Option<String>,
     /// Where `wandb/` is written; default `WANDB_DIR` when set, else the run's output
     /// directory.
@@ -83,8 +91,10 @@ pub struct WandbConfig {
     /// `warn` (default): drop and count what cannot be delivered; `fail`: stop the run.
     #[serde(default)]
     pub on_error: OnError,
+    /// Points held while the sidecar is busy; more are dropped and counted (default 1024).
     #[serde(default = "default_queue")]
     pub queue_size: usize,
+    /// Seconds the end of the run waits for queued points and `run.finish()` (default 60).
     #[serde(default = "default_finish_timeout")]
     pub finish_timeout_secs: f64,
     /// Seconds points are gathered before one batched delivery (default 1).
@@ -386,6 +396,7 @@ pub struct Wandb {
 }
 
 impl Wandb {
+    /// Checks `cfg`; the sidecar starts at the beginning of the run (main process only).
     pub fn new(cfg: WandbConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Wandb {

@@ -43,9 +43,14 @@ pub const GGUF_ARCHITECTURES: [(&str, &str); 2] = [
 /// The tensor encodings of `--type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufType {
+    /// 32-bit floats.
     F32,
+    /// 16-bit floats (IEEE half).
     F16,
+    /// bfloat16.
     Bf16,
+    /// 8-bit blocks of 32 values with one f16 scale (ggml's `Q8_0`); rows whose length is not a
+    /// multiple of 32 fall back to F16.
     Q8_0,
 }
 
@@ -81,21 +86,32 @@ impl GgufType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum GgmlType {
+    /// 32-bit floats.
     F32 = 0,
+    /// 16-bit floats.
     F16 = 1,
+    /// Blocks of 32 int8 values and an f16 scale.
     Q8_0 = 8,
+    /// bfloat16.
     Bf16 = 30,
 }
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GgufValue {
+    /// An unsigned 32-bit integer.
     U32(u32),
+    /// A signed 32-bit integer.
     I32(i32),
+    /// A 32-bit float.
     F32(f32),
+    /// A boolean.
     Bool(bool),
+    /// A UTF-8 string.
     Str(String),
+    /// An array of strings (the vocabulary).
     StrArray(Vec<String>),
+    /// An array of signed 32-bit integers (token types).
     I32Array(Vec<i32>),
 }
 
@@ -145,9 +161,13 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
 /// One tensor to write: the shape in PyTorch order (written reversed, as ggml orders it).
 #[derive(Debug)]
 pub struct GgufTensor {
+    /// llama.cpp's tensor name (`blk.0.attn_q.weight`).
     pub name: String,
+    /// Shape in PyTorch order.
     pub shape: Vec<usize>,
+    /// How `data` is encoded.
     pub ty: GgmlType,
+    /// The encoded values, little-endian.
     pub data: Vec<u8>,
 }
 
@@ -537,9 +557,13 @@ fn add_vocab(w: &mut GgufWriter, dir: &Path, vocab_size: usize, tok: &Tokenizer)
 /// What [`export_gguf`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GgufReport {
+    /// The GGUF file written.
     pub out: PathBuf,
+    /// llama.cpp's architecture name (`llama`).
     pub architecture: String,
+    /// Tensors written.
     pub tensors: usize,
+    /// Size of the file in bytes.
     pub bytes: u64,
     /// Tensors written as F16 because `q8_0` needs rows of a multiple of 32 values.
     pub f16_fallback: Vec<String>,

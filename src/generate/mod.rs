@@ -107,6 +107,7 @@ pub struct Generation {
     /// Their text (special tokens skipped, cut before a stop string); empty from
     /// [`Generate::generate`], which has no tokenizer.
     pub text: String,
+    /// Why generation stopped.
     pub finish: FinishReason,
     /// Seconds spent on the prompt (prefill, first token included).
     pub prefill_secs: f64,

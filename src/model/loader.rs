@@ -32,6 +32,7 @@ pub fn default_quantize_filter(module: &str) -> bool {
 pub struct LoadOptions {
     /// Kind of the dense parameters (whatever the checkpoint stores).
     pub kind: Kind,
+    /// Device the tensors are loaded onto.
     pub device: Device,
     /// Quantizes matching linear weights while loading, each tensor as soon as it is read, so
     /// that peak memory stays near the quantized size plus one full-precision tensor per

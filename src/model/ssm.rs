@@ -38,13 +38,21 @@ pub const DEFAULT_CHUNK: i64 = 16;
 /// The inputs of one scan. Shapes: `u`, `dt` (before bias and softplus), `z` `[batch, d, T]`;
 /// `a` (already `-exp(A_log)`) `[d, N]`; `b`, `c` `[batch, T, N]`; `d`, `dt_bias` `[d]`.
 pub struct ScanInput<'a> {
+    /// The input `[batch, d, T]`.
     pub u: &'a Tensor,
+    /// The step sizes before bias and softplus `[batch, d, T]`.
     pub dt: &'a Tensor,
+    /// The state matrix `-exp(A_log)` `[d, N]`.
     pub a: &'a Tensor,
+    /// The input projection `[batch, T, N]`.
     pub b: &'a Tensor,
+    /// The output projection `[batch, T, N]`.
     pub c: &'a Tensor,
+    /// The skip weight `[d]`.
     pub d: &'a Tensor,
+    /// The gate `[batch, d, T]` (the output is multiplied by `silu(z)`).
     pub z: &'a Tensor,
+    /// The bias added to `dt` before softplus `[d]`.
     pub dt_bias: &'a Tensor,
 }
 
