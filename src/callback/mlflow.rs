@@ -199,10 +199,7 @@ impl Rest {
         query: &[(&str, &str)],
     ) -> Result<(u16, String)> {
         let url = format!("{}{path}", self.base);
-        let fail = |e: ureq::Error| Error::Tracker {
-            tracker: "mlflow".into(),
-            msg: format!("{method} {url}: {e}"),
-        };
+        let fail = |e: ureq::Error| mlflow_error(format!("{method} {url}: {e}"));
         let mut resp = match method {
             "GET" => {
                 let mut r = self.agent.get(&url);
@@ -239,25 +236,17 @@ impl Rest {
     }
 
     fn call(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
-        let bytes = serde_json::to_vec(&body).map_err(|e| Error::Tracker {
-            tracker: "mlflow".into(),
-            msg: e.to_string(),
-        })?;
+        let bytes = serde_json::to_vec(&body).map_err(|e| mlflow_error(e.to_string()))?;
         let (status, text) = self.request("POST", path, Some(bytes), &[])?;
         if status != 200 {
-            return Err(Error::Tracker {
-                tracker: "mlflow".into(),
-                msg: format!(
-                    "POST {}{path} answered {status}: {}",
-                    self.base,
-                    text.trim()
-                ),
-            });
+            return Err(mlflow_error(format!(
+                "POST {}{path} answered {status}: {}",
+                self.base,
+                text.trim()
+            )));
         }
-        serde_json::from_str(&text).map_err(|e| Error::Tracker {
-            tracker: "mlflow".into(),
-            msg: format!("POST {path}: unreadable answer ({e}): {text}"),
-        })
+        serde_json::from_str(&text)
+            .map_err(|e| mlflow_error(format!("POST {path}: unreadable answer ({e}): {text}")))
     }
 
     fn experiment_id(&self) -> Result<String> {
@@ -271,21 +260,16 @@ impl Rest {
             &[("experiment_name", name)],
         )?;
         if status == 200 {
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Tracker {
-                tracker: "mlflow".into(),
-                msg: e.to_string(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| mlflow_error(e.to_string()))?;
             if let Some(id) = v["experiment"]["experiment_id"].as_str() {
                 return Ok(id.to_string());
             }
         } else if status != 404 {
-            return Err(Error::Tracker {
-                tracker: "mlflow".into(),
-                msg: format!(
-                    "looking up experiment `{name}` answered {status}: {}",
-                    text.trim()
-                ),
-            });
+            return Err(mlflow_error(format!(
+                "looking up experiment `{name}` answered {status}: {}",
+                text.trim()
+            )));
         }
         let v = self.call(
             "/api/2.0/mlflow/experiments/create",
@@ -294,10 +278,7 @@ impl Rest {
         v["experiment_id"]
             .as_str()
             .map(str::to_string)
-            .ok_or_else(|| Error::Tracker {
-                tracker: "mlflow".into(),
-                msg: format!("experiments/create answered {v}"),
-            })
+            .ok_or_else(|| mlflow_error(format!("experiments/create answered {v}")))
     }
 
     fn run_id(&mut self) -> Result<String> {
@@ -330,10 +311,7 @@ impl Rest {
         let info = &v["run"]["info"];
         let id = info["run_id"]
             .as_str()
-            .ok_or_else(|| Error::Tracker {
-                tracker: "mlflow".into(),
-                msg: format!("runs/create answered {v}"),
-            })?
+            .ok_or_else(|| mlflow_error(format!("runs/create answered {v}")))?
             .to_string();
         let uri = info["artifact_uri"]
             .as_str()
@@ -356,14 +334,11 @@ impl Rest {
         let uri = self.run.as_ref().map(|r| r.1.clone()).unwrap_or_default();
         // `mlflow-artifacts:/<exp>/<run>/artifacts` or `mlflow-artifacts://host/<...>`
         let Some(rest) = uri.strip_prefix("mlflow-artifacts:") else {
-            return Err(Error::Tracker {
-                tracker: "mlflow".into(),
-                msg: format!(
-                    "the run's artifact location `{uri}` is not served by the tracking \
+            return Err(mlflow_error(format!(
+                "the run's artifact location `{uri}` is not served by the tracking \
                  server (mlflow-artifacts:); start `mlflow server` with artifact serving (the \
                  default) to use `log_adapter`"
-                ),
-            });
+            )));
         };
         let rest = match rest.strip_prefix("//") {
             Some(r) => r.split_once('/').map_or("", |(_, p)| p),
@@ -376,14 +351,11 @@ impl Rest {
             let p = format!("/api/2.0/mlflow-artifacts/artifacts/{rest}/adapter/{rel}");
             let (status, text) = self.request("PUT", &p, Some(bytes), &[])?;
             if status != 200 {
-                return Err(Error::Tracker {
-                    tracker: "mlflow".into(),
-                    msg: format!(
-                        "uploading {} answered {status}: {}",
-                        path.display(),
-                        text.trim()
-                    ),
-                });
+                return Err(mlflow_error(format!(
+                    "uploading {} answered {status}: {}",
+                    path.display(),
+                    text.trim()
+                )));
             }
         }
         Ok(())
@@ -659,5 +631,13 @@ impl Callback for Mlflow {
     }
     fn summary(&self) -> Option<serde_json::Value> {
         self.report().and_then(|r| serde_json::to_value(r).ok())
+    }
+}
+
+/// An [`Error::Tracker`] of the mlflow tracker.
+fn mlflow_error(msg: impl Into<String>) -> Error {
+    Error::Tracker {
+        tracker: "mlflow".into(),
+        msg: msg.into(),
     }
 }

@@ -185,6 +185,15 @@ struct Shared {
     failure: Mutex<Option<String>>,
 }
 
+/// A sink's error as the worker records it: a tracker's own message without the tracker's name
+/// (the worker's warnings and errors put it in front), any other error whole.
+fn reason(e: Error) -> String {
+    match e {
+        Error::Tracker { msg, .. } => msg,
+        e => e.to_string(),
+    }
+}
+
 impl Shared {
     fn fail(&self, msg: String) {
         if let Ok(mut f) = self.failure.lock()
@@ -262,7 +271,7 @@ impl Worker {
                             *f = Some((key, msg));
                         }
                     }
-                    Err(e) => sh.fail(e.to_string()),
+                    Err(e) => sh.fail(reason(e)),
                 }
                 let flush_after = Duration::from_secs_f64(flush_secs);
                 let mut batch: Vec<Point> = Vec::new();
@@ -279,7 +288,7 @@ impl Worker {
                             }
                             Err((n, e)) => {
                                 sh.delivered.fetch_add(n as u64, Ordering::Relaxed);
-                                sh.fail(e.to_string());
+                                sh.fail(reason(e));
                             }
                         }
                     }
@@ -323,7 +332,7 @@ impl Worker {
                                         *c = n;
                                     }
                                 }
-                                Err(e) => sh.fail(e.to_string()),
+                                Err(e) => sh.fail(reason(e)),
                             }
                             break;
                         }
@@ -779,10 +788,7 @@ mod tests {
     impl Sink for Failing {
         fn send(&mut self, _: &Point) -> Result<()> {
             if self.0 == 0 {
-                return Err(Error::Tracker {
-                    tracker: "test".into(),
-                    msg: "sink is gone".into(),
-                });
+                return Err(Error::invalid("sink is gone"));
             }
             self.0 -= 1;
             Ok(())

@@ -234,10 +234,7 @@ struct Pipe {
 impl Pipe {
     /// The JSON line of `op`, newline included.
     fn line(op: &Op<'_>) -> Result<String> {
-        let mut line = serde_json::to_string(op).map_err(|e| Error::Tracker {
-            tracker: "wandb".into(),
-            msg: e.to_string(),
-        })?;
+        let mut line = serde_json::to_string(op).map_err(|e| wandb_error(e.to_string()))?;
         line.push('\n');
         Ok(line)
     }
@@ -263,17 +260,14 @@ impl Pipe {
 
     /// Writes `text` (whole lines) to the sidecar's stdin in one write.
     fn write_text(&mut self, text: &str) -> Result<()> {
-        let stdin = self.stdin.as_mut().ok_or_else(|| Error::Tracker {
-            tracker: "wandb".into(),
-            msg: "the sidecar's stdin is closed".into(),
-        })?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| wandb_error("the sidecar's stdin is closed"))?;
         stdin
             .write_all(text.as_bytes())
             .and_then(|_| stdin.flush())
-            .map_err(|e| Error::Tracker {
-                tracker: "wandb".into(),
-                msg: format!("the wandb sidecar stopped reading: {e}"),
-            })
+            .map_err(|e| wandb_error(format!("the sidecar stopped reading: {e}")))
     }
 
     fn write(&mut self, op: &Op<'_>) -> Result<()> {
@@ -292,24 +286,18 @@ impl Sink for Pipe {
             let line = match self.events.recv_timeout(left) {
                 Ok(l) => l,
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(Error::Tracker {
-                        tracker: "wandb".into(),
-                        msg: format!(
-                            "the W&B sidecar (`{}`) did not import `wandb` within {:.0} s \
+                    return Err(wandb_error(format!(
+                        "the W&B sidecar (`{}`) did not import `wandb` within {:.0} s \
                          (start_timeout_secs)",
-                            self.python,
-                            self.start_timeout.as_secs_f64()
-                        ),
-                    });
+                        self.python,
+                        self.start_timeout.as_secs_f64()
+                    )));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(Error::Tracker {
-                        tracker: "wandb".into(),
-                        msg: format!(
-                            "the W&B sidecar (`{}`) exited at start; see its messages above",
-                            self.python
-                        ),
-                    });
+                    return Err(wandb_error(format!(
+                        "the W&B sidecar (`{}`) exited at start; see its messages above",
+                        self.python
+                    )));
                 }
             };
             // anything else is a stray line printed on import
@@ -372,12 +360,9 @@ impl Sink for Pipe {
                 return Ok(ev.logged);
             }
         }
-        Err(Error::Tracker {
-            tracker: "wandb".into(),
-            msg:
-                "the wandb sidecar exited before confirming `run.finish()` (see its messages above)"
-                    .into(),
-        })
+        Err(wandb_error(
+            "the sidecar exited before confirming `run.finish()` (see its messages above)",
+        ))
     }
 
     fn sends_are_final(&self) -> bool {
@@ -595,5 +580,13 @@ impl Drop for Wandb {
             let _ = self.finish(Some(Duration::from_secs(5)));
         }
         self.kill_child();
+    }
+}
+
+/// An [`Error::Tracker`] of the wandb tracker.
+fn wandb_error(msg: impl Into<String>) -> Error {
+    Error::Tracker {
+        tracker: "wandb".into(),
+        msg: msg.into(),
     }
 }

@@ -52,11 +52,10 @@ impl ComponentSection {
                 options.remove("type");
                 Ok(ComponentSection { name, options })
             }
-            Ok(_) => Err(Error::Config {
-                file: None,
-                key: name.clone(),
-                msg: format!("is not a mapping of settings"),
-            }),
+            Ok(_) => Err(Error::config(
+                name,
+                "the component's config must serialize to a mapping of settings",
+            )),
             Err(e) => Err(Error::Internal(format!(
                 "serialize the config of `{name}`: {e}"
             ))),
