@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 pub struct CudaDevice {
     /// The index libtorch uses (`cuda:N`).
     pub index: usize,
+    /// The device's name (`NVIDIA H100 80GB HBM3`).
     pub name: String,
     /// Compute capability, e.g. `[9, 0]` for Hopper.
     pub capability: [i32; 2],
@@ -36,6 +37,7 @@ pub struct CudaDevice {
 /// The report; `volttrain env --json` prints it as is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnvReport {
+    /// This crate's version.
     pub volttrain_version: String,
     /// The libtorch VoltTrain is built for (tch's pin).
     pub libtorch_version: String,
@@ -43,12 +45,16 @@ pub struct EnvReport {
     pub libtorch_loaded_version: Option<String>,
     /// The directory `libtorch_cpu.so` was loaded from.
     pub libtorch_path: Option<String>,
+    /// libtorch sees a CUDA device.
     pub cuda_available: bool,
+    /// CUDA devices libtorch sees.
     pub cuda_device_count: usize,
     /// Why the device details are missing, when libtorch sees GPUs but the driver API could
     /// not be asked.
     pub cuda_error: Option<String>,
+    /// The CUDA devices, as the driver describes them.
     pub cuda_devices: Vec<CudaDevice>,
+    /// libtorch can use cuDNN.
     pub cudnn_available: bool,
     /// The CPU has native bf16 instructions (AVX512-BF16 or AMX-BF16); without them bf16 on the
     /// CPU is emulated and slow, so CPU training runs in fp32.
@@ -57,8 +63,11 @@ pub struct EnvReport {
     pub cpu_fp8: String,
     /// The c10d backends compiled in, e.g. `["gloo", "nccl"]`.
     pub distributed_backends: Vec<String>,
-    /// `compiled`, or `not compiled: <why>`.
+    /// How the build went for NCCL: `compiled`, or `not compiled: <why>`.
     pub nccl_build: String,
+    /// How the build went for Gloo (the CPU ranks' backend): `compiled`, or
+    /// `not compiled: <why>`.
+    pub gloo_build: String,
     /// The fused CPU kernels (`crate::fused`) are in use.
     pub fused_cpu_kernels: bool,
     /// libtorch's intra-op threads in this process.
@@ -104,6 +113,7 @@ impl EnvReport {
                 .map(|b| b.name().to_string())
                 .collect(),
             nccl_build: crate::dist::nccl_build_status().to_string(),
+            gloo_build: crate::dist::gloo_build_status().to_string(),
             fused_cpu_kernels: crate::fused::enabled(),
             threads: tch::get_num_threads(),
             cpu_cores: crate::dist::available_cores(),
@@ -113,7 +123,7 @@ impl EnvReport {
 
     /// The JSON form (`volttrain env --json`).
     pub fn to_json(&self) -> Result<String> {
-        serde_json::to_string_pretty(self).map_err(|e| Error::invalid(format!("env report: {e}")))
+        serde_json::to_string_pretty(self).map_err(|e| Error::Internal(format!("env report: {e}")))
     }
 
     /// The text form (`volttrain env`).
@@ -173,6 +183,7 @@ impl EnvReport {
         line("CPU fp8", self.cpu_fp8.clone());
         line("distributed backends", self.distributed_backends.join(", "));
         line("NCCL build", self.nccl_build.clone());
+        line("Gloo build", self.gloo_build.clone());
         line("fused CPU kernels", yn(self.fused_cpu_kernels).into());
         line(
             "threads",
@@ -230,19 +241,26 @@ fn driver_devices() -> Result<Vec<CudaDevice>> {
     // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR (cuda.h).
     const CC_MAJOR: c_int = 75;
     const CC_MINOR: c_int = 76;
-    let err = |what: &str, rc: c_int| Error::invalid(format!("CUDA driver {what} returned {rc}"));
+    let err = |what: &str, rc: c_int| Error::Unsupported {
+        what: "CUDA".into(),
+        msg: format!("CUDA driver {what} returned {rc}"),
+    };
     // SAFETY: libcuda.so.1 is the CUDA driver library; loading it runs no user code. It stays
     // loaded for the process (libtorch has it loaded already when CUDA is available).
-    let lib = unsafe { libloading::Library::new("libcuda.so.1") }
-        .map_err(|e| Error::invalid(format!("cannot load libcuda.so.1: {e}")))?;
+    let lib =
+        unsafe { libloading::Library::new("libcuda.so.1") }.map_err(|e| Error::Unsupported {
+            what: "CUDA".into(),
+            msg: format!("cannot load libcuda.so.1: {e}"),
+        })?;
     // SAFETY: the symbol types are the driver API's C signatures (cuda.h), unchanged since
     // CUDA 3.2 (`cuDeviceTotalMem_v2`).
     let (init, count, name, attr, mem) = unsafe {
-        let sym = |n: &[u8]| {
-            Error::invalid(format!(
+        let sym = |n: &[u8]| Error::Unsupported {
+            what: "CUDA".into(),
+            msg: format!(
                 "libcuda.so.1 has no {}",
                 String::from_utf8_lossy(&n[..n.len() - 1])
-            ))
+            ),
         };
         (
             *lib.get::<Init>(b"cuInit\0").map_err(|_| sym(b"cuInit\0"))?,

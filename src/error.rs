@@ -18,7 +18,9 @@ pub enum Error {
     /// A file or directory could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory (`<stdout>` for the standard output).
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -27,45 +29,73 @@ pub enum Error {
     /// (`training.lr`, `lora.target_modules[2]`).
     #[error("config {}: `{key}`: {msg}", file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<in memory>".into()))]
     Config {
+        /// The YAML file the value came from; `None` for a config built in memory.
         file: Option<PathBuf>,
+        /// The dotted key (`.` for the whole document).
         key: String,
+        /// What is wrong and what is accepted.
         msg: String,
     },
 
     /// A data file has a bad record. `line` is 1-based (a row number for Parquet).
     #[error("{}:{line}: {msg}", path.display())]
     Data {
+        /// The data file.
         path: PathBuf,
+        /// The 1-based line (JSONL) or row (Parquet) of the bad record.
         line: usize,
+        /// What is wrong with the record.
         msg: String,
     },
 
     /// A model directory or checkpoint is unusable (architecture, tensor names, shapes, dtypes).
     #[error("{}: {msg}", path.display())]
-    Checkpoint { path: PathBuf, msg: String },
+    Checkpoint {
+        /// The model directory, checkpoint directory or file.
+        path: PathBuf,
+        /// What does not fit (the tensor names, shapes, versions).
+        msg: String,
+    },
 
     /// Tokenizer or chat-template problem.
     #[error("tokenizer {}: {msg}", path.display())]
-    Tokenizer { path: PathBuf, msg: String },
+    Tokenizer {
+        /// The tokenizer file or the model directory holding it.
+        path: PathBuf,
+        /// What is wrong (a missing special token, a template that does not render).
+        msg: String,
+    },
 
     /// A plugin could not be loaded or registered, or its versions do not match the host.
     #[error("plugin {}: {msg}", path.display())]
-    Plugin { path: PathBuf, msg: String },
+    Plugin {
+        /// The plugin library (or the name of a statically registered plugin).
+        path: PathBuf,
+        /// Why it could not be used (a missing symbol, an ABI or version mismatch).
+        msg: String,
+    },
 
     /// Two registered components share a name.
     #[error("duplicate {kind} `{name}`: registered by {first} and by {second}")]
     DuplicateComponent {
+        /// The registry (`optimizer`, `scheduler`, `callback`, ...).
         kind: &'static str,
+        /// The name registered twice.
         name: String,
+        /// Who registered it first (`built-in` or a plugin's path).
         first: String,
+        /// Who tried to register it again.
         second: String,
     },
 
     /// A component name was not found in a registry.
     #[error("unknown {kind} `{name}`; known: {known}")]
     UnknownComponent {
+        /// The registry searched (`optimizer`, `scheduler`, `callback`, ...).
         kind: &'static str,
+        /// The name asked for.
         name: String,
+        /// The registered names, comma-separated.
         known: String,
     },
 
@@ -77,12 +107,22 @@ pub enum Error {
     /// A tensor's shape or dtype does not fit the operation `op` (model inputs, attention masks,
     /// KV caches, quantized weights, optimizer gradients).
     #[error("{op}: {msg}")]
-    Shape { op: String, msg: String },
+    Shape {
+        /// The operation (`forward`, `kv cache`, `selective scan`).
+        op: String,
+        /// The expected and the found shape or dtype.
+        msg: String,
+    },
 
     /// A saved state (optimizer, scheduler, callback, loss scaler, adapter) does not fit what
     /// loads it; `owner` names the component (`adamw`, `callback loss_spike`).
     #[error("{owner} state: {msg}")]
-    State { owner: String, msg: String },
+    State {
+        /// The component whose state it is (`adamw`, ``callback `loss_spike` ``).
+        owner: String,
+        /// What does not fit (a missing key, a shape, an unknown version).
+        msg: String,
+    },
 
     /// The trainable parameters cannot be put into optimizer groups as asked (a parameter in no
     /// group or in two, a bad `lr_mult`, a non-float parameter).
@@ -92,11 +132,32 @@ pub enum Error {
     /// The model, device or build does not support what was asked (`what` names the feature:
     /// `kv cache`, `packed rows`, `sliding windows`).
     #[error("{what}: not supported: {msg}")]
-    Unsupported { what: String, msg: String },
+    Unsupported {
+        /// The feature asked for.
+        what: String,
+        /// Why it is not supported here, and what to do instead.
+        msg: String,
+    },
 
     /// An experiment tracker (`wandb`, `mlflow`) failed; under `on_error: fail` it stops the run.
     #[error("{tracker}: {msg}")]
-    Tracker { tracker: String, msg: String },
+    Tracker {
+        /// The tracker (`wandb`, `mlflow`).
+        tracker: String,
+        /// What failed (the request and the answer, the sidecar's state).
+        msg: String,
+    },
+
+    /// The operating system refused a resource VoltTrain needs that is not a file: a thread,
+    /// the stop-signal handlers. `what` says what was being set up.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being set up (`the signal thread`, `the stop-signal handlers`).
+        what: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
 
     /// A broken invariant inside VoltTrain (a worker thread panicked, an internal table is
     /// missing an entry): a bug to report, not a problem with the input.
@@ -105,11 +166,21 @@ pub enum Error {
 
     /// Training produced a non-finite value.
     #[error("non-finite {what} at step {step}")]
-    NonFinite { step: u64, what: String },
+    NonFinite {
+        /// The optimizer step (1-based) that produced it.
+        step: u64,
+        /// What was non-finite, with its value (`loss (NaN)`, `gradient norm (inf)`).
+        what: String,
+    },
 
     /// Training was interrupted (Ctrl-C) after a resume checkpoint was written.
     #[error("interrupted at step {step}; resume checkpoint written to {}", dir.display())]
-    Interrupted { step: u64, dir: PathBuf },
+    Interrupted {
+        /// The last optimizer step taken.
+        step: u64,
+        /// The resume checkpoint's directory (`<output_dir>/last`).
+        dir: PathBuf,
+    },
 
     /// Distributed (c10d) failure, with the C++ message.
     #[error("distributed: {0}")]
@@ -121,12 +192,19 @@ pub enum Error {
     /// `loss scaler unscale`, ...), `msg` is libtorch's or the shim's message (a wrong shape or
     /// dtype, fused kernels switched off, a CPU without AVX2).
     #[error("{op}: {msg}")]
-    Kernel { op: String, msg: String },
+    Kernel {
+        /// The operation (`fused rms_norm`, `loss scaler unscale`).
+        op: String,
+        /// libtorch's or the shim's message.
+        msg: String,
+    },
 
     /// A libtorch call failed; `context` says which operation.
     #[error("{context}: {source}")]
     Torch {
+        /// The operation that called libtorch (`q_proj forward`).
         context: String,
+        /// libtorch's error.
         #[source]
         source: tch::TchError,
     },
@@ -134,7 +212,9 @@ pub enum Error {
     /// A JSON document could not be parsed.
     #[error("{}: invalid JSON: {source}", path.display())]
     Json {
+        /// The JSON file.
         path: PathBuf,
+        /// The parser's error, with line and column.
         #[source]
         source: serde_json::Error,
     },
@@ -142,8 +222,11 @@ pub enum Error {
     /// Another live run holds the output directory's lock (`path` is the lock file).
     #[error("{}: the output directory is in use by another run ({holder}); wait for it to end or stop it, or choose another `training.output_dir` (lock file {})", dir.display(), path.display())]
     Locked {
+        /// The lock file (`<output_dir>/.volttrain.lock`).
         path: PathBuf,
+        /// The run holding the lock (its pid, host and start time).
         holder: String,
+        /// The output directory.
         dir: PathBuf,
     },
 }

@@ -37,6 +37,7 @@ fn env_json_schema_and_values() {
         ("cpu_fp8", "string"),
         ("distributed_backends", "array"),
         ("nccl_build", "string"),
+        ("gloo_build", "string"),
         ("fused_cpu_kernels", "bool"),
         ("threads", "number"),
         ("cpu_cores", "number"),
@@ -84,6 +85,13 @@ fn env_json_schema_and_values() {
         assert!(why.starts_with("not compiled: "), "{why}");
     }
     assert_eq!(v["nccl_build"], volttrain::dist::nccl_build_status());
+    if volttrain::dist::gloo_available() {
+        assert_eq!(v["gloo_build"], "compiled");
+    } else {
+        let why = v["gloo_build"].as_str().unwrap();
+        assert!(why.starts_with("not compiled: "), "{why}");
+    }
+    assert_eq!(v["gloo_build"], volttrain::dist::gloo_build_status());
     assert_eq!(v["fused_cpu_kernels"], volttrain::fused::enabled());
     assert_eq!(v["cuda_available"], tch::Cuda::is_available());
     let n = tch::Cuda::device_count() as u64;
@@ -125,6 +133,7 @@ fn env_text_names_each_item() {
         "CPU bf16",
         "distributed backends",
         "NCCL build",
+        "Gloo build",
         "fused CPU kernels",
         "threads",
     ] {

@@ -171,8 +171,8 @@ fn sft(config: PathBuf, sets: Vec<String>, resume: bool, nproc: Option<usize>) -
     match run_sft(&cfg, opts) {
         Ok(summary) => {
             if is_main {
-                let out =
-                    serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
+                let out = serde_json::to_string(&summary)
+                    .map_err(|e| Error::Internal(format!("serialize the summary: {e}")))?;
                 println!("{out}");
             }
             Ok(())
@@ -220,7 +220,8 @@ fn dpo(config: PathBuf, sets: Vec<String>, resume: bool) -> Result<()> {
     };
     match volttrain::dpo::run_dpo(&cfg, opts) {
         Ok(summary) => {
-            let out = serde_json::to_string(&summary).map_err(|e| Error::invalid(e.to_string()))?;
+            let out = serde_json::to_string(&summary)
+                .map_err(|e| Error::Internal(format!("serialize the summary: {e}")))?;
             println!("{out}");
             Ok(())
         }
@@ -303,7 +304,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!(
                 "{}",
-                serde_json::to_string(&r).map_err(|e| Error::invalid(e.to_string()))?
+                serde_json::to_string(&r)
+                    .map_err(|e| Error::Internal(format!("serialize the summary: {e}")))?
             );
             Ok(())
         }

@@ -55,6 +55,7 @@ pub struct MlflowConfig {
     /// Experiment name, created when missing; default `MLFLOW_EXPERIMENT_NAME`, else MLflow's
     /// `Default` experiment.
     pub experiment: Option<String>,
+    /// The run's name in the MLflow UI; unset: MLflow generates one.
     pub run_name: Option<String>,
     /// Extra run tags.
     #[serde(default)]
@@ -69,8 +70,10 @@ pub struct MlflowConfig {
     /// `warn` (default): drop and count what cannot be delivered; `fail`: stop the run.
     #[serde(default)]
     pub on_error: OnError,
+    /// Points held while the server is busy; more are dropped and counted (default 1024).
     #[serde(default = "default_queue")]
     pub queue_size: usize,
+    /// Seconds the end of the run waits for queued points and the run's close (default 60).
     #[serde(default = "default_finish_timeout")]
     pub finish_timeout_secs: f64,
     /// Seconds points are gathered before one batched delivery (default 1).
@@ -196,7 +199,7 @@ impl Rest {
         query: &[(&str, &str)],
     ) -> Result<(u16, String)> {
         let url = format!("{}{path}", self.base);
-        let fail = |e: ureq::Error| Error::invalid(format!("mlflow: {method} {url}: {e}"));
+        let fail = |e: ureq::Error| mlflow_error(format!("{method} {url}: {e}"));
         let mut resp = match method {
             "GET" => {
                 let mut r = self.agent.get(&url);
@@ -233,20 +236,17 @@ impl Rest {
     }
 
     fn call(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
-        let bytes = serde_json::to_vec(&body).map_err(|e| Error::invalid(e.to_string()))?;
+        let bytes = serde_json::to_vec(&body).map_err(|e| mlflow_error(e.to_string()))?;
         let (status, text) = self.request("POST", path, Some(bytes), &[])?;
         if status != 200 {
-            return Err(Error::invalid(format!(
-                "mlflow: POST {}{path} answered {status}: {}",
+            return Err(mlflow_error(format!(
+                "POST {}{path} answered {status}: {}",
                 self.base,
                 text.trim()
             )));
         }
-        serde_json::from_str(&text).map_err(|e| {
-            Error::invalid(format!(
-                "mlflow: POST {path}: unreadable answer ({e}): {text}"
-            ))
-        })
+        serde_json::from_str(&text)
+            .map_err(|e| mlflow_error(format!("POST {path}: unreadable answer ({e}): {text}")))
     }
 
     fn experiment_id(&self) -> Result<String> {
@@ -261,13 +261,13 @@ impl Rest {
         )?;
         if status == 200 {
             let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::invalid(e.to_string()))?;
+                serde_json::from_str(&text).map_err(|e| mlflow_error(e.to_string()))?;
             if let Some(id) = v["experiment"]["experiment_id"].as_str() {
                 return Ok(id.to_string());
             }
         } else if status != 404 {
-            return Err(Error::invalid(format!(
-                "mlflow: looking up experiment `{name}` answered {status}: {}",
+            return Err(mlflow_error(format!(
+                "looking up experiment `{name}` answered {status}: {}",
                 text.trim()
             )));
         }
@@ -278,7 +278,7 @@ impl Rest {
         v["experiment_id"]
             .as_str()
             .map(str::to_string)
-            .ok_or_else(|| Error::invalid(format!("mlflow: experiments/create answered {v}")))
+            .ok_or_else(|| mlflow_error(format!("experiments/create answered {v}")))
     }
 
     fn run_id(&mut self) -> Result<String> {
@@ -311,7 +311,7 @@ impl Rest {
         let info = &v["run"]["info"];
         let id = info["run_id"]
             .as_str()
-            .ok_or_else(|| Error::invalid(format!("mlflow: runs/create answered {v}")))?
+            .ok_or_else(|| mlflow_error(format!("runs/create answered {v}")))?
             .to_string();
         let uri = info["artifact_uri"]
             .as_str()
@@ -334,8 +334,8 @@ impl Rest {
         let uri = self.run.as_ref().map(|r| r.1.clone()).unwrap_or_default();
         // `mlflow-artifacts:/<exp>/<run>/artifacts` or `mlflow-artifacts://host/<...>`
         let Some(rest) = uri.strip_prefix("mlflow-artifacts:") else {
-            return Err(Error::invalid(format!(
-                "mlflow: the run's artifact location `{uri}` is not served by the tracking \
+            return Err(mlflow_error(format!(
+                "the run's artifact location `{uri}` is not served by the tracking \
                  server (mlflow-artifacts:); start `mlflow server` with artifact serving (the \
                  default) to use `log_adapter`"
             )));
@@ -351,8 +351,8 @@ impl Rest {
             let p = format!("/api/2.0/mlflow-artifacts/artifacts/{rest}/adapter/{rel}");
             let (status, text) = self.request("PUT", &p, Some(bytes), &[])?;
             if status != 200 {
-                return Err(Error::invalid(format!(
-                    "mlflow: uploading {} answered {status}: {}",
+                return Err(mlflow_error(format!(
+                    "uploading {} answered {status}: {}",
                     path.display(),
                     text.trim()
                 )));
@@ -523,6 +523,7 @@ pub struct Mlflow {
 }
 
 impl Mlflow {
+    /// Checks `cfg` (URI, timeouts, queue size); nothing is contacted before the run starts.
     pub fn new(cfg: MlflowConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Mlflow {
@@ -630,5 +631,13 @@ impl Callback for Mlflow {
     }
     fn summary(&self) -> Option<serde_json::Value> {
         self.report().and_then(|r| serde_json::to_value(r).ok())
+    }
+}
+
+/// An [`Error::Tracker`] of the mlflow tracker.
+fn mlflow_error(msg: impl Into<String>) -> Error {
+    Error::Tracker {
+        tracker: "mlflow".into(),
+        msg: msg.into(),
     }
 }

@@ -17,6 +17,7 @@ use crate::model::CausalLm;
 pub struct StepMetrics {
     /// Optimizer steps done so far (1 after the first step).
     pub step: u64,
+    /// Epoch of the step, 0-based.
     pub epoch: usize,
     /// Mean loss over the label tokens of the step (all micro-batches).
     pub loss: f64,
@@ -37,7 +38,9 @@ pub struct StepMetrics {
 /// Metrics of one evaluation.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct EvalMetrics {
+    /// Optimizer steps done when the evaluation ran.
     pub step: u64,
+    /// Epoch of the evaluation, 0-based.
     pub epoch: usize,
     /// Mean loss over all label tokens of the eval set.
     pub eval_loss: f64,
@@ -69,10 +72,15 @@ pub trait ModelSaver {
 
 /// What the trainer shows a callback, and the stop switch.
 pub struct Control<'a> {
+    /// Optimizer steps done so far.
     pub step: u64,
+    /// The current epoch, 0-based.
     pub epoch: usize,
+    /// The model being trained (read-only: a callback saves or inspects it).
     pub model: &'a dyn CausalLm,
+    /// Writes the model the way the run saves it (adapter or full weights, tokenizer, config).
     pub saver: &'a dyn ModelSaver,
+    /// The run's output directory.
     pub output_dir: &'a Path,
     /// True on the process that saves and logs (rank 0, or the only process).
     pub is_main: bool,
@@ -119,21 +127,27 @@ pub trait Callback: Send {
     fn name(&self) -> &str {
         "callback"
     }
+    /// Before the first step (after a resume: before the first step still to take).
     fn on_fit_start(&mut self, ctl: &mut Control<'_>) -> Result<()> {
         Ok(())
     }
+    /// After the last step and the final eval, before the trainer returns.
     fn on_fit_end(&mut self, ctl: &mut Control<'_>) -> Result<()> {
         Ok(())
     }
+    /// Before the first step of each epoch.
     fn on_epoch_start(&mut self, ctl: &mut Control<'_>) -> Result<()> {
         Ok(())
     }
+    /// After the last step of each epoch (the trainer then evaluates and saves `epoch-N/`).
     fn on_epoch_end(&mut self, ctl: &mut Control<'_>) -> Result<()> {
         Ok(())
     }
+    /// After each optimizer step, with its metrics.
     fn on_step_end(&mut self, ctl: &mut Control<'_>, metrics: &StepMetrics) -> Result<()> {
         Ok(())
     }
+    /// After each evaluation, with its metrics.
     fn on_eval_end(&mut self, ctl: &mut Control<'_>, metrics: &EvalMetrics) -> Result<()> {
         Ok(())
     }
@@ -169,10 +183,10 @@ pub trait Callback: Send {
     /// The default refuses any state: a callback that returns state must take it back.
     fn load_state_dict(&mut self, state: serde_json::Value) -> Result<()> {
         let _ = state;
-        Err(Error::invalid(format!(
-            "callback `{}` keeps no state, but the resume checkpoint holds some for it",
-            self.name()
-        )))
+        Err(Error::State {
+            owner: format!("callback `{}`", self.name()),
+            msg: "the callback keeps no state, but the resume checkpoint holds some for it".into(),
+        })
     }
 }
 

@@ -15,6 +15,8 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// A progress display for a run of `total_steps` steps, logging a plain line every `log_every`
+    /// steps when stderr is not a terminal.
     pub fn new(total_steps: u64, log_every: u64) -> Self {
         Progress {
             bar: None,

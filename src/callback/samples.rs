@@ -39,6 +39,7 @@ pub struct SampleGenerationsConfig {
     /// run's output directory).
     #[serde(default)]
     pub metrics_path: Option<PathBuf>,
+    /// TensorBoard directory for the samples (default: `<output_dir>/tensorboard`).
     #[serde(default)]
     pub tensorboard_dir: Option<PathBuf>,
 }

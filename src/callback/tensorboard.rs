@@ -171,7 +171,7 @@ impl TensorBoard {
         }
         self.writer
             .as_mut()
-            .ok_or_else(|| Error::invalid("tensorboard writer missing"))
+            .ok_or_else(|| Error::Internal("tensorboard writer missing".into()))
     }
 }
 

@@ -30,8 +30,10 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
+    /// Log a warning, drop and count the points, train on.
     #[default]
     Warn,
+    /// Stop the run with an error.
     Fail,
 }
 
@@ -109,7 +111,9 @@ pub enum Point {
     Config(serde_json::Value),
     /// Metrics at an optimizer step (keys as [`step_values`] / [`eval_values`] make them).
     Metrics {
+        /// The optimizer step the values belong to.
         step: u64,
+        /// Metric values by key (`train/loss`, `eval/eval_loss`, ...).
         values: BTreeMap<String, f64>,
         /// When it was measured, in milliseconds since the Unix epoch.
         time_ms: u64,
@@ -179,6 +183,15 @@ struct Shared {
     delivered: AtomicU64,
     confirmed: Mutex<Option<u64>>,
     failure: Mutex<Option<String>>,
+}
+
+/// A sink's error as the worker records it: a tracker's own message without the tracker's name
+/// (the worker's warnings and errors put it in front), any other error whole.
+fn reason(e: Error) -> String {
+    match e {
+        Error::Tracker { msg, .. } => msg,
+        e => e.to_string(),
+    }
 }
 
 impl Shared {
@@ -258,7 +271,7 @@ impl Worker {
                             *f = Some((key, msg));
                         }
                     }
-                    Err(e) => sh.fail(e.to_string()),
+                    Err(e) => sh.fail(reason(e)),
                 }
                 let flush_after = Duration::from_secs_f64(flush_secs);
                 let mut batch: Vec<Point> = Vec::new();
@@ -275,7 +288,7 @@ impl Worker {
                             }
                             Err((n, e)) => {
                                 sh.delivered.fetch_add(n as u64, Ordering::Relaxed);
-                                sh.fail(e.to_string());
+                                sh.fail(reason(e));
                             }
                         }
                     }
@@ -319,7 +332,7 @@ impl Worker {
                                         *c = n;
                                     }
                                 }
-                                Err(e) => sh.fail(e.to_string()),
+                                Err(e) => sh.fail(reason(e)),
                             }
                             break;
                         }
@@ -327,7 +340,10 @@ impl Worker {
                 }
                 let _ = done_tx.send(());
             })
-            .map_err(|e| Error::invalid(format!("{name}: cannot start the worker thread: {e}")))?;
+            .map_err(|e| Error::Tracker {
+                tracker: name.to_string(),
+                msg: format!("cannot start the worker thread: {e}"),
+            })?;
         Ok(Worker {
             name: name.to_string(),
             opts,
@@ -351,10 +367,12 @@ impl Worker {
         }
         if let Some(msg) = self.shared.failure() {
             if self.opts.on_error == OnError::Fail {
-                return Err(Error::invalid(format!(
-                    "{}: {msg} (on_error: fail stops the run; `on_error: warn` trains on)",
-                    self.name
-                )));
+                return Err(Error::Tracker {
+                    tracker: self.name.clone(),
+                    msg: format!(
+                        "{msg} (on_error: fail stops the run; `on_error: warn` trains on)"
+                    ),
+                });
             }
             if !self.warned_failed {
                 self.warned_failed = true;
@@ -380,11 +398,14 @@ impl Worker {
             Err(TrySendError::Full(_)) => {
                 self.dropped_here += 1;
                 if self.opts.on_error == OnError::Fail {
-                    return Err(Error::invalid(format!(
-                        "{}: queue of {} points full, the tracker is not keeping up or hangs \
+                    return Err(Error::Tracker {
+                        tracker: self.name.clone(),
+                        msg: format!(
+                            "queue of {} points full, the tracker is not keeping up or hangs \
                          (on_error: fail stops the run)",
-                        self.name, self.opts.queue_size
-                    )));
+                            self.opts.queue_size
+                        ),
+                    });
                 }
                 if !self.warned_full {
                     self.warned_full = true;
@@ -470,10 +491,13 @@ impl Worker {
         if report.dropped > 0 || report.error.is_some() {
             let why = report.error.as_deref().unwrap_or("queue full");
             if self.opts.on_error == OnError::Fail {
-                return Err(Error::invalid(format!(
-                    "{}: {} of {} points not delivered: {why} (on_error: fail stops the run)",
-                    self.name, report.dropped, report.points
-                )));
+                return Err(Error::Tracker {
+                    tracker: self.name.clone(),
+                    msg: format!(
+                        "{} of {} points not delivered: {why} (on_error: fail stops the run)",
+                        report.dropped, report.points
+                    ),
+                });
             }
             tracing::warn!(
                 "{}: {} of {} points dropped ({why})",
@@ -565,8 +589,11 @@ pub fn resolved_config(output_dir: &std::path::Path) -> Result<Option<serde_json
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: serde_json::Value = serde_yaml::from_str(&text)
-        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    let v: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| Error::Config {
+        file: Some(path.clone()),
+        key: ".".into(),
+        msg: format!("not valid YAML: {e}"),
+    })?;
     Ok(Some(v))
 }
 
@@ -652,6 +679,7 @@ pub struct SummaryTally {
 }
 
 impl SummaryTally {
+    /// Counts one optimizer step's metrics.
     pub fn step(&mut self, m: &StepMetrics) {
         self.first_step_at.get_or_insert_with(Instant::now);
         self.steps += 1;
@@ -660,6 +688,7 @@ impl SummaryTally {
         self.tok_per_sec_sum += m.tokens_per_sec;
         self.final_train_loss = Some(m.loss);
     }
+    /// Records an evaluation's loss as the final eval loss.
     pub fn eval(&mut self, m: &EvalMetrics) {
         self.final_eval_loss = Some(m.eval_loss);
     }

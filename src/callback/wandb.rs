@@ -35,8 +35,11 @@ const PYTHON_KEY: &str = "callbacks.wandb.python";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WandbMode {
+    /// Log to the W&B server.
     Online,
+    /// Write the run locally under `dir` (`wandb sync` uploads it later).
     Offline,
+    /// Log nothing (W&B calls become no-ops).
     Disabled,
 }
 
@@ -61,15 +64,20 @@ fn default_start_timeout() -> f64 {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WandbConfig {
+    /// W&B project; unset: left to `wandb` (`WANDB_PROJECT`).
     pub project: Option<String>,
+    /// W&B entity (user or team); unset: left to `wandb` (`WANDB_ENTITY`).
     pub entity: Option<String>,
     /// The run's display name (`wandb.init(name=...)`).
     pub run_name: Option<String>,
     /// `online`, `offline` or `disabled`; default: `WANDB_MODE`, else online.
     pub mode: Option<WandbMode>,
+    /// Tags of the run.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Group of the run (runs of one experiment).
     pub group: Option<String>,
+    /// Notes (a longer description) of the run.
     pub notes: Option<String>,
     /// Where `wandb/` is written; default `WANDB_DIR` when set, else the run's output
     /// directory.
@@ -83,8 +91,10 @@ pub struct WandbConfig {
     /// `warn` (default): drop and count what cannot be delivered; `fail`: stop the run.
     #[serde(default)]
     pub on_error: OnError,
+    /// Points held while the sidecar is busy; more are dropped and counted (default 1024).
     #[serde(default = "default_queue")]
     pub queue_size: usize,
+    /// Seconds the end of the run waits for queued points and `run.finish()` (default 60).
     #[serde(default = "default_finish_timeout")]
     pub finish_timeout_secs: f64,
     /// Seconds points are gathered before one batched delivery (default 1).
@@ -224,7 +234,7 @@ struct Pipe {
 impl Pipe {
     /// The JSON line of `op`, newline included.
     fn line(op: &Op<'_>) -> Result<String> {
-        let mut line = serde_json::to_string(op).map_err(|e| Error::invalid(e.to_string()))?;
+        let mut line = serde_json::to_string(op).map_err(|e| wandb_error(e.to_string()))?;
         line.push('\n');
         Ok(line)
     }
@@ -253,11 +263,11 @@ impl Pipe {
         let stdin = self
             .stdin
             .as_mut()
-            .ok_or_else(|| Error::invalid("the sidecar's stdin is closed"))?;
+            .ok_or_else(|| wandb_error("the sidecar's stdin is closed"))?;
         stdin
             .write_all(text.as_bytes())
             .and_then(|_| stdin.flush())
-            .map_err(|e| Error::invalid(format!("the wandb sidecar stopped reading: {e}")))
+            .map_err(|e| wandb_error(format!("the sidecar stopped reading: {e}")))
     }
 
     fn write(&mut self, op: &Op<'_>) -> Result<()> {
@@ -276,7 +286,7 @@ impl Sink for Pipe {
             let line = match self.events.recv_timeout(left) {
                 Ok(l) => l,
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(Error::invalid(format!(
+                    return Err(wandb_error(format!(
                         "the W&B sidecar (`{}`) did not import `wandb` within {:.0} s \
                          (start_timeout_secs)",
                         self.python,
@@ -284,7 +294,7 @@ impl Sink for Pipe {
                     )));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(Error::invalid(format!(
+                    return Err(wandb_error(format!(
                         "the W&B sidecar (`{}`) exited at start; see its messages above",
                         self.python
                     )));
@@ -350,8 +360,8 @@ impl Sink for Pipe {
                 return Ok(ev.logged);
             }
         }
-        Err(Error::invalid(
-            "the wandb sidecar exited before confirming `run.finish()` (see its messages above)",
+        Err(wandb_error(
+            "the sidecar exited before confirming `run.finish()` (see its messages above)",
         ))
     }
 
@@ -371,6 +381,7 @@ pub struct Wandb {
 }
 
 impl Wandb {
+    /// Checks `cfg`; the sidecar starts at the beginning of the run (main process only).
     pub fn new(cfg: WandbConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Wandb {
@@ -569,5 +580,13 @@ impl Drop for Wandb {
             let _ = self.finish(Some(Duration::from_secs(5)));
         }
         self.kill_child();
+    }
+}
+
+/// An [`Error::Tracker`] of the wandb tracker.
+fn wandb_error(msg: impl Into<String>) -> Error {
+    Error::Tracker {
+        tracker: "wandb".into(),
+        msg: msg.into(),
     }
 }

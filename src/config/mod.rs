@@ -52,10 +52,11 @@ impl ComponentSection {
                 options.remove("type");
                 Ok(ComponentSection { name, options })
             }
-            Ok(_) => Err(Error::invalid(format!(
-                "the config of `{name}` is not a mapping of settings"
-            ))),
-            Err(e) => Err(Error::invalid(format!(
+            Ok(_) => Err(Error::config(
+                name,
+                "the component's config must serialize to a mapping of settings",
+            )),
+            Err(e) => Err(Error::Internal(format!(
                 "serialize the config of `{name}`: {e}"
             ))),
         }
@@ -155,6 +156,7 @@ pub struct TrainingSection {
     /// Where epochs, `last/`, metrics and the resolved config go.
     #[serde(default = "default_output")]
     pub output_dir: PathBuf,
+    /// Passes over the training data (default 1).
     #[serde(default = "one")]
     pub epochs: usize,
     /// Stop after this many optimizer steps (overrides `epochs`).
@@ -163,8 +165,10 @@ pub struct TrainingSection {
     /// Rows per micro-batch.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Rows per evaluation batch (default: `batch_size`).
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (default 1).
     #[serde(default = "one")]
     pub gradient_accumulation: usize,
     /// Base learning rate (Muon's; AdamW embeddings 2x, LM head 0.1x). Required by the jobs that
@@ -175,21 +179,26 @@ pub struct TrainingSection {
     /// Muon for hidden matrices (the reference grouping); false puts everything on AdamW.
     #[serde(default = "yes")]
     pub use_muon: bool,
+    /// Decoupled weight decay of AdamW and Muon, on the groups that decay (default 0).
     #[serde(default)]
     pub weight_decay: f64,
     /// Linear warmup steps (or `warmup_ratio` of the total).
     #[serde(default)]
     pub warmup_steps: Option<u64>,
+    /// Warmup as a fraction of the total steps, used when `warmup_steps` is unset (default 0).
     #[serde(default)]
     pub warmup_ratio: f64,
     /// Cosine floor as a fraction of the peak lr.
     #[serde(default)]
     pub min_lr_ratio: f64,
+    /// Recompute each layer's activations in the backward pass: less memory, about a third more
+    /// compute (default false).
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Clip gradients to this global L2 norm (null: no clipping).
     #[serde(default = "default_clip")]
     pub grad_clip: Option<f64>,
+    /// Seed of the shuffling, the adapter initialization and dropout (default 42).
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// Evaluate every N steps (always at each epoch end when there is eval data).
@@ -204,11 +213,13 @@ pub struct TrainingSection {
     /// One process per listed GPU (data parallel).
     #[serde(default)]
     pub gpu_devices: Vec<usize>,
+    /// `auto` (default), `fp32`, `bf16` or `fp16`; see [`Precision`].
     #[serde(default)]
     pub precision: Precision,
     /// fp16's dynamic loss scaling (`torch.amp.GradScaler`'s defaults).
     #[serde(default)]
     pub loss_scaler: crate::amp::LossScalerConfig,
+    /// `stop` (default) or `skip` a step whose loss or gradient norm is not finite.
     #[serde(default)]
     pub on_nonfinite: NonFinitePolicy,
     /// Plain log line every N steps when stderr is not a terminal.
@@ -236,14 +247,19 @@ pub struct TrainingSection {
     /// `run_name`, `wandb_mode` -> `mode`, `wandb_tags` -> `tags`); on when `use_wandb`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub use_wandb: bool,
+    /// `project` of the W&B shorthand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wandb_project: Option<String>,
+    /// `entity` of the W&B shorthand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wandb_entity: Option<String>,
+    /// `run_name` of the W&B shorthand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wandb_run_name: Option<String>,
+    /// `mode` of the W&B shorthand (`online`, `offline`, `disabled`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wandb_mode: Option<String>,
+    /// `tags` of the W&B shorthand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wandb_tags: Vec<String>,
 }
@@ -304,6 +320,7 @@ fn default_keep() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
+    /// The model section (`model.path` is required).
     pub model: ModelSection,
     /// LoRA (reference key names: `rank`, `alpha`, `dropout`, `target_modules`, ...): a shorthand
     /// for `adapter: {name: lora, ...}`. Absent or `enabled: false` (and no `adapter`): full
@@ -316,6 +333,7 @@ pub struct SftConfig {
     pub adapter: Option<ComponentSection>,
     /// The dataset section.
     pub dataset: DatasetConfig,
+    /// The training loop and the reference optimizer set-up.
     pub training: TrainingSection,
     /// The parameter grouper by registered name; default `{name: reference}` (the reference
     /// grouping, with `use_muon` from `training.use_muon`).
@@ -636,7 +654,7 @@ impl SftConfig {
 
     /// The resolved configuration as YAML (written into the output directory).
     pub fn to_yaml(&self) -> Result<String> {
-        serde_yaml::to_string(self).map_err(|e| Error::invalid(format!("serialize config: {e}")))
+        serde_yaml::to_string(self).map_err(|e| Error::Internal(format!("serialize config: {e}")))
     }
 
     /// The device to train on.

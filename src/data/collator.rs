@@ -10,8 +10,10 @@ use crate::error::{Error, Result, TchResultExt};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PaddingSide {
+    /// Padding after the tokens (training).
     #[default]
     Right,
+    /// Padding before the tokens (batched generation).
     Left,
 }
 
@@ -27,9 +29,13 @@ pub enum PaddingSide {
 ///   token of each packed example). Not shifted: the trainer shifts, as transformers does.
 #[derive(Debug)]
 pub struct Batch {
+    /// Token ids `[B, T]` i64.
     pub input_ids: Tensor,
+    /// `[B, T]` i64 (1 = token), or `[B, 1, T, T]` bool for packed rows.
     pub attention_mask: Tensor,
+    /// `[B, T]` i64 for packed rows and left padding; `None` when positions are `0..T`.
     pub position_ids: Option<Tensor>,
+    /// `[B, T]` i64, [`IGNORE_INDEX`] where no loss applies; not shifted.
     pub labels: Tensor,
     /// Non-padding tokens in the batch.
     pub num_tokens: usize,
@@ -68,7 +74,9 @@ impl Batch {
 /// Pads (or packs) examples into a [`Batch`].
 #[derive(Debug, Clone)]
 pub struct Collator {
+    /// Token id that fills padding positions of `input_ids`.
     pub pad_id: i64,
+    /// Which side padding goes (right for training).
     pub padding_side: PaddingSide,
 }
 
@@ -79,6 +87,7 @@ fn tensor2(v: &[i64], b: usize, t: usize, what: &str) -> Result<Tensor> {
 }
 
 impl Collator {
+    /// A collator padding with `pad_id` on `padding_side`.
     pub fn new(pad_id: i64, padding_side: PaddingSide) -> Self {
         Collator {
             pad_id,

@@ -30,15 +30,19 @@ use crate::error::{Error, Result};
 /// [`IGNORE_INDEX`] elsewhere (not shifted; the trainer shifts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
+    /// Token ids of the rendered record.
     pub input_ids: Vec<i64>,
+    /// `input_ids` where the loss applies, [`IGNORE_INDEX`] elsewhere; same length.
     pub labels: Vec<i64>,
 }
 
 impl Example {
+    /// Tokens in the example.
     pub fn len(&self) -> usize {
         self.input_ids.len()
     }
 
+    /// Whether the example has no tokens.
     pub fn is_empty(&self) -> bool {
         self.input_ids.is_empty()
     }
@@ -52,6 +56,7 @@ impl Example {
 /// A tokenized dataset.
 #[derive(Debug, Clone)]
 pub struct SftDataset {
+    /// The examples, in file order.
     pub examples: Vec<Example>,
     /// The file it came from.
     pub path: PathBuf,
@@ -274,10 +279,12 @@ impl SftDataset {
         })
     }
 
+    /// Examples in the dataset.
     pub fn len(&self) -> usize {
         self.examples.len()
     }
 
+    /// Whether the dataset has no examples.
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }

@@ -128,11 +128,18 @@ impl Iterator for BatchIter {
 /// Settings of a [`DataLoader`].
 #[derive(Debug, Clone)]
 pub struct LoaderOptions {
+    /// Examples per batch.
     pub batch_size: usize,
+    /// Seed of the per-epoch shuffle (the order of epoch `e` depends on `seed` and `e` only).
     pub seed: u64,
+    /// Shuffle the examples each epoch (training); false keeps file order (eval).
     pub shuffle: bool,
+    /// Drop a last batch smaller than `batch_size`.
     pub drop_last: bool,
+    /// This process's rank (0-based): it takes every `world`-th example of the epoch's order, from
+    /// the `rank`-th on.
     pub rank: usize,
+    /// Number of data-parallel processes (1 for a single process).
     pub world: usize,
     /// `Some(max_seq_len)`: pack examples into rows of that many tokens.
     pub packing: Option<usize>,
@@ -164,6 +171,7 @@ pub struct DataLoader {
 }
 
 impl DataLoader {
+    /// A loader over `dataset` that collates with `collator`.
     pub fn new(dataset: Arc<SftDataset>, collator: Collator, opts: LoaderOptions) -> Self {
         let rows = opts.packing.map(|len| dataset.pack(len));
         DataLoader {
@@ -174,6 +182,7 @@ impl DataLoader {
         }
     }
 
+    /// The dataset it reads.
     pub fn dataset(&self) -> &SftDataset {
         &self.dataset
     }

@@ -38,14 +38,20 @@ use crate::error::{Error, Result};
 pub enum PreferenceRecord {
     /// `{"prompt": "...", "chosen": "...", "rejected": "..."}`.
     Text {
+        /// The prompt text.
         prompt: String,
+        /// The preferred completion.
         chosen: String,
+        /// The rejected completion.
         rejected: String,
     },
     /// Message lists: the prompt's turns, and the chosen and rejected continuations.
     Chat {
+        /// The prompt's turns.
         prompt: Vec<Message>,
+        /// The preferred continuation's turns.
         chosen: Vec<Message>,
+        /// The rejected continuation's turns.
         rejected: Vec<Message>,
     },
 }
@@ -53,8 +59,11 @@ pub enum PreferenceRecord {
 /// A tokenized pair: the shared prompt and the two completions (uncut).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreferencePair {
+    /// Token ids of the prompt (shared by both rows).
     pub prompt: Vec<i64>,
+    /// Token ids of the preferred completion.
     pub chosen: Vec<i64>,
+    /// Token ids of the rejected completion.
     pub rejected: Vec<i64>,
 }
 
@@ -161,6 +170,7 @@ pub fn parse_preference_record(
 /// Tokenized preference pairs.
 #[derive(Debug, Clone)]
 pub struct PreferenceDataset {
+    /// The pairs, in file order.
     pub pairs: Vec<PreferencePair>,
     /// The file it came from.
     pub path: PathBuf,
@@ -422,10 +432,12 @@ impl PreferenceDataset {
         Ok(ds)
     }
 
+    /// Pairs in the dataset.
     pub fn len(&self) -> usize {
         self.pairs.len()
     }
 
+    /// Whether the dataset has no pairs.
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()
     }
@@ -460,6 +472,7 @@ impl PreferenceLoader {
         })
     }
 
+    /// The dataset it reads.
     pub fn dataset(&self) -> &PreferenceDataset {
         &self.dataset
     }

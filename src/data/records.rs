@@ -13,12 +13,19 @@ pub enum Record {
     /// or later carry labels (0 for `messages`; the prompt's length for prompt/completion, so
     /// assistant turns inside the prompt are context only, as in TRL).
     Chat {
+        /// The turns, in order.
         messages: Vec<Message>,
+        /// Index of the first turn that may carry labels.
         first_trainable: usize,
     },
     /// `{"prompt": "...", "completion": "..."}`: loss on the completion only (TRL's
     /// prompt-completion format).
-    PromptCompletion { prompt: String, completion: String },
+    PromptCompletion {
+        /// The prompt text (no loss).
+        prompt: String,
+        /// The completion text (the loss applies).
+        completion: String,
+    },
     /// `{"text": "..."}`: plain language modeling.
     Text(String),
 }
@@ -26,14 +33,18 @@ pub enum Record {
 /// A record and where it came from (1-based line of a JSONL / JSON file, or Parquet row).
 #[derive(Debug, Clone)]
 pub struct Located<T> {
+    /// 1-based line (JSONL / JSON) or row (Parquet) of the record.
     pub line: usize,
+    /// The record.
     pub value: T,
 }
 
 /// What `read_*` found: the good records and the errors (file:line + message) of the bad ones.
 #[derive(Debug, Default)]
 pub struct ReadOutcome {
+    /// The records that parsed, in file order.
     pub records: Vec<Located<Record>>,
+    /// One [`Error::Data`] per bad record (path, line, what is wrong).
     pub errors: Vec<Error>,
 }
 

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 /// One chat message. `role` is `system`, `user`, `assistant` or `tool`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 

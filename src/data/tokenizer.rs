@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 /// A special token: its text and id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecialToken {
+    /// The token's text (`<|endoftext|>`).
     pub content: String,
+    /// The token's id in the vocabulary.
     pub id: u32,
 }
 
@@ -206,10 +208,12 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// The beginning-of-sequence token, when the tokenizer config names one.
     pub fn bos(&self) -> Option<&SpecialToken> {
         self.bos.as_ref()
     }
 
+    /// The end-of-sequence token, when the tokenizer config names one.
     pub fn eos(&self) -> Option<&SpecialToken> {
         self.eos.as_ref()
     }
@@ -219,6 +223,7 @@ impl Tokenizer {
         self.pad.as_ref()
     }
 
+    /// The unknown-token token, when the tokenizer config names one.
     pub fn unk(&self) -> Option<&SpecialToken> {
         self.unk.as_ref()
     }

@@ -46,7 +46,8 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     }
     println!(
         "{}",
-        serde_json::to_string(&r).map_err(|e| Error::invalid(e.to_string()))?
+        serde_json::to_string(&r)
+            .map_err(|e| Error::Internal(format!("serialize the summary: {e}")))?
     );
     Ok(())
 }

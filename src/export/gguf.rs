@@ -43,9 +43,14 @@ pub const GGUF_ARCHITECTURES: [(&str, &str); 2] = [
 /// The tensor encodings of `--type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufType {
+    /// 32-bit floats.
     F32,
+    /// 16-bit floats (IEEE half).
     F16,
+    /// bfloat16.
     Bf16,
+    /// 8-bit blocks of 32 values with one f16 scale (ggml's `Q8_0`); rows whose length is not a
+    /// multiple of 32 fall back to F16.
     Q8_0,
 }
 
@@ -81,21 +86,32 @@ impl GgufType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum GgmlType {
+    /// 32-bit floats.
     F32 = 0,
+    /// 16-bit floats.
     F16 = 1,
+    /// Blocks of 32 int8 values and an f16 scale.
     Q8_0 = 8,
+    /// bfloat16.
     Bf16 = 30,
 }
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GgufValue {
+    /// An unsigned 32-bit integer.
     U32(u32),
+    /// A signed 32-bit integer.
     I32(i32),
+    /// A 32-bit float.
     F32(f32),
+    /// A boolean.
     Bool(bool),
+    /// A UTF-8 string.
     Str(String),
+    /// An array of strings (the vocabulary).
     StrArray(Vec<String>),
+    /// An array of signed 32-bit integers (token types).
     I32Array(Vec<i32>),
 }
 
@@ -145,9 +161,13 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
 /// One tensor to write: the shape in PyTorch order (written reversed, as ggml orders it).
 #[derive(Debug)]
 pub struct GgufTensor {
+    /// llama.cpp's tensor name (`blk.0.attn_q.weight`).
     pub name: String,
+    /// Shape in PyTorch order.
     pub shape: Vec<usize>,
+    /// How `data` is encoded.
     pub ty: GgmlType,
+    /// The encoded values, little-endian.
     pub data: Vec<u8>,
 }
 
@@ -252,10 +272,10 @@ impl GgufWriter {
 /// scale `d = amax / 127` then the int8 values `round(x / d)` (half away from zero), 34 bytes.
 pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>> {
     if !values.len().is_multiple_of(Q8_0_BLOCK) {
-        return Err(Error::invalid(format!(
-            "q8_0: {} values are not a multiple of {Q8_0_BLOCK}",
-            values.len()
-        )));
+        return Err(Error::Shape {
+            op: "q8_0".into(),
+            msg: format!("{} values are not a multiple of {Q8_0_BLOCK}", values.len()),
+        });
     }
     let mut out = Vec::with_capacity(values.len() / Q8_0_BLOCK * 34);
     for block in values.chunks_exact(Q8_0_BLOCK) {
@@ -306,7 +326,7 @@ fn encode(t: &Tensor, ty: GgmlType) -> Result<Vec<u8>> {
             .f_flatten(0, -1)
             .ctx("flatten")?,
     )
-    .map_err(|e| Error::invalid(format!("tensor to a vector: {e}")))?;
+    .ctx("tensor to a vector")?;
     Ok(match ty {
         GgmlType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         GgmlType::F16 => v
@@ -537,9 +557,13 @@ fn add_vocab(w: &mut GgufWriter, dir: &Path, vocab_size: usize, tok: &Tokenizer)
 /// What [`export_gguf`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GgufReport {
+    /// The GGUF file written.
     pub out: PathBuf,
+    /// llama.cpp's architecture name (`llama`).
     pub architecture: String,
+    /// Tensors written.
     pub tensors: usize,
+    /// Size of the file in bytes.
     pub bytes: u64,
     /// Tensors written as F16 because `q8_0` needs rows of a multiple of 32 values.
     pub f16_fallback: Vec<String>,
@@ -668,10 +692,9 @@ pub fn build_gguf(
     let mut fallback = Vec::new();
     let _g = tch::no_grad_guard();
     for (name, t) in model.checkpoint_tensors()? {
-        let gname = llama_tensor_name(&name).ok_or_else(|| {
-            Error::invalid(format!(
-                "GGUF export: no llama.cpp name for tensor `{name}`"
-            ))
+        let gname = llama_tensor_name(&name).ok_or_else(|| Error::Unsupported {
+            what: "GGUF export".into(),
+            msg: format!("no llama.cpp name for tensor `{name}`"),
         })?;
         let t = if name.ends_with("self_attn.q_proj.weight") {
             permute_rows(&t, n_head)?

@@ -27,8 +27,11 @@ pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 /// The weight kinds a merged model can be written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SaveDtype {
+    /// 32-bit floats.
     F32,
+    /// bfloat16.
     Bf16,
+    /// 16-bit floats (IEEE half).
     F16,
 }
 
@@ -118,7 +121,7 @@ impl StagedDir {
         let tmp = self
             .tmp
             .take()
-            .ok_or_else(|| Error::invalid("staged directory committed twice"))?;
+            .ok_or_else(|| Error::Internal("staged directory committed twice".into()))?;
         if self.dest.exists() {
             // checked empty in `new`; an empty directory is replaced
             std::fs::remove_dir(&self.dest).map_err(|e| Error::io(&self.dest, e))?;
@@ -194,13 +197,16 @@ pub fn write_safetensors_shards(
 /// What [`merge_to_dir`] did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MergeReport {
+    /// The directory written.
     pub out: PathBuf,
+    /// The weights' dtype as written in `config.json` (`float32`, `bfloat16`, `float16`).
     pub dtype: &'static str,
     /// Modules whose adapter was merged.
     pub merged_modules: usize,
     /// The quantized base formats that were dequantized before merging (empty when the base was
     /// dense).
     pub dequantized: Vec<String>,
+    /// The files written, relative to `out`.
     pub files: Vec<String>,
 }
 
@@ -210,7 +216,10 @@ pub struct MergeOptions {
     /// Quantizes the base while loading, as the training run did (QLoRA): the merged weights
     /// are then `dequantize(W) + delta`, as PEFT's `merge_and_unload` computes them.
     pub quantizer: Option<std::sync::Arc<dyn Quantizer>>,
+    /// Kind the merged weights are written in.
     pub dtype: SaveDtype,
+    /// Largest safetensors shard in bytes (default [`DEFAULT_MAX_SHARD_BYTES`]); larger models are
+    /// split with an index file.
     pub max_shard_bytes: u64,
 }
 
@@ -275,9 +284,10 @@ pub fn merge_to_dir(
             if !dequantized.contains(&fmt) {
                 dequantized.push(fmt);
             }
-            let w = q
-                .dequantize(Kind::Float)
-                .map_err(|e| Error::invalid(format!("dequantizing `{name}`: {e}")))?;
+            let w = q.dequantize(Kind::Float).map_err(|e| Error::Shape {
+                op: format!("dequantizing `{name}`"),
+                msg: e.to_string(),
+            })?;
             lin.weight = LinearWeight::Dense(w);
         }
     }

@@ -24,18 +24,23 @@ pub struct GenerateArgs {
     /// Render the prompt as one user turn with the chat template and the generation prompt.
     #[arg(long)]
     pub chat: bool,
+    /// The prompt text (with `--chat`, the user turn).
     #[arg(long)]
     pub prompt: String,
+    /// Most tokens to generate (default 128).
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// 0 is greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (1.0 keeps
+    /// all).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
     /// 0 keeps every token.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Seed of the sampler (unused by greedy decoding).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop when the text contains this string (repeatable); it is not printed.
@@ -86,9 +91,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let g = generate_text(model.as_ref(), &tok, &prompt, &cfg, &mut |s| {
         out.write_all(s.as_bytes())
             .and_then(|()| out.flush())
-            .map_err(|e| Error::invalid(format!("writing to stdout: {e}")))
+            .map_err(|e| Error::io("<stdout>", e))
     })?;
-    writeln!(out).map_err(|e| Error::invalid(format!("writing to stdout: {e}")))?;
+    writeln!(out).map_err(|e| Error::io("<stdout>", e))?;
     eprintln!(
         "{}",
         serde_json::json!({

@@ -107,6 +107,7 @@ pub struct Generation {
     /// Their text (special tokens skipped, cut before a stop string); empty from
     /// [`Generate::generate`], which has no tokenizer.
     pub text: String,
+    /// Why generation stopped.
     pub finish: FinishReason,
     /// Seconds spent on the prompt (prefill, first token included).
     pub prefill_secs: f64,
@@ -146,7 +147,7 @@ impl Sampler {
                 .ctx("argmax")?
                 .f_int64_value(&[])
                 .ctx("argmax")?;
-            return u32::try_from(id).map_err(|_| Error::invalid(format!("token id {id}")));
+            return u32::try_from(id).map_err(|_| Error::Internal(format!("token id {id}")));
         }
         let mut scores: Vec<f32> = Vec::<f32>::try_from(
             logits
@@ -157,7 +158,7 @@ impl Sampler {
                 .f_flatten(0, -1)
                 .ctx("flatten logits")?,
         )
-        .map_err(|e| Error::invalid(format!("logits to a vector: {e}")))?;
+        .ctx("logits to a vector")?;
         // top-k: keep the scores >= the k-th largest (ties kept, as transformers' warper)
         if cfg.top_k > 0 && cfg.top_k < scores.len() {
             let mut sorted = scores.clone();

@@ -14,14 +14,23 @@ use crate::nn::{RopeConfig, RopeScaling};
 pub struct DecoderConfig {
     /// `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`.
     pub architecture: String,
+    /// Tokens in the vocabulary (rows of the embedding).
     pub vocab_size: i64,
+    /// Width of the residual stream.
     pub hidden_size: i64,
+    /// Width of the MLP's gate and up projections.
     pub intermediate_size: i64,
+    /// Decoder layers.
     pub num_layers: usize,
+    /// Attention (query) heads.
     pub num_heads: i64,
+    /// Key/value heads (fewer than `num_heads` under grouped-query attention).
     pub num_kv_heads: i64,
+    /// Width of one head (`hidden_size / num_heads` unless `config.json` sets `head_dim`).
     pub head_dim: i64,
+    /// Epsilon of the RMS norms.
     pub rms_norm_eps: f64,
+    /// Rotary embedding settings (`rope_theta`, `rope_scaling`).
     pub rope: RopeConfig,
     /// Biases on q/k/v projections.
     pub qkv_bias: bool,
@@ -29,9 +38,11 @@ pub struct DecoderConfig {
     pub o_bias: bool,
     /// Biases on gate/up/down.
     pub mlp_bias: bool,
+    /// The LM head shares the embedding's weight.
     pub tie_word_embeddings: bool,
     /// Per layer: `Some(w)` restricts attention to the last `w` positions (Mistral, Qwen2).
     pub sliding_windows: Vec<Option<i64>>,
+    /// Dropout on the attention probabilities while training (`attention_dropout`, usually 0).
     pub attention_dropout: f64,
     /// The MLP's gate activation (`hidden_act`, Gemma's `hidden_activation`).
     pub hidden_act: Activation,

@@ -20,8 +20,11 @@ pub enum ModelDtype {
     /// when the base is frozen (LoRA, QLoRA); fp32 on the CPU and for full fine-tuning.
     #[default]
     Auto,
+    /// 32-bit floats.
     Fp32,
+    /// bfloat16.
     Bf16,
+    /// 16-bit floats (IEEE half).
     Fp16,
 }
 

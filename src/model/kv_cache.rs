@@ -33,10 +33,13 @@ impl LayerKv {
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let size = k.size();
         if size.len() != 4 || v.size() != size {
-            return Err(Error::invalid(format!(
-                "kv cache: keys and values must be [batch, heads, seq, head_dim] alike, got {size:?} and {:?}",
-                v.size()
-            )));
+            return Err(Error::Shape {
+                op: "kv cache".into(),
+                msg: format!(
+                    "keys and values must be [batch, heads, seq, head_dim] alike, got {size:?} and {:?}",
+                    v.size()
+                ),
+            });
         }
         let t = size[2];
         let need = self.len + t;
@@ -48,9 +51,12 @@ impl LayerKv {
                 if !fits && self.len == 0 {
                     true
                 } else if !fits {
-                    return Err(Error::invalid(format!(
-                        "kv cache: new keys {size:?} do not fit the cached {bs:?}; clear the cache for another batch"
-                    )));
+                    return Err(Error::Shape {
+                        op: "kv cache".into(),
+                        msg: format!(
+                            "new keys {size:?} do not fit the cached {bs:?}; clear the cache for another batch"
+                        ),
+                    });
                 } else {
                     bs[2] < need
                 }
@@ -77,7 +83,7 @@ impl LayerKv {
             self.buf = Some((nk, nv));
         }
         let Some((bk, bv)) = &self.buf else {
-            return Err(Error::invalid("kv cache: no buffer after growing"));
+            return Err(Error::Internal("kv cache: no buffer after growing".into()));
         };
         let _g = tch::no_grad_guard();
         bk.f_narrow(2, self.len, t)

@@ -295,9 +295,10 @@ impl DecoderLm {
         let (b, t) = match x.size().as_slice() {
             [b, t, _] => (*b, *t),
             s => {
-                return Err(Error::invalid(format!(
-                    "attention: hidden must be [batch, seq, hidden], got {s:?}"
-                )));
+                return Err(Error::Shape {
+                    op: "attention".into(),
+                    msg: format!("hidden must be [batch, seq, hidden], got {s:?}"),
+                });
             }
         };
         let hd = self.cfg.head_dim;
@@ -312,8 +313,8 @@ impl DecoderLm {
             LayerRope::Local => match &ctx.local {
                 Some((c, s)) => Some((c, s)),
                 None => {
-                    return Err(Error::invalid(
-                        "a layer with the local RoPE, but no local tables were prepared",
+                    return Err(Error::Internal(
+                        "a layer with the local RoPE, but no local tables were prepared".into(),
                     ));
                 }
             },
@@ -506,17 +507,21 @@ impl DecoderLm {
         let (b, t) = match input_ids.size().as_slice() {
             [b, t] if *t > 0 => (*b, *t),
             s => {
-                return Err(Error::invalid(format!(
-                    "forward_cached: input_ids must be [batch, new] with new > 0, got {s:?}"
-                )));
+                return Err(Error::Shape {
+                    op: "forward_cached".into(),
+                    msg: format!("input_ids must be [batch, new] with new > 0, got {s:?}"),
+                });
             }
         };
         if cache.num_layers() != self.layers.len() {
-            return Err(Error::invalid(format!(
-                "forward_cached: the cache has {} layers, the model {}",
-                cache.num_layers(),
-                self.layers.len()
-            )));
+            return Err(Error::Shape {
+                op: "forward_cached".into(),
+                msg: format!(
+                    "the cache has {} layers, the model {}",
+                    cache.num_layers(),
+                    self.layers.len()
+                ),
+            });
         }
         let past = cache.len();
         let pos = Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))
@@ -675,10 +680,13 @@ pub(crate) fn build_mask(
         }
         Some(m) if m.dim() == 2 => {
             if m.size() != [b, t] {
-                return Err(Error::invalid(format!(
-                    "attention_mask must be [batch, seq] = [{b}, {t}], got {:?}",
-                    m.size()
-                )));
+                return Err(Error::Shape {
+                    op: "forward".into(),
+                    msg: format!(
+                        "attention_mask must be [batch, seq] = [{b}, {t}], got {:?}",
+                        m.size()
+                    ),
+                });
             }
             let keep = m.f_ne(0).ctx("attention_mask to bool")?;
             let all = keep
@@ -698,15 +706,16 @@ pub(crate) fn build_mask(
         }
         Some(m) if m.dim() == 4 => {
             if m.size() != [b, 1, t, t] {
-                return Err(Error::invalid(format!(
-                    "a 4-D attention_mask must be [batch, 1, seq, seq] = [{b}, 1, {t}, {t}], got {:?}",
-                    m.size()
-                )));
+                return Err(Error::Shape {
+                    op: "forward".into(),
+                    msg: format!(
+                        "a 4-D attention_mask must be [batch, 1, seq, seq] = [{b}, 1, {t}, {t}], got {:?}",
+                        m.size()
+                    ),
+                });
             }
             if m.is_floating_point() {
-                return Err(Error::invalid(
-                    "a 4-D attention_mask must be boolean (true = may attend), not an additive float mask",
-                ));
+                return Err(Error::Shape { op: "forward".into(), msg: "a 4-D attention_mask must be boolean (true = may attend), not an additive float mask".into() });
             }
             let keep = m
                 .f_ne(0)
@@ -721,10 +730,13 @@ pub(crate) fn build_mask(
             }
         }
         Some(m) => {
-            return Err(Error::invalid(format!(
-                "attention_mask must be 2-D [batch, seq] or 4-D [batch, 1, seq, seq], got {:?}",
-                m.size()
-            )));
+            return Err(Error::Shape {
+                op: "forward".into(),
+                msg: format!(
+                    "attention_mask must be 2-D [batch, seq] or 4-D [batch, 1, seq, seq], got {:?}",
+                    m.size()
+                ),
+            });
         }
     };
     // Every query may attend to itself: rows that are all padding would otherwise give NaN
@@ -780,18 +792,22 @@ impl CausalLm for DecoderLm {
         let (b, t) = match input.input_ids.size().as_slice() {
             [b, t] => (*b, *t),
             s => {
-                return Err(Error::invalid(format!(
-                    "input_ids must be [batch, seq], got {s:?}"
-                )));
+                return Err(Error::Shape {
+                    op: "forward".into(),
+                    msg: format!("input_ids must be [batch, seq], got {s:?}"),
+                });
             }
         };
         let position_ids = match (input.position_ids, input.attention_mask) {
             (Some(p), _) => {
                 if p.size() != [b, t] && p.size() != [1, t] {
-                    return Err(Error::invalid(format!(
-                        "position_ids must be [batch, seq] = [{b}, {t}], got {:?}",
-                        p.size()
-                    )));
+                    return Err(Error::Shape {
+                        op: "forward".into(),
+                        msg: format!(
+                            "position_ids must be [batch, seq] = [{b}, {t}], got {:?}",
+                            p.size()
+                        ),
+                    });
                 }
                 p.f_to_device(self.device).ctx("position_ids to device")?
             }
@@ -853,9 +869,10 @@ impl CausalLm for DecoderLm {
             .iter()
             .any(|l| l.sliding_window.is_some_and(|x| Some(x) != window))
         {
-            return Err(Error::invalid(
-                "layers with different sliding windows are not supported",
-            ));
+            return Err(Error::Unsupported {
+                what: "sliding windows".into(),
+                msg: "layers with different sliding windows".into(),
+            });
         }
         Ok(LayerCtx {
             cos,

@@ -32,6 +32,7 @@ pub fn default_quantize_filter(module: &str) -> bool {
 pub struct LoadOptions {
     /// Kind of the dense parameters (whatever the checkpoint stores).
     pub kind: Kind,
+    /// Device the tensors are loaded onto.
     pub device: Device,
     /// Quantizes matching linear weights while loading, each tensor as soon as it is read, so
     /// that peak memory stays near the quantized size plus one full-precision tensor per
@@ -316,10 +317,11 @@ fn read_all(
     let next = AtomicUsize::new(0);
     let out = Mutex::new(HashMap::with_capacity(jobs.len()));
     let one = |name: &str, quantize: bool| -> Result<Loaded> {
-        let i = *ckpt
-            .location
-            .get(name)
-            .ok_or_else(|| Error::invalid(format!("tensor `{name}` missing after validation")))?;
+        let i = *ckpt.location.get(name).ok_or_else(|| {
+            Error::Internal(format!(
+                "checkpoint loader: tensor `{name}` missing after validation"
+            ))
+        })?;
         let t = ckpt.files[i].tensor(name, Some(opts.kind), opts.device)?;
         match (&opts.quantizer, quantize) {
             (Some(q), true) => {
@@ -346,7 +348,7 @@ fn read_all(
                 crate::malloc::release_freed_memory();
             }
             out.lock()
-                .map_err(|_| Error::invalid("checkpoint loader: a worker panicked"))?
+                .map_err(|_| Error::Internal("checkpoint loader: a worker panicked".into()))?
                 .insert(name.clone(), loaded);
         }
     };
@@ -356,8 +358,11 @@ fn read_all(
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("checkpoint loader: a worker panicked")))
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Internal(
+                        "checkpoint loader: a worker panicked".into(),
+                    ))
+                })
             })
             .collect()
     });
@@ -365,7 +370,7 @@ fn read_all(
         r?;
     }
     out.into_inner()
-        .map_err(|_| Error::invalid("checkpoint loader: a worker panicked"))
+        .map_err(|_| Error::Internal("checkpoint loader: a worker panicked".into()))
 }
 
 struct Source {
@@ -375,7 +380,9 @@ struct Source {
 impl Source {
     fn take(&mut self, name: &str) -> Result<Loaded> {
         self.loaded.remove(name).ok_or_else(|| {
-            Error::invalid(format!("tensor `{name}` was not read from the checkpoint"))
+            Error::Internal(format!(
+                "checkpoint loader: tensor `{name}` was not read from the checkpoint"
+            ))
         })
     }
 }
@@ -384,8 +391,8 @@ impl WeightSource for Source {
     fn tensor(&mut self, name: &str) -> Result<Tensor> {
         match self.take(name)? {
             Loaded::Dense(t) => Ok(t),
-            Loaded::Quantized(_) => Err(Error::invalid(format!(
-                "tensor `{name}` was quantized but is needed dense"
+            Loaded::Quantized(_) => Err(Error::Internal(format!(
+                "checkpoint loader: tensor `{name}` was quantized but is needed dense"
             ))),
         }
     }

@@ -37,6 +37,7 @@ pub const SSM_ARCHITECTURES: [&str; 3] = [
 /// Which family a model is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SsmFamily {
+    /// Mamba: a state-space mixer in every layer, no separate MLP.
     Mamba,
     /// Mamba with weightless RMS norms on `dt`, `B` and `C` (`mixer_rms_eps`).
     FalconMamba,
@@ -47,30 +48,42 @@ pub enum SsmFamily {
 /// What mixes tokens in a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
+    /// A selective state-space (Mamba) mixer.
     Mamba,
+    /// Self-attention (Jamba's attention layers).
     Attention,
 }
 
 /// The shape of a state-space model, from `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SsmConfig {
+    /// `MambaForCausalLM`, `FalconMambaForCausalLM` or `JambaForCausalLM`.
     pub architecture: String,
+    /// The family, from the architecture.
     pub family: SsmFamily,
+    /// Tokens in the vocabulary.
     pub vocab_size: i64,
+    /// Width of the residual stream.
     pub hidden_size: i64,
+    /// Layers (Mamba and attention together).
     pub num_layers: usize,
     /// The mixer's inner width (`expand * hidden_size`).
     pub d_inner: i64,
+    /// Size `N` of the state per channel (`state_size`, Jamba's `mamba_d_state`).
     pub state_size: i64,
+    /// Width of the causal depthwise convolution (`conv_kernel`, Jamba's `mamba_d_conv`).
     pub conv_kernel: i64,
+    /// Rank of the `dt` projection (`time_step_rank`, Jamba's `mamba_dt_rank`).
     pub dt_rank: i64,
     /// Biases on `in_proj` / `out_proj`.
     pub proj_bias: bool,
+    /// Bias on the causal convolution.
     pub conv_bias: bool,
     /// Epsilon of the layer norms (`layer_norm_epsilon`, Jamba's `rms_norm_eps`).
     pub norm_eps: f64,
     /// Epsilon of the `dt`/`B`/`C` norms (Falcon-Mamba's `mixer_rms_eps`, Jamba's `rms_norm_eps`).
     pub mixer_eps: f64,
+    /// The LM head shares the embedding's weight.
     pub tie_word_embeddings: bool,
     /// Jamba's embedding `padding_idx` (Mamba's embedding has none).
     pub pad_token_id: Option<i64>,
@@ -80,9 +93,13 @@ pub struct SsmConfig {
     pub blocks: Vec<BlockKind>,
     /// Jamba's attention and MLP.
     pub num_heads: i64,
+    /// Jamba's key/value heads.
     pub num_kv_heads: i64,
+    /// Width of one of Jamba's attention heads.
     pub head_dim: i64,
+    /// Width of Jamba's MLP (`intermediate_size`).
     pub mlp_size: i64,
+    /// Dropout on Jamba's attention probabilities while training.
     pub attention_dropout: f64,
 }
 
@@ -386,7 +403,7 @@ impl SsmLayer {
     }
     fn need(&self, suffix: &str) -> Result<&Tensor> {
         self.get(suffix)
-            .ok_or_else(|| Error::invalid(format!("layer tensor `{suffix}` is missing")))
+            .ok_or_else(|| Error::Internal(format!("layer tensor `{suffix}` is missing")))
     }
 }
 
@@ -607,9 +624,10 @@ impl SsmLm {
         let (b, t) = match x.size().as_slice() {
             [b, t, _] => (*b, *t),
             s => {
-                return Err(Error::invalid(format!(
-                    "attention: hidden must be [batch, seq, hidden], got {s:?}"
-                )));
+                return Err(Error::Shape {
+                    op: "attention".into(),
+                    msg: format!("hidden must be [batch, seq, hidden], got {s:?}"),
+                });
             }
         };
         let c = &self.cfg;
@@ -712,19 +730,23 @@ impl CausalLm for SsmLm {
         let (b, t) = match input.input_ids.size().as_slice() {
             [b, t] => (*b, *t),
             s => {
-                return Err(Error::invalid(format!(
-                    "input_ids must be [batch, seq], got {s:?}"
-                )));
+                return Err(Error::Shape {
+                    op: "forward".into(),
+                    msg: format!("input_ids must be [batch, seq], got {s:?}"),
+                });
             }
         };
         let padding = match input.attention_mask {
             None => None,
             Some(m) if m.dim() == 2 => {
                 if m.size() != [b, t] {
-                    return Err(Error::invalid(format!(
-                        "attention_mask must be [batch, seq] = [{b}, {t}], got {:?}",
-                        m.size()
-                    )));
+                    return Err(Error::Shape {
+                        op: "forward".into(),
+                        msg: format!(
+                            "attention_mask must be [batch, seq] = [{b}, {t}], got {:?}",
+                            m.size()
+                        ),
+                    });
                 }
                 let all = m
                     .f_ne(0)
@@ -745,12 +767,15 @@ impl CausalLm for SsmLm {
                 }
             }
             Some(_) => {
-                return Err(Error::invalid(format!(
-                    "{}: packed rows (a 4-D attention mask) are not supported for models with \
-                     Mamba (state-space) layers: the scan's state would run across the packed \
-                     sequences. Set `data.packing: false`.",
-                    self.cfg.architecture
-                )));
+                return Err(Error::Unsupported {
+                    what: "packed rows".into(),
+                    msg: format!(
+                        "{} has Mamba (state-space) layers, whose scan state would run across the \
+                     sequences packed into a row (a 4-D attention mask). Set \
+                     `data.packing: false`.",
+                        self.cfg.architecture
+                    ),
+                });
             }
         };
         let mask = if self.layers.iter().any(|l| l.kind == BlockKind::Attention) {

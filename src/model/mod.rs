@@ -104,10 +104,10 @@ pub trait CausalLm: Send {
     /// when that is `Some`. Only called when [`CausalLm::head_weight`] is `Some`; the default
     /// says it is not implemented.
     fn head_norm(&self, _hidden: &Tensor) -> Result<Tensor> {
-        Err(crate::Error::invalid(format!(
-            "{}: head_norm is not implemented (implement it along with head_weight)",
-            self.architecture()
-        )))
+        Err(crate::Error::Unsupported {
+            what: format!("{}: head_norm", self.architecture()),
+            msg: "the model does not implement it (implement it along with head_weight)".into(),
+        })
     }
     /// The LM head's `[vocab, hidden]` weight when the head is a plain dense product (no bias,
     /// adapter or quantization), so the trainer may fuse it with the loss; `None` otherwise.
@@ -129,10 +129,13 @@ pub trait CausalLm: Send {
     /// no padding), which continue the positions already in `cache`, whose keys and values are
     /// appended to it. The default says the model does not support it.
     fn forward_cached(&self, _input_ids: &Tensor, _cache: &mut KvCache) -> Result<Tensor> {
-        Err(crate::Error::invalid(format!(
-            "{}: incremental decoding with a KV cache is not implemented",
-            self.architecture()
-        )))
+        Err(crate::Error::Unsupported {
+            what: format!(
+                "{}: incremental decoding with a KV cache",
+                self.architecture()
+            ),
+            msg: "the model does not implement forward_cached".into(),
+        })
     }
 
     /// Every parameter with its Hugging Face name (`model.layers.0.self_attn.q_proj.weight`),

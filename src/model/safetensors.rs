@@ -194,11 +194,9 @@ pub fn to_safetensors_bytes(
 ) -> Result<Vec<u8>> {
     let mut blobs = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let dtype = dtype_of(t.kind()).ok_or_else(|| {
-            Error::invalid(format!(
-                "tensor `{name}`: kind {:?} cannot be saved",
-                t.kind()
-            ))
+        let dtype = dtype_of(t.kind()).ok_or_else(|| Error::Shape {
+            op: "safetensors".into(),
+            msg: format!("tensor `{name}`: kind {:?} cannot be saved", t.kind()),
         })?;
         let t = t
             .f_detach()
@@ -220,8 +218,10 @@ pub fn to_safetensors_bytes(
             },
         ));
     }
-    safetensors::serialize(blobs, metadata)
-        .map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))
+    safetensors::serialize(blobs, metadata).map_err(|e| Error::Shape {
+        op: "safetensors serialization".into(),
+        msg: format!("{e}"),
+    })
 }
 
 /// Writes named tensors to `path` atomically.

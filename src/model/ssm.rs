@@ -38,13 +38,21 @@ pub const DEFAULT_CHUNK: i64 = 16;
 /// The inputs of one scan. Shapes: `u`, `dt` (before bias and softplus), `z` `[batch, d, T]`;
 /// `a` (already `-exp(A_log)`) `[d, N]`; `b`, `c` `[batch, T, N]`; `d`, `dt_bias` `[d]`.
 pub struct ScanInput<'a> {
+    /// The input `[batch, d, T]`.
     pub u: &'a Tensor,
+    /// The step sizes before bias and softplus `[batch, d, T]`.
     pub dt: &'a Tensor,
+    /// The state matrix `-exp(A_log)` `[d, N]`.
     pub a: &'a Tensor,
+    /// The input projection `[batch, T, N]`.
     pub b: &'a Tensor,
+    /// The output projection `[batch, T, N]`.
     pub c: &'a Tensor,
+    /// The skip weight `[d]`.
     pub d: &'a Tensor,
+    /// The gate `[batch, d, T]` (the output is multiplied by `silu(z)`).
     pub z: &'a Tensor,
+    /// The bias added to `dt` before softplus `[d]`.
     pub dt_bias: &'a Tensor,
 }
 
@@ -98,20 +106,24 @@ pub fn selective_scan_chunked(x: &ScanInput<'_>, chunk: i64) -> Result<Tensor> {
     let (nb, nd, t) = match x.u.size().as_slice() {
         [b, d, t] => (*b, *d, *t),
         s => {
-            return Err(Error::invalid(format!(
-                "selective scan: u must be [batch, d, seq], got {s:?}"
-            )));
+            return Err(Error::Shape {
+                op: "selective scan".into(),
+                msg: format!("u must be [batch, d, seq], got {s:?}"),
+            });
         }
     };
     let n = x.a.size().get(1).copied().unwrap_or(0);
     if x.a.size() != [nd, n] || x.b.size() != [nb, t, n] || x.c.size() != [nb, t, n] {
-        return Err(Error::invalid(format!(
-            "selective scan: A {:?}, B {:?}, C {:?} do not fit u {:?}",
-            x.a.size(),
-            x.b.size(),
-            x.c.size(),
-            x.u.size()
-        )));
+        return Err(Error::Shape {
+            op: "selective scan".into(),
+            msg: format!(
+                "A {:?}, B {:?}, C {:?} do not fit u {:?}",
+                x.a.size(),
+                x.b.size(),
+                x.c.size(),
+                x.u.size()
+            ),
+        });
     }
     if chunk < 1 {
         return Err(Error::invalid("selective scan: chunk must be at least 1"));
@@ -213,9 +225,10 @@ pub fn causal_conv1d_silu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) ->
     let (d, k) = match weight.size().as_slice() {
         [d, 1, k] => (*d, *k),
         s => {
-            return Err(Error::invalid(format!(
-                "conv1d weight must be [channels, 1, kernel], got {s:?}"
-            )));
+            return Err(Error::Shape {
+                op: "causal conv1d".into(),
+                msg: format!("the weight must be [channels, 1, kernel], got {s:?}"),
+            });
         }
     };
     let t = x.size().last().copied().unwrap_or(0);

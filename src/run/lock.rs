@@ -18,7 +18,9 @@ pub const LOCK_FILE: &str = ".volttrain.lock";
 /// Who holds (or held) a lock.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LockHolder {
+    /// Process id of the holder.
     pub pid: u32,
+    /// Host name of the holder's machine.
     pub host: String,
     /// Seconds since the Unix epoch when the holder took the lock.
     pub started_unix: u64,

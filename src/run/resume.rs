@@ -180,8 +180,11 @@ pub fn check_resume_config(ckpt_dir: &Path, new_yaml: &str) -> Result<()> {
         .ok()
         .and_then(|y| serde_yaml::from_str(&y).ok())
         .unwrap_or(saved);
-    let new: Value = serde_yaml::from_str(new_yaml)
-        .map_err(|e| Error::invalid(format!("resolved config is not valid YAML: {e}")))?;
+    let new: Value = serde_yaml::from_str(new_yaml).map_err(|e| Error::Config {
+        file: None,
+        key: ".".into(),
+        msg: format!("resolved config is not valid YAML: {e}"),
+    })?;
     let (mut math, mut ok) = diff_configs(&saved, &new);
     // The run's length may change (train longer or shorter) when the learning-rate schedule
     // does not depend on it: the steps already taken are then the same steps.

@@ -89,8 +89,11 @@ impl StopSignals {
             flag: Arc::new(AtomicBool::new(false)),
             first: Arc::new(AtomicI32::new(0)),
         };
-        let mut signals = SignalsInfo::<WithOrigin>::new(STOP_SIGNALS)
-            .map_err(|e| Error::invalid(format!("cannot install the stop-signal handlers: {e}")))?;
+        let mut signals =
+            SignalsInfo::<WithOrigin>::new(STOP_SIGNALS).map_err(|source| Error::Os {
+                what: "cannot install the stop-signal handlers".into(),
+                source,
+            })?;
         let parent = std::os::unix::process::parent_id() as i32;
         let (flag, first) = (me.flag.clone(), me.first.clone());
         std::thread::Builder::new()
@@ -125,7 +128,10 @@ impl StopSignals {
                     }
                 }
             })
-            .map_err(|e| Error::invalid(format!("cannot start the signal thread: {e}")))?;
+            .map_err(|source| Error::Os {
+                what: "cannot start the signal thread".into(),
+                source,
+            })?;
         Ok(me)
     }
 
@@ -133,8 +139,11 @@ impl StopSignals {
     /// signal is forwarded to the ranks (see [`crate::dist::launch::forward_signal`]), which
     /// stop together after the same step. The launcher exits when they have.
     pub fn install_launcher() -> Result<()> {
-        let mut signals = SignalsInfo::<WithOrigin>::new(STOP_SIGNALS)
-            .map_err(|e| Error::invalid(format!("cannot install the stop-signal handlers: {e}")))?;
+        let mut signals =
+            SignalsInfo::<WithOrigin>::new(STOP_SIGNALS).map_err(|source| Error::Os {
+                what: "cannot install the stop-signal handlers".into(),
+                source,
+            })?;
         std::thread::Builder::new()
             .name("volttrain-signals".into())
             .spawn(move || {
@@ -146,7 +155,10 @@ impl StopSignals {
                     crate::dist::launch::forward_signal(info.signal);
                 }
             })
-            .map_err(|e| Error::invalid(format!("cannot start the signal thread: {e}")))?;
+            .map_err(|source| Error::Os {
+                what: "cannot start the signal thread".into(),
+                source,
+            })?;
         Ok(())
     }
 
