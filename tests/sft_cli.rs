@@ -59,6 +59,22 @@ fn volttrain() -> Command {
     Command::new(env!("CARGO_BIN_EXE_volttrain"))
 }
 
+/// `volttrain eval --config cfg [--adapter dir]`: must succeed; its printed JSON summary.
+fn eval_json(cfg: &Path, adapter: Option<&Path>) -> serde_json::Value {
+    let mut cmd = volttrain();
+    cmd.args(["eval", "--config"]).arg(cfg);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    let ev = cmd.output().unwrap();
+    assert!(
+        ev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ev.stderr)
+    );
+    serde_json::from_str(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap()).unwrap()
+}
+
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -108,20 +124,7 @@ fn trains_saves_epochs_and_the_adapter_loads_in_peft() {
     assert!(evals[3] < evals[0] - 0.5, "eval loss falls: {evals:?}");
 
     // volttrain eval --adapter == peft on the same base, adapter and eval file
-    let ev = volttrain()
-        .args(["eval", "--config"])
-        .arg(&cfg)
-        .arg("--adapter")
-        .arg(o.join("epoch-3"))
-        .output()
-        .unwrap();
-    assert!(
-        ev.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ev.stderr)
-    );
-    let ours: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap()).unwrap();
+    let ours = eval_json(&cfg, Some(&o.join("epoch-3")));
     let py = Command::new(python())
         .arg(root().join("reference/peft_eval.py"))
         .arg(root().join("assets/tiny-llama"))
@@ -278,18 +281,7 @@ fn eval_needs_no_lr_and_training_names_it() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("  lr: 0.02\n", "")).unwrap();
     // config/sft.yaml marks only model.path and dataset.path required: eval runs without lr
-    let ev = volttrain()
-        .args(["eval", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        ev.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ev.stderr)
-    );
-    let m: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&ev.stdout).lines().last().unwrap()).unwrap();
+    let m = eval_json(&cfg, None);
     assert!(m["eval_loss"].as_f64().unwrap() > 0.0, "{m}");
     // training does need it, and says which key
     let out = volttrain()
