@@ -287,6 +287,68 @@ fn a_hung_sidecar_is_abandoned_after_the_finish_timeout() {
 }
 
 #[test]
+fn the_sidecar_runs_at_nice_19_and_a_slow_start_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let nice_file = dir.path().join("nice.txt");
+    // records its niceness (field 19 of /proc/<pid>/stat), then keeps a core busy for 3 s
+    // before it says it is ready (three times start_timeout_secs), then exits
+    let py = script(
+        dir.path(),
+        "slow",
+        &format!(
+            "cut -d' ' -f19 /proc/$$/stat > '{}'\n\
+             end=$(( $(date +%s) + 3 ))\n\
+             while [ \"$(date +%s)\" -lt \"$end\" ]; do i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; done\n\
+             {READY}\nexit 0",
+            nice_file.display()
+        ),
+    );
+    let cfg = job(
+        dir.path(),
+        &format!(
+            "[{{name: wandb, python: '{}', start_timeout_secs: 1}}]",
+            py.display()
+        ),
+        "",
+    );
+    let out = run(&cfg, &[]);
+    let s = summary(&out);
+    let nice = std::fs::read_to_string(&nice_file).unwrap();
+    assert_eq!(nice.trim(), "19", "the sidecar's niceness");
+    // the start was waited for (it made progress): the sidecar got to `ready`, and the points
+    // were lost only because it then exited
+    let err = s["callbacks"]["wandb"]["error"].as_str().unwrap();
+    assert!(!err.contains("did not import"), "{s}");
+    assert!(err.contains("stopped reading"), "{s}");
+    assert_eq!(s["steps"], 6, "training finished");
+}
+
+#[test]
+fn a_sidecar_hung_at_import_is_given_up_after_start_timeout_secs() {
+    let dir = tempfile::tempdir().unwrap();
+    let py = script(dir.path(), "hangs-at-import", "exec sleep 600");
+    let cfg = job(
+        dir.path(),
+        &format!(
+            "[{{name: wandb, python: '{}', start_timeout_secs: 1, finish_timeout_secs: 10}}]",
+            py.display()
+        ),
+        "",
+    );
+    let out = run(&cfg, &[]);
+    let s = summary(&out);
+    let w = &s["callbacks"]["wandb"];
+    assert_eq!(s["steps"], 6, "training finished");
+    assert_eq!(w["points"], 11, "{s}");
+    assert_eq!(w["dropped"], 11, "{s}");
+    let err = w["error"].as_str().unwrap();
+    assert!(
+        err.contains("did not import `wandb`") && err.contains("without progress"),
+        "{s}"
+    );
+}
+
+#[test]
 fn only_rank_0_logs_under_data_parallel() {
     let dir = tempfile::tempdir().unwrap();
     let wandb_dir = dir.path().join("wandb-dir");

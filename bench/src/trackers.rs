@@ -185,7 +185,8 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
             )?),
         ),
     ];
-    let rounds = if opts.quick { 3 } else { 5 };
+    // the runs without a tracker spread by ~10% on a shared machine: enough rounds for a median
+    let rounds = if opts.quick { 7 } else { 9 };
     let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
     // one untimed run: file caches, dataset cache, the allocator
     one_run(&opts.root, opts, &tmp.path().join("warmup"), None)?;

@@ -262,9 +262,10 @@ impl Worker {
         std::thread::Builder::new()
             .name(format!("volttrain-{name}"))
             .spawn(move || {
+                // The worker only uses cores training leaves idle, connecting included.
+                lower_priority();
                 match sink.start() {
-                    // Connected: from here on the worker only uses cores training leaves idle.
-                    Ok(()) => lower_priority(),
+                    Ok(()) => {}
                     Err(Error::Config { key, msg, .. }) => {
                         sh.fail(msg.clone());
                         if let Ok(mut f) = sh.fatal.lock() {

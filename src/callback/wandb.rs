@@ -58,6 +58,9 @@ fn default_flush() -> f64 {
 fn default_start_timeout() -> f64 {
     60.0
 }
+fn default_nice() -> i32 {
+    19
+}
 
 /// `callbacks: [{name: wandb, ...}]`. Unset keys are left to `wandb` (and its `WANDB_*`
 /// environment variables).
@@ -85,9 +88,17 @@ pub struct WandbConfig {
     /// The Python interpreter that has `wandb` installed (default `python3`).
     #[serde(default = "default_python")]
     pub python: String,
-    /// Seconds to wait for the sidecar to import `wandb` at the start (default 60).
+    /// Seconds the sidecar may go without progress while it imports `wandb` at the start
+    /// (default 60). On Linux the clock restarts whenever the sidecar gets CPU time, so a
+    /// sidecar slowed by training on a busy machine is waited for (up to ten times this) and a
+    /// hung one is not.
     #[serde(default = "default_start_timeout")]
     pub start_timeout_secs: f64,
+    /// CPU niceness (0-19, Linux/Unix) of the sidecar and of the W&B service it starts, from its
+    /// first instruction: 19 (default) runs W&B's start-up and logging on cores training
+    /// leaves idle, so they never slow the steps; 0 runs them at training's priority.
+    #[serde(default = "default_nice")]
+    pub nice: i32,
     /// `warn` (default): drop and count what cannot be delivered; `fail`: stop the run.
     #[serde(default)]
     pub on_error: OnError,
@@ -115,6 +126,7 @@ impl Default for WandbConfig {
             dir: None,
             python: default_python(),
             start_timeout_secs: default_start_timeout(),
+            nice: default_nice(),
             on_error: OnError::Warn,
             queue_size: default_queue(),
             finish_timeout_secs: default_finish_timeout(),
@@ -140,6 +152,16 @@ impl WandbConfig {
             return Err(Error::config(
                 "callbacks.wandb.start_timeout_secs",
                 "must be a number of seconds > 0",
+            ));
+        }
+        if !(0..=19).contains(&self.nice) {
+            return Err(Error::config(
+                "callbacks.wandb.nice",
+                format!(
+                    "{} is not a niceness VoltTrain can set; use 0 (training's priority) to 19 \
+                     (lowest, the default)",
+                    self.nice
+                ),
             ));
         }
         if self.python.trim().is_empty() {
@@ -229,6 +251,8 @@ struct Pipe {
     settings: serde_json::Value,
     python: String,
     start_timeout: Duration,
+    /// The sidecar's process id (its CPU time tells a slow start from a hung one).
+    pid: u32,
 }
 
 impl Pipe {
@@ -280,19 +304,38 @@ impl Sink for Pipe {
     /// Waits for the sidecar's first word: `ready`, or `missing` (a config error: the run
     /// stops, naming the package and the install command).
     fn start(&mut self) -> Result<()> {
-        let deadline = Instant::now() + self.start_timeout;
+        let begin = Instant::now();
+        // A slow start on a busy machine (the sidecar runs at low priority) keeps getting CPU
+        // time; a hung one does not. Wait while there is progress, up to ten times the timeout.
+        let cap = self.start_timeout * 10;
+        let mut progress = (begin, process_cpu_ticks(self.pid));
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match self.events.recv_timeout(left) {
+            let now = Instant::now();
+            if let Some(t) = process_cpu_ticks(self.pid)
+                && Some(t) != progress.1
+            {
+                progress = (now, Some(t));
+            }
+            let stalled = now.duration_since(progress.0) >= self.start_timeout;
+            if stalled || now.duration_since(begin) >= cap {
+                return Err(wandb_error(format!(
+                    "the W&B sidecar (`{}`) did not import `wandb` within {:.0} s{} \
+                     (start_timeout_secs)",
+                    self.python,
+                    now.duration_since(begin).as_secs_f64(),
+                    if stalled {
+                        format!(
+                            ", the last {:.0} s without progress",
+                            self.start_timeout.as_secs_f64()
+                        )
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+            let line = match self.events.recv_timeout(Duration::from_millis(500)) {
                 Ok(l) => l,
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(wandb_error(format!(
-                        "the W&B sidecar (`{}`) did not import `wandb` within {:.0} s \
-                         (start_timeout_secs)",
-                        self.python,
-                        self.start_timeout.as_secs_f64()
-                    )));
-                }
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(wandb_error(format!(
                         "the W&B sidecar (`{}`) exited at start; see its messages above",
@@ -431,6 +474,20 @@ impl Wandb {
         let dir = self.cfg.dir.as_deref().unwrap_or(output_dir);
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut cmd = Command::new(&self.cfg.python);
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            let nice = self.cfg.nice;
+            // SAFETY: the closure runs in the forked child before exec and only makes the
+            // async-signal-safe setpriority(2) call on the child itself; a refusal leaves the
+            // priority as it was, which is harmless.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd
             .arg(&*script)
             .stdin(Stdio::piped())
@@ -468,6 +525,7 @@ impl Wandb {
             self.cfg.python,
             child.id()
         );
+        let pid = child.id();
         let child = Arc::new(Mutex::new(child));
         self.child = Some(child.clone());
         self.script = Some(script);
@@ -477,6 +535,7 @@ impl Wandb {
             settings: self.settings(output_dir),
             python: self.cfg.python.clone(),
             start_timeout: Duration::from_secs_f64(self.cfg.start_timeout_secs),
+            pid,
         };
         let kill_handle = child;
         let kill: Box<dyn FnOnce() + Send> = Box::new(move || {
@@ -581,6 +640,18 @@ impl Drop for Wandb {
         }
         self.kill_child();
     }
+}
+
+/// CPU time (user + system, clock ticks) of process `pid` so far, from `/proc/<pid>/stat`;
+/// `None` where that cannot be read (not Linux, or the process is gone).
+fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the parenthesized command name: state is field 3, utime 14, stime 15
+    let rest = stat.rsplit_once(')')?.1;
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// An [`Error::Tracker`] of the wandb tracker.

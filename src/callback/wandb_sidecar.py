@@ -24,27 +24,6 @@ PROTO = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
 
 
-def lower_priority():
-    """Nice 19 for this process and the W&B service it started (Linux), once the run is up: the
-    logging then only uses cores training leaves idle. Start-up runs at normal priority so that a
-    busy machine cannot starve it past `start_timeout_secs`."""
-    try:
-        me = os.getpid()
-        os.setpriority(os.PRIO_PROCESS, me, 19)
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == me:
-                os.setpriority(os.PRIO_PROCESS, int(pid), 19)
-    except (AttributeError, OSError):
-        pass
-
-
 def say(obj):
     PROTO.write(json.dumps(obj) + "\n")
     PROTO.flush()
@@ -68,7 +47,6 @@ def main():
         if op == "init":
             settings = {k: v for k, v in msg["settings"].items() if v is not None}
             run = wandb.init(**settings)
-            lower_priority()
             logged += 1
         elif op == "log":
             run.log(msg["data"], step=msg["step"])

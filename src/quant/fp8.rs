@@ -17,8 +17,9 @@
 //! (straight-through): `dL/dx = g (Q(W) / s_W)`; the weight is frozen.
 //!
 //! Where it runs ([`fp8_backend_for`]): libtorch's `_scaled_mm` on CUDA devices with FP8 tensor
-//! cores (compute capability 8.9 or newer, probed once per device with a tiny `_scaled_mm`) for
-//! e4m3 weights whose dimensions are multiples of 16; elsewhere on those devices and on the CPU
+//! cores (compute capability 8.9 or newer) for weights whose dimensions are multiples of 16, e4m3
+//! and e5m2 alike (activations are e4m3; each weight format and scaling is probed once per
+//! device with a tiny `_scaled_mm`, [`fp8_scaled_mm_supported`]); elsewhere on those devices and on the CPU
 //! the emulation: the very same FP8 values (libtorch's float8 casts, which round like PyTorch's
 //! `.to(torch.float8_e4m3fn)` because they are the same code) widened to fp32, multiplied and
 //! scaled in fp32. Other devices (CUDA without FP8, MPS, ...) are refused with an error. The
@@ -36,7 +37,7 @@ use crate::error::{Error, Result, TchResultExt};
 const AMAX_EPS: f64 = 1e-12;
 
 /// The two FP8 formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Fp8Format {
     /// 4 exponent bits, 3 mantissa bits, no infinities, max 448 (weights and activations).
     #[serde(rename = "e4m3")]
@@ -73,7 +74,9 @@ impl Fp8Format {
 }
 
 /// Granularity of the dynamic FP8 scale.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Fp8Scaling {
     /// One scale for the whole tensor (torchao's default "tensorwise" recipe).
@@ -141,29 +144,45 @@ pub fn fake_quantize_fp8(x: &Tensor, format: Fp8Format, scaling: Fp8Scaling) -> 
     }
 }
 
-/// Whether `device` runs libtorch's FP8 `_scaled_mm` (CUDA with compute capability >= 8.9).
-/// Probed once per device with a 16x16 product; CPU and other devices answer false.
+/// Whether `device` runs libtorch's FP8 `_scaled_mm` (CUDA with compute capability >= 8.9):
+/// [`fp8_scaled_mm_supported`] for e4m3 weights with per-tensor scaling.
 pub fn fp8_kernels_available(device: Device) -> bool {
+    fp8_scaled_mm_supported(device, Fp8Format::E4m3, Fp8Scaling::PerTensor)
+}
+
+/// Whether libtorch's `_scaled_mm` on `device` multiplies e4m3 activations by `weight`-format
+/// weights with `scaling` (per-tensor: scalar multipliers; per-row: `[m, 1]` and `[1, n]`),
+/// the product [`Fp8Tensor::linear`] computes. Probed once per device and combination with a
+/// 16x16 product (cuBLASLt has e4m3 x e4m3 and e4m3 x e5m2, never e5m2 x e5m2, which is why
+/// activations are always e4m3); CPU and other devices answer false.
+pub fn fp8_scaled_mm_supported(device: Device, weight: Fp8Format, scaling: Fp8Scaling) -> bool {
     let Device::Cuda(index) = device else {
         return false;
     };
-    static CACHE: OnceLock<Mutex<HashMap<usize, bool>>> = OnceLock::new();
+    type Key = (usize, Fp8Format, Fp8Scaling);
+    static CACHE: OnceLock<Mutex<HashMap<Key, bool>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (index, weight, scaling);
     if let Ok(map) = cache.lock()
-        && let Some(v) = map.get(&index)
+        && let Some(v) = map.get(&key)
     {
         return *v;
     }
     let probe = || -> std::result::Result<Tensor, tch::TchError> {
         let _g = tch::no_grad_guard();
-        let a = Tensor::f_ones([16, 16], (Kind::Float, device))?.f_to_kind(Kind::Float8e4m3fn)?;
-        let b = Tensor::f_ones([16, 16], (Kind::Float, device))?.f_to_kind(Kind::Float8e4m3fn)?;
-        let one = Tensor::f_ones([], (Kind::Float, device))?;
-        a.f_internal_scaled_mm::<&Tensor>(&b.f_tr()?, &one, &one, None, None, Kind::BFloat16, false)
+        let f = (Kind::Float, device);
+        let a = Tensor::f_ones([16, 16], f)?.f_to_kind(Kind::Float8e4m3fn)?;
+        let b = Tensor::f_ones([16, 16], f)?.f_to_kind(weight.kind())?;
+        let (sa, sb) = match scaling {
+            Fp8Scaling::PerTensor => (Tensor::f_ones([], f)?, Tensor::f_ones([], f)?),
+            Fp8Scaling::PerRow => (Tensor::f_ones([16, 1], f)?, Tensor::f_ones([1, 16], f)?),
+        };
+        let out = fp8_product_kind(Kind::BFloat16, scaling);
+        a.f_internal_scaled_mm::<&Tensor>(&b.f_tr()?, &sa, &sb, None, None, out, false)
     };
     let ok = probe().is_ok();
     if let Ok(mut map) = cache.lock() {
-        map.insert(index, ok);
+        map.insert(key, ok);
     }
     ok
 }
@@ -433,9 +452,9 @@ impl QuantizedTensor for Fp8Tensor {
             quantize_fp8(&x2, Fp8Format::E4m3, self.scaling)?
         };
         let scaled_mm = backend == Fp8Backend::CudaScaledMm
-            && self.format == Fp8Format::E4m3
             && rows % 16 == 0
-            && cols % 16 == 0;
+            && cols % 16 == 0
+            && fp8_scaled_mm_supported(x.device(), self.format, self.scaling);
         let input = super::qlinear::Fp8Input {
             bits,
             scale,
