@@ -329,7 +329,10 @@ fn assert_gguf_equals_converter(model: &Path, dir: &Path, arch: &str) -> u64 {
             "q8_0" => {
                 let over = cmp["q8_0_dequant_max_err_over_step"].as_f64().unwrap();
                 // half a step, plus the f16 rounding of the scale (2^-11 relative) times 127
-                assert!(over <= 0.5 + 127.0 / 2048.0, "{name}: q8_0 error {over} steps");
+                assert!(
+                    over <= 0.5 + 127.0 / 2048.0,
+                    "{name}: q8_0 error {over} steps"
+                );
             }
             _ => assert!(err < 1e-2, "{name} {ty}: {err}"),
         }
@@ -362,7 +365,10 @@ fn gguf_export_of_each_family_equals_llama_cpps_converter() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     let mut args = vec![
-        root().join("reference/gguf_convert.py").display().to_string(),
+        root()
+            .join("reference/gguf_convert.py")
+            .display()
+            .to_string(),
         "make".into(),
         models.display().to_string(),
         tiny().display().to_string(),
@@ -432,7 +438,10 @@ fn gguf_with_an_adapter_equals_the_merged_model_and_bad_input_is_named() {
     let e = export_gguf(&spm, None, GgufType::F16, &dir.path().join("x.gguf"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("tokenizer.model") && e.contains("SentencePiece"), "{e}");
+    assert!(
+        e.contains("tokenizer.model") && e.contains("SentencePiece"),
+        "{e}"
+    );
     assert!(!dir.path().join("x.gguf").exists());
     let e = "q4_k".parse::<GgufType>().unwrap_err().to_string();
     assert!(e.contains("q4_k"), "{e}");

@@ -40,7 +40,6 @@ REFERENCE_PKGS=(
   "tokenizers==0.23.3"
   "trl==1.16.0"
   "wandb==0.31.0"
-  "gguf==0.19.0"
   # imported by llama.cpp's converter for llama-family vocabularies (see LLAMA_CPP_SDIST_*)
   "sentencepiece==0.2.1"
 )

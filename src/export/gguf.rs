@@ -1,16 +1,20 @@
 //! GGUF v3 files for llama.cpp and Ollama (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>).
 //!
-//! The metadata keys, tensor names, q/k row permutation, tensor type policy and tokenizer
-//! fields follow what llama.cpp's `convert_hf_to_gguf.py` writes for the `llama` architecture
-//! (`LlamaModel`, read at commit 0024aa74 of ggml-org/llama.cpp) with the `gguf` Python
-//! package's `SpecialVocab` (gguf 0.19.0): Hugging Face `LlamaForCausalLM` and
-//! `MistralForCausalLM` checkpoints with a byte-level BPE tokenizer. Other architectures are an
-//! error naming them.
+//! What is written is what llama.cpp's own `convert_hf_to_gguf.py` writes for the same model
+//! directory (the converter vendored in llama-cpp-python 0.3.36, with its gguf-py 0.19.0; the
+//! export tests run it and compare every key and tensor): for each architecture of
+//! [`GGUF_ARCHITECTURES`] the metadata of its converter class ([`ConverterClass`]), the
+//! tensor names of `gguf.TensorNameMap`, the class's tensor transforms (llama q/k permutation,
+//! Gemma norms + 1, Mamba `A = -exp(A_log)`, Phi-3 LongRoPE factor tensors, ...), the type policy
+//! of `prepare_tensors`, the `general.size_label` / `general.sampling.*` metadata, and the
+//! tokenizer of `_set_vocab_gpt2` + `SpecialVocab` (byte-level BPE from tokenizer.json). A
+//! family whose converter would read another vocabulary (SentencePiece `tokenizer.model`), and
+//! any other architecture, is an error naming it. `general.name` is the directory's name.
 //!
-//! Tensor types: 1-D tensors and norms are always F32; the others are F32, F16, BF16 or Q8_0
-//! (blocks of 32: an f16 scale `amax / 127` and 32 int8 `round(x / scale)`, ggml's
-//! `quantize_row_q8_0_ref`; a row length that is not a multiple of 32 falls back to F16 as the
-//! converter does).
+//! Tensor types: 1-D tensors, norms, SSM convolutions and tensors not named `*.weight` are
+//! always F32; the others are F32, F16, BF16 or Q8_0 (blocks of 32: an f16 scale `amax / 127` and
+//! 32 int8 `round(x / scale)`, ggml's `quantize_row_q8_0_ref`; a row length that is not a
+//! multiple of 32 falls back to F16 as the converter does).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -710,10 +714,7 @@ fn architecture_parameters(
                         .into(),
                 });
             }
-            if let Some(c) = hp
-                .float(&["final_logit_softcapping"])
-                .filter(|c| *c != 0.0)
-            {
+            if let Some(c) = hp.float(&["final_logit_softcapping"]).filter(|c| *c != 0.0) {
                 w.add(&p("final_logit_softcapping"), f32_of(c));
             }
             if hp.uint(&["sliding_window_pattern"]) != Some(1) {
@@ -803,9 +804,7 @@ fn architecture_parameters(
                     .to_ascii_lowercase();
                 let attn_factor = match rope_type.as_str() {
                     _ if scale <= 1.0 => 1.0,
-                    "su" | "longrope" => {
-                        (1.0 + scale.ln() / (orig as f64).ln()).sqrt()
-                    }
+                    "su" | "longrope" => (1.0 + scale.ln() / (orig as f64).ln()).sqrt(),
                     "yarn" => 0.1 * scale.ln() + 1.0,
                     other => {
                         return Err(bad(format!(
@@ -1056,7 +1055,12 @@ fn parse_normalizer(n: &Value, lower: &mut Option<bool>, strip: &mut Option<bool
             }
         }
         Some("Sequence") => {
-            for m in n.get("normalizers").and_then(Value::as_array).into_iter().flatten() {
+            for m in n
+                .get("normalizers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 parse_normalizer(m, lower, strip);
             }
         }
@@ -1088,13 +1092,15 @@ fn add_special_vocab(w: &mut GgufWriter, dir: &Path, tj: &Value) -> Result<()> {
     }
     let mut types: Vec<&str> = vec!["bos", "eos", "unk", "sep", "pad", "cls", "mask"];
     let mut add: Vec<(&str, bool)> = Vec::new();
-    let set_add = |add: &mut Vec<(&'static str, bool)>, typ: &'static str, b: bool, keep: bool| {
-        match add.iter_mut().find(|(t, _)| *t == typ) {
+    let set_add =
+        |add: &mut Vec<(&'static str, bool)>, typ: &'static str, b: bool, keep: bool| match add
+            .iter_mut()
+            .find(|(t, _)| *t == typ)
+        {
             Some(slot) if !keep => slot.1 = b,
             Some(_) => {}
             None => add.push((typ, b)),
-        }
-    };
+        };
     let get = |tc: &serde_json::Map<String, Value>, k: &str| tc.get(k).cloned();
     let (mut bos, mut cls) = (get(&tc, "bos_token"), get(&tc, "cls_token"));
     let (mut eos, mut sep) = (get(&tc, "eos_token"), get(&tc, "sep_token"));
@@ -1112,7 +1118,10 @@ fn add_special_vocab(w: &mut GgufWriter, dir: &Path, tj: &Value) -> Result<()> {
             .filter(|s| !s.is_empty())
             .map(|s| Value::String(s.into()))
     };
-    if let Some(pp) = tj.get("post_processor").filter(|p| truthy(&Some((*p).clone()))) {
+    if let Some(pp) = tj
+        .get("post_processor")
+        .filter(|p| truthy(&Some((*p).clone())))
+    {
         let procs = pp
             .get("processors")
             .and_then(Value::as_array)
@@ -1139,7 +1148,10 @@ fn add_special_vocab(w: &mut GgufWriter, dir: &Path, tj: &Value) -> Result<()> {
                 }
                 Some("TemplateProcessing") => {
                     let empty = Vec::new();
-                    let single = proc.get("single").and_then(Value::as_array).unwrap_or(&empty);
+                    let single = proc
+                        .get("single")
+                        .and_then(Value::as_array)
+                        .unwrap_or(&empty);
                     let pair = proc.get("pair").and_then(Value::as_array).unwrap_or(&empty);
                     let (mut first, mut last) = (None, None);
                     if single.len() > 1 {
@@ -1183,7 +1195,8 @@ fn add_special_vocab(w: &mut GgufWriter, dir: &Path, tj: &Value) -> Result<()> {
                         }
                     }
                     if !pair.is_empty() {
-                        let start = usize::from(first.is_some() && special_id(pair.first()) == first);
+                        let start =
+                            usize::from(first.is_some() && special_id(pair.first()) == first);
                         let stop = usize::from(last.is_some() && special_id(pair.last()) == last);
                         let p = if start + stop <= pair.len() {
                             &pair[start..pair.len() - stop]
@@ -1193,9 +1206,11 @@ fn add_special_vocab(w: &mut GgufWriter, dir: &Path, tj: &Value) -> Result<()> {
                         fn seq(x: Option<&Value>) -> Option<&str> {
                             x?.pointer("/Sequence/id")?.as_str()
                         }
-                        if p.len() > 2 && seq(p.first()) == Some("A") && seq(p.last()) == Some("B") {
+                        if p.len() > 2 && seq(p.first()) == Some("A") && seq(p.last()) == Some("B")
+                        {
                             let mid = &p[1..p.len() - 1];
-                            let is_sep = |e: &Value| Some(e) == sep.as_ref() || Some(e) == eos.as_ref();
+                            let is_sep =
+                                |e: &Value| Some(e) == sep.as_ref() || Some(e) == eos.as_ref();
                             let mut add_sep = false;
                             if let Some(e) = special_id(mid.first())
                                 && is_sep(&e)
@@ -1305,14 +1320,20 @@ fn add_special_vocab(w: &mut GgufWriter, dir: &Path, tj: &Value) -> Result<()> {
     }
     for (typ, b) in add {
         if ["bos", "eos", "sep"].contains(&typ) {
-            w.add(&format!("tokenizer.ggml.add_{typ}_token"), GgufValue::Bool(b));
+            w.add(
+                &format!("tokenizer.ggml.add_{typ}_token"),
+                GgufValue::Bool(b),
+            );
         }
     }
     if let Some(b) = lower {
         w.add("tokenizer.ggml.normalizer.lowercase", GgufValue::Bool(b));
     }
     if let Some(b) = strip {
-        w.add("tokenizer.ggml.normalizer.strip_accents", GgufValue::Bool(b));
+        w.add(
+            "tokenizer.ggml.normalizer.strip_accents",
+            GgufValue::Bool(b),
+        );
     }
     Ok(())
 }
