@@ -206,6 +206,37 @@ fn merged_model_has_the_peft_eval_loss() {
         .tensor("model.layers.0.mlp.up_proj.weight", None, tch::Device::Cpu)
         .unwrap();
     assert_eq!(t.kind(), Kind::BFloat16);
+    // one shard: model.safetensors, and the index all the same, naming it for every tensor
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out16.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let names: Vec<&str> = f.names().collect();
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), names.len());
+    for n in &names {
+        assert_eq!(map[*n], "model.safetensors", "{n}");
+    }
+    let bytes: u64 =
+        volttrain::model::safetensors::load_safetensors(&out16.join("model.safetensors"))
+            .unwrap()
+            .values()
+            .map(|t| (t.numel() * 2) as u64)
+            .sum();
+    assert_eq!(index["metadata"]["total_size"], bytes);
+    // transformers loads it: the eval loss of the bf16 merge is the fp32 merge's up to bf16
+    // rounding
+    let hf16 = run_py(&[
+        script.to_str().unwrap(),
+        out16.to_str().unwrap(),
+        "-",
+        eval.to_str().unwrap(),
+        "256",
+    ]);
+    let c = hf16["eval_loss"].as_f64().unwrap();
+    println!("eval loss: merged bf16 under transformers {c:.6}");
+    assert_eq!(hf16["tokens"], hf["tokens"]);
+    assert!((c - b).abs() < 2e-2, "{c} vs {b}");
     // the output exists now: a second merge into it is refused
     let e = merge_to_dir(&tiny(), &adapter, &out16, &opts, None)
         .unwrap_err()
@@ -251,6 +282,90 @@ fn quantized_base_is_dequantized_then_merged() {
         checked += 1;
     }
     assert_eq!(checked, 4 * 7);
+}
+
+#[test]
+fn quantized_base_merge_equals_peft_and_bitsandbytes() {
+    // PEFT's merge_and_unload on a bitsandbytes-quantized base (CPU), the dense merged weight it
+    // computes (dequantize_bnb_weight(W) + delta, reference/merge_bnb_ref.py) against VoltTrain's
+    // merge of the same adapter into the same base quantized the same way, written in fp32 and
+    // bf16. bitsandbytes' Int8Params quantizes the fp16 cast of the weights, VoltTrain's int8
+    // quantizer the fp32 weights: the base here has fp16-representable weights, so that both
+    // quantize the same values and what differs, if anything, is the merge.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in std::fs::read_dir(tiny()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, base.join(f.file_name().unwrap())).unwrap();
+    }
+    let weights = volttrain::model::safetensors::load_safetensors(&base.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_kind(Kind::Half).to_kind(Kind::Float)))
+        .collect::<Vec<_>>();
+    volttrain::model::safetensors::save_safetensors(
+        &base.join("model.safetensors"),
+        &weights,
+        None,
+    )
+    .unwrap();
+    let adapter = dir.path().join("adapter");
+    make_adapter(&base, &adapter, 13);
+    let nf4: Arc<dyn volttrain::quant::Quantizer> =
+        Arc::new(FourBitQuantizer::new(FourBitType::Nf4, 64, true).unwrap());
+    let int8: Arc<dyn volttrain::quant::Quantizer> =
+        Arc::new(volttrain::quant::int8::Int8Quantizer);
+    for (mode, q) in [("nf4", nf4), ("int8", int8)] {
+        let reference = dir.path().join(format!("peft-{mode}.safetensors"));
+        let r = run_py(&[
+            root().join("reference/merge_bnb_ref.py").to_str().unwrap(),
+            base.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            reference.to_str().unwrap(),
+            mode,
+        ]);
+        assert_eq!(r["modules"], 4 * 7, "{mode}: {r}");
+        let want = volttrain::model::safetensors::load_safetensors(&reference).unwrap();
+        for dtype in [SaveDtype::F32, SaveDtype::Bf16] {
+            let out = dir
+                .path()
+                .join(format!("merged-{mode}-{}", dtype.torch_name()));
+            let opts = MergeOptions {
+                quantizer: Some(q.clone()),
+                dtype,
+                ..Default::default()
+            };
+            let report = merge_to_dir(&base, &adapter, &out, &opts, None).unwrap();
+            assert_eq!(report.dequantized.len(), 1, "{:?}", report.dequantized);
+            let got =
+                volttrain::model::safetensors::load_safetensors(&out.join("model.safetensors"))
+                    .unwrap();
+            let mut worst = 0f64;
+            for (name, w) in &want {
+                let g = &got[name];
+                assert_eq!(g.kind(), dtype.kind(), "{name}");
+                let expect = w.to_kind(dtype.kind()).to_kind(Kind::Float);
+                let err = (g.to_kind(Kind::Float) - &expect)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                let scale = expect.abs().max().double_value(&[]);
+                worst = worst.max(err / scale);
+            }
+            println!(
+                "{mode} {}: max error / max |w| {worst:.3e}",
+                dtype.torch_name()
+            );
+            // fp32: the same arithmetic up to float rounding; bf16: both rounded to bf16 from
+            // values that differ by that much at most one bf16 step apart
+            let tol = match dtype {
+                SaveDtype::F32 => 1e-6,
+                _ => 2f64.powi(-7),
+            };
+            assert!(worst <= tol, "{mode} {}: {worst}", dtype.torch_name());
+        }
+    }
 }
 
 #[test]
