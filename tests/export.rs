@@ -2,8 +2,13 @@
 //! `lora.init_from`.
 //!
 //! - A merged directory (sharded, fp32) has the eval loss of base + adapter under PEFT to 1e-4,
-//!   both computed by `reference/peft_eval.py` with transformers; a quantized base is dequantized
-//!   and merged; an adapter for another base is an error naming the tensor.
+//!   both computed by `reference/peft_eval.py` with transformers; a one-file merge (bf16) has
+//!   `model.safetensors.index.json` too and transformers loads it (eval loss within 2e-3 of the
+//!   fp32 merge's). A quantized base (NF4 with double quantization, int8) is dequantized and
+//!   merged exactly as PEFT's `merge_and_unload` does on a bitsandbytes-quantized base on the CPU
+//!   (`reference/merge_bnb_ref.py`: the dense `dequantize_bnb_weight(W) + delta` PEFT computes,
+//!   to 1e-6 relative in fp32; measured equal), written in fp32 and bf16. An adapter for another
+//!   base is an error naming the tensor.
 //! - A GGUF export equals, key by key and tensor by tensor (name, type, shape, bytes: q8_0 blocks
 //!   byte for byte), the file llama.cpp's own `convert_hf_to_gguf.py` writes for the same model
 //!   directory, read back with the `gguf` package it ships with (`reference/gguf_convert.py`; the
@@ -236,7 +241,7 @@ fn merged_model_has_the_peft_eval_loss() {
     let c = hf16["eval_loss"].as_f64().unwrap();
     println!("eval loss: merged bf16 under transformers {c:.6}");
     assert_eq!(hf16["tokens"], hf["tokens"]);
-    assert!((c - b).abs() < 2e-2, "{c} vs {b}");
+    assert!((c - b).abs() < 2e-3, "{c} vs {b}");
     // the output exists now: a second merge into it is refused
     let e = merge_to_dir(&tiny(), &adapter, &out16, &opts, None)
         .unwrap_err()
@@ -468,7 +473,13 @@ fn gguf_export_equals_llama_cpps_converter() {
 fn gguf_export_of_each_family_equals_llama_cpps_converter() {
     // tiny random models with the bundled tokenizer (reference/gguf_convert.py make)
     let families = [
+        // Llama 3 RoPE (rope_freqs), q/k/v/o and MLP biases, bf16 on disk
+        ("llama3", "llama"),
+        ("llama_yarn", "llama"),
+        ("llama_tied", "llama"),
+        ("mistral", "llama"),
         ("qwen2", "qwen2"),
+        ("qwen2_swa", "qwen2"),
         ("qwen3", "qwen3"),
         ("gemma3", "gemma3"),
         ("phi3", "phi3"),

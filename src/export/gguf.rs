@@ -551,6 +551,71 @@ fn u32_of(v: u64) -> GgufValue {
     GgufValue::U32(v as u32)
 }
 
+/// `LlamaModel.generate_extra_tensors` for llama3 RoPE scaling: one factor per frequency of a
+/// head of `dim` (`rope_freqs`). The converter computes them with float32 torch operations; the
+/// same libtorch operations are used here, so that the values are bit-equal.
+fn llama3_rope_factors(rope: &serde_json::Map<String, Value>, dim: u64) -> Result<Tensor> {
+    let get = |k: &str, d: f64| rope.get(k).and_then(Value::as_f64).unwrap_or(d);
+    let base = get("rope_theta", 10000.0);
+    let factor = get("factor", 8.0);
+    let low = get("low_freq_factor", 1.0);
+    let high = get("high_freq_factor", 4.0);
+    let old_ctx = get("original_max_position_embeddings", 8192.0);
+    let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+    let ctx = "llama3 rope factors";
+    // freqs = 1.0 / (base ** (arange(0, dim, 2, float32) / dim)); `x / t` is t.reciprocal() * x
+    let exps = Tensor::f_arange_start_step(0, dim as i64, 2, (Kind::Float, tch::Device::Cpu))
+        .ctx(ctx)?
+        .f_div_scalar(dim as i64)
+        .ctx(ctx)?;
+    let freqs = Tensor::f_pow_scalar(base, &exps)
+        .ctx(ctx)?
+        .f_reciprocal()
+        .ctx(ctx)?;
+    let wavelen = freqs
+        .f_reciprocal()
+        .ctx(ctx)?
+        .f_mul_scalar(2.0 * std::f64::consts::PI)
+        .ctx(ctx)?;
+    // smooth = (old_ctx / wavelen - low) / (high - low); 1 / ((1 - smooth) / factor + smooth)
+    let smooth = wavelen
+        .f_reciprocal()
+        .ctx(ctx)?
+        .f_mul_scalar(old_ctx)
+        .ctx(ctx)?
+        .f_sub_scalar(low)
+        .ctx(ctx)?
+        .f_div_scalar(high - low)
+        .ctx(ctx)?;
+    let mid = smooth
+        .f_neg()
+        .ctx(ctx)?
+        .f_add_scalar(1.0)
+        .ctx(ctx)?
+        .f_div_scalar(factor)
+        .ctx(ctx)?
+        .f_add(&smooth)
+        .ctx(ctx)?
+        .f_reciprocal()
+        .ctx(ctx)?;
+    let wavelen = Vec::<f32>::try_from(&wavelen).ctx(ctx)?;
+    let mid = Vec::<f32>::try_from(&mid).ctx(ctx)?;
+    let factors: Vec<f32> = wavelen
+        .iter()
+        .zip(mid)
+        .map(|(&w, m)| {
+            if w < high_wavelen as f32 {
+                1.0
+            } else if w > low_wavelen as f32 {
+                factor as f32
+            } else {
+                m
+            }
+        })
+        .collect();
+    Ok(Tensor::from_slice(&factors))
+}
+
 /// `TextModel.set_gguf_parameters`.
 fn text_parameters(
     w: &mut GgufWriter,
@@ -558,6 +623,7 @@ fn text_parameters(
     rp: &serde_json::Map<String, Value>,
     arch: &str,
     ty: GgufType,
+    llama3_ok: bool,
 ) -> Result<()> {
     let p = |k: &str| format!("{arch}.{k}");
     w.add(&p("block_count"), u32_of(hp.need(BLOCK_KEYS)?));
@@ -605,20 +671,56 @@ fn text_parameters(
         .get("full_attention")
         .and_then(Value::as_object)
         .unwrap_or(rp);
+    let factor = rope.get("factor").and_then(Value::as_f64);
     match rope.get("rope_type").and_then(Value::as_str) {
         None | Some("default") => {}
+        // the Llama class writes llama3 scaling as the `rope_freqs` tensor
+        Some(t) if t.eq_ignore_ascii_case("llama3") && llama3_ok => {}
         Some("linear") => {
-            if let Some(f) = rope.get("factor").and_then(Value::as_f64) {
+            if let Some(f) = factor {
                 w.add(&p("rope.scaling.type"), GgufValue::Str("linear".into()));
                 w.add(&p("rope.scaling.factor"), f32_of(f));
             }
         }
+        Some("yarn") => {
+            if let Some(f) = factor {
+                w.add(&p("rope.scaling.type"), GgufValue::Str("yarn".into()));
+                w.add(&p("rope.scaling.factor"), f32_of(f));
+                let orig = rope
+                    .get("original_max_position_embeddings")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| Error::Config {
+                        file: Some(hp.file.to_path_buf()),
+                        key: "rope_parameters.original_max_position_embeddings".into(),
+                        msg: "missing (yarn RoPE needs it)".into(),
+                    })?;
+                w.add(&p("rope.scaling.original_context_length"), u32_of(orig));
+                let yarn: [(&[&str], &str); 4] = [
+                    (&["extrapolation_factor"], "yarn_ext_factor"),
+                    (&["attention_factor", "attn_factor"], "yarn_attn_factor"),
+                    (&["beta_fast"], "yarn_beta_fast"),
+                    (&["beta_slow"], "yarn_beta_slow"),
+                ];
+                for (names, key) in yarn {
+                    if let Some(v) = names
+                        .iter()
+                        .find_map(|n| rope.get(*n))
+                        .and_then(Value::as_f64)
+                    {
+                        w.add(&p(&format!("rope.scaling.{key}")), f32_of(v));
+                    }
+                }
+            }
+        }
         Some(other) => {
+            // longrope / su without Phi-3's factor tensors, dynamic NTK (which llama.cpp does
+            // not implement) and unknown types: the converter would write a file without them
             return Err(Error::Config {
                 file: Some(hp.file.to_path_buf()),
                 key: "rope_parameters.rope_type".into(),
                 msg: format!(
-                    "GGUF export of `{arch}` supports the default and linear RoPE, not `{other}`"
+                    "GGUF export of `{arch}` supports the default, linear and yarn RoPE{}, not `{other}` (llama.cpp's converter would drop it)",
+                    if llama3_ok { " and llama3" } else { "" }
                 ),
             });
         }
@@ -672,18 +774,32 @@ fn architecture_parameters(
     let rp = hp.rope_parameters();
     let mut extra = Vec::new();
     match family.class {
-        ConverterClass::Qwen => text_parameters(w, hp, &rp, arch, ty)?,
+        ConverterClass::Qwen => text_parameters(w, hp, &rp, arch, ty, false)?,
         ConverterClass::Llama => {
-            text_parameters(w, hp, &rp, arch, ty)?;
+            text_parameters(w, hp, &rp, arch, ty, true)?;
             w.add(&p("vocab_size"), u32_of(hp.need(&["vocab_size"])?));
             let rope_dim = match hp.uint(&["head_dim"]) {
                 Some(d) => d,
                 None => hp.need(&["hidden_size"])? / hp.need(&["num_attention_heads"])?,
             };
             w.add(&p("rope.dimension_count"), u32_of(rope_dim));
+            let rope = rp
+                .get("full_attention")
+                .and_then(Value::as_object)
+                .unwrap_or(&rp);
+            if rope
+                .get("rope_type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.eq_ignore_ascii_case("llama3"))
+            {
+                extra.push((
+                    "rope_freqs.weight".to_string(),
+                    llama3_rope_factors(rope, rope_dim)?,
+                ));
+            }
         }
         ConverterClass::Gemma3 => {
-            text_parameters(w, hp, &rp, arch, ty)?;
+            text_parameters(w, hp, &rp, arch, ty, false)?;
             let or = |k: &str, d: u64| hp.uint(&[k]).unwrap_or(d);
             w.add(
                 &p("context_length"),
@@ -1549,7 +1665,7 @@ pub fn build_gguf(
     let mut token_embd: Option<Tensor> = None;
     let _g = tch::no_grad_guard();
     for (name, t) in extra.into_iter().chain(model.checkpoint_tensors()?) {
-        let gname = if name.starts_with("rope_factors_") {
+        let gname = if name.starts_with("rope_") {
             name.clone()
         } else {
             tensor_name(family.class, &name).ok_or_else(|| Error::Unsupported {
