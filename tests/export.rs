@@ -568,6 +568,17 @@ fn gguf_with_an_adapter_equals_the_merged_model_and_bad_input_is_named() {
         e.contains("tokenizer.model") && e.contains("SentencePiece"),
         "{e}"
     );
+    // a RoPE type llama.cpp's converter would drop (dynamic NTK)
+    std::fs::remove_file(spm.join("tokenizer.model")).unwrap();
+    let mut dynamic = cfg.clone();
+    dynamic["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    dynamic["rope_parameters"] =
+        serde_json::json!({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0});
+    std::fs::write(spm.join("config.json"), dynamic.to_string()).unwrap();
+    let e = export_gguf(&spm, None, GgufType::F16, &dir.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dynamic") && e.contains("rope_type"), "{e}");
     assert!(!dir.path().join("x.gguf").exists());
     let e = "q4_k".parse::<GgufType>().unwrap_err().to_string();
     assert!(e.contains("q4_k"), "{e}");
