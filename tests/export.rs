@@ -579,6 +579,18 @@ fn gguf_with_an_adapter_equals_the_merged_model_and_bad_input_is_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("dynamic") && e.contains("rope_type"), "{e}");
+    // a tokenizer with ids past the model's vocabulary
+    let mut small = cfg.clone();
+    small["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    small["vocab_size"] = serde_json::json!(100);
+    std::fs::write(spm.join("config.json"), small.to_string()).unwrap();
+    let e = export_gguf(&spm, None, GgufType::F16, &dir.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("vocab_size 100") && e.contains("tokenizer.json"),
+        "{e}"
+    );
     assert!(!dir.path().join("x.gguf").exists());
     let e = "q4_k".parse::<GgufType>().unwrap_err().to_string();
     assert!(e.contains("q4_k"), "{e}");

@@ -997,7 +997,8 @@ fn add_sampling(w: &mut GgufWriter, dir: &Path) {
     };
     let int = |v: &Value| v.as_i64().map(|x| GgufValue::I32(x as i32));
     let float = |v: &Value| v.as_f64().map(f32_of);
-    let keys: [(&[&str], &str, &dyn Fn(&Value) -> Option<GgufValue>); 11] = [
+    type Convert<'a> = &'a dyn Fn(&Value) -> Option<GgufValue>;
+    let keys: [(&[&str], &str, Convert); 11] = [
         (&["top_k"], "top_k", &int),
         (&["top_p"], "top_p", &float),
         (&["min_p"], "min_p", &float),
@@ -1094,6 +1095,15 @@ fn add_vocab(w: &mut GgufWriter, dir: &Path, vocab_size: usize, tok: &Tokenizer)
     let mut by_id: HashMap<u32, String> = HashMap::new();
     for (t, id) in vocab {
         by_id.insert(id, t);
+    }
+    // get_vocab_base asserts every token id is under the model's vocab_size
+    if let Some(max) = by_id.keys().max().filter(|m| **m as usize >= vocab_size) {
+        return Err(Error::Tokenizer {
+            path: dir.join("tokenizer.json"),
+            msg: format!(
+                "token id {max} is not under the model's vocab_size {vocab_size} (config.json): the GGUF vocabulary would lose it"
+            ),
+        });
     }
     let added = inner.get_added_tokens_decoder();
     let mut tokens = Vec::with_capacity(vocab_size);
@@ -1564,21 +1574,21 @@ fn modify_tensor(
         }
         ConverterClass::Gemma3 => {
             let t = if hf.ends_with("embed_tokens.weight") && t.size()[0] > gemma_rows {
-                t.f_narrow(0, 0, gemma_rows).ctx(&ctx("narrow"))?
+                t.f_narrow(0, 0, gemma_rows).ctx(ctx("narrow"))?
             } else {
                 t
             };
             if hf.ends_with("norm.weight") {
-                t.f_add_scalar(1.0).ctx(&ctx("norm + 1"))?
+                t.f_add_scalar(1.0).ctx(ctx("norm + 1"))?
             } else {
                 t
             }
         }
         ConverterClass::Mamba => {
             if hf.ends_with(".A_log") {
-                t.f_exp().ctx(&ctx("exp"))?.f_neg().ctx(&ctx("neg"))?
+                t.f_exp().ctx(ctx("exp"))?.f_neg().ctx(ctx("neg"))?
             } else if hf.ends_with("conv1d.weight") {
-                t.f_squeeze().ctx(&ctx("squeeze"))?
+                t.f_squeeze().ctx(ctx("squeeze"))?
             } else {
                 t
             }
