@@ -23,7 +23,8 @@ Usage:
   gguf_convert.py make OUT_DIR TOKENIZER_DIR NAME [NAME ...]
       Tiny random models OUT_DIR/NAME of the families VoltTrain exports (configs of
       make_model_fixtures.py / ssm_ref.py with the vocabulary size of the tokenizer in
-      TOKENIZER_DIR, whose tokenizer files are copied in; Phi-3 ones get Phi-4's
+      TOKENIZER_DIR, whose tokenizer files are copied in; Gemma 2 and NAME_spm (variant NAME) get a SentencePiece
+      tokenizer.model (+ tokenizer.json) trained on the bundled eval data; Phi-3 ones get Phi-4's
       `tokenizer_class: GPT2Tokenizer`, qwen3 Qwen3's sampling defaults in generation_config.json).
 Prints one JSON line last.
 """
@@ -161,6 +162,33 @@ def edit_json(path, **kv):
         json.dump(data, f, indent=2)
 
 
+def sentencepiece_tokenizer(d, tok_dir):
+    """A SentencePiece unigram model (byte fallback, two user-defined symbols) trained on the
+    bundled eval data, as tokenizer.model, and the same as a tokenizers tokenizer.json."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers.implementations import SentencePieceUnigramTokenizer
+
+    data = os.path.join(os.path.dirname(tok_dir.rstrip("/")), "data", "eval.jsonl")
+    corpus = os.path.join(d, "corpus.txt")
+    with open(data) as f, open(corpus, "w") as out:
+        for line in f:
+            out.write(json.dumps(json.loads(line), ensure_ascii=False) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus, model_prefix=os.path.join(d, "tokenizer"), vocab_size=400, model_type="unigram",
+        byte_fallback=True, character_coverage=0.995, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2, num_threads=1)
+    os.remove(corpus)
+    os.remove(os.path.join(d, "tokenizer.vocab"))
+    # tokenizers' from_spm imports the protobuf module under its top-level name
+    sys.modules.setdefault("sentencepiece_model_pb2", sentencepiece_model_pb2)
+    SentencePieceUnigramTokenizer.from_spm(os.path.join(d, "tokenizer.model")).save(
+        os.path.join(d, "tokenizer.json"))
+    shutil.copy(os.path.join(tok_dir, "chat_template.jinja"), os.path.join(d, "chat_template.jinja"))
+    edit_json(os.path.join(d, "tokenizer_config.json"), bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+              unk_token="<unk>", add_bos_token=True, tokenizer_class="GemmaTokenizer")
+
+
 def make(out_dir, tok_dir, names):
     import torch
 
@@ -174,7 +202,9 @@ def make(out_dir, tok_dir, names):
                                                    for k, (c, cfg) in ssm_ref.variants().items()}}
     made = {}
     for name in names:
-        cls, cfg, dtype, _ = known[name]
+        # NAME_spm: variant NAME with a SentencePiece tokenizer
+        spm = name.endswith("_spm")
+        cls, cfg, dtype, _ = known[name.removesuffix("_spm")]
         cfg = copy.deepcopy(cfg)
         cfg.vocab_size = vocab
         torch.manual_seed(sum(map(ord, name)))
@@ -184,9 +214,13 @@ def make(out_dir, tok_dir, names):
                 p.add_(torch.randn_like(p) * 0.05)
         d = os.path.join(out_dir, name)
         model.to(dtype).save_pretrained(d)
-        for f in os.listdir(tok_dir):
-            if f.startswith(("tokenizer", "chat_template", "special_tokens")):
-                shutil.copy(os.path.join(tok_dir, f), os.path.join(d, f))
+        if spm or cls.__name__.startswith("Gemma2"):
+            # Gemma 2's converter reads a SentencePiece tokenizer.model only
+            sentencepiece_tokenizer(d, tok_dir)
+        else:
+            for f in os.listdir(tok_dir):
+                if f.startswith(("tokenizer", "chat_template", "special_tokens")):
+                    shutil.copy(os.path.join(tok_dir, f), os.path.join(d, f))
         if cls.__name__.startswith("Phi3"):
             # Phi-4's tokenizer class: the converter takes its BPE vocabulary as for GPT-2
             edit_json(os.path.join(d, "tokenizer_config.json"), tokenizer_class="GPT2Tokenizer")

@@ -481,6 +481,10 @@ fn gguf_export_of_each_family_equals_llama_cpps_converter() {
         ("qwen2", "qwen2"),
         ("qwen2_swa", "qwen2"),
         ("qwen3", "qwen3"),
+        // a SentencePiece vocabulary (tokenizer.model)
+        ("gemma2", "gemma2"),
+        ("llama_spm", "llama"),
+        ("qwen2_spm", "qwen2"),
         ("gemma3", "gemma3"),
         ("phi3", "phi3"),
         ("phi4", "phi3"),
@@ -506,6 +510,20 @@ fn gguf_export_of_each_family_equals_llama_cpps_converter() {
     for (name, arch) in families {
         assert_gguf_equals_converter(&models.join(name), dir.path(), arch, &["f32", "q8_0"]);
     }
+    // Gemma 2 without its SentencePiece tokenizer.model is refused, naming it
+    std::fs::remove_file(models.join("gemma2/tokenizer.model")).unwrap();
+    let e = export_gguf(
+        &models.join("gemma2"),
+        None,
+        GgufType::F32,
+        &dir.path().join("x.gguf"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("tokenizer.model") && e.contains("Gemma 2"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -543,10 +561,7 @@ fn gguf_with_an_adapter_equals_the_merged_model_and_bad_input_is_named() {
     );
     assert!(!dir.path().join("x.gguf").exists());
     // families VoltTrain loads but whose converter reads a vocabulary VoltTrain does not write
-    for (arch, why) in [
-        ("Gemma2ForCausalLM", "tokenizer.model"),
-        ("JambaForCausalLM", "byte-fallback"),
-    ] {
+    for (arch, why) in [("JambaForCausalLM", "byte-fallback")] {
         cfg["architectures"] = serde_json::json!([arch]);
         std::fs::write(qwen.join("config.json"), cfg.to_string()).unwrap();
         let e = export_gguf(&qwen, None, GgufType::F16, &dir.path().join("x.gguf"))
@@ -554,7 +569,7 @@ fn gguf_with_an_adapter_equals_the_merged_model_and_bad_input_is_named() {
             .to_string();
         assert!(e.contains(arch) && e.contains(why), "{e}");
     }
-    // a SentencePiece tokenizer.model next to tokenizer.json: the converter would use it
+    // a tokenizer.model (which the converter would read) that is not a SentencePiece model
     let spm = dir.path().join("spm");
     std::fs::create_dir_all(&spm).unwrap();
     for f in std::fs::read_dir(tiny()).unwrap() {

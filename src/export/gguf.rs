@@ -7,9 +7,11 @@
 //! tensor names of `gguf.TensorNameMap`, the class's tensor transforms (llama q/k permutation,
 //! Gemma norms + 1, Mamba `A = -exp(A_log)`, Phi-3 LongRoPE factor tensors, ...), the type policy
 //! of `prepare_tensors`, the `general.size_label` / `general.sampling.*` metadata, and the
-//! tokenizer of `_set_vocab_gpt2` + `SpecialVocab` (byte-level BPE from tokenizer.json). A
-//! family whose converter would read another vocabulary (SentencePiece `tokenizer.model`), and
-//! any other architecture, is an error naming it. `general.name` is the directory's name.
+//! tokenizer the class's `set_vocab` writes: `_set_vocab_sentencepiece` from a SentencePiece
+//! `tokenizer.model` where the class prefers one (llama, Qwen, Gemma), else `_set_vocab_gpt2`
+//! (byte-level BPE from tokenizer.json), with `SpecialVocab`. A vocabulary the converter would
+//! read otherwise (Phi-3's SentencePiece path, Jamba's Llama-BPE), and any other architecture,
+//! is an error naming it. `general.name` is the directory's name.
 //!
 //! Tensor types: 1-D tensors, norms, SSM convolutions and tensors not named `*.weight` are
 //! always F32; the others are F32, F16, BF16 or Q8_0 (blocks of 32: an f16 scale `amax / 127` and
@@ -47,6 +49,9 @@ pub enum ConverterClass {
     Llama,
     /// `Qwen2Model` / `Qwen3Model`: `TextModel`'s parameters; tensors as they are.
     Qwen,
+    /// `Gemma2Model`: its own parameters (both soft-caps, sliding window, no RoPE base); every
+    /// `*norm.weight` + 1; a SentencePiece vocabulary only (`tokenizer.model`).
+    Gemma2,
     /// `Gemma3Model`: Gemma's defaults, soft-cap and sliding window; every `*norm.weight` + 1
     /// (`Gemma3RMSNorm` multiplies by `1 + w`), embedding rows past the tokenizer's size dropped.
     Gemma3,
@@ -75,12 +80,13 @@ const fn family(hf: &'static str, arch: &'static str, class: ConverterClass) -> 
 
 /// Architectures [`export_gguf`] converts (those of `convert_hf_to_gguf.py` that VoltTrain
 /// loads and whose tokenizer it can write).
-pub const GGUF_ARCHITECTURES: [GgufArchitecture; 9] = [
+pub const GGUF_ARCHITECTURES: [GgufArchitecture; 10] = [
     family("LlamaForCausalLM", "llama", ConverterClass::Llama),
     family("MistralForCausalLM", "llama", ConverterClass::Llama),
     family("SmolLM3ForCausalLM", "smollm3", ConverterClass::Llama),
     family("Qwen2ForCausalLM", "qwen2", ConverterClass::Qwen),
     family("Qwen3ForCausalLM", "qwen3", ConverterClass::Qwen),
+    family("Gemma2ForCausalLM", "gemma2", ConverterClass::Gemma2),
     family("Gemma3ForCausalLM", "gemma3", ConverterClass::Gemma3),
     family("Phi3ForCausalLM", "phi3", ConverterClass::Phi3),
     family("MambaForCausalLM", "mamba", ConverterClass::Mamba),
@@ -88,16 +94,10 @@ pub const GGUF_ARCHITECTURES: [GgufArchitecture; 9] = [
 ];
 
 /// Architectures VoltTrain loads that GGUF export refuses, and why.
-const NOT_EXPORTED: [(&str, &str); 2] = [
-    (
-        "Gemma2ForCausalLM",
-        "llama.cpp's converter reads Gemma 2's vocabulary from the SentencePiece `tokenizer.model`, which VoltTrain's GGUF export does not write",
-    ),
-    (
-        "JambaForCausalLM",
-        "llama.cpp's converter reads Jamba's vocabulary from `tokenizer.model` or a Llama-style (byte-fallback) BPE `tokenizer.json`, which VoltTrain's GGUF export does not write",
-    ),
-];
+const NOT_EXPORTED: [(&str, &str); 1] = [(
+    "JambaForCausalLM",
+    "llama.cpp's converter reads Jamba's vocabulary from `tokenizer.model` or a Llama-style (byte-fallback) BPE `tokenizer.json`, which VoltTrain's GGUF export does not write",
+)];
 
 /// The tensor encodings of `--type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +172,8 @@ pub enum GgufValue {
     StrArray(Vec<String>),
     /// An array of signed 32-bit integers (token types).
     I32Array(Vec<i32>),
+    /// An array of 32-bit floats (SentencePiece token scores).
+    F32Array(Vec<f32>),
 }
 
 impl GgufValue {
@@ -182,7 +184,7 @@ impl GgufValue {
             GgufValue::F32(_) => 6,
             GgufValue::Bool(_) => 7,
             GgufValue::Str(_) => 8,
-            GgufValue::StrArray(_) | GgufValue::I32Array(_) => 9,
+            GgufValue::StrArray(_) | GgufValue::I32Array(_) | GgufValue::F32Array(_) => 9,
         }
     }
 }
@@ -209,6 +211,13 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
         }
         GgufValue::I32Array(a) => {
             out.extend_from_slice(&5u32.to_le_bytes());
+            out.extend_from_slice(&(a.len() as u64).to_le_bytes());
+            for x in a {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        GgufValue::F32Array(a) => {
+            out.extend_from_slice(&6u32.to_le_bytes());
             out.extend_from_slice(&(a.len() as u64).to_le_bytes());
             for x in a {
                 out.extend_from_slice(&x.to_le_bytes());
@@ -432,7 +441,11 @@ fn tensor_name(class: ConverterClass, hf: &str) -> Option<String> {
     let m = match module {
         "input_layernorm" | "norm" => "attn_norm",
         // Gemma: post-attention norm, then a pre-feed-forward one
-        "post_attention_layernorm" if class == ConverterClass::Gemma3 => "post_attention_norm",
+        "post_attention_layernorm"
+            if matches!(class, ConverterClass::Gemma2 | ConverterClass::Gemma3) =>
+        {
+            "post_attention_norm"
+        }
         "post_attention_layernorm" | "pre_feedforward_layernorm" => "ffn_norm",
         "post_feedforward_layernorm" => "post_ffw_norm",
         "self_attn.q_proj" => "attn_q",
@@ -844,6 +857,51 @@ fn architecture_parameters(
                 u32_of(or("num_key_value_heads", 4)),
             );
         }
+        ConverterClass::Gemma2 => {
+            let n_head = hp.need(&["num_attention_heads"])?;
+            let float = |k: &str| {
+                hp.float(&[k]).ok_or_else(|| Error::Config {
+                    file: Some(hp.file.to_path_buf()),
+                    key: k.into(),
+                    msg: "missing or not a number (Gemma 2 GGUF export needs it)".into(),
+                })
+            };
+            w.add(
+                &p("context_length"),
+                u32_of(hp.need(&["max_position_embeddings"])?),
+            );
+            w.add(&p("embedding_length"), u32_of(hp.need(&["hidden_size"])?));
+            w.add(&p("block_count"), u32_of(hp.need(BLOCK_KEYS)?));
+            w.add(
+                &p("feed_forward_length"),
+                u32_of(hp.need(&["intermediate_size"])?),
+            );
+            w.add(&p("attention.head_count"), u32_of(n_head));
+            w.add(
+                &p("attention.head_count_kv"),
+                u32_of(hp.uint(&["num_key_value_heads"]).unwrap_or(n_head)),
+            );
+            w.add(
+                &p("attention.layer_norm_rms_epsilon"),
+                f32_of(float("rms_norm_eps")?),
+            );
+            let head_dim = hp.need(&["head_dim"])?;
+            w.add(&p("attention.key_length"), u32_of(head_dim));
+            w.add(&p("attention.value_length"), u32_of(head_dim));
+            w.add("general.file_type", GgufValue::U32(ty.file_type()));
+            w.add(
+                &p("attn_logit_softcapping"),
+                f32_of(float("attn_logit_softcapping")?),
+            );
+            w.add(
+                &p("final_logit_softcapping"),
+                f32_of(float("final_logit_softcapping")?),
+            );
+            w.add(
+                &p("attention.sliding_window"),
+                u32_of(hp.need(&["sliding_window"])?),
+            );
+        }
         ConverterClass::Phi3 => {
             let n_embd = hp.need(&["hidden_size", "n_embd"])?;
             let n_head = hp.need(&["num_attention_heads", "n_head"])?;
@@ -1152,7 +1210,171 @@ fn add_vocab(w: &mut GgufWriter, dir: &Path, vocab_size: usize, tok: &Tokenizer)
     if !merges.is_empty() {
         w.add("tokenizer.ggml.merges", GgufValue::StrArray(merges));
     }
-    add_special_vocab(w, dir, &tj)
+    add_special_vocab(w, dir, &tj, None)
+}
+
+/// One piece of a SentencePiece `ModelProto` (`pieces`, field 1).
+struct SpmPiece {
+    piece: String,
+    score: f32,
+    /// `SentencePiece.Type`: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte.
+    ty: u64,
+}
+
+fn varint(b: &[u8], pos: &mut usize) -> std::result::Result<u64, String> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*pos).ok_or("truncated varint")?;
+        *pos += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("varint too long".into())
+}
+
+/// The fields of a protobuf message: (field number, varint / fixed32 value or bytes).
+fn proto_fields(b: &[u8]) -> std::result::Result<Vec<(u64, u64, &[u8])>, String> {
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while pos < b.len() {
+        let key = varint(b, &mut pos)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => out.push((field, varint(b, &mut pos)?, &b[0..0])),
+            1 => pos += 8,
+            2 => {
+                let len = varint(b, &mut pos)? as usize;
+                let end = pos.checked_add(len).filter(|e| *e <= b.len());
+                let end = end.ok_or("length-delimited field past the end")?;
+                out.push((field, 0, &b[pos..end]));
+                pos = end;
+            }
+            5 => {
+                let v = b.get(pos..pos + 4).ok_or("truncated fixed32")?;
+                out.push((
+                    field,
+                    u64::from(u32::from_le_bytes(v.try_into().unwrap())),
+                    &b[0..0],
+                ));
+                pos += 4;
+            }
+            w => return Err(format!("unsupported protobuf wire type {w}")),
+        }
+    }
+    if pos > b.len() {
+        return Err("truncated message".into());
+    }
+    Ok(out)
+}
+
+/// The pieces of a SentencePiece model file (what `SentencePieceProcessor` reads).
+fn read_spm(path: &Path) -> Result<Vec<SpmPiece>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |msg: String| Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg: format!("not a SentencePiece model: {msg}"),
+    };
+    let mut pieces = Vec::new();
+    for (field, _, sub) in proto_fields(&bytes).map_err(bad)? {
+        if field != 1 {
+            continue;
+        }
+        let mut p = SpmPiece {
+            piece: String::new(),
+            score: 0.0,
+            ty: 1,
+        };
+        for (f, v, data) in proto_fields(sub).map_err(bad)? {
+            match f {
+                1 => {
+                    p.piece = String::from_utf8(data.to_vec())
+                        .map_err(|_| bad("a piece is not UTF-8".into()))?;
+                }
+                2 => p.score = f32::from_bits(v as u32),
+                3 => p.ty = v,
+                _ => {}
+            }
+        }
+        pieces.push(p);
+    }
+    if pieces.is_empty() {
+        return Err(bad("no pieces".into()));
+    }
+    Ok(pieces)
+}
+
+/// `TextModel._set_vocab_sentencepiece`: tokens, scores and types from `tokenizer.model`, then
+/// `added_tokens.json` and tokenizer_config.json's `added_tokens_decoder`, then `SpecialVocab`
+/// (without merges, ids under the vocabulary size).
+fn set_vocab_sentencepiece(w: &mut GgufWriter, dir: &Path, hp: &Hparams) -> Result<()> {
+    let pieces = read_spm(&dir.join("tokenizer.model"))?;
+    let vocab_size = hp
+        .uint(&["vocab_size_per_layer_input", "vocab_size"])
+        .filter(|v| *v != 0)
+        .map_or(pieces.len(), |v| v as usize);
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000.0f32; vocab_size];
+    let mut types = vec![5i32; vocab_size];
+    for (i, p) in pieces.iter().enumerate().take(vocab_size) {
+        tokens[i] = p.piece.clone();
+        scores[i] = p.score;
+        types[i] = match p.ty {
+            2 => 2,
+            3 => 3,
+            5 => 5,
+            6 => 6,
+            _ => 1,
+        };
+    }
+    let read_json = |name: &str| -> Result<Option<Value>> {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| Error::Json { path, source: e }),
+            Err(_) => Ok(None),
+        }
+    };
+    if let Some(Value::Object(added)) = read_json("added_tokens.json")? {
+        for (key, id) in added {
+            if let Some(id) = id.as_u64().map(|i| i as usize).filter(|i| *i < vocab_size) {
+                tokens[id] = key;
+                scores[id] = -1000.0;
+                types[id] = 4;
+            }
+        }
+    }
+    if let Some(tc) = read_json("tokenizer_config.json")?
+        && let Some(Value::Object(dec)) = tc.get("added_tokens_decoder")
+    {
+        for (id, data) in dec {
+            let Some(id) = id.parse::<usize>().ok().filter(|i| *i < vocab_size) else {
+                continue;
+            };
+            let Some(content) = data.get("content").and_then(Value::as_str) else {
+                continue;
+            };
+            let special = data.get("special").and_then(Value::as_bool) == Some(true);
+            if special || looks_special(content) {
+                tokens[id] = content.to_string();
+                types[id] = 3;
+            } else {
+                tokens[id] = content.replace('\u{2581}', " ");
+                types[id] = 4;
+            }
+            scores[id] = -1000.0;
+        }
+    }
+    let n = tokens.len() as u64;
+    w.add("tokenizer.ggml.model", GgufValue::Str("llama".into()));
+    w.add("tokenizer.ggml.pre", GgufValue::Str("default".into()));
+    w.add("tokenizer.ggml.tokens", GgufValue::StrArray(tokens));
+    w.add("tokenizer.ggml.scores", GgufValue::F32Array(scores));
+    w.add("tokenizer.ggml.token_type", GgufValue::I32Array(types));
+    let tj = read_json("tokenizer.json")?.unwrap_or(Value::Null);
+    add_special_vocab(w, dir, &tj, Some(n))
 }
 
 /// Python truthiness of an optional JSON value.
@@ -1198,7 +1420,12 @@ fn parse_normalizer(n: &Value, lower: &mut Option<bool>, strip: &mut Option<bool
 /// 0.19.0) after the merges: special token ids (tokenizer_config.json's tokens by added-token
 /// content, then config.json's `<type>_token_id`), `add_bos/eos/sep_token` (tokenizer.json's
 /// post-processor first, then tokenizer_config.json), the chat template and normalizer flags.
-fn add_special_vocab(w: &mut GgufWriter, dir: &Path, tj: &Value) -> Result<()> {
+fn add_special_vocab(
+    w: &mut GgufWriter,
+    dir: &Path,
+    tj: &Value,
+    n_vocab: Option<u64>,
+) -> Result<()> {
     let tc_path = dir.join("tokenizer_config.json");
     let mut tc: serde_json::Map<String, Value> = match std::fs::read_to_string(&tc_path) {
         Ok(t) => serde_json::from_str::<Value>(&t)
@@ -1363,7 +1590,7 @@ fn add_special_vocab(w: &mut GgufWriter, dir: &Path, tj: &Value) -> Result<()> {
     }
     let mut ids: Vec<(&str, u64)> = Vec::new();
     let set_id = |ids: &mut Vec<(&'static str, u64)>, typ: &'static str, id: Option<u64>| {
-        if let Some(id) = id
+        if let Some(id) = id.filter(|i| n_vocab.is_none_or(|n| *i < n))
             && !ids.iter().any(|(t, _)| *t == typ)
         {
             ids.push((typ, id));
@@ -1498,12 +1725,34 @@ fn set_vocab(
         msg: format!("GGUF export: {msg}"),
     };
     let mut vocab_size = hp.need(&["vocab_size"])?;
+    let spm = dir.join("tokenizer.model").is_file();
     match class {
-        ConverterClass::Llama | ConverterClass::Qwen | ConverterClass::Gemma3
-            if dir.join("tokenizer.model").is_file() =>
+        ConverterClass::Llama
+        | ConverterClass::Qwen
+        | ConverterClass::Gemma2
+        | ConverterClass::Gemma3
+            if spm =>
         {
+            if class == ConverterClass::Llama
+                && let Some(b) = tc.get("add_prefix_space").and_then(Value::as_bool)
+            {
+                w.add("tokenizer.ggml.add_space_prefix", GgufValue::Bool(b));
+            }
+            set_vocab_sentencepiece(w, dir, hp)?;
+            match class {
+                ConverterClass::Gemma2 | ConverterClass::Gemma3 => {
+                    w.add("tokenizer.ggml.add_space_prefix", GgufValue::Bool(false));
+                }
+                ConverterClass::Llama if vocab_size == 49152 => {
+                    w.add("tokenizer.ggml.add_bos_token", GgufValue::Bool(false));
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        ConverterClass::Gemma2 => {
             return Err(refuse(
-                "llama.cpp's converter takes this family's vocabulary from the SentencePiece `tokenizer.model` when there is one, and VoltTrain writes byte-level BPE vocabularies only (without `tokenizer.model` both use tokenizer.json)",
+                "llama.cpp's converter takes Gemma 2's vocabulary from the SentencePiece `tokenizer.model`, which this directory does not have",
             ));
         }
         ConverterClass::Phi3
@@ -1572,6 +1821,9 @@ fn modify_tensor(
                 t
             }
         }
+        ConverterClass::Gemma2 if hf.ends_with("norm.weight") => {
+            t.f_add_scalar(1.0).ctx(ctx("norm + 1"))?
+        }
         ConverterClass::Gemma3 => {
             let t = if hf.ends_with("embed_tokens.weight") && t.size()[0] > gemma_rows {
                 t.f_narrow(0, 0, gemma_rows).ctx(ctx("narrow"))?
@@ -1593,7 +1845,7 @@ fn modify_tensor(
                 t
             }
         }
-        ConverterClass::Qwen | ConverterClass::Phi3 => t,
+        ConverterClass::Qwen | ConverterClass::Phi3 | ConverterClass::Gemma2 => t,
     })
 }
 
@@ -1683,6 +1935,10 @@ pub fn build_gguf(
                 msg: format!("no llama.cpp `{}` name for tensor `{name}`", family.arch),
             })?
         };
+        // Gemma2Model.filter_tensors: llama.cpp does not use an lm_head
+        if family.class == ConverterClass::Gemma2 && name == "lm_head.weight" {
+            continue;
+        }
         let t = modify_tensor(family.class, &name, t, heads, gemma_rows)?;
         // MambaModel: an output head equal to the embedding is left out (llama.cpp ties it)
         if family.class == ConverterClass::Mamba {
