@@ -1234,8 +1234,11 @@ fn varint(b: &[u8], pos: &mut usize) -> std::result::Result<u64, String> {
     Err("varint too long".into())
 }
 
-/// The fields of a protobuf message: (field number, varint / fixed32 value or bytes).
-fn proto_fields(b: &[u8]) -> std::result::Result<Vec<(u64, u64, &[u8])>, String> {
+/// One field of a protobuf message: field number, varint / fixed32 value, length-delimited bytes.
+type ProtoField<'a> = (u64, u64, &'a [u8]);
+
+/// The fields of a protobuf message.
+fn proto_fields(b: &[u8]) -> std::result::Result<Vec<ProtoField<'_>>, String> {
     let mut pos = 0;
     let mut out = Vec::new();
     while pos < b.len() {
