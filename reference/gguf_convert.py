@@ -23,7 +23,7 @@ Usage:
   gguf_convert.py make OUT_DIR TOKENIZER_DIR NAME [NAME ...]
       Tiny random models OUT_DIR/NAME of the families VoltTrain exports (configs of
       make_model_fixtures.py / ssm_ref.py with the vocabulary size of the tokenizer in
-      TOKENIZER_DIR, whose tokenizer files are copied in; Gemma 2 and NAME_spm (variant NAME) get a SentencePiece
+      TOKENIZER_DIR, whose tokenizer files are copied in; Gemma 2, Jamba and NAME_spm (variant NAME) get a SentencePiece
       tokenizer.model (+ tokenizer.json) trained on the bundled eval data; Phi-3 ones get Phi-4's
       `tokenizer_class: GPT2Tokenizer`, qwen3 Qwen3's sampling defaults in generation_config.json).
 Prints one JSON line last.
@@ -214,7 +214,7 @@ def make(out_dir, tok_dir, names):
                 p.add_(torch.randn_like(p) * 0.05)
         d = os.path.join(out_dir, name)
         model.to(dtype).save_pretrained(d)
-        if spm or cls.__name__.startswith("Gemma2"):
+        if spm or cls.__name__.startswith(("Gemma2", "Jamba")):
             # Gemma 2's converter reads a SentencePiece tokenizer.model only
             sentencepiece_tokenizer(d, tok_dir)
         else:

@@ -8,10 +8,11 @@
 //! Gemma norms + 1, Mamba `A = -exp(A_log)`, Phi-3 LongRoPE factor tensors, ...), the type policy
 //! of `prepare_tensors`, the `general.size_label` / `general.sampling.*` metadata, and the
 //! tokenizer the class's `set_vocab` writes: `_set_vocab_sentencepiece` from a SentencePiece
-//! `tokenizer.model` where the class prefers one (llama, Qwen, Gemma), else `_set_vocab_gpt2`
-//! (byte-level BPE from tokenizer.json), with `SpecialVocab`. A vocabulary the converter would
-//! read otherwise (Phi-3's SentencePiece path, Jamba's Llama-BPE), and any other architecture,
-//! is an error naming it. `general.name` is the directory's name.
+//! `tokenizer.model` where the class prefers one (llama, Qwen, Gemma, Jamba), else
+//! `_set_vocab_gpt2` (byte-level BPE from tokenizer.json), with `SpecialVocab`. A vocabulary the
+//! converter would read otherwise (Phi-3's own SentencePiece path, Jamba's Llama-BPE without
+//! `tokenizer.model`), and any other architecture, is an error naming it. `general.name` is the
+//! directory's name.
 //!
 //! Tensor types: 1-D tensors, norms, SSM convolutions and tensors not named `*.weight` are
 //! always F32; the others are F32, F16, BF16 or Q8_0 (blocks of 32: an f16 scale `amax / 127` and
@@ -61,6 +62,9 @@ pub enum ConverterClass {
     /// `MambaModel` (Mamba and Falcon-Mamba): SSM sizes; `A = -exp(A_log)`, `conv1d` squeezed
     /// to 2-D; the vocabulary padded to a multiple of `pad_vocab_size_multiple` (8).
     Mamba,
+    /// `JambaModel`: SSM sizes, per-layer KV head counts (0 on Mamba layers), expert counts; the
+    /// Mamba transforms; a SentencePiece vocabulary only (`tokenizer.model`).
+    Jamba,
 }
 
 /// One Hugging Face architecture [`export_gguf`] converts.
@@ -80,7 +84,7 @@ const fn family(hf: &'static str, arch: &'static str, class: ConverterClass) -> 
 
 /// Architectures [`export_gguf`] converts (those of `convert_hf_to_gguf.py` that VoltTrain
 /// loads and whose tokenizer it can write).
-pub const GGUF_ARCHITECTURES: [GgufArchitecture; 10] = [
+pub const GGUF_ARCHITECTURES: [GgufArchitecture; 11] = [
     family("LlamaForCausalLM", "llama", ConverterClass::Llama),
     family("MistralForCausalLM", "llama", ConverterClass::Llama),
     family("SmolLM3ForCausalLM", "smollm3", ConverterClass::Llama),
@@ -91,13 +95,8 @@ pub const GGUF_ARCHITECTURES: [GgufArchitecture; 10] = [
     family("Phi3ForCausalLM", "phi3", ConverterClass::Phi3),
     family("MambaForCausalLM", "mamba", ConverterClass::Mamba),
     family("FalconMambaForCausalLM", "mamba", ConverterClass::Mamba),
+    family("JambaForCausalLM", "jamba", ConverterClass::Jamba),
 ];
-
-/// Architectures VoltTrain loads that GGUF export refuses, and why.
-const NOT_EXPORTED: [(&str, &str); 1] = [(
-    "JambaForCausalLM",
-    "llama.cpp's converter reads Jamba's vocabulary from `tokenizer.model` or a Llama-style (byte-fallback) BPE `tokenizer.json`, which VoltTrain's GGUF export does not write",
-)];
 
 /// The tensor encodings of `--type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -431,8 +430,8 @@ fn tensor_name(class: ConverterClass, hf: &str) -> Option<String> {
     let (module, suffix) = module.rsplit_once('.')?;
     // the SSM's A and D have no `.weight` in either naming
     match (module, suffix) {
-        ("mixer", "A_log") => return Some(format!("blk.{layer}.ssm_a")),
-        ("mixer", "D") => return Some(format!("blk.{layer}.ssm_d")),
+        ("mixer" | "mamba", "A_log") => return Some(format!("blk.{layer}.ssm_a")),
+        ("mixer" | "mamba", "D") => return Some(format!("blk.{layer}.ssm_d")),
         _ => {}
     }
     if !["weight", "bias"].contains(&suffix) {
@@ -446,7 +445,7 @@ fn tensor_name(class: ConverterClass, hf: &str) -> Option<String> {
         {
             "post_attention_norm"
         }
-        "post_attention_layernorm" | "pre_feedforward_layernorm" => "ffn_norm",
+        "post_attention_layernorm" | "pre_feedforward_layernorm" | "pre_ff_layernorm" => "ffn_norm",
         "post_feedforward_layernorm" => "post_ffw_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
@@ -455,14 +454,17 @@ fn tensor_name(class: ConverterClass, hf: &str) -> Option<String> {
         "self_attn.qkv_proj" => "attn_qkv",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "mixer.in_proj" => "ssm_in",
-        "mixer.conv1d" => "ssm_conv1d",
-        "mixer.x_proj" => "ssm_x",
-        "mixer.dt_proj" => "ssm_dt",
-        "mixer.out_proj" => "ssm_out",
+        "mlp.gate_proj" | "feed_forward.gate_proj" => "ffn_gate",
+        "mlp.up_proj" | "mlp.gate_up_proj" | "feed_forward.up_proj" => "ffn_up",
+        "mlp.down_proj" | "feed_forward.down_proj" => "ffn_down",
+        "mixer.in_proj" | "mamba.in_proj" => "ssm_in",
+        "mixer.conv1d" | "mamba.conv1d" => "ssm_conv1d",
+        "mixer.x_proj" | "mamba.x_proj" => "ssm_x",
+        "mixer.dt_proj" | "mamba.dt_proj" => "ssm_dt",
+        "mixer.out_proj" | "mamba.out_proj" => "ssm_out",
+        "mamba.dt_layernorm" => "ssm_dt_norm",
+        "mamba.b_layernorm" => "ssm_b_norm",
+        "mamba.c_layernorm" => "ssm_c_norm",
         _ => return None,
     };
     Some(format!("blk.{layer}.{m}.{suffix}"))
@@ -1005,6 +1007,68 @@ fn architecture_parameters(
                     Tensor::from_slice(&short),
                 ));
             }
+        }
+        ConverterClass::Jamba => {
+            let d_model = hp.need(&["hidden_size", "mamba_d_model"])?;
+            let nonzero = |keys: &[&str]| hp.uint(keys).filter(|x| *x != 0);
+            let blocks = hp.need(BLOCK_KEYS)?;
+            let n_kv = hp.need(&["num_key_value_heads"])?;
+            let offset = hp.need(&["attn_layer_offset"])?;
+            let period = hp.need(&["attn_layer_period"])?.max(1);
+            let kv: Vec<i32> = (0..blocks)
+                .map(|i| {
+                    if i >= offset && (i - offset) % period == 0 {
+                        n_kv as i32
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            w.add(&p("block_count"), u32_of(blocks));
+            w.add(
+                &p("context_length"),
+                u32_of(hp.need(&["max_position_embeddings", "n_ctx"])?),
+            );
+            w.add(&p("embedding_length"), u32_of(d_model));
+            w.add(
+                &p("feed_forward_length"),
+                u32_of(hp.need(&["intermediate_size"])?),
+            );
+            w.add(
+                &p("attention.head_count"),
+                u32_of(hp.need(&["num_attention_heads"])?),
+            );
+            w.add(&p("attention.head_count_kv"), GgufValue::I32Array(kv));
+            w.add(
+                &p("ssm.conv_kernel"),
+                u32_of(nonzero(&["mamba_d_conv"]).unwrap_or(4)),
+            );
+            w.add(
+                &p("ssm.inner_size"),
+                u32_of(hp.need(&["mamba_expand"])? * d_model),
+            );
+            w.add(
+                &p("ssm.state_size"),
+                u32_of(nonzero(&["mamba_d_state"]).unwrap_or(16)),
+            );
+            w.add(
+                &p("ssm.time_step_rank"),
+                u32_of(nonzero(&["mamba_dt_rank"]).unwrap_or(d_model.div_ceil(16))),
+            );
+            let eps = hp
+                .float(&["layer_norm_epsilon", "rms_norm_eps"])
+                .filter(|e| *e != 0.0)
+                .unwrap_or(1e-6);
+            w.add(&p("attention.layer_norm_rms_epsilon"), f32_of(eps));
+            w.add(
+                &p("expert_count"),
+                u32_of(hp.need(&["num_local_experts", "num_experts"])?),
+            );
+            w.add(
+                &p("expert_used_count"),
+                u32_of(hp.need(&["num_experts_per_tok", "num_experts_per_token"])?),
+            );
+            w.add("general.file_type", GgufValue::U32(ty.file_type()));
         }
         ConverterClass::Mamba => {
             let d_model = hp.need(&["hidden_size", "d_model"])?;
@@ -1734,6 +1798,7 @@ fn set_vocab(
         | ConverterClass::Qwen
         | ConverterClass::Gemma2
         | ConverterClass::Gemma3
+        | ConverterClass::Jamba
             if spm =>
         {
             if class == ConverterClass::Llama
@@ -1756,6 +1821,11 @@ fn set_vocab(
         ConverterClass::Gemma2 => {
             return Err(refuse(
                 "llama.cpp's converter takes Gemma 2's vocabulary from the SentencePiece `tokenizer.model`, which this directory does not have",
+            ));
+        }
+        ConverterClass::Jamba => {
+            return Err(refuse(
+                "without a SentencePiece `tokenizer.model`, llama.cpp's converter takes Jamba's vocabulary as a Llama-style (byte-fallback) BPE, which VoltTrain does not write",
             ));
         }
         ConverterClass::Phi3
@@ -1839,7 +1909,7 @@ fn modify_tensor(
                 t
             }
         }
-        ConverterClass::Mamba => {
+        ConverterClass::Mamba | ConverterClass::Jamba => {
             if hf.ends_with(".A_log") {
                 t.f_exp().ctx(ctx("exp"))?.f_neg().ctx(ctx("neg"))?
             } else if hf.ends_with("conv1d.weight") {
@@ -1869,16 +1939,11 @@ pub fn build_gguf(
         .to_string();
     let Some(family) = GGUF_ARCHITECTURES.iter().find(|f| f.hf == arch_hf) else {
         let supported: Vec<&str> = GGUF_ARCHITECTURES.iter().map(|f| f.hf).collect();
-        let why = NOT_EXPORTED
-            .iter()
-            .find(|(a, _)| *a == arch_hf)
-            .map(|(_, why)| format!(" ({why})"))
-            .unwrap_or_default();
         return Err(Error::Config {
             file: Some(cfg_path),
             key: "architectures".into(),
             msg: format!(
-                "GGUF export does not support the architecture `{arch_hf}`{why}; supported: {}",
+                "GGUF export does not support the architecture `{arch_hf}`; supported: {}",
                 supported.join(", ")
             ),
         });
