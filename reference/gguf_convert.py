@@ -23,7 +23,7 @@ Usage:
   gguf_convert.py make OUT_DIR TOKENIZER_DIR NAME [NAME ...]
       Tiny random models OUT_DIR/NAME of the families VoltTrain exports (configs of
       make_model_fixtures.py / ssm_ref.py with the vocabulary size of the tokenizer in
-      TOKENIZER_DIR, whose tokenizer files are copied in; Gemma 2, Jamba and NAME_spm (variant NAME) get a SentencePiece
+      TOKENIZER_DIR, whose tokenizer files are copied in (NAME_fp16: variant NAME saved in float16); Gemma 2, Jamba and NAME_spm (variant NAME) get a SentencePiece
       tokenizer.model (+ tokenizer.json) trained on the bundled eval data; Phi-3 ones get Phi-4's
       `tokenizer_class: GPT2Tokenizer`, qwen3 Qwen3's sampling defaults in generation_config.json).
 Prints one JSON line last.
@@ -202,9 +202,11 @@ def make(out_dir, tok_dir, names):
                                                    for k, (c, cfg) in ssm_ref.variants().items()}}
     made = {}
     for name in names:
-        # NAME_spm: variant NAME with a SentencePiece tokenizer
-        spm = name.endswith("_spm")
-        cls, cfg, dtype, _ = known[name.removesuffix("_spm")]
+        # NAME_spm: variant NAME with a SentencePiece tokenizer; NAME_fp16: saved in float16
+        spm, fp16 = name.endswith("_spm"), name.endswith("_fp16")
+        cls, cfg, dtype, _ = known[name.removesuffix("_spm").removesuffix("_fp16")]
+        if fp16:
+            dtype = torch.float16
         cfg = copy.deepcopy(cfg)
         cfg.vocab_size = vocab
         torch.manual_seed(sum(map(ord, name)))

@@ -492,6 +492,9 @@ fn gguf_export_of_each_family_equals_llama_cpps_converter() {
         ("mamba", "mamba"),
         ("falcon_mamba", "mamba"),
         ("jamba", "jamba"),
+        // float16 checkpoints: the converter adds Gemma's 1 and takes Mamba's -exp in float16
+        ("gemma3_fp16", "gemma3"),
+        ("mamba_fp16", "mamba"),
     ];
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");

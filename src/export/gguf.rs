@@ -1874,14 +1874,24 @@ fn gemma_vocab_rows(dir: &Path) -> Result<i64> {
 
 /// The converter class's `modify_tensors`: the tensor as llama.cpp stores it, or `None` when it
 /// is left out.
+///
+/// `arith` is the kind the converter computes in: the checkpoint's when it is float16 (kept as
+/// float16 by `prepare_tensors`), else float32.
 fn modify_tensor(
     class: ConverterClass,
     hf: &str,
     t: Tensor,
     heads: (i64, i64),
     gemma_rows: i64,
+    arith: Kind,
 ) -> Result<Tensor> {
     let ctx = |op: &str| format!("GGUF export of `{hf}`: {op}");
+    let plus_one = |t: &Tensor| -> Result<Tensor> {
+        t.f_to_kind(arith)
+            .and_then(|x| x.f_add_scalar(1.0))
+            .and_then(|x| x.f_to_kind(Kind::Float))
+            .ctx(ctx("norm + 1"))
+    };
     Ok(match class {
         ConverterClass::Llama => {
             if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
@@ -1894,9 +1904,7 @@ fn modify_tensor(
                 t
             }
         }
-        ConverterClass::Gemma2 if hf.ends_with("norm.weight") => {
-            t.f_add_scalar(1.0).ctx(ctx("norm + 1"))?
-        }
+        ConverterClass::Gemma2 if hf.ends_with("norm.weight") => plus_one(&t)?,
         ConverterClass::Gemma3 => {
             let t = if hf.ends_with("embed_tokens.weight") && t.size()[0] > gemma_rows {
                 t.f_narrow(0, 0, gemma_rows).ctx(ctx("narrow"))?
@@ -1904,14 +1912,18 @@ fn modify_tensor(
                 t
             };
             if hf.ends_with("norm.weight") {
-                t.f_add_scalar(1.0).ctx(ctx("norm + 1"))?
+                plus_one(&t)?
             } else {
                 t
             }
         }
         ConverterClass::Mamba | ConverterClass::Jamba => {
             if hf.ends_with(".A_log") {
-                t.f_exp().ctx(ctx("exp"))?.f_neg().ctx(ctx("neg"))?
+                t.f_to_kind(arith)
+                    .and_then(|x| x.f_exp())
+                    .and_then(|x| x.f_neg())
+                    .and_then(|x| x.f_to_kind(Kind::Float))
+                    .ctx(ctx("-exp(A_log)"))?
             } else if hf.ends_with("conv1d.weight") {
                 t.f_squeeze().ctx(ctx("squeeze"))?
             } else {
@@ -1990,6 +2002,11 @@ pub fn build_gguf(
         ConverterClass::Gemma3 => gemma_vocab_rows(&tok_dir)?,
         _ => i64::MAX,
     };
+    let half = ["dtype", "torch_dtype"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(Value::as_str))
+        == Some("float16");
+    let arith = if half { Kind::Half } else { Kind::Float };
     let mut fallback = Vec::new();
     let mut params = 0u64;
     let mut token_embd: Option<Tensor> = None;
@@ -2007,7 +2024,7 @@ pub fn build_gguf(
         if family.class == ConverterClass::Gemma2 && name == "lm_head.weight" {
             continue;
         }
-        let t = modify_tensor(family.class, &name, t, heads, gemma_rows)?;
+        let t = modify_tensor(family.class, &name, t, heads, gemma_rows, arith)?;
         // MambaModel: an output head equal to the embedding is left out (llama.cpp ties it)
         if family.class == ConverterClass::Mamba {
             if gname == "token_embd.weight" {
