@@ -15,6 +15,11 @@
 # A venv without its marker (an interrupted install) is deleted and built again, so a half-built
 # venv is never used. The marker is written last.
 #
+# With --reference also llama.cpp's own Hugging Face -> GGUF converter (convert_hf_to_gguf.py, its
+# `conversion` package and the gguf-py it ships with), which the GGUF export tests run as the
+# reference: taken from the PyPI sdist of llama-cpp-python (LLAMA_CPP_SDIST_*, sha256-pinned),
+# which vendors llama.cpp; only those files are kept, under $VOLTTRAIN_CACHE/llama.cpp-converter-*.
+#
 # Usage: tools/provision.sh [--reference] [--print-env]
 #   VOLTTRAIN_CACHE   cache root            (default: $HOME/.cache/volttrain)
 #   VOLTTRAIN_VENV    the venv itself       (default: $VOLTTRAIN_CACHE/venv-torch-2.11.0)
@@ -35,8 +40,16 @@ REFERENCE_PKGS=(
   "tokenizers==0.23.3"
   "trl==1.16.0"
   "wandb==0.31.0"
-  "gguf==0.19.0"
+  # imported by llama.cpp's converter for llama-family vocabularies (see LLAMA_CPP_SDIST_*)
+  "sentencepiece==0.2.1"
 )
+
+# llama.cpp's convert_hf_to_gguf.py (the GGUF export tests' reference): llama-cpp-python's sdist
+# vendors llama.cpp; its sha256 is PyPI's. Only the converter, its `conversion` package and the
+# matching gguf-py (0.19.0) are extracted.
+LLAMA_CPP_SDIST_VERSION="0.3.36"
+LLAMA_CPP_SDIST_URL="https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz"
+LLAMA_CPP_SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 # NVIDIA wheels for the NCCL path of the dist shim (build.rs): NCCL's and the CUDA runtime's
 # headers and libraries at the versions torch 2.11.0+cu130 itself requires (its METADATA:
@@ -62,7 +75,7 @@ for arg in "$@"; do
   case "$arg" in
     --reference) want_reference=1 ;;
     --print-env) print_env=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "provision: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -75,6 +88,8 @@ MARK_REF="$VENV/.volttrain-reference-ok"
 MARK_NVIDIA="$VENV/.volttrain-nvidia-ok"
 MLFLOW_VENV="${VOLTTRAIN_MLFLOW_VENV:-$CACHE/venv-mlflow-$MLFLOW_VERSION}"
 MARK_MLFLOW="$MLFLOW_VENV/.volttrain-mlflow-ok"
+CONVERTER="${VOLTTRAIN_LLAMA_CPP_CONVERTER:-$CACHE/llama.cpp-converter-$LLAMA_CPP_SDIST_VERSION}"
+MARK_CONVERTER="$CONVERTER/.volttrain-converter-ok"
 NVIDIA_STAMP="$(printf '%s\n' "${NVIDIA_PKGS[@]}" | sha256sum | cut -c1-16)"
 REF_STAMP="$(printf '%s\n' "${REFERENCE_PKGS[@]}" | sha256sum | cut -c1-16)"
 
@@ -190,6 +205,51 @@ if [ "$want_reference" = 1 ] && { [ ! -f "$MARK_MLFLOW" ] || [ "$(cat "$MARK_MLF
   log "mlflow $MLFLOW_VERSION ready in $MLFLOW_VENV"
 fi
 
+if [ "$want_reference" = 1 ] && { [ ! -f "$MARK_CONVERTER" ] || [ "$(cat "$MARK_CONVERTER")" != "$LLAMA_CPP_SDIST_SHA256" ]; }; then
+  log "fetching llama.cpp's convert_hf_to_gguf.py from llama-cpp-python $LLAMA_CPP_SDIST_VERSION (sdist, 77 MB)"
+  mkdir -p "$(dirname "$CONVERTER")"
+  rm -rf "$CONVERTER".partial.*  # an interrupted earlier attempt
+  staging="$(mktemp -d "$CONVERTER.partial.XXXXXX")"
+  # download, verify, extract the three parts into the staging dir, then rename: a converter
+  # directory is complete or absent
+  if ! "$VENV/bin/python" - "$LLAMA_CPP_SDIST_URL" "$LLAMA_CPP_SDIST_SHA256" "$staging" <<'PY'
+import hashlib, os, sys, tarfile, urllib.request
+url, sha, out = sys.argv[1:]
+tgz = os.path.join(out, "sdist.tar.gz")
+with urllib.request.urlopen(url, timeout=300) as r, open(tgz, "wb") as f:
+    h = hashlib.sha256()
+    while chunk := r.read(1 << 20):
+        h.update(chunk)
+        f.write(chunk)
+if h.hexdigest() != sha:
+    sys.exit(f"{url}: sha256 {h.hexdigest()}, expected {sha}")
+root = None
+with tarfile.open(tgz) as t:
+    members = []
+    for m in t.getmembers():
+        parts = m.name.split("/")
+        rel = "/".join(parts[3:])  # <sdist>/vendor/llama.cpp/<rel>
+        if parts[1:3] != ["vendor", "llama.cpp"] or not m.isfile():
+            continue
+        if rel in ("convert_hf_to_gguf.py", "LICENSE") or rel.startswith(("conversion/", "gguf-py/gguf/")) or rel == "gguf-py/LICENSE":
+            m.name = rel
+            members.append(m)
+    t.extractall(out, members=members, filter="data")
+os.remove(tgz)
+for need in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py"):
+    if not os.path.isfile(os.path.join(out, need)):
+        sys.exit(f"the sdist has no vendor/llama.cpp/{need}")
+PY
+  then
+    rm -rf "$staging"
+    die "could not fetch llama.cpp's converter from $LLAMA_CPP_SDIST_URL (network, or the sha256 check failed: see above); run again."
+  fi
+  echo "$LLAMA_CPP_SDIST_SHA256" > "$staging/.volttrain-converter-ok"
+  rm -rf "$CONVERTER"
+  mv "$staging" "$CONVERTER"
+  log "llama.cpp converter ready in $CONVERTER"
+fi
+
 if [ "$print_env" = 1 ]; then
   libtorch="$(cat "$VENV/.volttrain-libtorch")"
   echo "export LIBTORCH='$libtorch'"
@@ -197,5 +257,8 @@ if [ "$print_env" = 1 ]; then
   echo "export VOLTTRAIN_PYTHON_REF='$VENV/bin/python'"
   if [ -f "$MARK_MLFLOW" ] && [ "$(cat "$MARK_MLFLOW")" = "$MLFLOW_VERSION" ]; then
     echo "export VOLTTRAIN_MLFLOW_PYTHON='$MLFLOW_VENV/bin/python'"
+  fi
+  if [ -f "$MARK_CONVERTER" ] && [ "$(cat "$MARK_CONVERTER")" = "$LLAMA_CPP_SDIST_SHA256" ]; then
+    echo "export VOLTTRAIN_LLAMA_CPP_CONVERTER='$CONVERTER'"
   fi
 fi

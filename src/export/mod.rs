@@ -134,8 +134,10 @@ impl StagedDir {
 
 /// Writes `tensors` (converted to `kind`) as transformers' `save_pretrained` does: one
 /// `model.safetensors` when they fit in `max_shard_bytes`, else `model-0000i-of-0000n.safetensors`
-/// shards of at most that size (a tensor larger than the limit gets a shard of its own) and
-/// `model.safetensors.index.json`. Returns the file names written.
+/// shards of at most that size (a tensor larger than the limit gets a shard of its own), and in
+/// both cases `model.safetensors.index.json` (`save_pretrained` leaves it out for one file;
+/// here it is always there, mapping every tensor to its file, so that tools that read the index
+/// find one; transformers loads either). Returns the file names written.
 pub fn write_safetensors_shards(
     dir: &Path,
     tensors: &[(String, Tensor)],
@@ -169,14 +171,14 @@ pub fn write_safetensors_shards(
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let n = shards.len();
-    if n == 1 {
-        save_safetensors(&dir.join("model.safetensors"), &shards[0], Some(meta))?;
-        return Ok(vec!["model.safetensors".into()]);
-    }
     let mut names = Vec::new();
     let mut weight_map = BTreeMap::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        };
         save_safetensors(&dir.join(&file), shard, Some(meta.clone()))?;
         for (t, _) in shard {
             weight_map.insert(t.clone(), file.clone());
