@@ -290,16 +290,14 @@ fn a_hung_sidecar_is_abandoned_after_the_finish_timeout() {
 fn the_sidecar_runs_at_nice_19_and_a_slow_start_is_waited_for() {
     let dir = tempfile::tempdir().unwrap();
     let nice_file = dir.path().join("nice.txt");
-    // records its niceness (field 19 of /proc/<pid>/stat), then keeps a core busy for 3 s
-    // before it says it is ready (three times start_timeout_secs), then exits
+    // records its niceness (field 19 of /proc/<pid>/stat), then keeps a core busy for 3 s (in
+    // the same process) before it says it is ready (three times start_timeout_secs), then exits
     let py = script(
         dir.path(),
         "slow",
         &format!(
-            "cut -d' ' -f19 /proc/$$/stat > '{}'\n\
-             end=$(( $(date +%s) + 3 ))\n\
-             while [ \"$(date +%s)\" -lt \"$end\" ]; do i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; done\n\
-             {READY}\nexit 0",
+            r#"cut -d' ' -f19 /proc/$$/stat > '{}'
+exec bash -c 'while [ $SECONDS -lt 3 ]; do :; done; echo "{{\"event\": \"ready\"}}"'"#,
             nice_file.display()
         ),
     );

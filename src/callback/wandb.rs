@@ -89,9 +89,9 @@ pub struct WandbConfig {
     #[serde(default = "default_python")]
     pub python: String,
     /// Seconds the sidecar may go without progress while it imports `wandb` at the start
-    /// (default 60). On Linux the clock restarts whenever the sidecar gets CPU time, so a
-    /// sidecar slowed by training on a busy machine is waited for (up to ten times this) and a
-    /// hung one is not.
+    /// (default 60). On Linux the clock restarts whenever the sidecar is seen running or
+    /// runnable or has had CPU time, so a sidecar slowed by training on a busy machine is waited
+    /// for (up to ten times this) and a hung one is not.
     #[serde(default = "default_start_timeout")]
     pub start_timeout_secs: f64,
     /// CPU niceness (0-19, Linux/Unix) of the sidecar and of the W&B service it starts, from its
@@ -305,14 +305,15 @@ impl Sink for Pipe {
     /// stops, naming the package and the install command).
     fn start(&mut self) -> Result<()> {
         let begin = Instant::now();
-        // A slow start on a busy machine (the sidecar runs at low priority) keeps getting CPU
-        // time; a hung one does not. Wait while there is progress, up to ten times the timeout.
+        // A slow start on a busy machine (the sidecar runs at low priority) is runnable or
+        // keeps getting CPU time; a hung one sleeps. Wait while there is progress, up to ten
+        // times the timeout.
         let cap = self.start_timeout * 10;
-        let mut progress = (begin, process_cpu_ticks(self.pid));
+        let mut progress = (begin, process_progress(self.pid).map(|p| p.1));
         loop {
             let now = Instant::now();
-            if let Some(t) = process_cpu_ticks(self.pid)
-                && Some(t) != progress.1
+            if let Some((working, t)) = process_progress(self.pid)
+                && (working || Some(t) != progress.1)
             {
                 progress = (now, Some(t));
             }
@@ -642,16 +643,19 @@ impl Drop for Wandb {
     }
 }
 
-/// CPU time (user + system, clock ticks) of process `pid` so far, from `/proc/<pid>/stat`;
+/// What `/proc/<pid>/stat` says of process `pid`: whether it is working (running, runnable or in
+/// uninterruptible I/O: state `R` or `D`) and its CPU time so far (user + system, clock ticks);
 /// `None` where that cannot be read (not Linux, or the process is gone).
-fn process_cpu_ticks(pid: u32) -> Option<u64> {
+fn process_progress(pid: u32) -> Option<(bool, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // fields after the parenthesized command name: state is field 3, utime 14, stime 15
     let rest = stat.rsplit_once(')')?.1;
-    let mut f = rest.split_whitespace().skip(11);
+    let mut f = rest.split_whitespace();
+    let working = matches!(f.next()?, "R" | "D");
+    let mut f = f.skip(10);
     let utime: u64 = f.next()?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((working, utime + stime))
 }
 
 /// An [`Error::Tracker`] of the wandb tracker.
