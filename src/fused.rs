@@ -10,7 +10,7 @@
 //! | [`rms_norm`] | `x.pow(2).mean(-1)`, `rsqrt`, two `mul`s (transformers' `LlamaRMSNorm`) | `x`, `rstd` |
 //! | [`swiglu`] | `silu(gate) * up` | `gate`, `up` |
 //! | [`rope`] | `x * cos + rotate_half(x) * sin` | `cos`, `sin` |
-//! | [`linear_cross_entropy`] | LM head product, `log_softmax`, `nll_loss` (sum) | the input gradients, formed in forward |
+//! | [`linear_cross_entropy`] | LM head product (soft-capped or not), `log_softmax`, `nll_loss` (sum) | the input gradients, formed in forward |
 //!
 //! They compute the same formulas in fp32 (parity with the composite ops is tested in
 //! `tests/fused_ops.rs`, and the model parity tests against transformers run through them).
@@ -134,11 +134,25 @@ pub fn linear_cross_entropy(
     ignore_index: i64,
     scale: f64,
 ) -> Result<(Tensor, f64)> {
-    linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, scale, 0)
+    linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, scale, None, 0)
 }
 
-/// [`linear_cross_entropy`] with `chunk_rows` rows of logits per chunk (0: about 32 MiB of
-/// them), for tests of the chunking.
+/// [`linear_cross_entropy`] of soft-capped logits `cap * tanh(hidden weight^T / cap)` (Gemma 2's
+/// `final_logit_softcapping`), the cap applied inside each chunk: forward, and the gradient
+/// through it (`1 - tanh(z / cap)^2`). `cap` must be finite and > 0.
+pub fn linear_cross_entropy_softcapped(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    scale: f64,
+    cap: f64,
+) -> Result<(Tensor, f64)> {
+    linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, scale, Some(cap), 0)
+}
+
+/// [`linear_cross_entropy`] (or [`linear_cross_entropy_softcapped`] with `cap`) with
+/// `chunk_rows` rows of logits per chunk (0: about 32 MiB of them), for tests of the chunking.
 #[doc(hidden)]
 pub fn linear_cross_entropy_chunked(
     hidden: &Tensor,
@@ -146,8 +160,18 @@ pub fn linear_cross_entropy_chunked(
     targets: &Tensor,
     ignore_index: i64,
     scale: f64,
+    cap: Option<f64>,
     chunk_rows: i64,
 ) -> Result<(Tensor, f64)> {
+    let cap = match cap {
+        None => 0.0,
+        Some(c) if c.is_finite() && c > 0.0 => c,
+        Some(c) => {
+            return Err(Error::invalid(format!(
+                "fused cross-entropy: the logit soft-cap must be a finite number > 0, got {c}"
+            )));
+        }
+    };
     let mut sum = f64::NAN;
     // SAFETY: as in rms_norm; `sum` outlives the call.
     let loss = new_tensor("fused cross-entropy", |out, err| unsafe {
@@ -157,6 +181,7 @@ pub fn linear_cross_entropy_chunked(
             ptr(targets),
             ignore_index,
             scale,
+            cap,
             chunk_rows.max(0),
             out,
             &mut sum,
