@@ -108,99 +108,6 @@ pub(crate) fn release_freed_memory() {
     }
 }
 
-/// Runs `fill`, the first writes to the `len` fresh bytes at `ptr` (a new CPU allocation not
-/// yet touched), with as much of the range as the kernel has free huge pages for advised for
-/// transparent huge pages (`madvise(MADV_HUGEPAGE)`). Advice only: nothing is allocated,
-/// resident memory does not change, and a kernel without THP ignores it. Calls are serialized
-/// (process-wide), so that each sees the free huge pages the previous one did not take; below
-/// two huge pages, and off Linux, `fill` just runs.
-///
-/// Why: filling a fresh multi-gigabyte tensor (a checkpoint read into fp32) takes one page
-/// fault per 4 KiB page, and with THP in its usual `madvise` mode those faults, not the
-/// conversion, are most of the time. Measured on the Gemma-2-2B-shaped load (4 layers, bf16
-/// safetensors into fp32, 3.6 GB, 2 threads): 910k minor faults per load, the kernel's fault
-/// path (trap, locks, memory-cgroup charge, zeroing) about 3/4 of its CPU time. With 2 MiB
-/// pages the faults are 512 times fewer: repeated loads in one process took 0.9-1.0 s instead
-/// of 2.2-2.5 s, and first loads in fresh processes (5 alternating pairs on a busy 2-core VM)
-/// 3.5-6.0 s instead of 4.0-7.4 s, less system time in every pair.
-///
-/// Why only what is free: on an advised range the kernel compacts memory to make huge pages
-/// when it has none free (THP `defrag: madvise`); on a machine whose memory was full of page
-/// cache that stalled the same load for 11 s. So the advice covers at most half of the memory
-/// the kernel holds in free blocks of huge-page size or more (`/proc/buddyinfo`), read under
-/// the lock; the rest of the range takes ordinary pages.
-pub(crate) fn fill_fresh<R>(ptr: *const u8, len: usize, fill: impl FnOnce() -> R) -> R {
-    #[cfg(target_os = "linux")]
-    {
-        let huge = huge_page_size();
-        if len >= 2 * huge {
-            static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-            let _serial = LOCK
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let start = (ptr as usize).next_multiple_of(huge);
-            let budget = free_huge_bytes(huge) / 2 / huge * huge;
-            let end = ((ptr as usize + len) / huge * huge).min(start + budget);
-            if end > start {
-                // SAFETY: advice on whole pages inside one live allocation; it changes no
-                // memory and no mapping's contents (an error, e.g. EINVAL, is ignored).
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-                }
-            }
-            return fill();
-        }
-    }
-    let _ = (ptr, len);
-    fill()
-}
-
-/// The kernel's transparent huge page size (`hpage_pmd_size`), 2 MiB where it is not readable.
-#[cfg(target_os = "linux")]
-fn huge_page_size() -> usize {
-    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SIZE.get_or_init(|| {
-        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .filter(|&n| n.is_power_of_two() && n >= 4096)
-            .unwrap_or(2 << 20)
-    })
-}
-
-/// Bytes the kernel holds in free blocks of at least `huge` bytes, over every zone of
-/// `/proc/buddyinfo` (0 where it is not readable).
-#[cfg(target_os = "linux")]
-fn free_huge_bytes(huge: usize) -> usize {
-    // SAFETY: sysconf reads a constant.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let text = std::fs::read_to_string("/proc/buddyinfo").unwrap_or_default();
-    buddy_free_bytes(&text, page, huge)
-}
-
-/// [`free_huge_bytes`] of a `/proc/buddyinfo` text: lines `Node N, zone NAME c0 c1 ...`, where
-/// `c_k` is the number of free blocks of `2^k` pages.
-#[cfg(any(target_os = "linux", test))]
-fn buddy_free_bytes(text: &str, page: usize, huge: usize) -> usize {
-    let mut total = 0usize;
-    for line in text.lines() {
-        let Some((_, counts)) = line.split_once("zone") else {
-            continue;
-        };
-        let mut fields = counts.split_whitespace();
-        fields.next(); // the zone's name
-        for (order, c) in fields.enumerate() {
-            let block = page.checked_shl(order as u32).unwrap_or(0);
-            if block >= huge
-                && let Ok(n) = c.parse::<usize>()
-            {
-                total = total.saturating_add(n.saturating_mul(block));
-            }
-        }
-    }
-    total
-}
-
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     /// Resident bytes of this process (`VmRSS`).
@@ -233,18 +140,6 @@ mod tests {
     /// Both settings do what their docs say: returned memory leaves the process, kept memory
     /// stays resident. The settings are process-wide and other tests of this binary change them
     /// from their own threads, so the check runs alone, in a child process of this test binary.
-    #[test]
-    fn free_huge_page_bytes_are_read_from_buddyinfo() {
-        let text = "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3 \n\
-                    Node 0, zone    DMA32   3729   2149   1035    387    156     72     40     30     25    210    176 \n\
-                    Node 0, zone   Normal  36118  33341  16659   7715   2790   1421    587    261     54    685    169 \n";
-        let mib = 1usize << 20;
-        // blocks of order 9 (2 MiB) and 10 (4 MiB) of 4 KiB pages
-        let want = (1 + 210 + 685) * 2 * mib + (3 + 176 + 169) * 4 * mib;
-        assert_eq!(super::buddy_free_bytes(text, 4096, 2 * mib), want);
-        assert_eq!(super::buddy_free_bytes("garbage\n", 4096, 2 * mib), 0);
-    }
-
     #[test]
     fn return_and_keep_freed_memory() {
         const CHILD: &str = "VOLTTRAIN_MALLOC_TEST_CHILD";

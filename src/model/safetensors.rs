@@ -2,9 +2,6 @@
 //!
 //! Files are memory-mapped; each tensor is copied once, straight into the requested kind and
 //! device, so reading a checkpoint holds at most one converted tensor beyond what is kept.
-//! Large CPU tensors are copied into memory advised for transparent huge pages
-//! where the kernel has them free (`malloc::fill_fresh`): their page faults, not the copy,
-//! were most of a load.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,9 +12,6 @@ use safetensors::tensor::{Dtype, TensorInfo};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result, TchResultExt, write_atomic};
-
-/// CPU tensors from this size on are read into memory advised for huge pages.
-const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
 
 /// One memory-mapped `.safetensors` file.
 pub struct SafetensorsFile {
@@ -152,19 +146,6 @@ impl SafetensorsFile {
             )
         };
         let aligned = (bytes.as_ptr() as usize).is_multiple_of(src_kind.elt_size_in_bytes());
-        let out_bytes = numel as usize * kind.elt_size_in_bytes();
-        if aligned && device == Device::Cpu && out_bytes >= HUGE_PAGE_MIN_BYTES {
-            // One copy into a fresh tensor backed by huge pages (a large tensor's page faults
-            // cost more than its conversion, see `malloc::fill_fresh`).
-            // SAFETY: as below; the view is dropped before this function returns.
-            let view =
-                unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], src_kind, Device::Cpu) }
-                    .ctx(ctx())?;
-            let mut out = Tensor::f_empty(&shape, (kind, Device::Cpu)).ctx(ctx())?;
-            let ptr = out.data_ptr() as *const u8;
-            crate::malloc::fill_fresh(ptr, out_bytes, || out.f_copy_(&view)).ctx(ctx())?;
-            return Ok(out);
-        }
         if aligned && (kind != src_kind || device != Device::Cpu) {
             // One copy: view the mapped bytes, convert into a fresh tensor.
             // SAFETY: `bytes` has exactly `numel` elements of `src_kind` (checked above), is
@@ -264,37 +245,4 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             Ok((n, t))
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Tensors large enough for the huge-page path read back equal to libtorch's own conversion
-    /// of the stored values, converted (bf16 to fp32) or not (fp32), next to small ones.
-    #[test]
-    fn large_tensors_read_through_the_huge_page_path_equal_the_stored_values() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.safetensors");
-        let n = (HUGE_PAGE_MIN_BYTES / 4 + 12_345) as i64;
-        let big = Tensor::randn([n], (Kind::Float, Device::Cpu));
-        let tensors = vec![
-            ("big_bf16".to_string(), big.to_kind(Kind::BFloat16)),
-            ("big_f32".to_string(), big.shallow_clone()),
-            (
-                "small".to_string(),
-                big.narrow(0, 0, 1000).to_kind(Kind::BFloat16),
-            ),
-        ];
-        save_safetensors(&path, &tensors, None).unwrap();
-        let f = SafetensorsFile::open(&path).unwrap();
-        for (name, stored) in &tensors {
-            let want = stored.to_kind(Kind::Float);
-            let got = f.tensor(name, Some(Kind::Float), Device::Cpu).unwrap();
-            assert_eq!(got.kind(), Kind::Float);
-            assert!(got.equal(&want), "{name}");
-            let kept = f.tensor(name, None, Device::Cpu).unwrap();
-            assert!(kept.equal(stored), "{name} in its stored kind");
-        }
-    }
 }
