@@ -123,7 +123,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// against `targets` `[n]` (int64, `ignore_index` rows skipped), summed, times `scale`.
 ///
 /// Returns the scaled loss (a scalar to call backward on) and the unscaled sum. The logits are
-/// formed a chunk of rows at a time (about 32 MiB of them) and never all at once: under grad
+/// formed a chunk of rows at a time (about 32 MiB of them, or `k / 8` rows where that is more, up
+/// to 256 MiB: each chunk reads the whole weight) and never all at once: under grad
 /// mode each chunk is turned into its gradient and multiplied into the gradients of `hidden`
 /// and `weight` during this call, then freed; backward multiplies those by its incoming
 /// gradient. `backward` may run once (no `retain_graph`).
@@ -152,7 +153,7 @@ pub fn linear_cross_entropy_softcapped(
 }
 
 /// [`linear_cross_entropy`] (or [`linear_cross_entropy_softcapped`] with `cap`) with
-/// `chunk_rows` rows of logits per chunk (0: about 32 MiB of them), for tests of the chunking.
+/// `chunk_rows` rows of logits per chunk (0: the default above), for tests of the chunking.
 #[doc(hidden)]
 pub fn linear_cross_entropy_chunked(
     hidden: &Tensor,

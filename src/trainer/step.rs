@@ -87,7 +87,7 @@ pub(crate) fn prepare(batch: &Batch, device: Device) -> Result<Prepared> {
 /// On the CPU in fp32 with a plain dense LM head, the head product and the cross-entropy run as
 /// one fused op ([`crate::fused::linear_cross_entropy`], or
 /// [`crate::fused::linear_cross_entropy_softcapped`] when the model soft-caps its logits, as
-/// Gemma 2 does): the logits are formed a chunk of rows at a time (about 32 MiB), soft-capped,
+/// Gemma 2 does): the logits are formed a chunk of rows at a time (32 to 256 MiB), soft-capped,
 /// overwritten by their gradient and freed, never all `[labels, vocab]` of them with their
 /// log-softmax. Otherwise the composite ops run.
 pub(crate) fn head_loss(
