@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -35,7 +36,7 @@ void vtk_swiglu_bwd(const float* gy, const float* g, const float* u, float* gg, 
 void vtk_rope(const float* x, const float* cos_t, const float* sin_t, float* y, int64_t r0,
               int64_t r1, int64_t t, int64_t cb, int64_t heads, int64_t d, int inverse);
 int64_t vtk_ce_rows(float* logits, const int64_t* targets, double* loss, int64_t r0, int64_t r1,
-                    int64_t v, int64_t ignore, float scale, int grad);
+                    int64_t v, int64_t ignore, float scale, float cap, int grad);
 }
 
 namespace {
@@ -193,19 +194,32 @@ struct Rope : public torch::autograd::Function<Rope> {
 // [n, vocab] fp32 logits are 200 MiB for 1024 tokens of a 49k vocabulary, and the largest
 // transient of a QLoRA step). The gradients are formed in forward (the loss ends the graph, so
 // nothing else can change them) and handed over in backward, times its incoming gradient.
+//
+// A chunk also streams the whole [vocab, k] W through its two products, so a chunk of few rows
+// turns them into matrix-vector-like products bound by reading W: Gemma 2's 256k x 2304 head
+// (2.4 GB) in 32 MiB chunks is 32 rows, and 127 tokens read it 8 times, which made the fused
+// soft-capped head 1.5x slower than the unfused chain (7.3 s against 4.8 s per forward +
+// backward, 2 threads; one chunk: 3.7 s). So a chunk has at least k / 8 rows (its logits at
+// least 1/8 of W's size) unless that is more than kCeChunkMaxBytes of logits.
 constexpr int64_t kCeChunkBytes = int64_t{32} << 20;
+constexpr int64_t kCeChunkMaxBytes = int64_t{256} << 20;
 
 struct CeRows {
   at::Tensor gh, gw;  // gradients of h and W (scaled), when asked for
   double loss_sum;    // unscaled
 };
 
-// `chunk_rows` 0 picks about kCeChunkBytes of logits per chunk (at least 16 rows).
+// `chunk_rows` 0 picks about kCeChunkBytes of logits per chunk, or k / 8 rows where that is more
+// (up to kCeChunkMaxBytes), and at least 16 rows.
+// `cap` > 0 soft-caps each chunk of logits (cap * tanh(z / cap)) before the cross-entropy.
 CeRows ce_rows(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targets,
-               int64_t ignore, double scale, bool want_gh, bool want_gw, int64_t chunk_rows) {
+               int64_t ignore, double scale, double cap, bool want_gh, bool want_gw,
+               int64_t chunk_rows) {
   const int64_t n = h.size(0), v = w.size(0);
   if (chunk_rows <= 0) {
-    chunk_rows = std::max<int64_t>(16, kCeChunkBytes / (4 * std::max<int64_t>(1, v)));
+    const int64_t row_bytes = 4 * std::max<int64_t>(1, v);
+    const int64_t reuse = std::min<int64_t>(w.size(1) / 8, kCeChunkMaxBytes / row_bytes);
+    chunk_rows = std::max<int64_t>({16, kCeChunkBytes / row_bytes, reuse});
   }
   const bool grad = want_gh || want_gw;
   at::Tensor loss = at::empty({n}, h.options().dtype(at::kDouble));
@@ -214,6 +228,7 @@ CeRows ce_rows(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targe
   const int64_t* tp = targets.data_ptr<int64_t>();
   double* lossp = loss.data_ptr<double>();
   const float s = static_cast<float>(scale);
+  const float fcap = cap > 0.0 ? static_cast<float>(cap) : 0.0f;
   const at::Tensor wt = w.t();
   for (int64_t c0 = 0; c0 < n; c0 += chunk_rows) {
     const int64_t m = std::min(chunk_rows, n - c0);
@@ -222,7 +237,8 @@ CeRows ce_rows(const at::Tensor& h, const at::Tensor& w, const at::Tensor& targe
     float* lp = logits.data_ptr<float>();
     std::atomic<int64_t> bad{-1};
     at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
-      const int64_t r = vtk_ce_rows(lp, tp + c0, lossp + c0, r0, r1, v, ignore, s, grad ? 1 : 0);
+      const int64_t r =
+          vtk_ce_rows(lp, tp + c0, lossp + c0, r0, r1, v, ignore, s, fcap, grad ? 1 : 0);
       if (r >= 0) {
         bad.store(r);
       }
@@ -249,10 +265,10 @@ struct LinearCe : public torch::autograd::Function<LinearCe> {
   // Returns {scale * loss_sum, loss_sum}; the second output is for reporting only.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w,
                                const at::Tensor& targets, int64_t ignore, double scale,
-                               int64_t chunk_rows) {
+                               double cap, int64_t chunk_rows) {
     at::Tensor hc = h.contiguous();
-    CeRows out =
-        ce_rows(hc, w, targets, ignore, scale, h.requires_grad(), w.requires_grad(), chunk_rows);
+    CeRows out = ce_rows(hc, w, targets, ignore, scale, cap, h.requires_grad(),
+                         w.requires_grad(), chunk_rows);
     if (out.gh.defined()) {
       ctx->saved_data["grad_h"] = out.gh;
     }
@@ -290,7 +306,7 @@ struct LinearCe : public torch::autograd::Function<LinearCe> {
       gh = at::Tensor();
       gw = at::Tensor();
     }
-    return {gh, gw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gh, gw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -356,9 +372,10 @@ int vt_fused_rope(at::Tensor* x, at::Tensor* cos, at::Tensor* sin, at::Tensor** 
 // times `scale`, in `*out`; the unscaled sum in `*loss_sum`. Without grad mode (or when
 // neither h nor W needs a gradient) no graph is built and the logits' gradient is not formed.
 // The logits are formed `chunk_rows` rows at a time (0: about 32 MiB of them, see ce_rows).
+// `cap` > 0 soft-caps the logits first (cap * tanh(logits / cap)); 0 leaves them as they are.
 int vt_fused_linear_ce(at::Tensor* h, at::Tensor* w, at::Tensor* targets, int64_t ignore,
-                       double scale, int64_t chunk_rows, at::Tensor** out, double* loss_sum,
-                       char** err) {
+                       double scale, double cap, int64_t chunk_rows, at::Tensor** out,
+                       double* loss_sum, char** err) {
   return guarded(err, "fused cross-entropy", [&] {
     const at::Tensor& hs = deref(h, "hidden");
     const at::Tensor& ws = deref(w, "weight");
@@ -367,6 +384,8 @@ int vt_fused_linear_ce(at::Tensor* h, at::Tensor* w, at::Tensor* targets, int64_
     check_f32_cpu(ws, "weight");
     TORCH_CHECK(hs.dim() == 2 && ws.dim() == 2 && hs.size(1) == ws.size(1),
                 "hidden ", hs.sizes(), " and weight ", ws.sizes(), " do not fit ([n, k], [v, k])");
+    TORCH_CHECK(std::isfinite(cap) && cap >= 0.0,
+                "the logit soft-cap must be a finite number >= 0 (0: none), got ", cap);
     TORCH_CHECK(ts.scalar_type() == at::kLong && ts.dim() == 1 && ts.size(0) == hs.size(0) &&
                     ts.device().is_cpu(),
                 "targets must be int64 [", hs.size(0), "] on the CPU, got ", ts.scalar_type(),
@@ -375,12 +394,13 @@ int vt_fused_linear_ce(at::Tensor* h, at::Tensor* w, at::Tensor* targets, int64_
     const bool graph =
         at::GradMode::is_enabled() && (hs.requires_grad() || ws.requires_grad());
     if (graph) {
-      variable_list r = LinearCe::apply(hs, ws, tc, ignore, scale, chunk_rows);
+      variable_list r = LinearCe::apply(hs, ws, tc, ignore, scale, cap, chunk_rows);
       *loss_sum = r[1].item<double>();
       *out = new at::Tensor(r[0]);
     } else {
       at::NoGradGuard no_grad;
-      CeRows r = ce_rows(hs.contiguous(), ws, tc, ignore, scale, false, false, chunk_rows);
+      CeRows r =
+          ce_rows(hs.contiguous(), ws, tc, ignore, scale, cap, false, false, chunk_rows);
       *loss_sum = r.loss_sum;
       *out = new at::Tensor(at::scalar_tensor(r.loss_sum * scale, hs.options()));
     }

@@ -7,9 +7,9 @@
  * this file alone with `-mavx2 -mfma` on x86-64: nothing here may run before the Rust side has
  * checked that the CPU has AVX2 and FMA (`nn::fused::available`).
  *
- * exp() is SLEEF's 1-ulp `Sleef_expf8_u10` (exported by libtorch_cpu, the same function
- * PyTorch's own AVX2 kernels call) on 8 lanes, and libm's expf on the tails and on builds
- * without AVX2.
+ * exp() and tanh() are SLEEF's 1-ulp `Sleef_expf8_u10` and `Sleef_tanhf8_u10` (exported by
+ * libtorch_cpu, the functions PyTorch's own AVX2 kernels call) on 8 lanes, and libm's expf and
+ * tanhf on the tails and on builds without AVX2.
  */
 
 #include <math.h>
@@ -174,10 +174,57 @@ void vtk_rope(const float* x, const float* cos_t, const float* sin_t, float* y, 
  *   loss[r] = logsumexp(row) - row[t]        (0 when t == ignore)
  * and, when `grad` is set, the row is overwritten in place with its gradient times `scale`:
  *   scale * (softmax(row) - onehot(t))       (zeros when t == ignore).
+ * With `cap` > 0 the row is first soft-capped, y = cap * tanh(z / cap) (Gemma's final logit
+ * soft-capping), the loss is that of y, and the gradient is taken with respect to z:
+ *   scale * (softmax(y) - onehot(t)) * (1 - tanh(z / cap)^2).
  * Returns the index of the first row whose target is out of range, or -1.
  */
+static float row_max(const float* row, int64_t v) {
+  float m = -INFINITY;
+  int64_t j = 0;
+#ifdef VT_AVX2
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= v; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, mv);
+  for (int k = 0; k < 8; ++k) m = lanes[k] > m ? lanes[k] : m;
+#endif
+  for (; j < v; ++j) m = row[j] > m ? row[j] : m;
+  return m;
+}
+
+/* One soft-capped row: y = cap * tanh(z / cap), shift m = max(y); returns sum(exp(y - m)). When
+ * `g` is set, row[j] becomes exp(y_j - m) * (1 - tanh(z_j / cap)^2) (the softmax numerator times
+ * the cap's derivative, before the 1 / sum). */
+static double capped_exp_sum(float* row, int64_t v, float cap, float m, int g) {
+  const float inv = 1.0f / cap;
+  int64_t j = 0;
+  double total = 0.0;
+#ifdef VT_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 vinv = _mm256_set1_ps(inv), vcap = _mm256_set1_ps(cap), vm = _mm256_set1_ps(m);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; j + 8 <= v; j += 8) {
+    __m256 t = Sleef_tanhf8_u10(_mm256_mul_ps(_mm256_loadu_ps(row + j), vinv));
+    __m256 e = Sleef_expf8_u10(_mm256_fmsub_ps(t, vcap, vm));
+    acc = _mm256_add_ps(acc, e);
+    if (g) _mm256_storeu_ps(row + j, _mm256_mul_ps(e, _mm256_fnmadd_ps(t, t, one)));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  for (int k = 0; k < 8; ++k) total += lanes[k];
+#endif
+  for (; j < v; ++j) {
+    float t = tanhf(row[j] * inv);
+    float e = expf(t * cap - m);
+    total += e;
+    if (g) row[j] = e * (1.0f - t * t);
+  }
+  return total;
+}
+
 int64_t vtk_ce_rows(float* logits, const int64_t* targets, double* loss, int64_t r0, int64_t r1,
-                    int64_t v, int64_t ignore, float scale, int grad) {
+                    int64_t v, int64_t ignore, float scale, float cap, int grad) {
   for (int64_t r = r0; r < r1; ++r) {
     float* row = logits + r * v;
     int64_t tg = targets[r];
@@ -187,16 +234,21 @@ int64_t vtk_ce_rows(float* logits, const int64_t* targets, double* loss, int64_t
       continue;
     }
     if (tg < 0 || tg >= v) return r;
-    float m = -INFINITY;
-    int64_t j = 0;
-#ifdef VT_AVX2
-    __m256 mv = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= v; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, mv);
-    for (int k = 0; k < 8; ++k) m = lanes[k] > m ? lanes[k] : m;
-#endif
-    for (; j < v; ++j) m = row[j] > m ? row[j] : m;
+    if (cap > 0.0f) {
+      /* tanh is increasing: the capped row's max is the cap of the raw max */
+      const float m = cap * tanhf(row_max(row, v) / cap);
+      const float tt = tanhf(row[tg] / cap);
+      const double sum = capped_exp_sum(row, v, cap, m, grad);
+      loss[r] = (double)m + log(sum) - (double)(cap * tt);
+      if (grad) {
+        float k = (float)((double)scale / sum);
+#pragma omp simd
+        for (int64_t q = 0; q < v; ++q) row[q] *= k;
+        row[tg] -= scale * (1.0f - tt * tt);
+      }
+      continue;
+    }
+    float m = row_max(row, v);
     float xt = row[tg];
     double sum = exp_shift_sum(row, grad ? row : NULL, v, m);
     loss[r] = (double)m + log(sum) - (double)xt;

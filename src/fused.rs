@@ -10,7 +10,7 @@
 //! | [`rms_norm`] | `x.pow(2).mean(-1)`, `rsqrt`, two `mul`s (transformers' `LlamaRMSNorm`) | `x`, `rstd` |
 //! | [`swiglu`] | `silu(gate) * up` | `gate`, `up` |
 //! | [`rope`] | `x * cos + rotate_half(x) * sin` | `cos`, `sin` |
-//! | [`linear_cross_entropy`] | LM head product, `log_softmax`, `nll_loss` (sum) | the input gradients, formed in forward |
+//! | [`linear_cross_entropy`] | LM head product (soft-capped or not), `log_softmax`, `nll_loss` (sum) | the input gradients, formed in forward |
 //!
 //! They compute the same formulas in fp32 (parity with the composite ops is tested in
 //! `tests/fused_ops.rs`, and the model parity tests against transformers run through them).
@@ -123,7 +123,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// against `targets` `[n]` (int64, `ignore_index` rows skipped), summed, times `scale`.
 ///
 /// Returns the scaled loss (a scalar to call backward on) and the unscaled sum. The logits are
-/// formed a chunk of rows at a time (about 32 MiB of them) and never all at once: under grad
+/// formed a chunk of rows at a time (about 32 MiB of them, or `k / 8` rows where that is more, up
+/// to 256 MiB: each chunk reads the whole weight) and never all at once: under grad
 /// mode each chunk is turned into its gradient and multiplied into the gradients of `hidden`
 /// and `weight` during this call, then freed; backward multiplies those by its incoming
 /// gradient. `backward` may run once (no `retain_graph`).
@@ -134,11 +135,25 @@ pub fn linear_cross_entropy(
     ignore_index: i64,
     scale: f64,
 ) -> Result<(Tensor, f64)> {
-    linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, scale, 0)
+    linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, scale, None, 0)
 }
 
-/// [`linear_cross_entropy`] with `chunk_rows` rows of logits per chunk (0: about 32 MiB of
-/// them), for tests of the chunking.
+/// [`linear_cross_entropy`] of soft-capped logits `cap * tanh(hidden weight^T / cap)` (Gemma 2's
+/// `final_logit_softcapping`), the cap applied inside each chunk: forward, and the gradient
+/// through it (`1 - tanh(z / cap)^2`). `cap` must be finite and > 0.
+pub fn linear_cross_entropy_softcapped(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    scale: f64,
+    cap: f64,
+) -> Result<(Tensor, f64)> {
+    linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, scale, Some(cap), 0)
+}
+
+/// [`linear_cross_entropy`] (or [`linear_cross_entropy_softcapped`] with `cap`) with
+/// `chunk_rows` rows of logits per chunk (0: the default above), for tests of the chunking.
 #[doc(hidden)]
 pub fn linear_cross_entropy_chunked(
     hidden: &Tensor,
@@ -146,8 +161,18 @@ pub fn linear_cross_entropy_chunked(
     targets: &Tensor,
     ignore_index: i64,
     scale: f64,
+    cap: Option<f64>,
     chunk_rows: i64,
 ) -> Result<(Tensor, f64)> {
+    let cap = match cap {
+        None => 0.0,
+        Some(c) if c.is_finite() && c > 0.0 => c,
+        Some(c) => {
+            return Err(Error::invalid(format!(
+                "fused cross-entropy: the logit soft-cap must be a finite number > 0, got {c}"
+            )));
+        }
+    };
     let mut sum = f64::NAN;
     // SAFETY: as in rms_norm; `sum` outlives the call.
     let loss = new_tensor("fused cross-entropy", |out, err| unsafe {
@@ -157,6 +182,7 @@ pub fn linear_cross_entropy_chunked(
             ptr(targets),
             ignore_index,
             scale,
+            cap,
             chunk_rows.max(0),
             out,
             &mut sum,

@@ -1,9 +1,9 @@
-//! The chat templates of Qwen3, Gemma 2, Gemma 3, Phi-4-mini and Phi-3-mini (as the models ship
-//! them, stored in `tests/fixtures/templates/`, sources in its README) render byte-equal to
-//! transformers' `apply_chat_template`, Qwen3 with `enable_thinking` on and off, Gemma 3 folding
-//! the system turn into the first user turn, and give the assistant-only loss masks transformers +
-//! TRL's prefix rendering gives (`reference/data_ref.py`, run live through
-//! `$VOLTTRAIN_PYTHON_REF`). Multi-turn Qwen3 and Phi-3 chats, which prefix rendering cannot
+//! The chat templates of Qwen3, Gemma 2, Gemma 3, Phi-4-mini, Phi-3-mini and SmolLM3 (as the
+//! models ship them, stored in `tests/fixtures/templates/`, sources in its README) render
+//! byte-equal to transformers' `apply_chat_template`, Qwen3 and SmolLM3 with `enable_thinking` on
+//! and off, Gemma 3 folding the system turn into the first user turn, and give the assistant-only
+//! loss masks transformers + TRL's prefix rendering gives (`reference/data_ref.py`, run live
+//! through `$VOLTTRAIN_PYTHON_REF`). Multi-turn Qwen3 and Phi-3 chats, which prefix rendering cannot
 //! locate, get the input_ids and labels of TRL's `SFTTrainer` with `assistant_only_loss=True`.
 
 use std::path::PathBuf;
@@ -164,11 +164,16 @@ fn family_templates_render_byte_equal_to_transformers() {
         ("phi3_mini", none.clone()),
         // TRL's training templates: `{% generation %}` blocks render their body
         ("trl_qwen3_training", none.clone()),
-        ("trl_phi3_training", none),
+        ("trl_phi3_training", none.clone()),
+        // SmolLM3: reasoning mode from `enable_thinking` (default on) or from `/think` and
+        // `/no_think` in the system turn; today's date in the system turn
+        ("smollm3", none),
+        ("smollm3", serde_json::json!({"enable_thinking": false})),
+        ("smollm3", serde_json::json!({"enable_thinking": true})),
     ];
     let counts = check_render(&pairs);
     println!("renders compared per (template, kwargs): {counts:?}");
-    assert_eq!(counts, [6, 6, 6, 3, 5, 6, 6, 6, 6]);
+    assert_eq!(counts, [6, 6, 6, 3, 5, 6, 6, 6, 6, 6, 6, 6]);
 }
 
 #[test]
@@ -285,6 +290,51 @@ fn assistant_only_masks_match_transformers_prefix_rendering() {
     );
     // Phi-3-mini: the template renders the EOS itself, after the assistant turn
     check_masks("phi3_mini", serde_json::json!({}), &single, "<|end|>\n");
+    // SmolLM3, multi-turn, both reasoning modes: with thinking off the empty think block is part
+    // of the prompt (the generation prompt renders it), not of the labels; `/no_think` in the
+    // system turn switches it off too
+    let mut smol = single.clone();
+    smol.push(vec![
+        m("user", "a"),
+        m("assistant", "<think>\nb?\n</think>\nb"),
+        m("user", "c"),
+        m("assistant", "d"),
+    ]);
+    smol.push(vec![
+        m("system", "Be brief. /no_think"),
+        m("user", "Name a color."),
+        m("assistant", "Blue"),
+    ]);
+    for kwargs in [
+        serde_json::json!({}),
+        serde_json::json!({"enable_thinking": false}),
+    ] {
+        check_masks("smollm3", kwargs, &smol, "<|im_end|>\n");
+    }
+}
+
+/// SmolLM3's reasoning modes as its template documents them: `enable_thinking` (default on)
+/// picks the system turn's `Reasoning Mode`, its default instructions and whether the assistant
+/// turn opens with an empty think block; `/think` or `/no_think` in the system turn overrides it
+/// and is removed from the instructions.
+#[test]
+fn smollm3_reasoning_modes_render_as_documented() {
+    let on = tokenizer("smollm3", &serde_json::json!({}));
+    let off = tokenizer("smollm3", &serde_json::json!({"enable_thinking": false}));
+    let hi = [m("user", "hi")];
+    let text = on.apply_chat_template(&hi, true).unwrap();
+    assert!(text.contains("Reasoning Mode: /think\n"), "{text}");
+    assert!(text.contains("systematic thinking process"), "{text}");
+    assert!(text.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
+    let text = off.apply_chat_template(&hi, true).unwrap();
+    assert!(text.contains("Reasoning Mode: /no_think\n"), "{text}");
+    assert!(text.contains("named SmolLM, trained by Hugging Face.\n\n<|im_start|>user"));
+    assert!(text.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n"));
+    let sys = [m("system", "Be brief. /no_think"), m("user", "hi")];
+    let text = on.apply_chat_template(&sys, true).unwrap();
+    assert!(text.contains("Reasoning Mode: /no_think\n"), "{text}");
+    assert!(text.contains("## Custom Instructions\n\nBe brief.\n\n<|im_start|>user"));
+    assert!(text.ends_with("<think>\n\n</think>\n"));
 }
 
 #[test]

@@ -153,14 +153,24 @@ fn rope_matches_composite_with_per_batch_and_shared_positions() {
 
 /// Reference: logits = h W^T, cross_entropy(sum, ignore -100) * scale, through autograd.
 fn ce_reference(h0: &Tensor, w0: &Tensor, targets: &Tensor, scale: f64) -> (f64, Tensor, Tensor) {
+    ce_reference_capped(h0, w0, targets, scale, None)
+}
+
+/// [`ce_reference`] with the logits soft-capped first, `cap * tanh(logits / cap)` (transformers'
+/// Gemma 2 head).
+fn ce_reference_capped(
+    h0: &Tensor,
+    w0: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+    cap: Option<f64>,
+) -> (f64, Tensor, Tensor) {
     let (h, w) = (leaf(h0.copy()), leaf(w0.copy()));
-    let loss = h.matmul(&w.tr()).cross_entropy_loss::<&Tensor>(
-        targets,
-        None,
-        tch::Reduction::Sum,
-        -100,
-        0.0,
-    );
+    let mut logits = h.matmul(&w.tr());
+    if let Some(c) = cap {
+        logits = (logits / c).tanh() * c;
+    }
+    let loss = logits.cross_entropy_loss::<&Tensor>(targets, None, tch::Reduction::Sum, -100, 0.0);
     let value = loss.double_value(&[]);
     (loss * scale).backward();
     (value, grad(&h), grad(&w))
@@ -220,7 +230,7 @@ fn linear_cross_entropy_in_chunks_matches_the_reference() {
     for chunk in [1i64, 5, 16, 36, 37, 100] {
         let (h, w) = (leaf(h0.copy()), leaf(w0.copy()));
         let (loss, value) =
-            fused::linear_cross_entropy_chunked(&h, &w, &targets, -100, 0.5, chunk).unwrap();
+            fused::linear_cross_entropy_chunked(&h, &w, &targets, -100, 0.5, None, chunk).unwrap();
         let rel = (value - value_ref).abs() / value_ref.abs();
         assert!(
             rel < 1e-6,
@@ -232,13 +242,89 @@ fn linear_cross_entropy_in_chunks_matches_the_reference() {
     }
     let bad = targets.copy();
     let _ = bad.narrow(0, 30, 1).fill_(v);
-    let e = fused::linear_cross_entropy_chunked(&leaf(h0.copy()), &w0, &bad, -100, 1.0, 8)
+    let e = fused::linear_cross_entropy_chunked(&leaf(h0.copy()), &w0, &bad, -100, 1.0, None, 8)
         .unwrap_err()
         .to_string();
     assert!(
         e.contains(&format!("target {v} at row 30 is outside the vocabulary")),
         "{e}"
     );
+}
+
+/// Gemma 2's soft-capped head: `cap * tanh(h W^T / cap)` then the cross-entropy, the cap
+/// applied inside each chunk, equals the composite chain in loss and gradients (logits large
+/// enough that the cap bends them), with chunks that do not divide the rows, a frozen weight,
+/// and without grad mode.
+#[test]
+fn softcapped_linear_cross_entropy_matches_tanh_then_cross_entropy() {
+    if !on() {
+        return;
+    }
+    tch::manual_seed(8);
+    let (n, k, v) = (37i64, 24, 1003);
+    let h0 = randn(&[n, k], 1.0);
+    // logits of a few units, against a cap of 3: well into tanh's bend
+    let w0 = randn(&[v, k], 1.0);
+    let targets = Tensor::randint(v, [n], (Kind::Int64, Device::Cpu));
+    let _ = targets.narrow(0, 11, 1).fill_(-100);
+    let cap = 3.0;
+    let (value_ref, gh_ref, gw_ref) = ce_reference_capped(&h0, &w0, &targets, 0.5, Some(cap));
+    let (plain, _, _) = ce_reference(&h0, &w0, &targets, 0.5);
+    assert!(
+        (plain - value_ref).abs() > 0.1 * value_ref.abs(),
+        "the cap changes the loss"
+    );
+    for chunk in [0i64, 5, 37] {
+        let (h, w) = (leaf(h0.copy()), leaf(w0.copy()));
+        let (loss, value) =
+            fused::linear_cross_entropy_chunked(&h, &w, &targets, -100, 0.5, Some(cap), chunk)
+                .unwrap();
+        let rel = (value - value_ref).abs() / value_ref.abs();
+        eprintln!("soft-capped sum {value} vs {value_ref}: relative {rel:.2e}");
+        assert!(
+            rel < 1e-6,
+            "chunks of {chunk}: loss sum {value} vs {value_ref}"
+        );
+        loss.backward();
+        assert_close(
+            &format!("capped, chunks of {chunk}: dhidden"),
+            &grad(&h),
+            &gh_ref,
+        );
+        assert_close(
+            &format!("capped, chunks of {chunk}: dweight"),
+            &grad(&w),
+            &gw_ref,
+        );
+        assert_eq!(
+            grad(&h)
+                .narrow(0, 11, 1)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+    }
+    // a frozen (tied) head under LoRA: only the hidden states get a gradient
+    let h = leaf(h0.copy());
+    let (loss, _) =
+        fused::linear_cross_entropy_softcapped(&h, &w0, &targets, -100, 0.5, cap).unwrap();
+    loss.backward();
+    assert_close("capped, frozen head: dhidden", &grad(&h), &gh_ref);
+    assert!(!w0.grad().defined(), "a frozen weight got a gradient");
+    // evaluation: the loss alone
+    let _g = tch::no_grad_guard();
+    let (loss, value) =
+        fused::linear_cross_entropy_softcapped(&h0, &w0, &targets, -100, 2.0, cap).unwrap();
+    assert!((value - value_ref).abs() <= 1e-6 * value_ref.abs());
+    assert!((loss.double_value(&[]) - 2.0 * value).abs() <= 1e-5 * value.abs());
+    // a cap that is not a positive number is an error naming it
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let e = fused::linear_cross_entropy_softcapped(&h0, &w0, &targets, -100, 1.0, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("soft-cap must be a finite number > 0"), "{e}");
+    }
 }
 
 #[test]

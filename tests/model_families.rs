@@ -5,8 +5,12 @@
 //! `$VOLTTRAIN_PYTHON_REF` (see `tests/model_parity.rs` for the Llama / Mistral / Qwen2 ones):
 //! VoltTrain must match transformers' fp32 eager logits to 1e-4 absolute over the non-pad
 //! positions of a left-padded and a right-padded batch and of a packed row, and the gradients of
-//! every parameter to 1e-4 relative. `fused_kernels_off_match_too` runs the same checks again in
-//! a child process with `VOLTTRAIN_FUSED_KERNELS=0` (the composite ops).
+//! every parameter to 1e-4 relative; the trainer's training loss (through the fused LM head +
+//! loss, soft-capped for Gemma) equals transformers' `outputs.loss` and its gradients.
+//! `fused_kernels_off_match_too` runs the same checks again in a child process with
+//! `VOLTTRAIN_FUSED_KERNELS=0` (the composite ops).
+
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,8 +18,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
+use volttrain::data::Batch;
 use volttrain::model::safetensors::load_safetensors;
 use volttrain::model::{CausalLm, ForwardInput, LoadOptions, load_model};
+use volttrain::trainer::{BatchSource, Trainer};
 
 const TOL: f64 = 1e-4;
 const VARIANTS: [&str; 8] = [
@@ -162,8 +168,162 @@ fn gradients_match_transformers() {
     }
 }
 
+// ---------- the training loss ----------
+
+/// Families whose training loss is checked: Gemma 2 and 3 soft-cap their logits (the fused
+/// head + loss caps each chunk), Qwen3 does not.
+const LOSS_VARIANTS: [&str; 3] = ["gemma2", "gemma3", "qwen3"];
+
+/// 2 rows of 12 tokens, the second right-padded by 3; the first 4 tokens of each are a prompt.
+fn loss_batch() -> Batch {
+    let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % 97).collect();
+    let mut labels = ids.clone();
+    let mut mask = vec![1i64; 24];
+    for j in 0..4 {
+        labels[j] = -100;
+        labels[12 + j] = -100;
+    }
+    for j in 9..12 {
+        labels[12 + j] = -100;
+        mask[12 + j] = 0;
+    }
+    Batch {
+        input_ids: Tensor::from_slice(&ids).view([2, 12]),
+        attention_mask: Tensor::from_slice(&mask).view([2, 12]),
+        position_ids: None,
+        labels: Tensor::from_slice(&labels).view([2, 12]),
+        num_tokens: 21,
+        num_label_tokens: 13,
+    }
+}
+
+struct OneBatch;
+impl BatchSource for OneBatch {
+    fn num_batches(&self, _: usize) -> usize {
+        1
+    }
+    fn batch(&mut self, _: usize, _: usize) -> volttrain::Result<Batch> {
+        Ok(loss_batch())
+    }
+}
+
+/// transformers' `outputs.loss` on [`loss_batch`] and its gradients, per family:
+/// `<name>/loss` and `<name>/grad/<parameter>`.
+fn transformers_loss_and_grads() -> HashMap<String, Tensor> {
+    let dir = tempfile::tempdir().unwrap();
+    let b = loss_batch();
+    let batch = dir.path().join("batch.safetensors");
+    Tensor::write_safetensors(
+        &[
+            ("ids", &b.input_ids),
+            ("mask", &b.attention_mask),
+            ("labels", &b.labels),
+        ],
+        &batch,
+    )
+    .unwrap();
+    let script = r#"
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+t = load_file(sys.argv[1])
+out = {}
+for name in sys.argv[4:]:
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[2] + "/" + name, dtype=torch.float32, attn_implementation="eager")
+    loss = m(input_ids=t["ids"], attention_mask=t["mask"], labels=t["labels"]).loss
+    loss.backward()
+    out[name + "/loss"] = loss.detach().reshape(1)
+    for n, p in m.named_parameters():
+        out[name + "/grad/" + n] = p.grad.contiguous()
+save_file(out, sys.argv[3])
+"#;
+    let file = dir.path().join("grads.safetensors");
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(&batch)
+        .arg(fixtures())
+        .arg(&file)
+        .args(LOSS_VARIANTS)
+        .output()
+        .expect("run the reference python");
+    assert!(
+        out.status.success(),
+        "transformers' loss and gradients: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    load_safetensors(&file).unwrap()
+}
+
+/// One trainer step of SGD with learning rate 1 (no momentum, decay or clipping) on
+/// [`loss_batch`]: the training loss, and each parameter's change, which is its gradient.
+fn trainer_loss_and_grads(name: &str) -> (f64, Vec<(String, Tensor)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = load(name);
+    let params = model.named_parameters();
+    let before: Vec<Tensor> = params.iter().map(|(_, t)| t.detach().copy()).collect();
+    let opt = <common::Sgd as volttrain::optim::Optimizer>::new(
+        common::one_group(model.as_ref(), 1.0),
+        common::SgdConfig { momentum: 0.0 },
+    )
+    .unwrap();
+    let mut tr = Trainer::builder()
+        .model(model)
+        .train_data(Box::new(OneBatch))
+        .optimizer(Box::new(opt))
+        .base_lr(1.0)
+        .max_steps(Some(1))
+        .output_dir(dir.path().join("out"))
+        .build()
+        .unwrap();
+    let loss = tr.fit().unwrap().final_train_loss.unwrap();
+    let grads = params
+        .iter()
+        .zip(before)
+        .map(|((n, p), b)| (n.clone(), b - p.detach()))
+        .collect();
+    (loss, grads)
+}
+
+/// The trainer's training loss and its gradients (the fused LM head + loss on the CPU, soft-capped
+/// for Gemma; the composite ops in the child process of [`fused_kernels_off_match_too`]) equal
+/// transformers' `outputs.loss` (1e-5 relative) and its gradients (1e-4 relative to each
+/// parameter's largest gradient).
+#[test]
+fn training_loss_and_gradients_match_transformers() {
+    let theirs = transformers_loss_and_grads();
+    for name in LOSS_VARIANTS {
+        let (loss, grads) = trainer_loss_and_grads(name);
+        let want = theirs[&format!("{name}/loss")].double_value(&[0]);
+        println!("{name}: training loss volttrain {loss} transformers {want}");
+        assert!(
+            (loss - want).abs() < 1e-5 * want.abs().max(1.0),
+            "{name}: loss {loss} vs {want}"
+        );
+        assert_eq!(
+            grads.len(),
+            theirs
+                .keys()
+                .filter(|k| k.starts_with(&format!("{name}/grad/")))
+                .count(),
+            "{name}: parameter count differs from transformers'"
+        );
+        let mut worst: f64 = 0.0;
+        for (n, g) in grads {
+            let want = theirs
+                .get(&format!("{name}/grad/{n}"))
+                .unwrap_or_else(|| panic!("{name}: transformers has no parameter {n}"));
+            // relative to the parameter's largest gradient (these are small: no floor at 1)
+            let scale = want.abs().max().double_value(&[]).max(1e-12);
+            let err = (&g - want).abs().max().double_value(&[]) / scale;
+            assert!(err < TOL, "{name} {n}: relative grad error {err}");
+            worst = worst.max(err);
+        }
+        println!("{name}: worst relative gradient error of the training loss {worst:.3e}");
+    }
+}
+
 /// The same checks through the composite ops (`VOLTTRAIN_FUSED_KERNELS=0`, read once per
-/// process, hence a child process running this binary's two parity tests).
+/// process, hence a child process running this binary's three parity tests).
 #[test]
 fn fused_kernels_off_match_too() {
     if std::env::var(FIXTURES_ENV).is_ok() {
@@ -181,6 +341,7 @@ fn fused_kernels_off_match_too() {
             "--exact",
             "logits_match_transformers",
             "gradients_match_transformers",
+            "training_loss_and_gradients_match_transformers",
             "fused_kernels_off_match_too",
             "--test-threads=1",
             "--nocapture",
@@ -196,7 +357,7 @@ fn fused_kernels_off_match_too() {
     );
     println!("{text}");
     assert!(out.status.success(), "composite-op run failed:\n{text}");
-    assert!(text.contains("3 passed"), "{text}");
+    assert!(text.contains("4 passed"), "{text}");
 }
 
 #[test]
@@ -241,11 +402,13 @@ fn phi3_modules_are_fused_and_named_as_in_transformers() {
             "model.layers.0.mlp.down_proj"
         ]
     );
-    // Gemma's head is soft-capped: never handed to the fused head + loss
+    // Gemma's head is soft-capped: handed to the fused head + loss with its cap
     let (gemma, _) = load("gemma2");
-    assert!(gemma.head_weight().is_none());
+    assert!(gemma.head_weight().is_some());
+    assert_eq!(gemma.head_softcap(), Some(3.0));
     let (qwen, _) = load("qwen3");
     assert!(qwen.head_weight().is_some());
+    assert_eq!(qwen.head_softcap(), None);
 }
 
 // ---------- clear errors ----------

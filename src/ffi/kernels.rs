@@ -35,6 +35,7 @@ unsafe extern "C" {
         targets: CTensor,
         ignore: i64,
         scale: f64,
+        cap: f64,
         chunk_rows: i64,
         out: RawTensor,
         loss_sum: *mut f64,

@@ -896,11 +896,11 @@ impl CausalLm for DecoderLm {
         self.norm(hidden, &self.norm)
     }
 
+    fn head_softcap(&self) -> Option<f64> {
+        self.cfg.final_softcap
+    }
+
     fn head_weight(&self) -> Option<Tensor> {
-        if self.cfg.final_softcap.is_some() {
-            // the logits are soft-capped: the head is not a plain product
-            return None;
-        }
         match &self.lm_head {
             None => Some(self.embed.shallow_clone()),
             Some(Linear {

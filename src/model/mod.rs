@@ -101,8 +101,9 @@ pub trait CausalLm: Send {
     /// Final norm and LM head: hidden states of any leading shape to logits.
     fn head(&self, hidden: &Tensor) -> Result<Tensor>;
     /// The final norm alone: `head(h)` is `head_norm(h)` times [`CausalLm::head_weight`]`^T`
-    /// when that is `Some`. Only called when [`CausalLm::head_weight`] is `Some`; the default
-    /// says it is not implemented.
+    /// (soft-capped by [`CausalLm::head_softcap`] when that is `Some`) when `head_weight` is
+    /// `Some`. Only called when [`CausalLm::head_weight`] is `Some`; the default says it is not
+    /// implemented.
     fn head_norm(&self, _hidden: &Tensor) -> Result<Tensor> {
         Err(crate::Error::Unsupported {
             what: format!("{}: head_norm", self.architecture()),
@@ -112,6 +113,12 @@ pub trait CausalLm: Send {
     /// The LM head's `[vocab, hidden]` weight when the head is a plain dense product (no bias,
     /// adapter or quantization), so the trainer may fuse it with the loss; `None` otherwise.
     fn head_weight(&self) -> Option<Tensor> {
+        None
+    }
+    /// The final logit soft-cap `cap` of a model whose logits are `cap * tanh(z / cap)` of the
+    /// head product `z` (Gemma 2's `final_logit_softcapping`); the fused head + loss applies it
+    /// in each chunk. `None` (the default): the logits are the product.
+    fn head_softcap(&self) -> Option<f64> {
         None
     }
 

@@ -85,9 +85,11 @@ pub(crate) fn prepare(batch: &Batch, device: Device) -> Result<Prepared> {
 /// loss times `scale` (the tensor to call backward on) and the unscaled sum.
 ///
 /// On the CPU in fp32 with a plain dense LM head, the head product and the cross-entropy run as
-/// one fused op ([`crate::fused::linear_cross_entropy`]): the logits are formed a chunk of
-/// rows at a time (about 32 MiB), overwritten by their gradient and freed, never all
-/// `[labels, vocab]` of them with their log-softmax. Otherwise the composite ops run.
+/// one fused op ([`crate::fused::linear_cross_entropy`], or
+/// [`crate::fused::linear_cross_entropy_softcapped`] when the model soft-caps its logits, as
+/// Gemma 2 does): the logits are formed a chunk of rows at a time (32 to 256 MiB), soft-capped,
+/// overwritten by their gradient and freed, never all `[labels, vocab]` of them with their
+/// log-softmax. Otherwise the composite ops run.
 pub(crate) fn head_loss(
     model: &dyn CausalLm,
     hidden: &Tensor,
@@ -109,7 +111,19 @@ pub(crate) fn head_loss(
         && crate::fused::applies(&w)
     {
         let normed = model.head_norm(&sel)?;
-        return crate::fused::linear_cross_entropy(&normed, &w, &p.targets, IGNORE_INDEX, scale);
+        return match model.head_softcap() {
+            Some(cap) => crate::fused::linear_cross_entropy_softcapped(
+                &normed,
+                &w,
+                &p.targets,
+                IGNORE_INDEX,
+                scale,
+                cap,
+            ),
+            None => {
+                crate::fused::linear_cross_entropy(&normed, &w, &p.targets, IGNORE_INDEX, scale)
+            }
+        };
     }
     let logits = model
         .head(&sel)?
