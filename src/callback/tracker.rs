@@ -145,11 +145,18 @@ pub fn now_ms() -> u64 {
 
 /// The delivering side of a tracker; it runs on the worker thread and may block.
 pub trait Sink: Send + 'static {
-    /// Runs first on the worker thread (connect, wait for a sidecar). An [`Error::Config`]
-    /// here is the user's to fix (a missing package): it stops the run whatever `on_error`
-    /// says; any other error counts as the tracker failing.
+    /// Runs on the worker thread before the first delivery (connect, start a sidecar): at the
+    /// first flush (`flush_secs` after the first point) or at the end of the run, whichever
+    /// comes first, so a tracker's start-up never competes with the first steps. An
+    /// [`Error::Config`] here is the user's to fix (a missing package): it stops the run
+    /// whatever `on_error` says; any other error counts as the tracker failing.
     fn start(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// CPU niceness of the worker thread, and of any process it starts (default 19, the
+    /// lowest: the tracker uses cores training leaves idle).
+    fn nice(&self) -> i32 {
+        19
     }
     /// Delivers one point.
     fn send(&mut self, point: &Point) -> Result<()>;
@@ -263,38 +270,46 @@ impl Worker {
             .name(format!("volttrain-{name}"))
             .spawn(move || {
                 // The worker only uses cores training leaves idle, connecting included.
-                lower_priority();
-                match sink.start() {
-                    Ok(()) => {}
-                    Err(Error::Config { key, msg, .. }) => {
-                        sh.fail(msg.clone());
-                        if let Ok(mut f) = sh.fatal.lock() {
-                            *f = Some((key, msg));
-                        }
+                set_thread_nice(sink.nice());
+                let mut started = false;
+                let start = |started: &mut bool, sink: &mut Box<dyn Sink>| {
+                    if std::mem::replace(started, true) {
+                        return;
                     }
-                    Err(e) => sh.fail(reason(e)),
-                }
+                    match sink.start() {
+                        Ok(()) => {}
+                        Err(Error::Config { key, msg, .. }) => {
+                            sh.fail(msg.clone());
+                            if let Ok(mut f) = sh.fatal.lock() {
+                                *f = Some((key, msg));
+                            }
+                        }
+                        Err(e) => sh.fail(reason(e)),
+                    }
+                };
                 let flush_after = Duration::from_secs_f64(flush_secs);
                 let mut batch: Vec<Point> = Vec::new();
                 let mut since = Instant::now();
-                let deliver = |batch: &mut Vec<Point>, sink: &mut Box<dyn Sink>| {
-                    if batch.is_empty() {
-                        return;
-                    }
-                    if sh.failure().is_none() {
-                        match sink.send_batch(batch) {
-                            Ok(()) => {
-                                sh.delivered
-                                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                            }
-                            Err((n, e)) => {
-                                sh.delivered.fetch_add(n as u64, Ordering::Relaxed);
-                                sh.fail(reason(e));
+                let deliver =
+                    |batch: &mut Vec<Point>, started: &mut bool, sink: &mut Box<dyn Sink>| {
+                        if batch.is_empty() {
+                            return;
+                        }
+                        start(started, sink);
+                        if sh.failure().is_none() {
+                            match sink.send_batch(batch) {
+                                Ok(()) => {
+                                    sh.delivered
+                                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                                }
+                                Err((n, e)) => {
+                                    sh.delivered.fetch_add(n as u64, Ordering::Relaxed);
+                                    sh.fail(reason(e));
+                                }
                             }
                         }
-                    }
-                    batch.clear();
-                };
+                        batch.clear();
+                    };
                 loop {
                     let cmd = if batch.is_empty() {
                         match rx.recv() {
@@ -306,11 +321,11 @@ impl Worker {
                         match rx.recv_timeout(left) {
                             Ok(c) => c,
                             Err(RecvTimeoutError::Timeout) => {
-                                deliver(&mut batch, &mut sink);
+                                deliver(&mut batch, &mut started, &mut sink);
                                 continue;
                             }
                             Err(RecvTimeoutError::Disconnected) => {
-                                deliver(&mut batch, &mut sink);
+                                deliver(&mut batch, &mut started, &mut sink);
                                 break;
                             }
                         }
@@ -322,11 +337,12 @@ impl Worker {
                             }
                             batch.push(p);
                             if batch.len() >= MAX_BATCH || flush_after.is_zero() {
-                                deliver(&mut batch, &mut sink);
+                                deliver(&mut batch, &mut started, &mut sink);
                             }
                         }
                         Cmd::Finish => {
-                            deliver(&mut batch, &mut sink);
+                            deliver(&mut batch, &mut started, &mut sink);
+                            start(&mut started, &mut sink);
                             match sink.finish(sh.failure().is_some()) {
                                 Ok(n) => {
                                     if let Ok(mut c) = sh.confirmed.lock() {
@@ -529,16 +545,20 @@ impl Drop for Worker {
     }
 }
 
-/// Runs the calling thread at the lowest CPU priority (nice 19, Linux): a connected tracker only
-/// uses cores training leaves idle, so it cannot slow the steps down on a busy machine.
-pub(crate) fn lower_priority() {
+/// Runs the calling thread at niceness `nice` (Linux: per thread, inherited by the processes
+/// it starts): a tracker at 19 only uses cores training leaves idle, so it cannot slow the
+/// steps down on a busy machine.
+pub(crate) fn set_thread_nice(nice: i32) {
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority(2) on this thread's own id; no memory is involved. Failure (e.g. a
-    // sandbox forbidding it) leaves the priority as it was, which is harmless.
+    // sandbox forbidding it, or a niceness below the process's without the privilege) leaves
+    // the priority as it was, which is harmless.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// Flattens JSON objects into `prefix/key/subkey` entries (numbers only; other leaves, and

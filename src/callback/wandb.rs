@@ -244,18 +244,70 @@ struct Event {
     logged: Option<u64>,
 }
 
-/// Writes the ops to the sidecar's stdin (on the worker thread).
+/// The sidecar process, shared by the worker thread (which starts it) and the callback (which
+/// reaps or kills it at the end).
+type SharedChild = Arc<Mutex<Option<Child>>>;
+
+/// Starts the sidecar and writes the ops to its stdin (on the worker thread).
 struct Pipe {
     stdin: Option<ChildStdin>,
-    events: Receiver<String>,
+    events: Option<Receiver<String>>,
     settings: serde_json::Value,
     python: String,
+    script: PathBuf,
+    nice: i32,
     start_timeout: Duration,
-    /// The sidecar's process id (its CPU time tells a slow start from a hung one).
-    pid: u32,
+    child: SharedChild,
 }
 
 impl Pipe {
+    /// Starts the sidecar (on the worker thread, whose niceness it inherits: `nice`, set by the
+    /// worker). Returns its process id and its stdout lines.
+    fn spawn(&mut self) -> Result<(u32, Receiver<String>)> {
+        let mut child = Command::new(&self.python)
+            .arg(&self.script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| {
+                Error::config(
+                    PYTHON_KEY,
+                    format!(
+                        "cannot start `{}` for the W&B sidecar: {e}; set `python:` to an \
+                         interpreter that has `wandb` installed",
+                        self.python
+                    ),
+                )
+            })?;
+        self.stdin = child.stdin.take();
+        let (tx, events) = channel::<String>();
+        if let Some(out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    match line {
+                        Ok(l) => {
+                            if tx.send(l).is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+        let pid = child.id();
+        tracing::info!(
+            "wandb: sidecar `{}` started (pid {pid}, nice {})",
+            self.python,
+            self.nice
+        );
+        if let Ok(mut c) = self.child.lock() {
+            *c = Some(child);
+        }
+        Ok((pid, events))
+    }
+
     /// The JSON line of `op`, newline included.
     fn line(op: &Op<'_>) -> Result<String> {
         let mut line = serde_json::to_string(op).map_err(|e| wandb_error(e.to_string()))?;
@@ -304,15 +356,16 @@ impl Sink for Pipe {
     /// Waits for the sidecar's first word: `ready`, or `missing` (a config error: the run
     /// stops, naming the package and the install command).
     fn start(&mut self) -> Result<()> {
+        let (pid, events) = self.spawn()?;
         let begin = Instant::now();
         // A slow start on a busy machine (the sidecar runs at low priority) is runnable or
         // keeps getting CPU time; a hung one sleeps. Wait while there is progress, up to ten
         // times the timeout.
         let cap = self.start_timeout * 10;
-        let mut progress = (begin, process_progress(self.pid).map(|p| p.1));
+        let mut progress = (begin, process_progress(pid).map(|p| p.1));
         loop {
             let now = Instant::now();
-            if let Some((working, t)) = process_progress(self.pid)
+            if let Some((working, t)) = process_progress(pid)
                 && (working || Some(t) != progress.1)
             {
                 progress = (now, Some(t));
@@ -334,7 +387,7 @@ impl Sink for Pipe {
                     }
                 )));
             }
-            let line = match self.events.recv_timeout(Duration::from_millis(500)) {
+            let line = match events.recv_timeout(Duration::from_millis(500)) {
                 Ok(l) => l,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
@@ -354,6 +407,7 @@ impl Sink for Pipe {
                         "wandb: sidecar ready (wandb {})",
                         ev.version.as_deref().unwrap_or("?")
                     );
+                    self.events = Some(events);
                     return Ok(());
                 }
                 "missing" => {
@@ -397,7 +451,7 @@ impl Sink for Pipe {
         })?;
         drop(self.stdin.take());
         // The sidecar answers after `run.finish()`; the worker's deadline bounds the wait.
-        for line in self.events.iter() {
+        for line in self.events.iter().flat_map(|rx| rx.iter()) {
             if let Ok(ev) = serde_json::from_str::<Event>(&line)
                 && ev.event == "finished"
             {
@@ -407,6 +461,10 @@ impl Sink for Pipe {
         Err(wandb_error(
             "the sidecar exited before confirming `run.finish()` (see its messages above)",
         ))
+    }
+
+    fn nice(&self) -> i32 {
+        self.nice
     }
 
     fn sends_are_final(&self) -> bool {
@@ -419,7 +477,7 @@ pub struct Wandb {
     cfg: WandbConfig,
     config: Option<serde_json::Value>,
     script: Option<tempfile::TempPath>,
-    child: Option<Arc<Mutex<Child>>>,
+    child: Option<SharedChild>,
     worker: Option<Worker>,
     tally: SummaryTally,
 }
@@ -462,8 +520,9 @@ impl Wandb {
         })
     }
 
-    /// Starts the sidecar and its worker; the worker waits (at most `start_timeout_secs`) for
-    /// the sidecar to import `wandb`, so training does not wait for Python.
+    /// Writes the sidecar script and starts the worker, which starts the sidecar at its first
+    /// delivery and waits for it to import `wandb` (`start_timeout_secs`); training never waits
+    /// for Python.
     fn start(&mut self, output_dir: &Path) -> Result<()> {
         let script = tempfile::Builder::new()
             .prefix("volttrain-wandb-")
@@ -474,73 +533,23 @@ impl Wandb {
         let script = script.into_temp_path();
         let dir = self.cfg.dir.as_deref().unwrap_or(output_dir);
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut cmd = Command::new(&self.cfg.python);
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            let nice = self.cfg.nice;
-            // SAFETY: the closure runs in the forked child before exec and only makes the
-            // async-signal-safe setpriority(2) call on the child itself; a refusal leaves the
-            // priority as it was, which is harmless.
-            unsafe {
-                cmd.pre_exec(move || {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
-                    Ok(())
-                });
-            }
-        }
-        let mut child = cmd
-            .arg(&*script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| {
-                Error::config(
-                    PYTHON_KEY,
-                    format!(
-                        "cannot start `{}` for the W&B sidecar: {e}; set `python:` to an \
-                         interpreter that has `wandb` installed",
-                        self.cfg.python
-                    ),
-                )
-            })?;
-        let stdin = child.stdin.take();
-        let (tx, events) = channel::<String>();
-        if let Some(out) = child.stdout.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    match line {
-                        Ok(l) => {
-                            if tx.send(l).is_err() {
-                                break;
-                            }
-                        }
-                        Err(_) => break,
-                    }
-                }
-            });
-        }
-        tracing::info!(
-            "wandb: sidecar `{}` started (pid {})",
-            self.cfg.python,
-            child.id()
-        );
-        let pid = child.id();
-        let child = Arc::new(Mutex::new(child));
+        let child: SharedChild = Arc::new(Mutex::new(None));
         self.child = Some(child.clone());
-        self.script = Some(script);
         let pipe = Pipe {
-            stdin,
-            events,
+            stdin: None,
+            events: None,
             settings: self.settings(output_dir),
             python: self.cfg.python.clone(),
+            script: script.to_path_buf(),
+            nice: self.cfg.nice,
             start_timeout: Duration::from_secs_f64(self.cfg.start_timeout_secs),
-            pid,
+            child: child.clone(),
         };
-        let kill_handle = child;
+        self.script = Some(script);
         let kill: Box<dyn FnOnce() + Send> = Box::new(move || {
-            if let Ok(mut c) = kill_handle.lock() {
+            if let Ok(mut c) = child.lock()
+                && let Some(c) = c.as_mut()
+            {
                 let _ = c.kill();
                 let _ = c.wait();
             }
@@ -557,6 +566,7 @@ impl Wandb {
     fn kill_child(&mut self) {
         if let Some(c) = self.child.take()
             && let Ok(mut c) = c.lock()
+            && let Some(c) = c.as_mut()
         {
             let _ = c.kill();
             let _ = c.wait();
@@ -567,6 +577,7 @@ impl Wandb {
     fn reap(&mut self) {
         if let Some(c) = self.child.take()
             && let Ok(mut c) = c.lock()
+            && let Some(c) = c.as_mut()
         {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
