@@ -8,10 +8,11 @@
 //! Gemma norms + 1, Mamba `A = -exp(A_log)`, Phi-3 LongRoPE factor tensors, ...), the type policy
 //! of `prepare_tensors`, the `general.size_label` / `general.sampling.*` metadata, and the
 //! tokenizer the class's `set_vocab` writes: `_set_vocab_sentencepiece` from a SentencePiece
-//! `tokenizer.model` where the class prefers one (llama, Qwen, Gemma, Jamba), else
-//! `_set_vocab_gpt2` (byte-level BPE from tokenizer.json), with `SpecialVocab`. A vocabulary the
-//! converter would read otherwise (Phi-3's own SentencePiece path, Jamba's Llama-BPE without
-//! `tokenizer.model`), and any other architecture, is an error naming it. `general.name` is the
+//! `tokenizer.model` where the class prefers one (llama, Qwen, Gemma, Jamba), Phi-3's own
+//! SentencePiece variant (Phi-3-mini's `LlamaTokenizer`), else `_set_vocab_gpt2` (byte-level
+//! BPE from tokenizer.json, Phi-4's `GPT2Tokenizer`), with `SpecialVocab`. A vocabulary the
+//! converter would read otherwise (Jamba's Llama-BPE without `tokenizer.model`), and any other
+//! architecture, is an error naming it. `general.name` is the
 //! directory's name.
 //!
 //! Tensor types: 1-D tensors, norms, SSM convolutions and tensors not named `*.weight` are
@@ -57,7 +58,8 @@ pub enum ConverterClass {
     /// (`Gemma3RMSNorm` multiplies by `1 + w`), embedding rows past the tokenizer's size dropped.
     Gemma3,
     /// `Phi3MiniModel`: its own parameters (partial rotary, original context, sliding window);
-    /// fused `qkv_proj` / `gate_up_proj` kept; LongRoPE factors written as tensors.
+    /// fused `qkv_proj` / `gate_up_proj` kept; LongRoPE factors written as tensors; its own
+    /// SentencePiece vocabulary unless the tokenizer class is `GPT2Tokenizer` (Phi-4).
     Phi3,
     /// `MambaModel` (Mamba and Falcon-Mamba): SSM sizes; `A = -exp(A_log)`, `conv1d` squeezed
     /// to 2-D; the vocabulary padded to a multiple of `pad_vocab_size_multiple` (8).
@@ -1372,15 +1374,45 @@ fn read_spm(path: &Path) -> Result<Vec<SpmPiece>> {
     Ok(pieces)
 }
 
-/// `TextModel._set_vocab_sentencepiece`: tokens, scores and types from `tokenizer.model`, then
-/// `added_tokens.json` and tokenizer_config.json's `added_tokens_decoder`, then `SpecialVocab`
-/// (without merges, ids under the vocabulary size).
-fn set_vocab_sentencepiece(w: &mut GgufWriter, dir: &Path, hp: &Hparams) -> Result<()> {
-    let pieces = read_spm(&dir.join("tokenizer.model"))?;
-    let vocab_size = hp
-        .uint(&["vocab_size_per_layer_input", "vocab_size"])
-        .filter(|v| *v != 0)
-        .map_or(pieces.len(), |v| v as usize);
+/// The SentencePiece vocabulary of the converter class: tokens, scores and types from
+/// `tokenizer.model`, then `added_tokens.json` and tokenizer_config.json's `added_tokens_decoder`,
+/// then `SpecialVocab` (without merges, ids under the vocabulary size).
+///
+/// Most classes follow `TextModel._set_vocab_sentencepiece`: the size is `vocab_size_per_layer_input`
+/// or `vocab_size` (0 meaning the model file's), pieces and added ids past it are skipped, an
+/// added token is a control token when `special` or when it looks special, else user-defined
+/// with `▁` written as a space. `Phi3MiniModel.set_vocab` differs: the size is `vocab_size`,
+/// added tokens are control tokens only when `special` and are kept as written, tokenizer.json's
+/// `added_tokens` are applied the same way after the decoder's, and an id at or past the size
+/// (which the converter fails on) is an error naming the file.
+fn set_vocab_sentencepiece(
+    w: &mut GgufWriter,
+    class: ConverterClass,
+    dir: &Path,
+    hp: &Hparams,
+) -> Result<()> {
+    let phi3 = class == ConverterClass::Phi3;
+    let model_path = dir.join("tokenizer.model");
+    let pieces = read_spm(&model_path)?;
+    let size = if phi3 {
+        hp.uint(&["vocab_size"])
+    } else {
+        hp.uint(&["vocab_size_per_layer_input", "vocab_size"])
+            .filter(|v| *v != 0)
+    };
+    let vocab_size = size.map_or(pieces.len(), |v| v as usize);
+    let past_the_end = |path: &Path, what: String| Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg: format!(
+            "{what} is not under the model's vocab_size {vocab_size} (config.json): llama.cpp's converter fails on a Phi-3 vocabulary with it"
+        ),
+    };
+    if phi3 && pieces.len() > vocab_size {
+        return Err(past_the_end(
+            &model_path,
+            format!("piece {}", pieces.len() - 1),
+        ));
+    }
     let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
     let mut scores = vec![-10000.0f32; vocab_size];
     let mut types = vec![5i32; vocab_size];
@@ -1413,26 +1445,60 @@ fn set_vocab_sentencepiece(w: &mut GgufWriter, dir: &Path, hp: &Hparams) -> Resu
             }
         }
     }
+    // (file, id, content, `special`) of tokenizer_config.json's added_tokens_decoder, then, for
+    // Phi-3, of tokenizer.json's added_tokens
+    let mut added: Vec<(&str, usize, String, bool)> = Vec::new();
+    let special = |data: &Value| truthy(&data.get("special").cloned());
     if let Some(tc) = read_json("tokenizer_config.json")?
         && let Some(Value::Object(dec)) = tc.get("added_tokens_decoder")
     {
         for (id, data) in dec {
-            let Some(id) = id.parse::<usize>().ok().filter(|i| *i < vocab_size) else {
-                continue;
-            };
-            let Some(content) = data.get("content").and_then(Value::as_str) else {
-                continue;
-            };
-            let special = data.get("special").and_then(Value::as_bool) == Some(true);
-            if special || looks_special(content) {
-                tokens[id] = content.to_string();
-                types[id] = 3;
-            } else {
-                tokens[id] = content.replace('\u{2581}', " ");
-                types[id] = 4;
+            if let (Ok(id), Some(content)) = (
+                id.parse::<usize>(),
+                data.get("content").and_then(Value::as_str),
+            ) {
+                added.push(("tokenizer_config.json", id, content.into(), special(data)));
             }
-            scores[id] = -1000.0;
         }
+    }
+    let tj = read_json("tokenizer.json")?.unwrap_or(Value::Null);
+    if phi3 {
+        for t in tj
+            .get("added_tokens")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(id), Some(content)) = (
+                t.get("id").and_then(Value::as_u64),
+                t.get("content").and_then(Value::as_str),
+            ) {
+                added.push(("tokenizer.json", id as usize, content.into(), special(t)));
+            }
+        }
+    }
+    for (file, id, content, special) in added {
+        if id >= vocab_size {
+            if phi3 {
+                return Err(past_the_end(
+                    &dir.join(file),
+                    format!("added token {content:?} (id {id})"),
+                ));
+            }
+            continue;
+        }
+        if special || (!phi3 && looks_special(&content)) {
+            types[id] = 3;
+            tokens[id] = content;
+        } else {
+            types[id] = 4;
+            tokens[id] = if phi3 {
+                content
+            } else {
+                content.replace('\u{2581}', " ")
+            };
+        }
+        scores[id] = -1000.0;
     }
     let n = tokens.len() as u64;
     w.add("tokenizer.ggml.model", GgufValue::Str("llama".into()));
@@ -1440,7 +1506,6 @@ fn set_vocab_sentencepiece(w: &mut GgufWriter, dir: &Path, hp: &Hparams) -> Resu
     w.add("tokenizer.ggml.tokens", GgufValue::StrArray(tokens));
     w.add("tokenizer.ggml.scores", GgufValue::F32Array(scores));
     w.add("tokenizer.ggml.token_type", GgufValue::I32Array(types));
-    let tj = read_json("tokenizer.json")?.unwrap_or(Value::Null);
     add_special_vocab(w, dir, &tj, Some(n))
 }
 
@@ -1773,8 +1838,9 @@ pub struct GgufReport {
     pub f16_fallback: Vec<String>,
 }
 
-/// The converter class's `set_vocab` for the vocabularies VoltTrain writes (`_set_vocab_gpt2`):
-/// a family whose converter would read another kind (SentencePiece) is an error saying so.
+/// The converter class's `set_vocab` for the vocabularies VoltTrain writes (SentencePiece from
+/// `tokenizer.model`, byte-level BPE from tokenizer.json): a family whose converter would read
+/// another kind is an error saying so.
 fn set_vocab(
     w: &mut GgufWriter,
     class: ConverterClass,
@@ -1806,7 +1872,7 @@ fn set_vocab(
             {
                 w.add("tokenizer.ggml.add_space_prefix", GgufValue::Bool(b));
             }
-            set_vocab_sentencepiece(w, dir, hp)?;
+            set_vocab_sentencepiece(w, class, dir, hp)?;
             match class {
                 ConverterClass::Gemma2 | ConverterClass::Gemma3 => {
                     w.add("tokenizer.ggml.add_space_prefix", GgufValue::Bool(false));
@@ -1828,12 +1894,17 @@ fn set_vocab(
                 "without a SentencePiece `tokenizer.model`, llama.cpp's converter takes Jamba's vocabulary as a Llama-style (byte-fallback) BPE, which VoltTrain does not write",
             ));
         }
+        // Phi3MiniModel.set_vocab: Phi-4's GPT2Tokenizer is a byte-level BPE, any other class
+        // reads tokenizer.model
         ConverterClass::Phi3
             if tc.get("tokenizer_class").and_then(Value::as_str) != Some("GPT2Tokenizer") =>
         {
-            return Err(refuse(
-                "llama.cpp's converter takes a Phi-3 vocabulary from the SentencePiece `tokenizer.model` unless tokenizer_config.json's `tokenizer_class` is `GPT2Tokenizer` (Phi-4), and VoltTrain writes byte-level BPE vocabularies only",
-            ));
+            if !spm {
+                return Err(refuse(
+                    "llama.cpp's converter takes a Phi-3 vocabulary from the SentencePiece `tokenizer.model` unless tokenizer_config.json's `tokenizer_class` is `GPT2Tokenizer` (Phi-4); this directory has no tokenizer.model",
+                ));
+            }
+            return set_vocab_sentencepiece(w, class, dir, hp);
         }
         ConverterClass::Mamba => {
             let pad = hp.uint(&["pad_vocab_size_multiple"]).unwrap_or(8).max(1);
