@@ -494,12 +494,18 @@ impl Hparams<'_> {
         self.find(keys).and_then(Value::as_f64)
     }
 
-    fn need(&self, keys: &[&str]) -> Result<u64> {
-        self.uint(keys).ok_or_else(|| Error::Config {
+    /// An error about `key` of config.json.
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::Config {
             file: Some(self.file.to_path_buf()),
-            key: keys[0].into(),
-            msg: "missing or not an integer (GGUF export needs it)".into(),
-        })
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+
+    fn need(&self, keys: &[&str]) -> Result<u64> {
+        self.uint(keys)
+            .ok_or_else(|| self.err(keys[0], "missing or not an integer (GGUF export needs it)"))
     }
 
     /// `TextModel.__init__`'s `rope_parameters`: `rope_parameters` (or `rope_scaling`) with the
@@ -706,10 +712,11 @@ fn text_parameters(
                 let orig = rope
                     .get("original_max_position_embeddings")
                     .and_then(Value::as_u64)
-                    .ok_or_else(|| Error::Config {
-                        file: Some(hp.file.to_path_buf()),
-                        key: "rope_parameters.original_max_position_embeddings".into(),
-                        msg: "missing (yarn RoPE needs it)".into(),
+                    .ok_or_else(|| {
+                        hp.err(
+                            "rope_parameters.original_max_position_embeddings",
+                            "missing (yarn RoPE needs it)",
+                        )
                     })?;
                 w.add(&p("rope.scaling.original_context_length"), u32_of(orig));
                 let yarn: [(&[&str], &str); 4] = [
@@ -732,14 +739,10 @@ fn text_parameters(
         Some(other) => {
             // longrope / su without Phi-3's factor tensors, dynamic NTK (which llama.cpp does
             // not implement) and unknown types: the converter would write a file without them
-            return Err(Error::Config {
-                file: Some(hp.file.to_path_buf()),
-                key: "rope_parameters.rope_type".into(),
-                msg: format!(
+            return Err(hp.err("rope_parameters.rope_type", format!(
                     "GGUF export of `{arch}` supports the default, linear and yarn RoPE{}, not `{other}` (llama.cpp's converter would drop it)",
                     if llama3_ok { " and llama3" } else { "" }
-                ),
-            });
+                )));
         }
     }
     if let Some(t) = rope.get("rope_theta").and_then(Value::as_f64) {
@@ -840,12 +843,10 @@ fn architecture_parameters(
                 .unwrap_or(1_000_000.0);
             w.add(&p("rope.freq_base"), f32_of(theta));
             if hp.find(&["attn_logit_softcapping"]).is_some() {
-                return Err(Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "attn_logit_softcapping".into(),
-                    msg: "Gemma 3 has no attention soft-cap (llama.cpp's converter refuses it)"
-                        .into(),
-                });
+                return Err(hp.err(
+                    "attn_logit_softcapping",
+                    "Gemma 3 has no attention soft-cap (llama.cpp's converter refuses it)",
+                ));
             }
             if let Some(c) = hp.float(&["final_logit_softcapping"]).filter(|c| *c != 0.0) {
                 w.add(&p("final_logit_softcapping"), f32_of(c));
@@ -864,10 +865,8 @@ fn architecture_parameters(
         ConverterClass::Gemma2 => {
             let n_head = hp.need(&["num_attention_heads"])?;
             let float = |k: &str| {
-                hp.float(&[k]).ok_or_else(|| Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: k.into(),
-                    msg: "missing or not a number (Gemma 2 GGUF export needs it)".into(),
+                hp.float(&[k]).ok_or_else(|| {
+                    hp.err(k, "missing or not a number (Gemma 2 GGUF export needs it)")
                 })
             };
             w.add(
@@ -913,10 +912,11 @@ fn architecture_parameters(
             let orig = rp
                 .get("original_max_position_embeddings")
                 .and_then(Value::as_u64)
-                .ok_or_else(|| Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "original_max_position_embeddings".into(),
-                    msg: "missing (Phi-3 GGUF export needs it)".into(),
+                .ok_or_else(|| {
+                    hp.err(
+                        "original_max_position_embeddings",
+                        "missing (Phi-3 GGUF export needs it)",
+                    )
                 })?;
             let rot = rp
                 .get("partial_rotary_factor")
@@ -936,11 +936,9 @@ fn architecture_parameters(
                 &p("attention.head_count_kv"),
                 u32_of(hp.need(&["num_key_value_heads", "n_head_kv"])?),
             );
-            let eps = hp.float(&["rms_norm_eps"]).ok_or_else(|| Error::Config {
-                file: Some(hp.file.to_path_buf()),
-                key: "rms_norm_eps".into(),
-                msg: "missing or not a number".into(),
-            })?;
+            let eps = hp
+                .float(&["rms_norm_eps"])
+                .ok_or_else(|| hp.err("rms_norm_eps", "missing or not a number"))?;
             w.add(&p("attention.layer_norm_rms_epsilon"), f32_of(eps));
             w.add(&p("rope.dimension_count"), u32_of(rope_dims));
             let rope = rp
@@ -950,11 +948,7 @@ fn architecture_parameters(
             let theta = rope
                 .get("rope_theta")
                 .and_then(Value::as_f64)
-                .ok_or_else(|| Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "rope_theta".into(),
-                    msg: "missing".into(),
-                })?;
+                .ok_or_else(|| hp.err("rope_theta", "missing"))?;
             w.add(&p("rope.freq_base"), f32_of(theta));
             w.add("general.file_type", GgufValue::U32(ty.file_type()));
             w.add(
@@ -969,11 +963,7 @@ fn architecture_parameters(
                     .collect()
             };
             if let Some(long) = factors("long_factor").filter(|l| !l.is_empty()) {
-                let bad = |msg: String| Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "rope_parameters".into(),
-                    msg,
-                };
+                let bad = |msg: String| hp.err("rope_parameters", msg);
                 let scale = max_pos as f64 / orig as f64;
                 let rope_type = rp
                     .get("rope_type")
@@ -1085,14 +1075,10 @@ fn architecture_parameters(
                 .unwrap_or(1e-5);
             let falcon = hp.find(&["model_type"]).and_then(Value::as_str) == Some("falcon_mamba");
             if d_inner != 2 * d_model {
-                return Err(Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "intermediate_size".into(),
-                    msg: format!(
+                return Err(hp.err("intermediate_size", format!(
                         "llama.cpp's mamba needs intermediate_size = 2 * hidden_size ({}), not {d_inner}",
                         2 * d_model
-                    ),
-                });
+                    )));
             }
             w.add(&p("context_length"), GgufValue::U32(1 << 20));
             w.add(&p("embedding_length"), u32_of(d_model));
@@ -1183,11 +1169,7 @@ fn looks_special(t: &str) -> bool {
 /// The tokenizer fields of `_set_vocab_gpt2` and `SpecialVocab(load_merges=True)`.
 fn add_vocab(w: &mut GgufWriter, dir: &Path, vocab_size: usize, tok: &Tokenizer) -> Result<()> {
     let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let tj: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: path.clone(),
-        source: e,
-    })?;
+    let tj = read_json(&path)?;
     let model_type = tj.pointer("/model/type").and_then(Value::as_str);
     if model_type != Some("BPE") {
         return Err(Error::Tokenizer {
@@ -1277,6 +1259,15 @@ fn add_vocab(w: &mut GgufWriter, dir: &Path, vocab_size: usize, tok: &Tokenizer)
         w.add("tokenizer.ggml.merges", GgufValue::StrArray(merges));
     }
     add_special_vocab(w, dir, &tj, None)
+}
+
+/// A JSON file, with errors naming it.
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }
 
 /// One piece of a SentencePiece `ModelProto` (`pieces`, field 1).
@@ -1427,14 +1418,10 @@ fn set_vocab_sentencepiece(
             _ => 1,
         };
     }
+    // the converter reads each of these files when it `is_file()`
     let read_json = |name: &str| -> Result<Option<Value>> {
         let path = dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t)
-                .map(Some)
-                .map_err(|e| Error::Json { path, source: e }),
-            Err(_) => Ok(None),
-        }
+        path.is_file().then(|| read_json(&path)).transpose()
     };
     if let Some(Value::Object(added)) = read_json("added_tokens.json")? {
         for (key, id) in added {
@@ -1928,11 +1915,7 @@ fn set_vocab(
 /// `len(model.vocab) + len(added_tokens)` of tokenizer.json: Gemma 3's embedding rows kept.
 fn gemma_vocab_rows(dir: &Path) -> Result<i64> {
     let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let tj: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: path.clone(),
-        source: e,
-    })?;
+    let tj = read_json(&path)?;
     let n = |p: &str| {
         let v = tj.pointer(p);
         v.and_then(Value::as_object)
