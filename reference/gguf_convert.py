@@ -190,20 +190,19 @@ def sentencepiece_tokenizer(d, tok_dir):
               unk_token="<unk>", add_bos_token=True, tokenizer_class="GemmaTokenizer")
 
 
-# Phi-3-mini's added tokens (past the SentencePiece pieces) and its chat template
+# Phi-3-mini's added tokens (past the SentencePiece pieces)
 PHI3_ADDED = [("<|endoftext|>", True), ("<|assistant|>", True), ("<|placeholder1|>", False),
               ("<|end|>", True), ("<|user|>", True), ("\u2581x\u2581", False), ("<|system|>", True)]
-PHI3_TEMPLATE = ("{% for message in messages %}{{'<|' + message['role'] + '|>' + '\\n' + message['content']"
-                 " + '<|end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|assistant|>\\n'}}{% endif %}")
 
 
 def phi3_sentencepiece(d):
     """Phi-3-mini's tokenizer layout over the SentencePiece model of sentencepiece_tokenizer:
     `tokenizer_class: LlamaTokenizer`, added tokens past the pieces in tokenizer.json,
     added_tokens.json and tokenizer_config.json's `added_tokens_decoder`, EOS `<|endoftext|>`,
-    the chat template in tokenizer_config.json. Cases where Phi3MiniModel.set_vocab differs from
-    TextModel's: a non-special token that looks special (`<|placeholder1|>`), a non-special one
-    with `\u2581`, and one (`<|system|>`) that only tokenizer.json's `added_tokens` lists."""
+    Phi-3-mini's chat template in tokenizer_config.json. Cases where Phi3MiniModel.set_vocab
+    differs from TextModel's: a non-special token that looks special (`<|placeholder1|>`), a
+    non-special one with `\u2581`, and one (`<|system|>`) only tokenizer.json's `added_tokens`
+    lists."""
     from tokenizers import AddedToken, Tokenizer
 
     path = os.path.join(d, "tokenizer.json")
@@ -217,9 +216,13 @@ def phi3_sentencepiece(d):
                                                 "special")}
                for t in added if t["content"] != "<|system|>"}
     os.remove(os.path.join(d, "chat_template.jinja"))
+    # Phi-3-mini-4k-instruct's own chat template (tests/fixtures/templates/README.md)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "tests", "fixtures", "templates", "phi3_mini.jinja")) as f:
+        template = f.read()
     edit_json(os.path.join(d, "tokenizer_config.json"), tokenizer_class="LlamaTokenizer",
               eos_token="<|endoftext|>", pad_token="<|endoftext|>", add_bos_token=False,
-              added_tokens_decoder=decoder, chat_template=PHI3_TEMPLATE)
+              added_tokens_decoder=decoder, chat_template=template)
     first = len(added) - len(PHI3_ADDED)
     with open(os.path.join(d, "added_tokens.json"), "w") as f:
         json.dump({t["content"]: t["id"] for t in added[first:] if t["content"] != "<|system|>"}, f, indent=2)
