@@ -25,7 +25,8 @@ Usage:
       make_model_fixtures.py / ssm_ref.py with the vocabulary size of the tokenizer in
       TOKENIZER_DIR, whose tokenizer files are copied in (NAME_fp16: variant NAME saved in float16); Gemma 2, Jamba and NAME_spm (variant NAME) get a SentencePiece
       tokenizer.model (+ tokenizer.json) trained on the bundled eval data; Phi-3 ones get Phi-4's
-      `tokenizer_class: GPT2Tokenizer`, qwen3 Qwen3's sampling defaults in generation_config.json).
+      `tokenizer_class: GPT2Tokenizer` (phi3_spm: Phi-3-mini's SentencePiece layout instead),
+      qwen3 Qwen3's sampling defaults in generation_config.json).
 Prints one JSON line last.
 """
 import copy
@@ -189,6 +190,44 @@ def sentencepiece_tokenizer(d, tok_dir):
               unk_token="<unk>", add_bos_token=True, tokenizer_class="GemmaTokenizer")
 
 
+# Phi-3-mini's added tokens (past the SentencePiece pieces)
+PHI3_ADDED = [("<|endoftext|>", True), ("<|assistant|>", True), ("<|placeholder1|>", False),
+              ("<|end|>", True), ("<|user|>", True), ("\u2581x\u2581", False), ("<|system|>", True)]
+
+
+def phi3_sentencepiece(d):
+    """Phi-3-mini's tokenizer layout over the SentencePiece model of sentencepiece_tokenizer:
+    `tokenizer_class: LlamaTokenizer`, added tokens past the pieces in tokenizer.json,
+    added_tokens.json and tokenizer_config.json's `added_tokens_decoder`, EOS `<|endoftext|>`,
+    Phi-3-mini's chat template in tokenizer_config.json. Cases where Phi3MiniModel.set_vocab
+    differs from TextModel's: a non-special token that looks special (`<|placeholder1|>`), a
+    non-special one with `\u2581`, and one (`<|system|>`) only tokenizer.json's `added_tokens`
+    lists."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = os.path.join(d, "tokenizer.json")
+    tok = Tokenizer.from_file(path)
+    for content, special in PHI3_ADDED:
+        tok.add_tokens([AddedToken(content, special=special, normalized=False)])
+    tok.save(path)
+    with open(path) as f:
+        added = json.load(f)["added_tokens"]
+    decoder = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
+                                                "special")}
+               for t in added if t["content"] != "<|system|>"}
+    os.remove(os.path.join(d, "chat_template.jinja"))
+    # Phi-3-mini-4k-instruct's own chat template (tests/fixtures/templates/README.md)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "tests", "fixtures", "templates", "phi3_mini.jinja")) as f:
+        template = f.read()
+    edit_json(os.path.join(d, "tokenizer_config.json"), tokenizer_class="LlamaTokenizer",
+              eos_token="<|endoftext|>", pad_token="<|endoftext|>", add_bos_token=False,
+              added_tokens_decoder=decoder, chat_template=template)
+    first = len(added) - len(PHI3_ADDED)
+    with open(os.path.join(d, "added_tokens.json"), "w") as f:
+        json.dump({t["content"]: t["id"] for t in added[first:] if t["content"] != "<|system|>"}, f, indent=2)
+
+
 def make(out_dir, tok_dir, names):
     import torch
 
@@ -223,7 +262,9 @@ def make(out_dir, tok_dir, names):
             for f in os.listdir(tok_dir):
                 if f.startswith(("tokenizer", "chat_template", "special_tokens")):
                     shutil.copy(os.path.join(tok_dir, f), os.path.join(d, f))
-        if cls.__name__.startswith("Phi3"):
+        if cls.__name__.startswith("Phi3") and spm:
+            phi3_sentencepiece(d)
+        elif cls.__name__.startswith("Phi3"):
             # Phi-4's tokenizer class: the converter takes its BPE vocabulary as for GPT-2
             edit_json(os.path.join(d, "tokenizer_config.json"), tokenizer_class="GPT2Tokenizer")
         if name == "qwen3":

@@ -488,6 +488,9 @@ fn gguf_export_of_each_family_equals_llama_cpps_converter() {
         ("gemma3", "gemma3"),
         ("phi3", "phi3"),
         ("phi4", "phi3"),
+        // Phi-3-mini's own SentencePiece path: added tokens of added_tokens.json,
+        // tokenizer_config.json and tokenizer.json past the pieces, chat template
+        ("phi3_spm", "phi3"),
         ("smollm3", "smollm3"),
         ("mamba", "mamba"),
         ("falcon_mamba", "mamba"),
@@ -514,8 +517,29 @@ fn gguf_export_of_each_family_equals_llama_cpps_converter() {
     for (name, arch) in families {
         assert_gguf_equals_converter(&models.join(name), dir.path(), arch, &["f32", "q8_0"]);
     }
-    // Gemma 2 and Jamba without a SentencePiece tokenizer.model are refused, naming it
-    for (name, family) in [("gemma2", "Gemma 2"), ("jamba", "Jamba")] {
+    // Phi-3 ids past config.json's vocab_size (which the converter fails on) are refused
+    let phi3 = models.join("phi3_spm");
+    let cfg_text = std::fs::read_to_string(phi3.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    for (size, file) in [(300, "tokenizer.model"), (403, "tokenizer_config.json")] {
+        cfg["vocab_size"] = serde_json::json!(size);
+        std::fs::write(phi3.join("config.json"), cfg.to_string()).unwrap();
+        let e = export_gguf(&phi3, None, GgufType::F32, &dir.path().join("x.gguf"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("vocab_size {size}")) && e.contains(file),
+            "{e}"
+        );
+    }
+    std::fs::write(phi3.join("config.json"), cfg_text).unwrap();
+    // Gemma 2, Jamba and Phi-3 (without Phi-4's GPT2Tokenizer) without a SentencePiece
+    // tokenizer.model are refused, naming it
+    for (name, family) in [
+        ("gemma2", "Gemma 2"),
+        ("jamba", "Jamba"),
+        ("phi3_spm", "Phi-3"),
+    ] {
         std::fs::remove_file(models.join(name).join("tokenizer.model")).unwrap();
         let e = export_gguf(
             &models.join(name),

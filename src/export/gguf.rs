@@ -8,10 +8,11 @@
 //! Gemma norms + 1, Mamba `A = -exp(A_log)`, Phi-3 LongRoPE factor tensors, ...), the type policy
 //! of `prepare_tensors`, the `general.size_label` / `general.sampling.*` metadata, and the
 //! tokenizer the class's `set_vocab` writes: `_set_vocab_sentencepiece` from a SentencePiece
-//! `tokenizer.model` where the class prefers one (llama, Qwen, Gemma, Jamba), else
-//! `_set_vocab_gpt2` (byte-level BPE from tokenizer.json), with `SpecialVocab`. A vocabulary the
-//! converter would read otherwise (Phi-3's own SentencePiece path, Jamba's Llama-BPE without
-//! `tokenizer.model`), and any other architecture, is an error naming it. `general.name` is the
+//! `tokenizer.model` where the class prefers one (llama, Qwen, Gemma, Jamba), Phi-3's own
+//! SentencePiece variant (Phi-3-mini's `LlamaTokenizer`), else `_set_vocab_gpt2` (byte-level
+//! BPE from tokenizer.json, Phi-4's `GPT2Tokenizer`), with `SpecialVocab`. A vocabulary the
+//! converter would read otherwise (Jamba's Llama-BPE without `tokenizer.model`), and any other
+//! architecture, is an error naming it. `general.name` is the
 //! directory's name.
 //!
 //! Tensor types: 1-D tensors, norms, SSM convolutions and tensors not named `*.weight` are
@@ -57,7 +58,8 @@ pub enum ConverterClass {
     /// (`Gemma3RMSNorm` multiplies by `1 + w`), embedding rows past the tokenizer's size dropped.
     Gemma3,
     /// `Phi3MiniModel`: its own parameters (partial rotary, original context, sliding window);
-    /// fused `qkv_proj` / `gate_up_proj` kept; LongRoPE factors written as tensors.
+    /// fused `qkv_proj` / `gate_up_proj` kept; LongRoPE factors written as tensors; its own
+    /// SentencePiece vocabulary unless the tokenizer class is `GPT2Tokenizer` (Phi-4).
     Phi3,
     /// `MambaModel` (Mamba and Falcon-Mamba): SSM sizes; `A = -exp(A_log)`, `conv1d` squeezed
     /// to 2-D; the vocabulary padded to a multiple of `pad_vocab_size_multiple` (8).
@@ -492,12 +494,18 @@ impl Hparams<'_> {
         self.find(keys).and_then(Value::as_f64)
     }
 
-    fn need(&self, keys: &[&str]) -> Result<u64> {
-        self.uint(keys).ok_or_else(|| Error::Config {
+    /// An error about `key` of config.json.
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::Config {
             file: Some(self.file.to_path_buf()),
-            key: keys[0].into(),
-            msg: "missing or not an integer (GGUF export needs it)".into(),
-        })
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+
+    fn need(&self, keys: &[&str]) -> Result<u64> {
+        self.uint(keys)
+            .ok_or_else(|| self.err(keys[0], "missing or not an integer (GGUF export needs it)"))
     }
 
     /// `TextModel.__init__`'s `rope_parameters`: `rope_parameters` (or `rope_scaling`) with the
@@ -704,10 +712,11 @@ fn text_parameters(
                 let orig = rope
                     .get("original_max_position_embeddings")
                     .and_then(Value::as_u64)
-                    .ok_or_else(|| Error::Config {
-                        file: Some(hp.file.to_path_buf()),
-                        key: "rope_parameters.original_max_position_embeddings".into(),
-                        msg: "missing (yarn RoPE needs it)".into(),
+                    .ok_or_else(|| {
+                        hp.err(
+                            "rope_parameters.original_max_position_embeddings",
+                            "missing (yarn RoPE needs it)",
+                        )
                     })?;
                 w.add(&p("rope.scaling.original_context_length"), u32_of(orig));
                 let yarn: [(&[&str], &str); 4] = [
@@ -730,14 +739,10 @@ fn text_parameters(
         Some(other) => {
             // longrope / su without Phi-3's factor tensors, dynamic NTK (which llama.cpp does
             // not implement) and unknown types: the converter would write a file without them
-            return Err(Error::Config {
-                file: Some(hp.file.to_path_buf()),
-                key: "rope_parameters.rope_type".into(),
-                msg: format!(
+            return Err(hp.err("rope_parameters.rope_type", format!(
                     "GGUF export of `{arch}` supports the default, linear and yarn RoPE{}, not `{other}` (llama.cpp's converter would drop it)",
                     if llama3_ok { " and llama3" } else { "" }
-                ),
-            });
+                )));
         }
     }
     if let Some(t) = rope.get("rope_theta").and_then(Value::as_f64) {
@@ -838,12 +843,10 @@ fn architecture_parameters(
                 .unwrap_or(1_000_000.0);
             w.add(&p("rope.freq_base"), f32_of(theta));
             if hp.find(&["attn_logit_softcapping"]).is_some() {
-                return Err(Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "attn_logit_softcapping".into(),
-                    msg: "Gemma 3 has no attention soft-cap (llama.cpp's converter refuses it)"
-                        .into(),
-                });
+                return Err(hp.err(
+                    "attn_logit_softcapping",
+                    "Gemma 3 has no attention soft-cap (llama.cpp's converter refuses it)",
+                ));
             }
             if let Some(c) = hp.float(&["final_logit_softcapping"]).filter(|c| *c != 0.0) {
                 w.add(&p("final_logit_softcapping"), f32_of(c));
@@ -862,10 +865,8 @@ fn architecture_parameters(
         ConverterClass::Gemma2 => {
             let n_head = hp.need(&["num_attention_heads"])?;
             let float = |k: &str| {
-                hp.float(&[k]).ok_or_else(|| Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: k.into(),
-                    msg: "missing or not a number (Gemma 2 GGUF export needs it)".into(),
+                hp.float(&[k]).ok_or_else(|| {
+                    hp.err(k, "missing or not a number (Gemma 2 GGUF export needs it)")
                 })
             };
             w.add(
@@ -911,10 +912,11 @@ fn architecture_parameters(
             let orig = rp
                 .get("original_max_position_embeddings")
                 .and_then(Value::as_u64)
-                .ok_or_else(|| Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "original_max_position_embeddings".into(),
-                    msg: "missing (Phi-3 GGUF export needs it)".into(),
+                .ok_or_else(|| {
+                    hp.err(
+                        "original_max_position_embeddings",
+                        "missing (Phi-3 GGUF export needs it)",
+                    )
                 })?;
             let rot = rp
                 .get("partial_rotary_factor")
@@ -934,11 +936,9 @@ fn architecture_parameters(
                 &p("attention.head_count_kv"),
                 u32_of(hp.need(&["num_key_value_heads", "n_head_kv"])?),
             );
-            let eps = hp.float(&["rms_norm_eps"]).ok_or_else(|| Error::Config {
-                file: Some(hp.file.to_path_buf()),
-                key: "rms_norm_eps".into(),
-                msg: "missing or not a number".into(),
-            })?;
+            let eps = hp
+                .float(&["rms_norm_eps"])
+                .ok_or_else(|| hp.err("rms_norm_eps", "missing or not a number"))?;
             w.add(&p("attention.layer_norm_rms_epsilon"), f32_of(eps));
             w.add(&p("rope.dimension_count"), u32_of(rope_dims));
             let rope = rp
@@ -948,11 +948,7 @@ fn architecture_parameters(
             let theta = rope
                 .get("rope_theta")
                 .and_then(Value::as_f64)
-                .ok_or_else(|| Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "rope_theta".into(),
-                    msg: "missing".into(),
-                })?;
+                .ok_or_else(|| hp.err("rope_theta", "missing"))?;
             w.add(&p("rope.freq_base"), f32_of(theta));
             w.add("general.file_type", GgufValue::U32(ty.file_type()));
             w.add(
@@ -967,11 +963,7 @@ fn architecture_parameters(
                     .collect()
             };
             if let Some(long) = factors("long_factor").filter(|l| !l.is_empty()) {
-                let bad = |msg: String| Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "rope_parameters".into(),
-                    msg,
-                };
+                let bad = |msg: String| hp.err("rope_parameters", msg);
                 let scale = max_pos as f64 / orig as f64;
                 let rope_type = rp
                     .get("rope_type")
@@ -1083,14 +1075,10 @@ fn architecture_parameters(
                 .unwrap_or(1e-5);
             let falcon = hp.find(&["model_type"]).and_then(Value::as_str) == Some("falcon_mamba");
             if d_inner != 2 * d_model {
-                return Err(Error::Config {
-                    file: Some(hp.file.to_path_buf()),
-                    key: "intermediate_size".into(),
-                    msg: format!(
+                return Err(hp.err("intermediate_size", format!(
                         "llama.cpp's mamba needs intermediate_size = 2 * hidden_size ({}), not {d_inner}",
                         2 * d_model
-                    ),
-                });
+                    )));
             }
             w.add(&p("context_length"), GgufValue::U32(1 << 20));
             w.add(&p("embedding_length"), u32_of(d_model));
@@ -1181,11 +1169,7 @@ fn looks_special(t: &str) -> bool {
 /// The tokenizer fields of `_set_vocab_gpt2` and `SpecialVocab(load_merges=True)`.
 fn add_vocab(w: &mut GgufWriter, dir: &Path, vocab_size: usize, tok: &Tokenizer) -> Result<()> {
     let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let tj: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: path.clone(),
-        source: e,
-    })?;
+    let tj = read_json(&path)?;
     let model_type = tj.pointer("/model/type").and_then(Value::as_str);
     if model_type != Some("BPE") {
         return Err(Error::Tokenizer {
@@ -1275,6 +1259,15 @@ fn add_vocab(w: &mut GgufWriter, dir: &Path, vocab_size: usize, tok: &Tokenizer)
         w.add("tokenizer.ggml.merges", GgufValue::StrArray(merges));
     }
     add_special_vocab(w, dir, &tj, None)
+}
+
+/// A JSON file, with errors naming it.
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }
 
 /// One piece of a SentencePiece `ModelProto` (`pieces`, field 1).
@@ -1372,15 +1365,45 @@ fn read_spm(path: &Path) -> Result<Vec<SpmPiece>> {
     Ok(pieces)
 }
 
-/// `TextModel._set_vocab_sentencepiece`: tokens, scores and types from `tokenizer.model`, then
-/// `added_tokens.json` and tokenizer_config.json's `added_tokens_decoder`, then `SpecialVocab`
-/// (without merges, ids under the vocabulary size).
-fn set_vocab_sentencepiece(w: &mut GgufWriter, dir: &Path, hp: &Hparams) -> Result<()> {
-    let pieces = read_spm(&dir.join("tokenizer.model"))?;
-    let vocab_size = hp
-        .uint(&["vocab_size_per_layer_input", "vocab_size"])
-        .filter(|v| *v != 0)
-        .map_or(pieces.len(), |v| v as usize);
+/// The SentencePiece vocabulary of the converter class: tokens, scores and types from
+/// `tokenizer.model`, then `added_tokens.json` and tokenizer_config.json's `added_tokens_decoder`,
+/// then `SpecialVocab` (without merges, ids under the vocabulary size).
+///
+/// Most classes follow `TextModel._set_vocab_sentencepiece`: the size is `vocab_size_per_layer_input`
+/// or `vocab_size` (0 meaning the model file's), pieces and added ids past it are skipped, an
+/// added token is a control token when `special` or when it looks special, else user-defined
+/// with `▁` written as a space. `Phi3MiniModel.set_vocab` differs: the size is `vocab_size`,
+/// added tokens are control tokens only when `special` and are kept as written, tokenizer.json's
+/// `added_tokens` are applied the same way after the decoder's, and an id at or past the size
+/// (which the converter fails on) is an error naming the file.
+fn set_vocab_sentencepiece(
+    w: &mut GgufWriter,
+    class: ConverterClass,
+    dir: &Path,
+    hp: &Hparams,
+) -> Result<()> {
+    let phi3 = class == ConverterClass::Phi3;
+    let model_path = dir.join("tokenizer.model");
+    let pieces = read_spm(&model_path)?;
+    let size = if phi3 {
+        hp.uint(&["vocab_size"])
+    } else {
+        hp.uint(&["vocab_size_per_layer_input", "vocab_size"])
+            .filter(|v| *v != 0)
+    };
+    let vocab_size = size.map_or(pieces.len(), |v| v as usize);
+    let past_the_end = |path: &Path, what: String| Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg: format!(
+            "{what} is not under the model's vocab_size {vocab_size} (config.json): llama.cpp's converter fails on a Phi-3 vocabulary with it"
+        ),
+    };
+    if phi3 && pieces.len() > vocab_size {
+        return Err(past_the_end(
+            &model_path,
+            format!("piece {}", pieces.len() - 1),
+        ));
+    }
     let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
     let mut scores = vec![-10000.0f32; vocab_size];
     let mut types = vec![5i32; vocab_size];
@@ -1395,14 +1418,10 @@ fn set_vocab_sentencepiece(w: &mut GgufWriter, dir: &Path, hp: &Hparams) -> Resu
             _ => 1,
         };
     }
+    // the converter reads each of these files when it `is_file()`
     let read_json = |name: &str| -> Result<Option<Value>> {
         let path = dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t)
-                .map(Some)
-                .map_err(|e| Error::Json { path, source: e }),
-            Err(_) => Ok(None),
-        }
+        path.is_file().then(|| read_json(&path)).transpose()
     };
     if let Some(Value::Object(added)) = read_json("added_tokens.json")? {
         for (key, id) in added {
@@ -1413,26 +1432,60 @@ fn set_vocab_sentencepiece(w: &mut GgufWriter, dir: &Path, hp: &Hparams) -> Resu
             }
         }
     }
+    // (file, id, content, `special`) of tokenizer_config.json's added_tokens_decoder, then, for
+    // Phi-3, of tokenizer.json's added_tokens
+    let mut added: Vec<(&str, usize, String, bool)> = Vec::new();
+    let special = |data: &Value| truthy(&data.get("special").cloned());
     if let Some(tc) = read_json("tokenizer_config.json")?
         && let Some(Value::Object(dec)) = tc.get("added_tokens_decoder")
     {
         for (id, data) in dec {
-            let Some(id) = id.parse::<usize>().ok().filter(|i| *i < vocab_size) else {
-                continue;
-            };
-            let Some(content) = data.get("content").and_then(Value::as_str) else {
-                continue;
-            };
-            let special = data.get("special").and_then(Value::as_bool) == Some(true);
-            if special || looks_special(content) {
-                tokens[id] = content.to_string();
-                types[id] = 3;
-            } else {
-                tokens[id] = content.replace('\u{2581}', " ");
-                types[id] = 4;
+            if let (Ok(id), Some(content)) = (
+                id.parse::<usize>(),
+                data.get("content").and_then(Value::as_str),
+            ) {
+                added.push(("tokenizer_config.json", id, content.into(), special(data)));
             }
-            scores[id] = -1000.0;
         }
+    }
+    let tj = read_json("tokenizer.json")?.unwrap_or(Value::Null);
+    if phi3 {
+        for t in tj
+            .get("added_tokens")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(id), Some(content)) = (
+                t.get("id").and_then(Value::as_u64),
+                t.get("content").and_then(Value::as_str),
+            ) {
+                added.push(("tokenizer.json", id as usize, content.into(), special(t)));
+            }
+        }
+    }
+    for (file, id, content, special) in added {
+        if id >= vocab_size {
+            if phi3 {
+                return Err(past_the_end(
+                    &dir.join(file),
+                    format!("added token {content:?} (id {id})"),
+                ));
+            }
+            continue;
+        }
+        if special || (!phi3 && looks_special(&content)) {
+            types[id] = 3;
+            tokens[id] = content;
+        } else {
+            types[id] = 4;
+            tokens[id] = if phi3 {
+                content
+            } else {
+                content.replace('\u{2581}', " ")
+            };
+        }
+        scores[id] = -1000.0;
     }
     let n = tokens.len() as u64;
     w.add("tokenizer.ggml.model", GgufValue::Str("llama".into()));
@@ -1440,7 +1493,6 @@ fn set_vocab_sentencepiece(w: &mut GgufWriter, dir: &Path, hp: &Hparams) -> Resu
     w.add("tokenizer.ggml.tokens", GgufValue::StrArray(tokens));
     w.add("tokenizer.ggml.scores", GgufValue::F32Array(scores));
     w.add("tokenizer.ggml.token_type", GgufValue::I32Array(types));
-    let tj = read_json("tokenizer.json")?.unwrap_or(Value::Null);
     add_special_vocab(w, dir, &tj, Some(n))
 }
 
@@ -1773,8 +1825,9 @@ pub struct GgufReport {
     pub f16_fallback: Vec<String>,
 }
 
-/// The converter class's `set_vocab` for the vocabularies VoltTrain writes (`_set_vocab_gpt2`):
-/// a family whose converter would read another kind (SentencePiece) is an error saying so.
+/// The converter class's `set_vocab` for the vocabularies VoltTrain writes (SentencePiece from
+/// `tokenizer.model`, byte-level BPE from tokenizer.json): a family whose converter would read
+/// another kind is an error saying so.
 fn set_vocab(
     w: &mut GgufWriter,
     class: ConverterClass,
@@ -1806,7 +1859,7 @@ fn set_vocab(
             {
                 w.add("tokenizer.ggml.add_space_prefix", GgufValue::Bool(b));
             }
-            set_vocab_sentencepiece(w, dir, hp)?;
+            set_vocab_sentencepiece(w, class, dir, hp)?;
             match class {
                 ConverterClass::Gemma2 | ConverterClass::Gemma3 => {
                     w.add("tokenizer.ggml.add_space_prefix", GgufValue::Bool(false));
@@ -1828,12 +1881,17 @@ fn set_vocab(
                 "without a SentencePiece `tokenizer.model`, llama.cpp's converter takes Jamba's vocabulary as a Llama-style (byte-fallback) BPE, which VoltTrain does not write",
             ));
         }
+        // Phi3MiniModel.set_vocab: Phi-4's GPT2Tokenizer is a byte-level BPE, any other class
+        // reads tokenizer.model
         ConverterClass::Phi3
             if tc.get("tokenizer_class").and_then(Value::as_str) != Some("GPT2Tokenizer") =>
         {
-            return Err(refuse(
-                "llama.cpp's converter takes a Phi-3 vocabulary from the SentencePiece `tokenizer.model` unless tokenizer_config.json's `tokenizer_class` is `GPT2Tokenizer` (Phi-4), and VoltTrain writes byte-level BPE vocabularies only",
-            ));
+            if !spm {
+                return Err(refuse(
+                    "llama.cpp's converter takes a Phi-3 vocabulary from the SentencePiece `tokenizer.model` unless tokenizer_config.json's `tokenizer_class` is `GPT2Tokenizer` (Phi-4); this directory has no tokenizer.model",
+                ));
+            }
+            return set_vocab_sentencepiece(w, class, dir, hp);
         }
         ConverterClass::Mamba => {
             let pad = hp.uint(&["pad_vocab_size_multiple"]).unwrap_or(8).max(1);
@@ -1857,11 +1915,7 @@ fn set_vocab(
 /// `len(model.vocab) + len(added_tokens)` of tokenizer.json: Gemma 3's embedding rows kept.
 fn gemma_vocab_rows(dir: &Path) -> Result<i64> {
     let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let tj: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: path.clone(),
-        source: e,
-    })?;
+    let tj = read_json(&path)?;
     let n = |p: &str| {
         let v = tj.pointer(p);
         v.and_then(Value::as_object)
