@@ -2,7 +2,8 @@
 //! bundled tiny Llama and chat data, with its evals and epoch saves) with no tracker, with
 //! `wandb` (offline mode, through the sidecar in the reference Python) and with `mlflow` (a
 //! local `mlflow server` on SQLite, started here from `VOLTTRAIN_MLFLOW_PYTHON`), run in turn
-//! in this process, the order rotated each round so drift on a shared machine spreads evenly.
+//! in this process, the order rotated each round and reversed every other round, so drift on a
+//! shared machine, and what one run leaves winding down, spread evenly.
 //!
 //! The figure is the run's own `tokens_per_sec`, what the job reports: input tokens over its
 //! training time (`FitSummary::train_secs`: start of `fit` through the final eval and save,
@@ -192,6 +193,14 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
     one_run(&opts.root, opts, &tmp.path().join("warmup"), None)?;
     for round in 0..rounds {
         for k in 0..variants.len() {
+            // rotated each round, and reversed every other round: each variant follows each of
+            // the others equally often (what a W&B run leaves winding down at nice 19 falls on
+            // every variant, not always on the one after it)
+            let k = if round % 2 == 1 {
+                variants.len() - 1 - k
+            } else {
+                k
+            };
             let i = (k + round) % variants.len();
             let out = tmp.path().join(format!("run-{round}-{}", variants[i].0));
             samples[i].push(one_run(&opts.root, opts, &out, variants[i].1.clone())?);
