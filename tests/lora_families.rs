@@ -23,11 +23,10 @@ use tch::{Device, Kind, Tensor};
 use volttrain::adapter::{
     AdapterInjector, LoraConfig, LoraInjector, Targets, load_peft_adapter, save_peft_adapter,
 };
-use volttrain::data::Batch;
 use volttrain::model::safetensors::load_safetensors;
 use volttrain::model::{CausalLm, ForwardInput, LoadOptions, load_model};
 use volttrain::quant::{FourBitQuantizer, FourBitType};
-use volttrain::trainer::{BatchSource, Trainer};
+use volttrain::trainer::Trainer;
 
 const TOL: f64 = 1e-4;
 const FAMILIES: [&str; 5] = ["qwen3", "gemma2", "gemma3", "phi3", "smollm3"];
@@ -232,43 +231,10 @@ fn peft_round_trips_and_all_linear_match_per_family() {
 
 // ---------- training ----------
 
-fn batch() -> Batch {
-    // 2 rows of 12 tokens, the second right-padded by 3; the first 4 tokens are a "prompt"
-    let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % 97).collect();
-    let mut labels = ids.clone();
-    let mut mask = vec![1i64; 24];
-    for j in 0..4 {
-        labels[j] = -100;
-        labels[12 + j] = -100;
-    }
-    for j in 9..12 {
-        labels[12 + j] = -100;
-        mask[12 + j] = 0;
-    }
-    Batch {
-        input_ids: Tensor::from_slice(&ids).view([2, 12]),
-        attention_mask: Tensor::from_slice(&mask).view([2, 12]),
-        position_ids: None,
-        labels: Tensor::from_slice(&labels).view([2, 12]),
-        num_tokens: 21,
-        num_label_tokens: 13,
-    }
-}
-
-struct One;
-impl BatchSource for One {
-    fn num_batches(&self, _: usize) -> usize {
-        1
-    }
-    fn batch(&mut self, _: usize, _: usize) -> volttrain::Result<Batch> {
-        Ok(batch())
-    }
-}
-
-/// transformers' `outputs.loss` of each family on [`batch`].
+/// transformers' `outputs.loss` of each family on [`common::padded_prompt_batch`].
 fn transformers_losses() -> HashMap<String, f64> {
     let dir = tempfile::tempdir().unwrap();
-    let b = batch();
+    let b = common::padded_prompt_batch();
     let file = dir.path().join("batch.safetensors");
     Tensor::write_safetensors(
         &[
@@ -342,8 +308,8 @@ fn train(name: &str, mode: Mode) -> (f64, f64) {
     .unwrap();
     let mut tr = Trainer::builder()
         .model(model)
-        .train_data(Box::new(One))
-        .eval_data(Box::new(One))
+        .train_data(Box::new(common::PaddedPromptSource))
+        .eval_data(Box::new(common::PaddedPromptSource))
         .optimizer(Box::new(opt))
         .base_lr(lr)
         .max_steps(Some(4))

@@ -18,10 +18,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
-use volttrain::data::Batch;
 use volttrain::model::safetensors::load_safetensors;
 use volttrain::model::{CausalLm, ForwardInput, LoadOptions, load_model};
-use volttrain::trainer::{BatchSource, Trainer};
+use volttrain::trainer::Trainer;
 
 const TOL: f64 = 1e-4;
 const VARIANTS: [&str; 8] = [
@@ -174,44 +173,11 @@ fn gradients_match_transformers() {
 /// head + loss caps each chunk), Qwen3 does not.
 const LOSS_VARIANTS: [&str; 3] = ["gemma2", "gemma3", "qwen3"];
 
-/// 2 rows of 12 tokens, the second right-padded by 3; the first 4 tokens of each are a prompt.
-fn loss_batch() -> Batch {
-    let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % 97).collect();
-    let mut labels = ids.clone();
-    let mut mask = vec![1i64; 24];
-    for j in 0..4 {
-        labels[j] = -100;
-        labels[12 + j] = -100;
-    }
-    for j in 9..12 {
-        labels[12 + j] = -100;
-        mask[12 + j] = 0;
-    }
-    Batch {
-        input_ids: Tensor::from_slice(&ids).view([2, 12]),
-        attention_mask: Tensor::from_slice(&mask).view([2, 12]),
-        position_ids: None,
-        labels: Tensor::from_slice(&labels).view([2, 12]),
-        num_tokens: 21,
-        num_label_tokens: 13,
-    }
-}
-
-struct OneBatch;
-impl BatchSource for OneBatch {
-    fn num_batches(&self, _: usize) -> usize {
-        1
-    }
-    fn batch(&mut self, _: usize, _: usize) -> volttrain::Result<Batch> {
-        Ok(loss_batch())
-    }
-}
-
-/// transformers' `outputs.loss` on [`loss_batch`] and its gradients, per family:
+/// transformers' `outputs.loss` on [`common::padded_prompt_batch`] and its gradients, per family:
 /// `<name>/loss` and `<name>/grad/<parameter>`.
 fn transformers_loss_and_grads() -> HashMap<String, Tensor> {
     let dir = tempfile::tempdir().unwrap();
-    let b = loss_batch();
+    let b = common::padded_prompt_batch();
     let batch = dir.path().join("batch.safetensors");
     Tensor::write_safetensors(
         &[
@@ -255,7 +221,7 @@ save_file(out, sys.argv[3])
 }
 
 /// One trainer step of SGD with learning rate 1 (no momentum, decay or clipping) on
-/// [`loss_batch`]: the training loss, and each parameter's change, which is its gradient.
+/// [`common::padded_prompt_batch`]: the training loss, and each parameter's change, which is its gradient.
 fn trainer_loss_and_grads(name: &str) -> (f64, Vec<(String, Tensor)>) {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = load(name);
@@ -268,7 +234,7 @@ fn trainer_loss_and_grads(name: &str) -> (f64, Vec<(String, Tensor)>) {
     .unwrap();
     let mut tr = Trainer::builder()
         .model(model)
-        .train_data(Box::new(OneBatch))
+        .train_data(Box::new(common::PaddedPromptSource))
         .optimizer(Box::new(opt))
         .base_lr(1.0)
         .max_steps(Some(1))

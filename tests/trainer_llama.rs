@@ -7,9 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use tch::{Device, Kind, Tensor};
-use volttrain::data::Batch;
 use volttrain::model::{CausalLm, LoadOptions, load_model};
-use volttrain::trainer::{BatchSource, Trainer};
+use volttrain::trainer::Trainer;
 
 fn python() -> String {
     std::env::var("VOLTTRAIN_PYTHON_REF").unwrap_or_else(|_| "python3".into())
@@ -35,39 +34,6 @@ fn tiny_llama(dir: &Path) -> Box<dyn CausalLm> {
     .unwrap()
 }
 
-fn batch() -> Batch {
-    // 2 rows of 12 tokens, the second right-padded by 3; the first 4 tokens are a "prompt"
-    let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % 97).collect();
-    let mut labels = ids.clone();
-    let mut mask = vec![1i64; 24];
-    for j in 0..4 {
-        labels[j] = -100;
-        labels[12 + j] = -100;
-    }
-    for j in 9..12 {
-        labels[12 + j] = -100;
-        mask[12 + j] = 0;
-    }
-    Batch {
-        input_ids: Tensor::from_slice(&ids).view([2, 12]),
-        attention_mask: Tensor::from_slice(&mask).view([2, 12]),
-        position_ids: None,
-        labels: Tensor::from_slice(&labels).view([2, 12]),
-        num_tokens: 21,
-        num_label_tokens: 13,
-    }
-}
-
-struct One;
-impl BatchSource for One {
-    fn num_batches(&self, _: usize) -> usize {
-        1
-    }
-    fn batch(&mut self, _: usize, _: usize) -> volttrain::Result<Batch> {
-        Ok(batch())
-    }
-}
-
 fn grads_after_one_step(checkpointing: bool) -> (f64, Vec<(String, Tensor)>) {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_llama(dir.path());
@@ -84,7 +50,7 @@ fn grads_after_one_step(checkpointing: bool) -> (f64, Vec<(String, Tensor)>) {
     let before: Vec<Tensor> = names.iter().map(|(_, t)| t.detach().copy()).collect();
     let mut t = Trainer::builder()
         .model(model)
-        .train_data(Box::new(One))
+        .train_data(Box::new(common::PaddedPromptSource))
         .optimizer(opt)
         .base_lr(1.0)
         .max_steps(Some(1))
@@ -141,8 +107,8 @@ fn loss_matches_transformers() {
     .unwrap();
     let mut tr = Trainer::builder()
         .model(model)
-        .train_data(Box::new(One))
-        .eval_data(Box::new(One))
+        .train_data(Box::new(common::PaddedPromptSource))
+        .eval_data(Box::new(common::PaddedPromptSource))
         .optimizer(Box::new(opt))
         .base_lr(1.0)
         .output_dir(dir.path().join("out"))
@@ -150,7 +116,7 @@ fn loss_matches_transformers() {
         .unwrap();
     let ours = tr.evaluate().unwrap();
 
-    let b = batch();
+    let b = common::padded_prompt_batch();
     let file = dir.path().join("batch.safetensors");
     Tensor::write_safetensors(
         &[

@@ -323,3 +323,39 @@ pub fn one_group(model: &dyn CausalLm, lr: f64) -> Vec<ParamGroup> {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
+
+/// 2 rows of 12 tokens, the second right-padded by 3; the first 4 tokens of each row are a
+/// prompt (labels -100): the batch the trainer-vs-transformers tests share.
+pub fn padded_prompt_batch() -> Batch {
+    let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % 97).collect();
+    let mut labels = ids.clone();
+    let mut mask = vec![1i64; 24];
+    for j in 0..4 {
+        labels[j] = -100;
+        labels[12 + j] = -100;
+    }
+    for j in 9..12 {
+        labels[12 + j] = -100;
+        mask[12 + j] = 0;
+    }
+    Batch {
+        input_ids: Tensor::from_slice(&ids).view([2, 12]),
+        attention_mask: Tensor::from_slice(&mask).view([2, 12]),
+        position_ids: None,
+        labels: Tensor::from_slice(&labels).view([2, 12]),
+        num_tokens: 21,
+        num_label_tokens: 13,
+    }
+}
+
+/// A source of one batch per epoch: [`padded_prompt_batch`].
+pub struct PaddedPromptSource;
+
+impl BatchSource for PaddedPromptSource {
+    fn num_batches(&self, _: usize) -> usize {
+        1
+    }
+    fn batch(&mut self, _: usize, _: usize) -> Result<Batch> {
+        Ok(padded_prompt_batch())
+    }
+}
