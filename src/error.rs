@@ -294,6 +294,41 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Puts the complete directory `staged` in place as `dst` (`<dir>/<name>`), keeping the
+/// previous one as `<dir>/.<name>.old` until the new one is in place. Every step is a rename, so
+/// a crash or a kill at any point leaves `dst` and `.<name>.old` each either complete or absent
+/// (at least one of them complete once a first swap is done); a directory being deleted is
+/// first renamed to `.<name>.trash`, which nothing reads and the next swap clears.
+pub fn swap_dir_atomic(staged: &std::path::Path, dst: &std::path::Path) -> Result<()> {
+    let (dir, name) = match (dst.parent(), dst.file_name()) {
+        (Some(d), Some(n)) => (d, n.to_string_lossy()),
+        _ => {
+            return Err(Error::Internal(format!(
+                "swap_dir_atomic: {} has no parent directory",
+                dst.display()
+            )));
+        }
+    };
+    let old = dir.join(format!(".{name}.old"));
+    let trash = dir.join(format!(".{name}.trash"));
+    let discard = |p: &std::path::Path| -> Result<()> {
+        if trash.exists() {
+            std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
+        }
+        if p.exists() {
+            std::fs::rename(p, &trash).map_err(|e| Error::io(p, e))?;
+            std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
+        }
+        Ok(())
+    };
+    discard(&old)?;
+    if dst.exists() {
+        std::fs::rename(dst, &old).map_err(|e| Error::io(dst, e))?;
+    }
+    std::fs::rename(staged, dst).map_err(|e| Error::io(dst, e))?;
+    discard(&old)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +344,29 @@ mod tests {
             e.to_string(),
             "config config/sft.yaml: `training.lr`: must be > 0, got -1"
         );
+    }
+
+    #[test]
+    fn swap_dir_atomic_replaces_and_clears_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let dst = d.path().join("last");
+        let stage = |v: &str| {
+            let s = tempfile::tempdir_in(d.path()).unwrap().keep();
+            std::fs::write(s.join("f"), v).unwrap();
+            s
+        };
+        swap_dir_atomic(&stage("1"), &dst).unwrap();
+        // a crash mid-deletion earlier left a half-deleted trash, and a previous copy
+        std::fs::create_dir_all(d.path().join(".last.trash/x")).unwrap();
+        std::fs::create_dir_all(d.path().join(".last.old")).unwrap();
+        swap_dir_atomic(&stage("2"), &dst).unwrap();
+        assert_eq!(std::fs::read_to_string(dst.join("f")).unwrap(), "2");
+        let mut left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["last"]);
     }
 
     #[test]

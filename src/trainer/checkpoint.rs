@@ -115,18 +115,8 @@ pub fn save(
     write_atomic(&tmp.path().join(STATE), &st)?;
 
     let dst = last_dir(output_dir);
-    let old = output_dir.join(".last.old");
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    if dst.exists() {
-        std::fs::rename(&dst, &old).map_err(|e| Error::io(&dst, e))?;
-    }
     let kept = tmp.keep();
-    std::fs::rename(&kept, &dst).map_err(|e| Error::io(&dst, e))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
+    crate::error::swap_dir_atomic(&kept, &dst)?;
     Ok(dst)
 }
 

@@ -77,17 +77,7 @@ fn write_final(t: &Trainer) -> Result<PathBuf> {
         .map_err(|e| Error::io(out, e))?;
     t.saver.save_to(t.model.as_ref(), tmp.path())?;
     let dst = final_dir(out);
-    let old = out.join(".final.old");
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    if dst.exists() {
-        std::fs::rename(&dst, &old).map_err(|e| Error::io(&dst, e))?;
-    }
     let kept = tmp.keep();
-    std::fs::rename(&kept, &dst).map_err(|e| Error::io(&dst, e))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
+    crate::error::swap_dir_atomic(&kept, &dst)?;
     Ok(dst)
 }
