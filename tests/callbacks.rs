@@ -12,7 +12,7 @@ use volttrain::callback::{
 };
 use volttrain::model::CausalLm;
 use volttrain::optim::Optimizer;
-use volttrain::trainer::Trainer;
+use volttrain::trainer::{Trainer, TrainerBuilder};
 
 fn python() -> String {
     std::env::var("VOLTTRAIN_PYTHON_REF").unwrap_or_else(|_| "python3".into())
@@ -83,19 +83,25 @@ impl ModelSaver for FailingSaver {
     }
 }
 
+/// The toy trainer these tests share: a one-layer [`ToyLm`] (vocabulary 20, hidden 8) trained
+/// by SGD at lr 0.1 on `batches` random batches, writing into `dir`.
+fn toy_builder(dir: &Path, batches: usize) -> TrainerBuilder {
+    let model = ToyLm::new(20, 8, 1, 0.0, 2);
+    let opt = Box::new(Sgd::new(one_group(&model, 0.1), SgdConfig::default()).unwrap());
+    Trainer::builder()
+        .model(Box::new(model))
+        .train_data(Box::new(VecSource::random(batches, 1, 6, 20, 1)))
+        .optimizer(opt)
+        .base_lr(0.1)
+        .output_dir(dir)
+}
+
 #[test]
 fn epoch_saver_keeps_last_n_and_metrics_are_logged() {
     let dir = tempfile::tempdir().unwrap();
-    let model = ToyLm::new(20, 8, 1, 0.0, 2);
-    let opt = Box::new(Sgd::new(one_group(&model, 0.1), SgdConfig::default()).unwrap());
-    let s = Trainer::builder()
-        .model(Box::new(model))
-        .train_data(Box::new(VecSource::random(2, 1, 6, 20, 1)))
+    let s = toy_builder(dir.path(), 2)
         .eval_data(Box::new(VecSource::random(1, 1, 6, 20, 2)))
-        .optimizer(opt)
-        .base_lr(0.1)
         .epochs(4)
-        .output_dir(dir.path())
         .saver(Box::new(NamesSaver))
         .callback(Box::new(EpochSaver {
             keep_last: 2,
@@ -139,14 +145,7 @@ fn epoch_saver_keeps_last_n_and_metrics_are_logged() {
 #[test]
 fn failed_epoch_save_leaves_no_complete_looking_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let model = ToyLm::new(20, 8, 1, 0.0, 2);
-    let opt = Box::new(Sgd::new(one_group(&model, 0.1), SgdConfig::default()).unwrap());
-    let err = Trainer::builder()
-        .model(Box::new(model))
-        .train_data(Box::new(VecSource::random(1, 1, 6, 20, 1)))
-        .optimizer(opt)
-        .base_lr(0.1)
-        .output_dir(dir.path())
+    let err = toy_builder(dir.path(), 1)
         .saver(Box::new(FailingSaver))
         .callback(Box::new(EpochSaver::default()))
         .build()
@@ -183,14 +182,7 @@ impl volttrain::callback::Callback for BadConfigCallback {
 #[test]
 fn a_callback_error_keeps_its_variant() {
     let dir = tempfile::tempdir().unwrap();
-    let model = ToyLm::new(20, 8, 1, 0.0, 2);
-    let opt = Box::new(Sgd::new(one_group(&model, 0.1), SgdConfig::default()).unwrap());
-    let err = Trainer::builder()
-        .model(Box::new(model))
-        .train_data(Box::new(VecSource::random(1, 1, 6, 20, 1)))
-        .optimizer(opt)
-        .base_lr(0.1)
-        .output_dir(dir.path())
+    let err = toy_builder(dir.path(), 1)
         .callback(Box::new(BadConfigCallback))
         .build()
         .unwrap()

@@ -12,6 +12,7 @@
 //! `reference/peft_families.py`, run live through `$VOLTTRAIN_PYTHON_REF`.
 
 mod common;
+use common::max_err;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -71,12 +72,6 @@ fn fixtures() -> &'static Path {
 
 fn expected(dir: &Path) -> HashMap<String, Tensor> {
     load_safetensors(&dir.join("expected.safetensors")).unwrap()
-}
-
-fn max_err(a: &Tensor, b: &Tensor, keep: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let keep = keep.ne(0).unsqueeze(-1).expand_as(a);
-    (a - b).abs().masked_select(&keep).max().double_value(&[])
 }
 
 fn compare(
@@ -234,17 +229,7 @@ fn peft_round_trips_and_all_linear_match_per_family() {
 /// transformers' `outputs.loss` of each family on [`common::padded_prompt_batch`].
 fn transformers_losses() -> HashMap<String, f64> {
     let dir = tempfile::tempdir().unwrap();
-    let b = common::padded_prompt_batch();
-    let file = dir.path().join("batch.safetensors");
-    Tensor::write_safetensors(
-        &[
-            ("ids", &b.input_ids),
-            ("mask", &b.attention_mask),
-            ("labels", &b.labels),
-        ],
-        &file,
-    )
-    .unwrap();
+    let file = common::write_padded_prompt_batch(dir.path());
     let script = r#"
 import json, sys, torch
 from safetensors.torch import load_file

@@ -3,6 +3,9 @@
 //! non-pad positions). Base models come from `reference/make_model_fixtures.py`, adapters and
 //! reference logits from `reference/peft_ref.py`, both run live through `$VOLTTRAIN_PYTHON_REF`.
 
+mod common;
+use common::max_err;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,12 +63,6 @@ fn fixtures() -> &'static Path {
 
 fn expected(dir: &Path) -> HashMap<String, Tensor> {
     load_safetensors(&dir.join("expected.safetensors")).unwrap()
-}
-
-fn max_err(a: &Tensor, b: &Tensor, keep: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let keep = keep.ne(0).unsqueeze(-1).expand_as(a);
-    (a - b).abs().masked_select(&keep).max().double_value(&[])
 }
 
 fn logits(model: &dyn CausalLm, exp: &HashMap<String, Tensor>, side: &str) -> Tensor {

@@ -11,6 +11,7 @@
 //! `VOLTTRAIN_FUSED_KERNELS=0` (the composite ops).
 
 mod common;
+use common::max_err;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,12 +69,6 @@ fn fixtures() -> PathBuf {
 
 fn expected(dir: &Path) -> HashMap<String, Tensor> {
     load_safetensors(&dir.join("expected.safetensors")).unwrap()
-}
-
-fn max_err(a: &Tensor, b: &Tensor, keep: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let keep = keep.ne(0).unsqueeze(-1).expand_as(a);
-    (a - b).abs().masked_select(&keep).max().double_value(&[])
 }
 
 fn packed_mask(seg: &Tensor) -> Tensor {
@@ -177,17 +172,7 @@ const LOSS_VARIANTS: [&str; 3] = ["gemma2", "gemma3", "qwen3"];
 /// `<name>/loss` and `<name>/grad/<parameter>`.
 fn transformers_loss_and_grads() -> HashMap<String, Tensor> {
     let dir = tempfile::tempdir().unwrap();
-    let b = common::padded_prompt_batch();
-    let batch = dir.path().join("batch.safetensors");
-    Tensor::write_safetensors(
-        &[
-            ("ids", &b.input_ids),
-            ("mask", &b.attention_mask),
-            ("labels", &b.labels),
-        ],
-        &batch,
-    )
-    .unwrap();
+    let batch = common::write_padded_prompt_batch(dir.path());
     let script = r#"
 import sys, torch
 from safetensors.torch import load_file, save_file

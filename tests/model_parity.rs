@@ -5,6 +5,9 @@
 //! a left-padded batch, a right-padded batch and a packed row. VoltTrain loads each directory and
 //! must match over the non-pad positions to 1e-4 absolute.
 
+mod common;
+use common::max_err;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,14 +55,6 @@ fn fixtures() -> &'static Path {
 
 fn expected(dir: &Path) -> HashMap<String, Tensor> {
     load_safetensors(&dir.join("expected.safetensors")).unwrap()
-}
-
-/// Max |a - b| over positions where `keep` `[B, T]` is nonzero.
-fn max_err(a: &Tensor, b: &Tensor, keep: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let keep = keep.ne(0).unsqueeze(-1).expand_as(a);
-    let d = (a - b).abs().masked_select(&keep);
-    d.max().double_value(&[])
 }
 
 /// Left and right padding, with position ids given and derived; returns the worst error.

@@ -19,6 +19,7 @@
 //!   lower it.
 
 mod common;
+use common::max_err;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -86,12 +87,6 @@ fn fixtures() -> PathBuf {
 
 fn expected(dir: &Path) -> HashMap<String, Tensor> {
     load_safetensors(&dir.join("expected.safetensors")).unwrap()
-}
-
-fn max_err(a: &Tensor, b: &Tensor, keep: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let keep = keep.ne(0).unsqueeze(-1).expand_as(a);
-    (a - b).abs().masked_select(&keep).max().double_value(&[])
 }
 
 fn rel_err(got: &Tensor, want: &Tensor) -> f64 {

@@ -116,17 +116,7 @@ fn loss_matches_transformers() {
         .unwrap();
     let ours = tr.evaluate().unwrap();
 
-    let b = common::padded_prompt_batch();
-    let file = dir.path().join("batch.safetensors");
-    Tensor::write_safetensors(
-        &[
-            ("ids", &b.input_ids),
-            ("mask", &b.attention_mask),
-            ("labels", &b.labels),
-        ],
-        &file,
-    )
-    .unwrap();
+    let file = common::write_padded_prompt_batch(dir.path());
     let script = r#"
 import sys, torch
 from safetensors.torch import load_file

@@ -348,6 +348,23 @@ pub fn padded_prompt_batch() -> Batch {
     }
 }
 
+/// [`padded_prompt_batch`] written as `<dir>/batch.safetensors` (`ids`, `mask`, `labels`), for
+/// the Python reference to read.
+pub fn write_padded_prompt_batch(dir: &std::path::Path) -> std::path::PathBuf {
+    let b = padded_prompt_batch();
+    let file = dir.join("batch.safetensors");
+    Tensor::write_safetensors(
+        &[
+            ("ids", &b.input_ids),
+            ("mask", &b.attention_mask),
+            ("labels", &b.labels),
+        ],
+        &file,
+    )
+    .unwrap();
+    file
+}
+
 /// A source of one batch per epoch: [`padded_prompt_batch`].
 pub struct PaddedPromptSource;
 
@@ -358,4 +375,12 @@ impl BatchSource for PaddedPromptSource {
     fn batch(&mut self, _: usize, _: usize) -> Result<Batch> {
         Ok(padded_prompt_batch())
     }
+}
+
+/// The largest |a - b| over the positions `keep` marks nonzero (`keep` is `[batch, seq]`, `a`
+/// and `b` `[batch, seq, ...]`, e.g. logits with the attention mask: padding is not compared).
+pub fn max_err(a: &Tensor, b: &Tensor, keep: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let keep = keep.ne(0).unsqueeze(-1).expand_as(a);
+    (a - b).abs().masked_select(&keep).max().double_value(&[])
 }
