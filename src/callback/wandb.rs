@@ -94,7 +94,7 @@ pub struct WandbConfig {
     /// for (up to ten times this) and a hung one is not.
     #[serde(default = "default_start_timeout")]
     pub start_timeout_secs: f64,
-    /// CPU niceness (0-19, Linux/Unix) of the sidecar and of the W&B service it starts, from its
+    /// CPU niceness (0-19, Linux) of the sidecar and of the W&B service it starts, from its
     /// first instruction: 19 (default) runs W&B's start-up and logging on cores training
     /// leaves idle, so they never slow the steps; 0 runs them at training's priority.
     #[serde(default = "default_nice")]
@@ -248,6 +248,16 @@ struct Event {
 /// reaps or kills it at the end).
 type SharedChild = Arc<Mutex<Option<Child>>>;
 
+/// Ends the sidecar, if it was started and is still there.
+fn kill_sidecar(child: &SharedChild) {
+    if let Ok(mut c) = child.lock()
+        && let Some(c) = c.as_mut()
+    {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// Starts the sidecar and writes the ops to its stdin (on the worker thread).
 struct Pipe {
     stdin: Option<ChildStdin>,
@@ -353,8 +363,8 @@ impl Pipe {
 }
 
 impl Sink for Pipe {
-    /// Waits for the sidecar's first word: `ready`, or `missing` (a config error: the run
-    /// stops, naming the package and the install command).
+    /// Starts the sidecar and waits for its first word: `ready`, or `missing` (a config error:
+    /// the run stops, naming the package and the install command).
     fn start(&mut self) -> Result<()> {
         let (pid, events) = self.spawn()?;
         let begin = Instant::now();
@@ -483,7 +493,7 @@ pub struct Wandb {
 }
 
 impl Wandb {
-    /// Checks `cfg`; the sidecar starts at the beginning of the run (main process only).
+    /// Checks `cfg`; the sidecar starts with the tracker's first delivery (main process only).
     pub fn new(cfg: WandbConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Wandb {
@@ -546,14 +556,7 @@ impl Wandb {
             child: child.clone(),
         };
         self.script = Some(script);
-        let kill: Box<dyn FnOnce() + Send> = Box::new(move || {
-            if let Ok(mut c) = child.lock()
-                && let Some(c) = c.as_mut()
-            {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        });
+        let kill: Box<dyn FnOnce() + Send> = Box::new(move || kill_sidecar(&child));
         self.worker = Some(Worker::spawn(
             "wandb",
             self.cfg.tracker(),
@@ -564,12 +567,8 @@ impl Wandb {
     }
 
     fn kill_child(&mut self) {
-        if let Some(c) = self.child.take()
-            && let Ok(mut c) = c.lock()
-            && let Some(c) = c.as_mut()
-        {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            kill_sidecar(&c);
         }
     }
 
