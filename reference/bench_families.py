@@ -5,7 +5,8 @@ VoltTrain.
 
 Usage:
   bench_families.py make FAMILY DIR LAYERS BATCH SEQ
-      writes a random checkpoint (bf16 safetensors, tied embeddings) and DIR/batch.safetensors
+      writes a random checkpoint (bf16 safetensors, tied embeddings) and DIR/batch.safetensors;
+      FAMILY qwen3, gemma2, or llama-qwen3 / llama-gemma2 (a Llama with that family's shape)
   bench_families.py load DIR RUNS THREADS
       times AutoModelForCausalLM.from_pretrained(DIR, dtype=float32), one warm-up first
   bench_families.py lora DIR WARMUP RUNS THREADS
@@ -23,6 +24,25 @@ import torch
 
 
 def config(family, layers):
+    if family.startswith("llama-"):
+        # Llama with the other family's widths, heads, vocabulary and tying: the same-shape
+        # Llama row that family's row is compared with
+        from transformers import LlamaConfig
+
+        c = config(family[len("llama-") :], layers)
+        return LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            max_position_embeddings=c.max_position_embeddings,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            tie_word_embeddings=True,
+        )
     if family == "qwen3":
         from transformers import Qwen3Config
 

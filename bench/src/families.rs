@@ -1,5 +1,6 @@
 //! Model-family workload (issue 16): random Qwen3-0.6B- and Gemma-2-2B-shaped checkpoints (bf16
-//! safetensors, tied embeddings, written by `reference/bench_families.py`), loaded into fp32 by
+//! safetensors, tied embeddings, written by `reference/bench_families.py`), each next to a Llama
+//! of the same widths, heads and vocabulary, loaded into fp32 by
 //! [`volttrain::model::load_model`] and by transformers' `from_pretrained`, and trained for LoRA
 //! steps (r 16 on every attention and MLP projection, AdamW, fp32) by VoltTrain (a child process,
 //! as `crate::sft` does) and by transformers + peft, in the same run with the same threads and
@@ -12,7 +13,7 @@
 use volttrain::error::{Error, Result};
 use volttrain::model::{LoadOptions, load_model};
 
-use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs_then_drop};
 
 /// One family's benchmark shape.
 struct Shape {
@@ -24,13 +25,32 @@ struct Shape {
     seq: i64,
 }
 
-const SHAPES: [Shape; 2] = [
+/// Each family's shape, preceded by a Llama with the same widths, heads, vocabulary and tying
+/// (`llama-<family>` in `reference/bench_families.py`): the Llama row the family's row is compared
+/// with, same size, same run, so the comparison measures the architecture and not the size.
+const SHAPES: [Shape; 4] = [
+    Shape {
+        family: "llama-qwen3",
+        name: "Llama with Qwen3-0.6B widths",
+        layers_full: 28,
+        layers_quick: 8,
+        batch: 2,
+        seq: 128,
+    },
     Shape {
         family: "qwen3",
         name: "Qwen3-0.6B",
         layers_full: 28,
         layers_quick: 8,
         batch: 2,
+        seq: 128,
+    },
+    Shape {
+        family: "llama-gemma2",
+        name: "Llama with Gemma-2-2B widths",
+        layers_full: 26,
+        layers_quick: 4,
+        batch: 1,
         seq: 128,
     },
     Shape {
@@ -97,12 +117,12 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
             ],
         )?;
         let load = LoadOptions::new(tch::Kind::Float, opts.device);
-        let ours = time_runs(opts.device, 1, opts.runs, || {
-            drop(load_model(dir.path(), &load)?);
-            Ok(())
-        })?;
+        // the model is freed after the clock is read, as the reference `del`s it untimed
+        let ours =
+            time_runs_then_drop(opts.device, 1, opts.runs, || load_model(dir.path(), &load))?;
+        let key = s.family.replace('-', "_");
         rows.push(Measurement {
-            workload: format!("model_load_{}", s.family),
+            workload: format!("model_load_{key}"),
             metric: "s/load".into(),
             volttrain: Stats::from_samples(&ours)?,
             reference: Some(Stats::from_samples(&seconds(&theirs, "seconds")?)?),
@@ -126,7 +146,7 @@ pub fn run(opts: &PerfOpts) -> Result<Vec<Measurement>> {
         )?;
         let ours = crate::sft::spawn_child_json("lora", dir.path(), opts)?;
         rows.push(Measurement {
-            workload: format!("lora_step_{}", s.family),
+            workload: format!("lora_step_{key}"),
             metric: "tokens/s".into(),
             volttrain: Stats::from_samples(&seconds(&ours, "step_seconds")?)?.inverse(tokens),
             reference: Some(

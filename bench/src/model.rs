@@ -5,7 +5,7 @@
 use volttrain::error::{Error, Result};
 use volttrain::model::{LoadOptions, load_model};
 
-use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs};
+use crate::{Measurement, PerfOpts, Stats, run_reference, time_runs_then_drop};
 
 /// Times loading the 135M checkpoint on both sides; one [`Measurement`] in seconds per load.
 pub fn load_135m(opts: &PerfOpts) -> Result<Vec<Measurement>> {
@@ -15,10 +15,9 @@ pub fn load_135m(opts: &PerfOpts) -> Result<Vec<Measurement>> {
     let made = run_reference(opts, "bench_load.py", &["make".into(), dir_s.clone()])?;
     let params = made.get("params").and_then(|p| p.as_i64()).unwrap_or(0);
     let load = LoadOptions::new(tch::Kind::Float, opts.device);
-    let ours = time_runs(opts.device, opts.warmup.max(1), opts.runs.max(1), || {
-        let m = load_model(dir.path(), &load)?;
-        drop(m);
-        Ok(())
+    // the model is freed after the clock is read, as the reference `del`s it untimed
+    let ours = time_runs_then_drop(opts.device, opts.warmup.max(1), opts.runs.max(1), || {
+        load_model(dir.path(), &load)
     })?;
     let reference = run_reference(
         opts,
