@@ -4,6 +4,8 @@
 //! The test binary re-executes itself as the two workers (`VT_DIST_WORKER`); the single-process
 //! reference runs in the parent.
 
+mod common;
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -27,6 +29,10 @@ struct Mlp {
 
 impl Mlp {
     fn new(seed: i64) -> Self {
+        // the parent runs this file's tests on parallel threads, all on libtorch's one global
+        // generator: without the lock one test's reseed lands between another's draws, and the
+        // single-process reference starts from other weights than the ranks
+        let _rng = common::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(seed);
         let p = |name: &str, shape: &[i64]| {
             let t =
@@ -52,6 +58,8 @@ impl Mlp {
 }
 
 fn dataset() -> (Tensor, Tensor) {
+    // as in `Mlp::new`
+    let _rng = common::GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(DATA_SEED as i64);
     let x = Tensor::randn([N as i64, 8], (Kind::Float, Device::Cpu));
     let y = Tensor::randn([N as i64, 4], (Kind::Float, Device::Cpu));
